@@ -1,0 +1,1 @@
+"""Bundled checkpoints shipped as package data (the default model)."""
