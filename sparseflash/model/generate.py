@@ -1,0 +1,119 @@
+"""Generation: prefill the prompt, then decode one token at a time (greedy or sampled)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sparseflash.errors import SparseflashError
+from sparseflash.model.transformer import KVCache, Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """greedy=True ignores temperature/top_p; otherwise softmax(logits/temperature) cut to top_p mass."""
+
+    greedy: bool = True
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: list[int]
+    tokens: list[int]  # generated ids
+    prefill_s: float
+    decode_s: float  # time of the decode steps (every generated token after the first)
+    stopped_at_eos: bool = False
+    per_token_s: list[float] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of wall time, prompt processing included."""
+        return len(self.tokens) / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = len(self.tokens) - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Pick the next id from logits (vocab,)."""
+    if sampling.greedy or sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_p, dim=-1)
+        keep = cumulative - sorted_p < sampling.top_p  # always keeps the most likely token
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def prefill(model: Transformer, cache: KVCache, prompt: list[int]) -> torch.Tensor:
+    """Process the prompt's tokens together; returns the logits of the last position (vocab,)."""
+    return model(torch.tensor([prompt], dtype=torch.long), cache=cache, start=0, last_only=True)[0, -1]
+
+
+def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
+    """Feed one token at the next position; returns its logits (vocab,)."""
+    pos = cache.length
+    return model(torch.tensor([[token]], dtype=torch.long), cache=cache, start=pos)[0, -1]
+
+
+def generate(
+    model: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_at_eos: bool = True,
+    on_token: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` ids after ``prompt`` (ids)."""
+    if not prompt:
+        raise SparseflashError("the prompt is empty after tokenisation; give at least one token of text")
+    if max_new_tokens < 0:
+        raise SparseflashError(f"-n must be >= 0, got {max_new_tokens}")
+    limit = model.config.max_position_embeddings
+    total = len(prompt) + max_new_tokens
+    if total > limit:
+        raise SparseflashError(
+            f"prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceeds the model's context of {limit}"
+        )
+    generator = torch.Generator().manual_seed(sampling.seed)
+    cache = KVCache(model.config, max_len=max(total, 1))
+    eos = set(model.config.eos_ids) if stop_at_eos else set()
+    out: list[int] = []
+    t0 = time.perf_counter()
+    if max_new_tokens == 0:
+        return GenerationResult(prompt, out, 0.0, 0.0)
+    logits = prefill(model, cache, prompt)
+    prefill_s = time.perf_counter() - t0
+    per_token = []
+    t1 = time.perf_counter()
+    stopped = False
+    while True:
+        token = sample_token(logits, sampling, generator)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in eos:
+            stopped = True
+            break
+        if len(out) == max_new_tokens:
+            break
+        ts = time.perf_counter()
+        logits = decode_one(model, cache, token)
+        per_token.append(time.perf_counter() - ts)
+    return GenerationResult(prompt, out, prefill_s, time.perf_counter() - t1, stopped, per_token)

@@ -1,0 +1,64 @@
+"""Open whatever ``-m`` names (a checkpoint folder today) as a dense model plus its tokenizer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparseflash.model.checkpoint import load_checkpoint
+from sparseflash.model.config import ModelConfig
+from sparseflash.model.tokenizer import TextTokenizer
+from sparseflash.model.transformer import Transformer
+from sparseflash.model.weights import ModelWeights
+
+
+@dataclass
+class DenseModel:
+    """A dense in-memory model ready to run."""
+
+    source: Path
+    config: ModelConfig
+    weights: ModelWeights
+    tokenizer: TextTokenizer
+
+    def transformer(self, ffn=None) -> Transformer:
+        return Transformer(self.config, self.weights, ffn)
+
+
+def open_dense(path: str | os.PathLike | None) -> DenseModel:
+    """Load a checkpoint folder (None: the bundled default model) in float32."""
+    ckpt = load_checkpoint(path)
+    return DenseModel(ckpt.path, ckpt.config, ckpt.weights, TextTokenizer.from_file(ckpt.tokenizer_path))
+
+
+def model_summary(config: ModelConfig, weights: ModelWeights) -> dict:
+    """Architecture and sizes: parameter counts and FFN bytes per layer for f32/f16 storage."""
+    named = weights.named()
+    seen, params = set(), 0
+    for t in named.values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            params += t.numel()
+    ffn_values = config.ffn_param_count()
+    return {
+        "arch": config.arch,
+        "ffn_kind": config.ffn_kind,
+        "layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "ffn_neurons": config.intermediate_size,
+        "heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "context": config.max_position_embeddings,
+        "norm": config.norm,
+        "rotary_dim": config.rotary_dim,
+        "tied_embeddings": weights.lm_head is weights.embed,
+        "parameters": params,
+        "ffn_parameters": ffn_values * config.num_layers,
+        "ffn_share": ffn_values * config.num_layers / params,
+        "ffn_bytes_per_layer": {"f32": ffn_values * 4, "f16": ffn_values * 2},
+        "bundle_bytes": {"f32": ffn_values // config.intermediate_size * 4,
+                         "f16": ffn_values // config.intermediate_size * 2},
+    }

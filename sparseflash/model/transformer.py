@@ -1,0 +1,132 @@
+"""Dense reference forward pass in torch with a preallocated KV cache.
+
+The FFN is a pluggable callable ``ffn(layer, x_normed) -> output`` so that profiling can watch
+activations, quality checks can mask them, and the streaming runtime can compute only the neurons
+it has read. Everything else (embeddings, attention, norms, head) is computed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sparseflash.errors import SparseflashError
+from sparseflash.model.config import ModelConfig, rope_inv_freq
+from sparseflash.model.ffn import DenseFFN
+from sparseflash.model.weights import ModelWeights
+
+FFNFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` positions and filled in place."""
+
+    def __init__(self, config: ModelConfig, max_len: int, batch: int = 1, dtype=torch.float32):
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions filled
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Transformer:
+    """A decoder-only transformer over canonical weights; callable on token ids (batch, tokens)."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ffn: FFNFn | None = None):
+        self.config = config
+        self.weights = weights
+        self.ffn = ffn if ffn is not None else DenseFFN(weights.layers, config.activation, config.gated)
+        self.inv_freq, self.rope_scale = rope_inv_freq(config)
+        self._norm_shift = 1.0 if config.norm == "layernorm1p" else 0.0
+
+    def norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        c = self.config
+        if c.norm == "layernorm1p":
+            return F.layer_norm(x, (c.hidden_size,), w + self._norm_shift, b, c.norm_eps)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return w * (x * torch.rsqrt(variance + c.norm_eps))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (tokens, rotary_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+
+    def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = cos.shape[-1]
+        rot, rest = x[..., :r], x[..., r:]
+        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+    def _mask(self, start: int, tokens: int, keys: int) -> torch.Tensor | None:
+        window = self.config.sliding_window
+        if tokens == 1 and (window is None or keys <= window):
+            return None
+        q_pos = torch.arange(start, start + tokens)[:, None]
+        k_pos = torch.arange(keys)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        return mask  # (tokens, keys), True = attend
+
+    def attention(self, layer: int, x: torch.Tensor, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
+        c, w = self.config, self.weights.layers[layer]
+        b, t, _ = x.shape
+        q = F.linear(x, w.wq, w.bq).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = F.linear(x, w.wk, w.bk).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = F.linear(x, w.wv, w.bv).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[layer, :b, :, start : start + t] = k
+            cache.v[layer, :b, :, start : start + t] = v
+            k = cache.k[layer, :b, :, : start + t]
+            v = cache.v[layer, :b, :, : start + t]
+        groups = c.num_heads // c.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        mask = self._mask(start, t, k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.head_dim**-0.5)
+        out = out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)  # (batch, tokens, heads*head_dim)
+        return F.linear(out, w.wo, w.bo)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) for ``tokens`` (batch, tokens) at positions start.. .
+
+        With a cache, keys/values are written at [start, start+tokens) and attention covers
+        [0, start+tokens); without one, the tokens attend only to each other (start must be 0).
+        """
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        b, t = tokens.shape
+        c, w = self.config, self.weights
+        end = start + t
+        if cache is not None and end > cache.max_len:
+            raise SparseflashError(f"sequence of {end} tokens exceeds the KV cache of {cache.max_len} positions")
+        if cache is None and start != 0:
+            raise ValueError("start > 0 needs a KV cache")
+        cos, sin = self._rope(torch.arange(start, end))
+        h = F.embedding(tokens, w.embed)
+        for i, layer in enumerate(w.layers):
+            h = h + self.attention(i, self.norm(h, layer.attn_norm_w, layer.attn_norm_b), cos, sin, cache, start)
+            x = self.norm(h, layer.ffn_norm_w, layer.ffn_norm_b)
+            h = h + self.ffn(i, x.reshape(b * t, -1)).reshape(b, t, -1)
+        if cache is not None:
+            cache.length = end
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head)
+
+    __call__ = forward
