@@ -111,7 +111,7 @@ class Transformer:
         if tokens.dim() == 1:
             tokens = tokens[None]
         b, t = tokens.shape
-        c, w = self.config, self.weights
+        w = self.weights
         end = start + t
         if cache is not None and end > cache.max_len:
             raise SparseflashError(f"sequence of {end} tokens exceeds the KV cache of {cache.max_len} positions")
