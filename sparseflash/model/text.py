@@ -28,3 +28,19 @@ def read_text(path: str | os.PathLike) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SparseflashError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def corpus_ids(path: str | os.PathLike, tokenizer, max_tokens: int | None = None) -> list[int]:
+    """Token ids of a text file, at least ``max_tokens`` of them when the text has that many.
+
+    Only a prefix of a large file is tokenised: the prefix grows until it yields enough tokens.
+    """
+    text = read_text(path)
+    if max_tokens is None:
+        return tokenizer.encode(text)
+    chars = max(4096, max_tokens * 6)
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        if len(ids) > max_tokens or chars >= len(text):
+            return ids
+        chars *= 2

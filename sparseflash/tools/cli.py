@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from sparseflash.errors import SparseflashError
-from sparseflash.tools import cmd_model
+from sparseflash.tools import cmd_gguf, cmd_model, cmd_profile
 
-COMMAND_MODULES = [cmd_model]
+COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf]
 
 
 def build_parser() -> argparse.ArgumentParser:
