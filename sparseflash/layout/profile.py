@@ -78,7 +78,6 @@ def _progress(total, desc, quiet):
 def run_profile(model: DenseModel, calib_ids: list[int], heldout_ids: list[int], out_dir: str | os.PathLike,
                 params: ProfileParams = ProfileParams(), source_hash: str = "", quiet: bool = False) -> dict:
     """Profile ``model`` and write ``out_dir`` (profile.json, *.npz, masks/, plots). Returns the summary."""
-    c = model.config
     p = params
     if not 0 <= p.cett_bound <= 1:
         raise SparseflashError(f"--cett must be in [0, 1], got {p.cett_bound}")
