@@ -1,0 +1,54 @@
+"""The .sflash layout file format: the contract between the layout generator and the runtime.
+
+One file holds everything the runtime needs: a 128-byte preamble, resident tensors, one
+4096-aligned region of neuron bundles per FFN layer, a JSON header (caller metadata) and a
+JSON index. Spec: docs/layout-format.md. This module only gathers the public names:
+
+- format_spec.py    constants, errors, typed records (TensorEntry, FfnLayer, ChunkTable)
+- format_index.py   index JSON encoding and the structural validator
+- format_reader.py  LayoutFile (open, validate, read tensors and bundles, verify)
+- format_writer.py  LayoutWriter (declare, plan, write atomically)
+
+It imports nothing else from sparseflash.
+"""
+
+from .format_reader import LayoutFile, VerifyReport
+from .format_spec import (
+    ALIGNMENT,
+    CODECS,
+    DEFAULT_CHUNK_BYTES,
+    DTYPES,
+    MAGIC,
+    MAX_D_MODEL,
+    MAX_HEADER_BYTES,
+    MAX_INDEX_BYTES,
+    MAX_LAYERS,
+    MAX_NAME_BYTES,
+    MAX_NDIM,
+    MAX_NEURONS,
+    MAX_TENSORS,
+    PREAMBLE_SIZE,
+    STORAGE_DTYPES,
+    TENSOR_ALIGNMENT,
+    VERSION,
+    Chunk,
+    ChunkTable,
+    FfnLayer,
+    LayoutChecksumError,
+    LayoutError,
+    LayoutTruncatedError,
+    LayoutVersionError,
+    Preamble,
+    TensorEntry,
+    bundle_len,
+)
+from .format_writer import LayoutPlan, LayoutWriter, is_temp_name, temp_path_for
+
+__all__ = [
+    "ALIGNMENT", "CODECS", "DEFAULT_CHUNK_BYTES", "DTYPES", "MAGIC", "MAX_D_MODEL", "MAX_HEADER_BYTES",
+    "MAX_INDEX_BYTES", "MAX_LAYERS", "MAX_NAME_BYTES", "MAX_NDIM", "MAX_NEURONS", "MAX_TENSORS",
+    "PREAMBLE_SIZE", "STORAGE_DTYPES", "TENSOR_ALIGNMENT", "VERSION",
+    "Chunk", "ChunkTable", "FfnLayer", "LayoutChecksumError", "LayoutError", "LayoutFile", "LayoutPlan",
+    "LayoutTruncatedError", "LayoutVersionError", "LayoutWriter", "Preamble", "TensorEntry", "VerifyReport",
+    "bundle_len", "is_temp_name", "temp_path_for",
+]

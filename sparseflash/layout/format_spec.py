@@ -1,0 +1,196 @@
+"""Constants, errors and typed records of the .sflash layout file format.
+
+The byte-level specification is docs/layout-format.md; this module is its executable half.
+Reader (format_reader.py) and writer (format_writer.py) share everything defined here.
+Imports nothing from the rest of sparseflash.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+MAGIC = b"SFLASH\x00\x01"  # never changes between versions; the version is its own field
+VERSION = 1
+PREAMBLE_SIZE = 128
+ALIGNMENT = 4096  # FFN regions start here, and their padded end is a multiple of it (O_DIRECT reads)
+TENSOR_ALIGNMENT = 64  # resident tensors, the JSON header and the index
+DEFAULT_CHUNK_BYTES = 128 * 1024  # writer's target raw bytes per chunk
+
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_INDEX_BYTES = 256 * 1024 * 1024
+MAX_TENSORS = 65536
+MAX_LAYERS = 1024
+MAX_NEURONS = 1 << 24  # per FFN layer
+MAX_D_MODEL = 1 << 16
+MAX_NDIM = 8
+MAX_NAME_BYTES = 1024
+MAX_I64 = (1 << 63) - 1
+
+TEMP_INFIX = ".tmp-"  # the writer's temp file for "x.sflash" is ".x.sflash.tmp-<pid>"
+
+# Tag -> little-endian numpy dtype. bf16 is carried as its raw uint16 bits.
+DTYPES: dict[str, np.dtype] = {
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "bf16": np.dtype("<u2"),
+    "i32": np.dtype("<i4"),
+    "i64": np.dtype("<i8"),
+    "u8": np.dtype("u1"),
+    "u16": np.dtype("<u2"),
+}
+STORAGE_DTYPES = ("f32", "f16", "bf16")  # allowed for FFN bundles
+CODECS = ("none", "zstd")  # a chunk's codec; index into this tuple is ChunkTable.codec
+CODEC_NONE, CODEC_ZSTD = 0, 1
+
+# Preamble: magic, version, flags, file_size, header_offset, header_length, index_offset,
+# index_length, header_crc32, index_crc32, reserved (zero), then preamble_crc32 of bytes [0, 124).
+PREAMBLE_STRUCT = struct.Struct("<8sIIQQQQQII60s")
+PREAMBLE_CRC_STRUCT = struct.Struct("<I")
+assert PREAMBLE_STRUCT.size + PREAMBLE_CRC_STRUCT.size == PREAMBLE_SIZE
+
+
+class LayoutError(ValueError):
+    """A layout file (or a writer's input) breaks the format; names the file, the field and the value."""
+
+    def __init__(self, path: object, field: str, problem: str, value: object = ...):
+        self.path, self.field, self.problem, self.value = str(path), field, problem, value
+        shown = "" if value is ... else f" (got {_short_repr(value)})"
+        super().__init__(f"{self.path}: {field}: {problem}{shown}")
+
+
+class LayoutVersionError(LayoutError):
+    """The file is a layout file of a version this reader does not implement."""
+
+
+class LayoutChecksumError(LayoutError):
+    """A crc32 does not match: the bytes on disk are not the bytes that were written."""
+
+
+class LayoutTruncatedError(LayoutError):
+    """The file is shorter than its preamble says (an interrupted copy or download)."""
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)  # repr escapes newlines, so the message stays on one line
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def align_up(offset: int, alignment: int) -> int:
+    """Smallest multiple of `alignment` that is >= `offset` (bytes)."""
+    return -(-offset // alignment) * alignment
+
+
+def crc32(buffer, value: int = 0) -> int:
+    """zlib crc32 (the one in PNG and gzip) of `buffer`, continuing from `value`."""
+    return zlib.crc32(buffer, value) & 0xFFFFFFFF
+
+
+def bundle_len(d_model: int, gated: bool) -> int:
+    """Elements in one neuron's bundle row: [gate |] up | down, each d_model long."""
+    return (3 if gated else 2) * d_model
+
+
+class Preamble(NamedTuple):
+    """The fixed 128 bytes at offset 0; every offset and length is in bytes."""
+
+    version: int
+    flags: int
+    file_size: int
+    header_offset: int
+    header_length: int
+    index_offset: int
+    index_length: int
+    header_crc32: int
+    index_crc32: int
+
+    def pack(self) -> bytes:
+        body = PREAMBLE_STRUCT.pack(MAGIC, *self, bytes(60))
+        return body + PREAMBLE_CRC_STRUCT.pack(crc32(body))
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A resident tensor: `nbytes` bytes at file `offset`, little-endian `dtype` tag, C order."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    crc32: int
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+
+class Chunk(NamedTuple):
+    """One chunk of an FFN region: neurons [first_neuron, first_neuron + n_neurons)."""
+
+    first_neuron: int
+    n_neurons: int
+    offset: int
+    stored_length: int
+    raw_length: int
+    crc32: int
+    codec: str
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkTable:
+    """Columns of a layer's chunk table (read-only int64 arrays; codec indexes CODECS)."""
+
+    offset: np.ndarray
+    stored_length: np.ndarray
+    raw_length: np.ndarray
+    crc32: np.ndarray
+    codec: np.ndarray  # uint8
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+
+@dataclass(frozen=True, eq=False)
+class FfnLayer:
+    """Index record of one FFN layer; neurons are in stored order (see `permutation`)."""
+
+    index: int
+    d_model: int
+    n_neurons: int
+    gated: bool
+    dtype: str  # storage dtype tag, one of STORAGE_DTYPES
+    bundle_bytes: int  # bytes of one neuron's bundle row
+    offset: int  # region start in the file, multiple of ALIGNMENT
+    length: int  # stored bytes of the region (sum of chunk stored lengths)
+    n_hot: int  # stored positions [0, n_hot) form the hot region
+    threshold: float
+    permutation: str  # name of the int32 tensor: stored position -> original neuron id
+    chunk_neurons: int  # neurons per chunk (the last chunk may hold fewer)
+    chunks: ChunkTable
+
+    @property
+    def bundle_len(self) -> int:
+        return bundle_len(self.d_model, self.gated)
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def compressed(self) -> bool:
+        """True if any chunk is zstd; then neurons are reachable only by whole chunks."""
+        return bool(np.any(self.chunks.codec != CODEC_NONE))
+
+    def chunk(self, k: int) -> Chunk:
+        """Chunk k as a record; raises IndexError outside [0, len(chunks))."""
+        if not 0 <= k < len(self.chunks):
+            raise IndexError(f"layer {self.index}: chunk {k} out of range [0, {len(self.chunks)})")
+        first = k * self.chunk_neurons
+        t = self.chunks
+        return Chunk(first, min(self.chunk_neurons, self.n_neurons - first), int(t.offset[k]),
+                     int(t.stored_length[k]), int(t.raw_length[k]), int(t.crc32[k]), CODECS[t.codec[k]])

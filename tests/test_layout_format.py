@@ -1,0 +1,174 @@
+"""Round trips through the .sflash format, the runtime's extent API, and the pinned golden bytes.
+
+Regenerate the golden file after a deliberate format change (and update GOLDEN_SHA256, the
+VERSION if readers must notice, and the worked example in docs/layout-format.md):
+
+    python tests/test_layout_format.py --regenerate-golden
+"""
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_layout_format_samples import build_golden, build_sample
+
+from sparseflash.layout.format import ALIGNMENT, TENSOR_ALIGNMENT, LayoutFile
+
+GOLDEN = Path(__file__).parent / "data" / "golden_minimal.sflash.bin"  # *.sflash is git-ignored
+GOLDEN_SIZE = 8703
+GOLDEN_SHA256 = "442b2bd5e25c823e7c18e506853949ba3c87e51c98da008a358065e92e3570f0"
+
+
+@pytest.fixture(scope="module", params=[None, 3], ids=["raw", "zstd"])
+def sample(request, tmp_path_factory):
+    return build_sample(tmp_path_factory.mktemp("layout") / "sample.sflash", zstd_level=request.param)
+
+
+def test_header_tensors_and_permutations_round_trip(sample):
+    with LayoutFile.open(sample.path, verify=True) as layout:
+        assert layout.header == sample.header
+        assert layout.tensor_names == list(sample.tensors)
+        for name, (tag, array) in sample.tensors.items():
+            got = layout.tensor(name, verify=True)
+            assert layout.tensors[name].dtype == tag
+            assert got.shape == array.shape and got.dtype == array.dtype
+            assert got.tobytes() == array.tobytes()
+            assert layout.tensors[name].offset % TENSOR_ALIGNMENT == 0
+        for l, perm in enumerate(sample.permutations):
+            assert np.array_equal(layout.permutation(l), perm)
+            assert not layout.permutation(l).flags.writeable
+
+
+def test_layer_records_match_declarations(sample):
+    with LayoutFile.open(sample.path) as layout:
+        assert len(layout.layers) == len(sample.layers)
+        for l, spec in zip(layout.layers, sample.layers, strict=True):
+            for key, value in spec.items():
+                assert getattr(l, key) == value, key
+            itemsize = {"f32": 4, "f16": 2, "bf16": 2}[l.dtype]
+            assert l.bundle_bytes == (3 if l.gated else 2) * l.d_model * itemsize
+            assert l.offset % ALIGNMENT == 0
+            assert len(l.chunks) == -(-l.n_neurons // l.chunk_neurons)
+            assert int(l.chunks.raw_length.sum()) == l.n_neurons * l.bundle_bytes
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_every_run_of_neurons_reads_back_exactly(sample, verify):
+    with LayoutFile.open(sample.path) as layout:
+        for l, bundles in zip(layout.layers, sample.bundles, strict=True):
+            n = l.n_neurons
+            for start in range(n):
+                for count in {0, 1, 2, 7, n - start}:
+                    if start + count <= n:
+                        got = layout.read_bundles(l.index, start=start, count=count, verify=verify)
+                        assert got.dtype == bundles.dtype
+                        assert got.tobytes() == bundles[start: start + count].tobytes()
+
+
+def test_scattered_positions_read_back_in_the_order_asked(sample):
+    rng = np.random.default_rng(1)
+    with LayoutFile.open(sample.path) as layout:
+        for l, bundles in zip(layout.layers, sample.bundles, strict=True):
+            positions = rng.integers(0, l.n_neurons, 40)  # repeats and descending runs included
+            positions[5:9] = [3 % l.n_neurons] * 4
+            got = layout.read_bundles(l.index, positions)
+            assert got.shape == (40, l.bundle_len)
+            assert got.tobytes() == bundles[positions].tobytes()
+            chunk = layout.read_chunk(l.index, len(l.chunks) - 1, verify=True)
+            assert chunk.tobytes() == bundles[(len(l.chunks) - 1) * l.chunk_neurons:].tobytes()
+
+
+def test_extents_are_exact_and_aligned_reads_cover_them(sample):
+    with LayoutFile.open(sample.path) as layout, open(sample.path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        blob = f.read()
+        for l, bundles in zip(layout.layers, sample.bundles, strict=True):
+            if l.compressed:
+                with pytest.raises(ValueError, match="zstd"):
+                    layout.neuron_extent(l.index, 0, 1)
+                continue
+            for start in range(l.n_neurons):
+                for count in range(1, l.n_neurons - start + 1):
+                    offset, nbytes = layout.neuron_extent(l.index, start, count)
+                    assert offset == l.offset + start * l.bundle_bytes and nbytes == count * l.bundle_bytes
+                    assert blob[offset: offset + nbytes] == bundles[start: start + count].tobytes()
+                    aligned, aligned_nbytes, skip = layout.aligned_extent(l.index, start, count)
+                    assert aligned % ALIGNMENT == 0 and aligned_nbytes % ALIGNMENT == 0
+                    assert aligned + skip == offset and skip + nbytes <= aligned_nbytes < skip + nbytes + ALIGNMENT
+                    assert aligned >= l.offset and aligned + aligned_nbytes <= size
+                    a512, n512, skip512 = layout.aligned_extent(l.index, start, count, alignment=512)
+                    assert a512 % 512 == 0 and a512 + skip512 == offset and n512 % 512 == 0
+
+
+def test_compressed_file_uses_zstd_where_it_helps_and_is_smaller(tmp_path):
+    raw = build_sample(tmp_path / "raw.sflash")
+    packed = build_sample(tmp_path / "packed.sflash", zstd_level=3)
+    with LayoutFile.open(raw.path) as a, LayoutFile.open(packed.path) as b:
+        assert not any(l.compressed for l in a.layers)
+        assert any(l.compressed for l in b.layers)
+        codecs = np.concatenate([l.chunks.codec for l in b.layers])
+        assert set(codecs.tolist()) == {0, 1}  # random rows stay raw: incompressible
+    assert os.path.getsize(packed.path) <= os.path.getsize(raw.path)
+
+
+def test_misuse_raises_plain_errors_not_layout_errors(sample):
+    with LayoutFile.open(sample.path) as layout:
+        with pytest.raises(IndexError):
+            layout.read_bundles(0, start=30, count=8)
+        with pytest.raises(IndexError):
+            layout.read_bundles(0, [0, 37])
+        with pytest.raises(TypeError):
+            layout.read_bundles(0)
+        with pytest.raises(KeyError):
+            layout.tensor("no such tensor")
+        with pytest.raises(IndexError):
+            layout.layers[0].chunk(99)
+
+
+def test_verify_report_counts_everything(sample):
+    with LayoutFile.open(sample.path) as layout:
+        report = layout.verify()
+    assert report.ok and report.tensors_checked == len(sample.tensors)
+    assert report.chunks_checked == sum(-(-s["n_neurons"] // s["chunk_neurons"]) for s in sample.layers)
+    assert report.bytes_checked == (sum(a.nbytes for _, a in sample.tensors.values())
+                                    + sum(b.nbytes for b in sample.bundles))
+
+
+def test_writer_is_deterministic(tmp_path):
+    for level in (None, 3):
+        a = build_sample(tmp_path / f"a{level}.sflash", zstd_level=level, block_rows=7)
+        b = build_sample(tmp_path / f"b{level}.sflash", zstd_level=level, block_rows=50)
+        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+
+
+def test_golden_file_bytes_are_pinned(tmp_path):
+    build_golden(tmp_path / "golden.sflash")
+    blob = (tmp_path / "golden.sflash").read_bytes()
+    assert (len(blob), hashlib.sha256(blob).hexdigest()) == (GOLDEN_SIZE, GOLDEN_SHA256), \
+        "format bytes changed: if deliberate, see this file's docstring"
+    assert blob == GOLDEN.read_bytes()
+
+
+def test_golden_file_reads_as_documented():
+    with LayoutFile.open(GOLDEN, verify=True) as layout:
+        assert layout.header == {"d_model": 2, "model": "golden-minimal"}
+        assert layout.tensor_names == ["layers.0.ffn.permutation"]
+        assert layout.permutation(0).tolist() == [2, 0, 1]
+        (l,) = layout.layers
+        assert (l.d_model, l.n_neurons, l.gated, l.dtype, l.bundle_bytes) == (2, 3, True, "f16", 12)
+        assert (l.offset, l.length, l.n_hot, l.threshold, l.chunk_neurons) == (4096, 36, 1, 0.25, 2)
+        assert l.chunks.offset.tolist() == [4096, 4120] and l.chunks.raw_length.tolist() == [24, 12]
+        assert layout.neuron_extent(0, 1, 2) == (4108, 24)
+        assert layout.aligned_extent(0, 1, 2) == (4096, 4096, 12)
+        expected = (np.arange(18, dtype=np.float16) / 4).reshape(3, 6)
+        assert np.array_equal(layout.read_bundles(0, start=0, count=3), expected)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--regenerate-golden"]:
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    build_golden(GOLDEN)
+    blob = GOLDEN.read_bytes()
+    print(f"{GOLDEN}: {len(blob)} bytes, sha256 {hashlib.sha256(blob).hexdigest()}")
