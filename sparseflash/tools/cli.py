@@ -10,9 +10,10 @@ import argparse
 import sys
 
 from sparseflash.errors import SparseflashError
-from sparseflash.tools import cmd_gguf, cmd_model, cmd_profile
+from sparseflash.layout.format import LayoutError
+from sparseflash.tools import cmd_gguf, cmd_layout, cmd_model, cmd_predictors, cmd_profile
 
-COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf]
+COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf, cmd_predictors, cmd_layout]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SparseflashError as e:
+    except (SparseflashError, LayoutError) as e:
         print(f"sparseflash: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,167 @@
+"""Per-layer activation predictors: score = sigmoid(W2 · relu(W1 · x + b1) + b2), W1 of rank r.
+
+x is the FFN input (after the norm) of the layer the predictor serves, or of the previous layer for
+a look-ahead predictor. Trained with class-weighted binary cross-entropy on recorded
+(input, active-mask) pairs. Two ways to turn scores into an active set: top-k (a fixed number of
+neurons per token) and threshold (score above a per-layer cut, tuned for a recall target).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Predictor:
+    """Weights of one layer's predictor plus its decision rule (top-k count and score cut)."""
+
+    w1: torch.Tensor  # (rank, d)
+    b1: torch.Tensor  # (rank,)
+    w2: torch.Tensor  # (neurons, rank)
+    b2: torch.Tensor  # (neurons,)
+    topk: int = 0  # neurons predicted per token by the top-k strategy
+    cut: float = 0.5  # logit cut of the threshold strategy (score > sigmoid(cut))
+
+    @property
+    def rank(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def neurons(self) -> int:
+        return self.w2.shape[0]
+
+    @property
+    def param_count(self) -> int:
+        return sum(t.numel() for t in (self.w1, self.b1, self.w2, self.b2))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, neurons) pre-sigmoid scores for inputs x (tokens, d)."""
+        return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
+
+    def predict_topk(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """(tokens, neurons) bool: the k highest-scoring neurons per token."""
+        k = self.topk if k is None else k
+        z = self.logits(x)
+        mask = torch.zeros_like(z, dtype=torch.bool)
+        if k > 0:
+            mask.scatter_(1, torch.topk(z, min(k, z.shape[1]), dim=1).indices, True)
+        return mask
+
+    def predict_threshold(self, x: torch.Tensor, cut: float | None = None) -> torch.Tensor:
+        """(tokens, neurons) bool: neurons whose logit exceeds the cut."""
+        return self.logits(x) > (self.cut if cut is None else cut)
+
+    def predict(self, x: torch.Tensor, strategy: str) -> torch.Tensor:
+        if strategy == "topk":
+            return self.predict_topk(x)
+        if strategy == "threshold":
+            return self.predict_threshold(x)
+        raise ValueError(f"unknown prediction strategy {strategy!r} (topk, threshold)")
+
+
+def default_rank(d: int, neurons: int, ffn_values: int, share: float = 0.025) -> int:
+    """Rank r so that the predictor (r*(d + neurons) values) is ``share`` of the layer's FFN values."""
+    return max(1, math.floor(share * ffn_values / (d + neurons)))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 12
+    batch: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_pos_weight: float = 30.0  # cap on the positive-class weight of the BCE
+    seed: int = 0
+
+
+def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: TrainParams = TrainParams(),
+                    x_val: torch.Tensor | None = None, mask_val: torch.Tensor | None = None) -> tuple[Predictor, dict]:
+    """Fit a predictor on inputs x (tokens, d) and active masks (tokens, neurons) bool.
+
+    Returns the predictor (topk/cut left at defaults) and a log with the loss per epoch.
+    """
+    g = torch.Generator().manual_seed(params.seed)
+    d, n = x.shape[1], mask.shape[1]
+    x = x.float()
+    scale = 1.0 / math.sqrt(d)
+    w1 = (torch.randn(rank, d, generator=g) * scale).requires_grad_()
+    b1 = torch.zeros(rank, requires_grad=True)
+    w2 = (torch.randn(n, rank, generator=g) / math.sqrt(rank)).requires_grad_()
+    rate = mask.float().mean(0).clamp(1e-6, 1 - 1e-6)
+    b2 = torch.log(rate / (1 - rate)).requires_grad_()  # start at each neuron's base rate
+    pos = mask.float().mean()
+    pos_weight = torch.clamp((1 - pos) / torch.clamp(pos, min=1e-6), max=params.max_pos_weight)
+    opt = torch.optim.Adam([w1, b1, w2, b2], lr=params.lr, weight_decay=params.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs * math.ceil(len(x) / params.batch))
+    log = {"train_loss": [], "val_loss": [], "pos_weight": float(pos_weight)}
+
+    def loss_fn(xb, mb):
+        z = F.linear(F.relu(F.linear(xb, w1, b1)), w2, b2)
+        return F.binary_cross_entropy_with_logits(z, mb.float(), pos_weight=pos_weight)
+
+    with torch.enable_grad():
+        for _ in range(params.epochs):
+            order = torch.randperm(len(x), generator=g)
+            total = 0.0
+            for i in range(0, len(x), params.batch):
+                idx = order[i : i + params.batch]
+                loss = loss_fn(x[idx], mask[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss) * len(idx)
+            log["train_loss"].append(total / len(x))
+            if x_val is not None:
+                with torch.no_grad():
+                    log["val_loss"].append(float(loss_fn(x_val.float(), mask_val)))
+    pred = Predictor(w1.detach(), b1.detach(), w2.detach(), b2.detach())
+    return pred, log
+
+
+def recall_and_sparsity(predicted: np.ndarray | torch.Tensor, true: np.ndarray | torch.Tensor) -> tuple[float, float]:
+    """(recall, prediction sparsity) of bool masks (tokens, neurons).
+
+    recall = sum over tokens of |P ∩ A| / sum of |A| (1.0 when nothing is active);
+    prediction sparsity = 1 - mean |P| / neurons.
+    """
+    p = torch.as_tensor(predicted, dtype=torch.bool)
+    a = torch.as_tensor(true, dtype=torch.bool)
+    hits = float((p & a).sum())
+    actives = float(a.sum())
+    recall = hits / actives if actives else 1.0
+    return recall, 1.0 - float(p.float().mean())
+
+
+def tune_cut(pred: Predictor, x: torch.Tensor, mask: torch.Tensor, target_recall: float) -> float:
+    """The largest logit cut whose recall on (x, mask) is >= target_recall."""
+    z = pred.logits(x.float())
+    pos = z[mask]
+    if pos.numel() == 0:
+        return float(z.max()) if z.numel() else 0.0
+    # recall(cut) = share of active neurons whose logit > cut: the (1 - target) quantile of their logits
+    q = torch.quantile(pos.float()[torch.randperm(pos.numel())[: 1 << 24]], 1 - target_recall).item()
+    return float(np.nextafter(q, -np.inf))
+
+
+def tune_topk(pred: Predictor, x: torch.Tensor, mask: torch.Tensor, target_recall: float) -> int:
+    """The smallest k whose top-k recall on (x, mask) is >= target_recall (binary search)."""
+    lo, hi = 0, pred.neurons
+    z = pred.logits(x.float())
+    ranked = torch.argsort(z, dim=1, descending=True)
+    hits_by_rank = torch.gather(mask, 1, ranked).float().sum(0).cumsum(0)  # hits within top-(r+1)
+    total = float(mask.sum())
+    if total == 0:
+        return 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid > 0 and float(hits_by_rank[mid - 1]) / total >= target_recall:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

@@ -1,0 +1,245 @@
+"""``sparseflash predictors``: train every layer's predictor, measure it, save weights and report.
+
+Training pairs come from the calibration corpus, labelled with the profile's thresholds (the PPL-p%
+set unless told otherwise). The strategies' knobs (top-k count, score cut) are tuned on a slice
+of the training tokens; every reported figure is measured on held-out tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.layout.predictor import (
+    Predictor,
+    TrainParams,
+    default_rank,
+    recall_and_sparsity,
+    train_predictor,
+    tune_cut,
+)
+from sparseflash.layout.recording import record
+from sparseflash.layout.stats import active_mask
+from sparseflash.model.ffn import DenseFFN
+from sparseflash.model.loader import DenseModel
+from sparseflash.model.perplexity import perplexity, windows
+from sparseflash.model.transformer import Transformer
+
+PREDICTORS_VERSION = 1
+WEIGHTS_FILE = "predictors.safetensors"
+REPORT_FILE = "predictors.json"
+
+
+@dataclass(frozen=True)
+class PredictorParams:
+    tokens: int = 40_960  # training tokens
+    val_tokens: int = 8192  # held-out tokens for every reported figure
+    ctx: int = 256
+    thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
+    size_share: float = 0.025  # all predictors / FFN values, sets the default rank
+    rank: int = 0  # 0: from size_share
+    topk_factor: float = 2.0  # top-k strategy predicts this many times the mean active count
+    target_recall: float = 0.99  # the threshold strategy's cut is tuned for this recall
+    tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
+    lookahead: bool = True
+    train: TrainParams = TrainParams()
+
+
+def _save_weights(path: Path, preds: dict[str, Predictor], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, p in preds.items():
+        for name in ("w1", "b1", "w2", "b2"):
+            tensors[f"{key}.{name}"] = getattr(p, name).contiguous()
+        tensors[f"{key}.topk"] = torch.tensor([p.topk], dtype=torch.int64)
+        tensors[f"{key}.cut"] = torch.tensor([p.cut], dtype=torch.float32)
+    save_file(tensors, str(path), metadata={"sparseflash": json.dumps(meta)})
+
+
+def load_predictors(folder: str | os.PathLike) -> tuple[dict[str, Predictor], dict]:
+    """Predictors keyed ``layer.{l}`` / ``lookahead.{l}`` and the metadata saved with them."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.exists():
+        raise ArtefactError(f"{path}: not found; run `sparseflash predictors -o {folder}` first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["sparseflash"])
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise ArtefactError(f"{path}: cannot read predictors ({e})") from None
+    preds = {}
+    for key in {k.rsplit(".", 1)[0] for k in raw}:
+        preds[key] = Predictor(raw[f"{key}.w1"], raw[f"{key}.b1"], raw[f"{key}.w2"], raw[f"{key}.b2"],
+                               int(raw[f"{key}.topk"][0]), float(raw[f"{key}.cut"][0]))
+    return preds, meta
+
+
+def _fit_layer(x, mask, rank, p: PredictorParams, x_val, mask_val):
+    """Train on the fit slice, tune k and the cut on the tune slice, measure on held-out tokens."""
+    n_tune = max(1, int(len(x) * p.tune_share))
+    fit_x, fit_m, tune_x, tune_m = x[:-n_tune], mask[:-n_tune], x[-n_tune:], mask[-n_tune:]
+    pred, log = train_predictor(fit_x, fit_m, rank, p.train)
+    mean_active = float(fit_m.float().sum(1).mean())
+    pred.topk = min(pred.neurons, max(1, math.ceil(p.topk_factor * mean_active)))
+    pred.cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
+    r_top, s_top = recall_and_sparsity(pred.predict_topk(x_val), mask_val)
+    r_thr, s_thr = recall_and_sparsity(pred.predict_threshold(x_val), mask_val)
+    true_sparsity = 1.0 - float(mask_val.float().mean())
+    metrics = {"rank": rank, "topk": pred.topk, "cut": pred.cut, "recall_topk": r_top, "sparsity_topk": s_top,
+               "recall_threshold": r_thr, "sparsity_threshold": s_thr, "true_sparsity": true_sparsity,
+               "train_loss": log["train_loss"][-1]}
+    return pred, metrics
+
+
+def _recall_curve(pred: Predictor, x_val, mask_val, points: int = 64) -> dict:
+    """Top-k recall vs prediction sparsity on held-out tokens, for k on a log grid."""
+    z = pred.logits(x_val)
+    ranked = torch.argsort(z, dim=1, descending=True)
+    hits = torch.gather(mask_val, 1, ranked).float().sum(0).cumsum(0)
+    total = max(float(mask_val.sum()), 1.0)
+    ks = np.unique(np.geomspace(1, pred.neurons, points).round().astype(int))
+    return {"sparsity": [1 - k / pred.neurons for k in ks], "recall": [float(hits[k - 1]) / total for k in ks]}
+
+
+def build_predictors(model: DenseModel, profile: dict, profile_dir: str | os.PathLike, train_ids: list[int],
+                     val_ids: list[int], out_dir: str | os.PathLike, params: PredictorParams = PredictorParams(),
+                     source_hash: str = "", quiet: bool = False) -> dict:
+    """Train, measure and save predictors; returns the report (also written as predictors.json)."""
+    c, p = model.config, params
+    if p.thresholds not in ("ppl", "cett"):
+        raise SparseflashError(f"--thresholds must be ppl or cett, got {p.thresholds!r}")
+    if profile.get("source_hash") and source_hash and profile["source_hash"] != source_hash:
+        raise ArtefactError(f"{profile_dir}: profile was made from checkpoint {profile['source_hash']}, not "
+                            f"{source_hash}; re-run `sparseflash profile`")
+    thr_file = np.load(Path(profile_dir) / "thresholds.npz")
+    thresholds = [float(t) for t in thr_file[p.thresholds]]
+    if len(thresholds) != c.num_layers:
+        raise ArtefactError(f"{profile_dir}: {len(thresholds)} layers of thresholds, model has {c.num_layers}")
+    train = windows(train_ids, p.ctx, p.tokens)
+    val = windows(val_ids, p.ctx, p.val_tokens)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        report = _build(model, thresholds, train, val, tmp, p, source_hash, profile, quiet)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _build(model, thresholds, train, val, out, p, source_hash, profile, quiet):
+    c = model.config
+    t0 = time.perf_counter()
+    rec = record(model, train, thresholds, out / "record", desc="recording train", quiet=quiet)
+    rec_val = record(model, val, thresholds, out / "record_val", desc="recording held-out", quiet=quiet)
+    rank = p.rank or default_rank(c.hidden_size, c.intermediate_size, c.ffn_param_count(), p.size_share)
+    preds, layers, curves = {}, [], []
+    t_train = time.perf_counter()
+    prev_x = prev_x_val = None
+    for l in tqdm(range(c.num_layers), desc="training predictors", disable=quiet, leave=False):
+        x, mask, x_val, mask_val = rec.x(l), rec.mask(l), rec_val.x(l), rec_val.mask(l)
+        pred, metrics = _fit_layer(x, mask, rank, p, x_val, mask_val)
+        preds[f"layer.{l}"] = pred
+        curves.append(_recall_curve(pred, x_val, mask_val))
+        if p.lookahead and l > 0:
+            ahead, m_ahead = _fit_layer(prev_x, mask, rank, p, prev_x_val, mask_val)
+            preds[f"lookahead.{l}"] = ahead
+            metrics["lookahead"] = {k: m_ahead[k] for k in ("topk", "cut", "recall_topk", "sparsity_topk",
+                                                            "recall_threshold", "sparsity_threshold")}
+        metrics["layer"] = l
+        layers.append(metrics)
+        prev_x, prev_x_val = x, x_val
+    train_s = time.perf_counter() - t_train
+    shutil.rmtree(out / "record")
+
+    # quality: every FFN computes only the chosen neurons (exact values for those it computes)
+    col_norms = [torch.linalg.vector_norm(w.w_down, dim=0) for w in model.weights.layers]
+    val_ids = val.reshape(-1).tolist()
+
+    def ppl_with(choose):
+        ffn = DenseFFN(model.weights.layers, c.activation, c.gated, hook=lambda l, x, a: a * choose(l, x, a))
+        return perplexity(Transformer(c, model.weights, ffn), val_ids, ctx=p.ctx).ppl
+
+    ppl = {"dense": perplexity(Transformer(c, model.weights), val_ids, ctx=p.ctx).ppl,
+           "oracle": ppl_with(lambda l, x, a: active_mask(a.abs() * col_norms[l], thresholds[l])),
+           "predicted_topk": ppl_with(lambda l, x, a: preds[f"layer.{l}"].predict_topk(x)),
+           "predicted_threshold": ppl_with(lambda l, x, a: preds[f"layer.{l}"].predict_threshold(x))}
+    strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
+    ppl["predicted"] = ppl[f"predicted_{strategy}"]
+    shutil.rmtree(out / "record_val")
+
+    keys = ("recall_topk", "sparsity_topk", "recall_threshold", "sparsity_threshold", "true_sparsity")
+    mean = {k: float(np.mean([m[k] for m in layers])) for k in keys}
+    mean["rank"] = float(np.mean([m["rank"] for m in layers]))
+    ahead = [m["lookahead"] for m in layers if "lookahead" in m]
+    pred_values = sum(pr.param_count for k, pr in preds.items() if k.startswith("layer."))
+    ffn_values = c.ffn_param_count() * c.num_layers
+    report = {
+        "version": PREDICTORS_VERSION,
+        "source_hash": source_hash,
+        "profile_hash": profile.get("source_hash", ""),
+        "thresholds": p.thresholds,
+        "threshold_values": thresholds,
+        "params": dataclasses.asdict(p),
+        "train_tokens": train.numel(),
+        "val_tokens": val.numel(),
+        "layers": layers,
+        "mean": mean,
+        "lookahead_mean": ({k: float(np.mean([m[k] for m in ahead])) for k in ahead[0] if k not in ("topk", "cut")}
+                           if ahead else None),
+        "size_share": pred_values / ffn_values,
+        "size_share_with_lookahead": sum(pr.param_count for pr in preds.values()) / ffn_values,
+        "ppl": ppl,
+        "strategy": strategy,
+        "predicted_over_true": (1 - mean[f"sparsity_{strategy}"]) / max(1 - mean["true_sparsity"], 1e-12),
+        "train_seconds": train_s,
+        "seconds": time.perf_counter() - t0,
+        "recall_curves": curves,
+    }
+    _save_weights(out / WEIGHTS_FILE, preds, {"version": PREDICTORS_VERSION, "source_hash": source_hash,
+                                              "strategy": strategy, "thresholds": p.thresholds})
+    with open(out / REPORT_FILE, "w") as f:
+        json.dump(report, f, indent=1)
+    _plot(out / "recall_vs_sparsity.png", report)
+    return report
+
+
+def _plot(path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for l, (curve, m) in enumerate(zip(report["recall_curves"], report["layers"])):
+        line, = ax.plot(curve["sparsity"], curve["recall"], lw=1, label=f"layer {l}")
+        ax.plot(m["sparsity_topk"], m["recall_topk"], "o", color=line.get_color(), ms=5)
+        ax.plot(m["sparsity_threshold"], m["recall_threshold"], "s", color=line.get_color(), ms=5, mfc="none")
+    ax.set(xlabel="prediction sparsity", ylabel="recall (held-out tokens)",
+           title="Predictor recall vs prediction sparsity (o top-k, □ threshold)")
+    ax.set_xlim(max(0.0, min(m["sparsity_threshold"] for m in report["layers"]) - 0.1), 1.0)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
