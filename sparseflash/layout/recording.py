@@ -64,5 +64,6 @@ def record(model: DenseModel, seqs: torch.Tensor, thresholds: list[float], folde
     bar.close()
     for arr in xs + masks:
         arr.flush()
-    del xs, masks
+    xs.clear()
+    masks.clear()
     return Recording(folder, c.num_layers, tokens, c.hidden_size, c.intermediate_size)
