@@ -8,17 +8,58 @@ import sys
 from sparseflash.tools.format import fmt_bytes
 
 
+def _is_layout(path) -> bool:
+    return path is not None and str(path).endswith(".sflash")
+
+
 def cmd_run(args) -> int:
-    from sparseflash.model.generate import Sampling, generate
+    from sparseflash.model.generate import Sampling
+
+    sampling = Sampling(greedy=args.greedy, temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    if _is_layout(args.model):
+        return _run_streamed(args, sampling)
+    if args.budget is not None:
+        from sparseflash.errors import SparseflashError
+
+        raise SparseflashError("--budget needs a layout file (-m MODEL.sflash); a checkpoint folder runs dense")
+    from sparseflash.model.generate import generate
     from sparseflash.model.loader import open_dense
 
     model = open_dense(args.model)
     tok = model.tokenizer
     prompt = tok.encode(args.prompt)
-    sampling = Sampling(greedy=args.greedy, temperature=args.temp, top_p=args.top_p, seed=args.seed)
-    stream = None if args.json else (lambda t: None)
-    result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos,
-                      on_token=stream)
+    result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
+    _print_result(args, tok, prompt, result, {"engine": "dense"})
+    return 0
+
+
+def _run_streamed(args, sampling) -> int:
+    from sparseflash.errors import SparseflashError
+    from sparseflash.runtime.session import open_streamed, stream_generate
+
+    if args.device == "cuda":
+        raise SparseflashError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
+    if args.budget is None:
+        raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
+    model = open_streamed(args.model, args.budget, verify=args.verify, window=args.window, io=args.io,
+                          io_threads=args.io_threads, eviction=args.eviction, strategy=args.strategy,
+                          lookahead=not args.no_lookahead)
+    try:
+        prompt = model.tokenizer.encode(args.prompt)
+        result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats)
+    finally:
+        model.close()
+    _print_result(args, model.tokenizer, prompt, result, {"engine": "streamed", **summary})
+    if not args.json:
+        print(f"[streamed: {summary['decode_bytes_per_token'] / 1024:.1f} KiB of FFN read per decoded token = "
+              f"{summary['decode_dense_share']:.1%} of dense ({summary['dense_ffn_bytes_per_token'] / 1024:.0f} KiB), "
+              f"{summary['requests']} requests, hit rate {summary['hit_rate']:.1%}, I/O wait "
+              f"{summary['io_wait_s'] * 1e3:.0f} ms, budget {fmt_bytes(summary['budget_bytes'])}, "
+              f"peak RSS {fmt_bytes(summary['peak_rss_bytes'])}]", file=sys.stderr)
+    return 0
+
+
+def _print_result(args, tok, prompt, result, extra: dict) -> None:
     text = tok.decode(result.tokens)
     if args.json:
         print(json.dumps({
@@ -29,14 +70,13 @@ def cmd_run(args) -> int:
             "decode_tokens_per_s": result.decode_tokens_per_s,
             "prefill_ms": result.prefill_s * 1e3,
             "stopped_at_eos": result.stopped_at_eos,
-            "engine": "dense",
+            **extra,
         }))
-    else:
-        print(args.prompt + text)
-        print(f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s "
-              f"(decode {result.decode_tokens_per_s:.1f} tokens/s, prefill {result.prefill_s * 1e3:.0f} ms), dense]",
-              file=sys.stderr)
-    return 0
+        return
+    print(args.prompt + text)
+    print(f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s "
+          f"(decode {result.decode_tokens_per_s:.1f} tokens/s, prefill {result.prefill_s * 1e3:.0f} ms), "
+          f"{extra['engine']}]", file=sys.stderr)
 
 
 def cmd_info(args) -> int:
@@ -75,7 +115,7 @@ def cmd_eval_ppl(args) -> int:
 
 
 def model_arg(sp):
-    sp.add_argument("-m", "--model", default=None, help="checkpoint folder (default: the bundled tiny-relu2)")
+    sp.add_argument("-m", "--model", default=None, help="checkpoint folder, .gguf or .sflash layout (default: the bundled tiny-relu2)")
 
 
 def register(sub) -> None:
@@ -90,6 +130,17 @@ def register(sub) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--budget", default=None, help="memory budget for streamed weights: bytes (2GiB) or share (40%%)")
+    r.add_argument("--window", type=int, default=4, help="tokens whose neurons are protected from eviction")
+    r.add_argument("--eviction", choices=["lru", "lfu", "window"], default="lru")
+    r.add_argument("--strategy", choices=["topk", "threshold", "all"], default=None,
+                   help="active-set prediction (default: the layout's)")
+    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--io", choices=["direct", "buffered"], default="direct")
+    r.add_argument("--io-threads", type=int, default=4)
+    r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
+    r.add_argument("--verify", action="store_true", help="verify the layout's checksums before running")
+    r.add_argument("--stats", default=None, help="save per-token statistics to this JSON file")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("info", help="architecture, sizes and FFN bytes per layer")

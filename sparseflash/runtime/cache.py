@@ -1,0 +1,116 @@
+"""Neuron cache of one layer: preallocated bundle slots, O(1) insert and delete.
+
+``slots`` (capacity, bundle_len) holds bundles in the storage dtype; ``slot_of[position]`` and
+``position_of[slot]`` keep the index in step; free slots are a stack. Pinned slots (the hot region)
+are never evicted. Eviction picks victims among unprotected slots: a neuron used within the last
+``window`` tokens is protected; beyond it the policy is LRU (oldest last use), LFU (fewest uses,
+then oldest) or "window" (anything outside the window, oldest first — LLM in a Flash's plain
+sliding window, which frees slots eagerly rather than keeping them until needed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NEVER = np.iinfo(np.int64).min // 2
+
+
+class NeuronCache:
+    def __init__(self, neurons: int, capacity: int, bundle_len: int, dtype, window: int = 4, policy: str = "lru"):
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be >= 1 slot, got {capacity}")
+        self.neurons, self.capacity = neurons, capacity
+        self.slots = np.zeros((capacity, bundle_len), dtype=dtype)
+        self.slot_of = np.full(neurons, -1, dtype=np.int64)
+        self.position_of = np.full(capacity, -1, dtype=np.int64)
+        self.last_use = np.full(capacity, NEVER, dtype=np.int64)
+        self.uses = np.zeros(capacity, dtype=np.int64)
+        self.pinned = np.zeros(capacity, dtype=bool)
+        self._free = list(range(capacity - 1, -1, -1))  # stack: pop() gives the lowest free slot
+        self.window, self.policy = window, policy
+        self.step = 0  # token counter, advanced by tick()
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.nbytes
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def tick(self) -> None:
+        """A new token begins."""
+        self.step += 1
+
+    def lookup(self, positions: np.ndarray) -> np.ndarray:
+        """Slot of each position, -1 where not cached."""
+        return self.slot_of[positions]
+
+    def touch(self, slots: np.ndarray) -> None:
+        """Mark slots as used by the current token."""
+        self.last_use[slots] = self.step
+        self.uses[slots] += 1
+
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def evictable(self, protect: np.ndarray | None = None) -> np.ndarray:
+        """Slots that may be evicted now, best victims first."""
+        used = self.position_of >= 0
+        ok = used & ~self.pinned & (self.last_use <= self.step - self.window)
+        if protect is not None and len(protect):
+            ok[protect] = False
+        cand = np.nonzero(ok)[0]
+        if self.policy == "lfu":
+            order = np.lexsort((self.last_use[cand], self.uses[cand]))
+        else:
+            order = np.argsort(self.last_use[cand], kind="stable")
+        return cand[order]
+
+    def evict(self, slots: np.ndarray) -> None:
+        for s in np.asarray(slots, dtype=np.int64):
+            p = self.position_of[s]
+            if p < 0 or self.pinned[s]:
+                raise ValueError(f"slot {s} is empty or pinned")
+            self.slot_of[p] = -1
+            self.position_of[s] = -1
+            self.last_use[s] = NEVER
+            self.uses[s] = 0
+            self._free.append(int(s))
+
+    def reserve(self, count: int, protect: np.ndarray | None = None) -> np.ndarray:
+        """Take ``count`` free slots, evicting victims if needed; raises if too few can be freed."""
+        short = count - len(self._free)
+        if short > 0:
+            victims = self.evictable(protect)
+            if len(victims) < short:
+                raise MemoryError(f"cache needs {short} more slots but only {len(victims)} are evictable")
+            self.evict(victims[:short])
+        return np.array([self._free.pop() for _ in range(count)], dtype=np.int64)
+
+    def release(self, slots: np.ndarray) -> None:
+        """Return reserved slots that were not filled (e.g. a failed read)."""
+        for s in np.asarray(slots, dtype=np.int64):
+            if self.position_of[s] >= 0:
+                raise ValueError(f"slot {s} holds neuron {self.position_of[s]}; evict it instead")
+            self._free.append(int(s))
+
+    def commit(self, slots: np.ndarray, positions: np.ndarray, pinned: bool = False) -> None:
+        """Record that ``slots`` now hold ``positions`` (their bytes were written)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        if np.any(self.slot_of[positions] >= 0):
+            raise ValueError("a position is already cached")
+        self.slot_of[positions] = slots
+        self.position_of[slots] = positions
+        self.pinned[slots] = pinned
+        self.last_use[slots] = self.step
+        self.uses[slots] = 0
+
+    def check(self) -> None:
+        """Assert the index is consistent (used by tests)."""
+        held = np.nonzero(self.position_of >= 0)[0]
+        assert np.array_equal(self.slot_of[self.position_of[held]], held)
+        assert (self.slot_of >= 0).sum() == len(held)
+        assert len(set(self._free)) == len(self._free) == self.capacity - len(held)
+        assert not np.any(self.position_of[self._free] >= 0)

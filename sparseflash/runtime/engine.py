@@ -1,0 +1,301 @@
+"""The streaming FFN: per token and layer, predict -> look up the cache -> read what is missing ->
+run the sparse kernel over cached slots. Attention, embeddings and norms stay resident.
+
+``StreamingFFN`` plugs into model.transformer.Transformer as its FFN, so generation, perplexity and
+teacher forcing run unchanged on top of it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sparseflash.errors import SparseflashError
+from sparseflash.runtime.cache import NeuronCache
+from sparseflash.runtime.iomodel import DeviceModel
+from sparseflash.runtime.layout_model import LayoutModel
+from sparseflash.runtime.policy import Policy
+from sparseflash.runtime.predict import load_predictors
+from sparseflash.runtime.streamer import BundleReader, StreamError
+
+STORAGE_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+INDEX_BYTES_PER_NEURON = 8  # slot_of (int64)
+INDEX_BYTES_PER_SLOT = 8 * 3 + 1 + 8  # position_of, last_use, uses, pinned, down norm (f64)
+
+
+class BudgetError(SparseflashError):
+    """The memory budget cannot hold what the engine needs."""
+
+
+@dataclass
+class TokenStats:
+    """What one forward step (a token, or a prompt for prefill) cost."""
+
+    tokens: int = 0
+    predicted: int = 0  # neurons computed, summed over layers
+    needed: int = 0  # of those, truly active (magnitude >= threshold)
+    hits: int = 0  # predicted neurons found in the cache (hot region included)
+    misses: int = 0
+    bytes_read: int = 0
+    requests: int = 0
+    io_wait_s: float = 0.0
+    predictor_s: float = 0.0
+    ffn_s: float = 0.0
+    attention_s: float = 0.0
+    per_layer_predicted: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes the engine holds, by kind; ``total`` never exceeds the budget."""
+
+    resident: int
+    predictors: int
+    hot: int
+    cache: int
+    index: int
+    io_buffers: int
+    slots_per_layer: int
+    minimum: int  # the smallest budget that can work
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.predictors + self.hot + self.cache + self.index + self.io_buffers
+
+
+def plan_memory(lm: LayoutModel, policy: Policy, predictor_bytes: int, io_buffer_total: int) -> MemoryPlan:
+    """Split the budget: resident tensors, predictors, hot region, I/O buffers, then neuron cache slots."""
+    regions = lm.file.layers
+    resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in lm.weights.named().values()}.values())
+    bb = regions[0].bundle_bytes
+    n = regions[0].n_neurons
+    layers = len(regions)
+    hot = sum(r.n_hot for r in regions) * bb
+    per_slot = bb + INDEX_BYTES_PER_SLOT
+    index = layers * n * INDEX_BYTES_PER_NEURON + sum(r.n_hot for r in regions) * INDEX_BYTES_PER_SLOT
+    fixed = resident + predictor_bytes + hot + index + io_buffer_total
+    max_extra = n - min(r.n_hot for r in regions)
+    minimum = fixed + layers * min(policy.min_slots, max_extra) * per_slot
+    if policy.budget_bytes < minimum:
+        raise BudgetError(f"budget {policy.budget_bytes} bytes is below the minimum of {minimum} bytes "
+                          f"({minimum / 2**20:.1f} MiB: resident {resident}, hot region {hot}, I/O buffers "
+                          f"{io_buffer_total}, {policy.min_slots} cache slots/layer)")
+    extra = min(max_extra, (policy.budget_bytes - fixed) // (layers * per_slot))
+    return MemoryPlan(resident, predictor_bytes, hot, layers * extra * bb, index + layers * extra * INDEX_BYTES_PER_SLOT,
+                      io_buffer_total, int(extra), minimum)
+
+
+class StreamingFFN:
+    """FFN callable (layer, x) -> y that streams bundles under the policy's budget."""
+
+    def __init__(self, lm: LayoutModel, policy: Policy, device: DeviceModel | None = None, backend: str = "cpu",
+                 reader_factory=BundleReader):
+        from sparseflash.kernels import get_backend
+
+        self.lm, self.policy = lm, policy
+        c = lm.config
+        self.config = c
+        self.regions = lm.file.layers
+        if any(r.compressed for r in self.regions):
+            raise SparseflashError(f"{lm.path}: FFN regions are zstd-compressed; streaming needs an uncompressed "
+                                   "layout (rebuild without --zstd)")
+        self.strategy, self.predictors, self.lookahead = load_predictors(lm.file, lm.header, c.num_layers,
+                                                                         policy.strategy)
+        if not policy.lookahead:
+            self.lookahead = {}
+        pred_bytes = sum(p.nbytes for p in self.predictors.values()) + sum(p.nbytes for p in self.lookahead.values())
+        self.reader = reader_factory(lm.path, list(self.regions), device or DeviceModel(), policy.io,
+                                     policy.io_threads, policy.io_buffer_bytes)
+        try:
+            self.memory = plan_memory(lm, policy, pred_bytes, self.reader.buffer_total_bytes)
+        except BudgetError:
+            self.reader.close()
+            raise
+        self.kernel = get_backend(backend)
+        self.kind = c.ffn_kind
+        r0 = self.regions[0]
+        self.storage = r0.dtype
+        self.caches = []
+        for r in self.regions:
+            cache = NeuronCache(r.n_neurons, r.n_hot + self.memory.slots_per_layer, r.bundle_len,
+                                STORAGE_NP[r.dtype], policy.window, policy.eviction)
+            cache.down_norm = np.zeros(cache.capacity)
+            self.caches.append(cache)
+        self.b_down = [w.b_down for w in lm.weights.layers]
+        self.b_up = [None if w.b_up is None else w.b_up.numpy() for w in lm.weights.layers]
+        self.b_gate = [None if w.b_gate is None else w.b_gate.numpy() for w in lm.weights.layers]
+        self.stats: list[TokenStats] = []
+        self._current: TokenStats | None = None
+        self._pending: dict[int, tuple] = {}
+        self._last_t = time.perf_counter()
+        self._load_hot()
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _load_hot(self) -> None:
+        for l, r in enumerate(self.regions):
+            if r.n_hot:
+                slots = self.caches[l].reserve(r.n_hot)
+                self._fill(l, np.arange(r.n_hot), slots, pinned=True)
+
+    def _fill(self, l: int, positions: np.ndarray, slots: np.ndarray, pinned: bool = False):
+        """Read positions into reserved slots synchronously, then commit them."""
+        cache = self.caches[l]
+        try:
+            res = self.reader.read(l, positions, cache.slots, slots)
+        except BaseException:
+            cache.release(slots)
+            raise
+        self._commit(l, slots, positions, pinned)
+        return res
+
+    def _commit(self, l, slots, positions, pinned=False):
+        cache = self.caches[l]
+        cache.commit(slots, positions, pinned)
+        d = self.config.hidden_size
+        down = cache.slots[slots, -d:]
+        if self.storage == "bf16":
+            down = (down.astype(np.uint32) << 16).view(np.float32)
+        cache.down_norm[slots] = np.linalg.norm(down.astype(np.float64), axis=1)
+
+    # -- per call -----------------------------------------------------------------------------------
+    def begin_token(self, tokens: int) -> TokenStats:
+        s = TokenStats(tokens=tokens)
+        self.stats.append(s)
+        self._current = s
+        for cache in self.caches:
+            cache.tick()
+        return s
+
+    def _predict(self, l: int, x: torch.Tensor) -> np.ndarray:
+        if self.strategy == "all":
+            return np.arange(self.regions[l].n_neurons)
+        return self.predictors[l].predict(x, self.strategy, self.policy.margin)
+
+    def _prefetch_next(self, l: int, x: torch.Tensor) -> None:
+        """Start reading layer l+1's look-ahead-predicted bundles while layer l computes."""
+        nxt = l + 1
+        ahead = self.lookahead.get(nxt)
+        if ahead is None or nxt in self._pending:
+            return
+        positions = ahead.predict(x, self.strategy, self.policy.margin)
+        cache = self.caches[nxt]
+        missing = positions[cache.lookup(positions) < 0]
+        room = cache.free_count() + len(cache.evictable())
+        missing = missing[: max(0, min(len(missing), room - self.policy.min_slots))]
+        if len(missing) == 0:
+            return
+        slots = cache.reserve(len(missing))
+        self._pending[nxt] = (self.reader.submit(nxt, missing, cache.slots, slots), slots, missing)
+
+    def _settle_prefetch(self, l: int, s: TokenStats) -> None:
+        pending = self._pending.pop(l, None)
+        if pending is None:
+            return
+        future, slots, positions = pending
+        t = time.perf_counter()
+        try:
+            res = future.result()
+        except StreamError:
+            self.caches[l].release(slots)
+            raise
+        s.io_wait_s += time.perf_counter() - t
+        s.bytes_read += res.bytes
+        s.requests += res.requests
+        self._commit(l, slots, positions)
+
+    def _compute(self, l, xn, slots, y, s):
+        if len(slots) == 0:
+            return
+        cache = self.caches[l]
+        acts = np.empty((xn.shape[0], len(slots)), dtype=np.float32)
+        gate_b = self.b_gate[l][cache.position_of] if self.b_gate[l] is not None else None
+        up_b = self.b_up[l][cache.position_of] if self.b_up[l] is not None else None
+        part = self.kernel.sparse_ffn(xn, cache.slots, slots, self.kind, storage=self.storage,
+                                      gate_bias=gate_b, up_bias=up_b, activations_out=acts)
+        y += part
+        mag = np.abs(acts) * cache.down_norm[slots][None, :]
+        s.needed += int((mag >= self.regions[l].threshold).any(axis=0).sum())
+
+    def __call__(self, l: int, x: torch.Tensor) -> torch.Tensor:
+        t_start = time.perf_counter()
+        if l == 0:
+            s = self.begin_token(x.shape[0])
+        s = self._current
+        s.attention_s += t_start - self._last_t
+        cache = self.caches[l]
+        self._settle_prefetch(l, s)
+
+        t = time.perf_counter()
+        positions = self._predict(l, x)
+        s.predictor_s += time.perf_counter() - t
+        s.predicted += len(positions)
+        s.per_layer_predicted.append(len(positions))
+        if l + 1 < self.config.num_layers:
+            t = time.perf_counter()
+            self._prefetch_next(l, x)
+            s.predictor_s += time.perf_counter() - t
+
+        slots = cache.lookup(positions)
+        hit = slots >= 0
+        s.hits += int(hit.sum())
+        missing = positions[~hit]
+        s.misses += len(missing)
+        xn = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+        y = np.zeros((xn.shape[0], self.config.hidden_size), dtype=np.float32)
+        hit_slots = slots[hit]
+        cache.touch(hit_slots)
+        room = cache.free_count() + len(cache.evictable(protect=hit_slots))
+        if len(missing) <= room:  # the usual case: read what is missing, compute everything at once
+            new = cache.reserve(len(missing), protect=hit_slots)
+            self._read(l, missing, new, s)
+            cache.touch(new)
+            t = time.perf_counter()
+            self._compute(l, xn, np.concatenate([hit_slots, new]), y, s)
+            s.ffn_s += time.perf_counter() - t
+        else:  # more neurons than the cache can hold: accumulate the output over batches
+            t = time.perf_counter()
+            self._compute(l, xn, hit_slots, y, s)
+            s.ffn_s += time.perf_counter() - t
+            unpinned = int((~cache.pinned).sum())
+            for i in range(0, len(missing), unpinned):
+                part = missing[i : i + unpinned]
+                victims = np.nonzero((cache.position_of >= 0) & ~cache.pinned)[0]
+                need = len(part) - cache.free_count()
+                if need > 0:
+                    cache.evict(victims[np.argsort(cache.last_use[victims], kind="stable")][:need])
+                new = cache.reserve(len(part))
+                self._read(l, part, new, s)
+                cache.touch(new)
+                t = time.perf_counter()
+                self._compute(l, xn, new, y, s)
+                s.ffn_s += time.perf_counter() - t
+        out = torch.from_numpy(y)
+        if self.b_down[l] is not None:
+            out = out + self.b_down[l]
+        self._last_t = time.perf_counter()
+        return out
+
+    def _read(self, l, positions, slots, s):
+        if len(positions) == 0:
+            return
+        t = time.perf_counter()
+        res = self._fill(l, positions, slots)
+        s.io_wait_s += time.perf_counter() - t
+        s.bytes_read += res.bytes
+        s.requests += res.requests
+
+    def close(self) -> None:
+        for l, (future, slots, _) in list(self._pending.items()):
+            try:
+                future.result()
+            except Exception:
+                pass
+            self.caches[l].release(slots)
+        self._pending.clear()
+        self.reader.close()

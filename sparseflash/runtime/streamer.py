@@ -1,0 +1,182 @@
+"""Read neuron bundles from a layout file into cache slots: few, aligned, concurrent reads.
+
+Missing positions become coalesced 4096-aligned extents (iomodel.plan_extents, merging gaps the
+device model says are cheaper to read through), cut into pieces no larger than one I/O buffer.
+Pieces are read by a thread pool with ``os.preadv`` (which releases the GIL) into page-aligned
+buffers, from an O_DIRECT descriptor; where the file system refuses O_DIRECT the reader falls back
+to buffered reads and drops what it read from the page cache, so every read is a disk read.
+Short reads are completed, EINTR is retried, and any other OSError becomes a StreamError naming
+the file and offset; slots of a failed read are never committed, so the cache stays consistent.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparseflash.errors import SparseflashError
+from sparseflash.runtime.iomodel import BLOCK, DeviceModel, plan_extents
+
+
+class StreamError(SparseflashError):
+    """A read of the layout file failed (I/O error, unexpected end of file)."""
+
+
+@dataclass
+class ReadResult:
+    requests: int = 0
+    bytes: int = 0  # bytes read from the file (aligned, gaps included)
+    seconds: float = 0.0  # wall time of the whole read
+
+
+class BundleReader:
+    """Reads bundles of the FFN regions of one layout file."""
+
+    def __init__(self, path: str, regions: list, device: DeviceModel, io: str = "direct", threads: int = 4,
+                 buffer_bytes: int = 1 << 20, preadv=os.preadv):
+        self.path = path
+        self.regions = regions  # FfnLayer records: offset, bundle_bytes
+        self.device = device
+        largest = max((r.length for r in regions), default=BLOCK)
+        self.buffer_bytes = max(BLOCK, min(buffer_bytes, -(-largest // BLOCK) * BLOCK) // BLOCK * BLOCK)
+        self.merge_gap_blocks = device.merge_gap_bytes // BLOCK
+        self._preadv = preadv
+        self.direct = False
+        self.fd = self._open(io)
+        self._buffered_fd = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparseflash-io")
+
+    def _open(self, io: str) -> int:
+        flag = getattr(os, "O_DIRECT", 0)
+        try:
+            if io == "direct" and flag:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY | flag)
+                    self.direct = True
+                    return fd
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+            return os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise StreamError(f"{self.path}: cannot open for reading ({e.strerror})") from None
+
+    @property
+    def buffer_total_bytes(self) -> int:
+        """Bytes of I/O buffers this reader may hold (one per thread)."""
+        return self.threads * self.buffer_bytes
+
+    def _buffer(self) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = mmap.mmap(-1, self.buffer_bytes)  # page-aligned for O_DIRECT
+        return memoryview(buf)
+
+    def _fallback_to_buffered(self) -> int:
+        with self._lock:
+            if self._buffered_fd is None:
+                self._buffered_fd = os.open(self.path, os.O_RDONLY)
+            return self._buffered_fd
+
+    def _read_exact(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from ``offset``: complete short reads, retry EINTR, report anything else."""
+        done, fd, direct = 0, self.fd, self.direct
+        while done < len(view):
+            try:
+                got = self._preadv(fd, [view[done:]], offset + done)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.EINVAL and direct:  # O_DIRECT refused for this read: go buffered
+                    fd, direct = self._fallback_to_buffered(), False
+                    continue
+                raise StreamError(f"{self.path}: {e.strerror or e} reading {len(view) - done} bytes at offset "
+                                  f"{offset + done}") from None
+            if got == 0:
+                raise StreamError(f"{self.path}: unexpected end of file at offset {offset + done}")
+            done += got
+        if not direct:
+            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+
+    def _read_piece(self, layer: int, first_block: int, end_block: int, positions: np.ndarray,
+                    dest: np.ndarray, dest_slots: np.ndarray) -> None:
+        region = self.regions[layer]
+        bb = region.bundle_bytes
+        nbytes = (end_block - first_block) * BLOCK
+        view = self._buffer()[:nbytes]
+        self._read_exact(view, region.offset + first_block * BLOCK)
+        raw = np.frombuffer(view, dtype=np.uint8)
+        dest_bytes = dest.view(np.uint8)
+        lo, hi = first_block * BLOCK, end_block * BLOCK
+        for p, s in zip(positions, dest_slots):
+            start, end = max(p * bb, lo), min((p + 1) * bb, hi)
+            if start < end:
+                dest_bytes[s, start - p * bb : end - p * bb] = raw[start - lo : end - lo]
+
+    def plan(self, layer: int, positions: np.ndarray) -> list[tuple[int, int]]:
+        """Pieces (first_block, end_block) to read for sorted stored positions of a layer."""
+        ext = plan_extents(positions, self.regions[layer].bundle_bytes, self.merge_gap_blocks)
+        step = self.buffer_bytes // BLOCK
+        pieces = []
+        for a, b in ext:
+            for s in range(int(a), int(b), step):
+                pieces.append((s, min(int(b), s + step)))
+        return pieces
+
+    def submit(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> Future:
+        """Start reading the bundles of sorted ``positions`` into ``dest[dest_slots]``; the future's
+        result is a ReadResult (or raises StreamError)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        order = np.argsort(positions, kind="stable")
+        positions, dest_slots = positions[order], np.asarray(dest_slots, dtype=np.int64)[order]
+        pieces = self.plan(layer, positions)
+        bb = self.regions[layer].bundle_bytes
+        t0 = time.perf_counter()
+        futures = []
+        for a, b in pieces:
+            # positions whose bytes overlap this piece
+            lo = np.searchsorted(positions, (a * BLOCK) // bb, side="left")
+            hi = np.searchsorted(positions, -(-(b * BLOCK) // bb), side="left")
+            futures.append(self.pool.submit(self._read_piece, layer, a, b, positions[lo:hi], dest,
+                                            dest_slots[lo:hi]))
+        result = Future()
+        nbytes = sum((b - a) * BLOCK for a, b in pieces)
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_):
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                result.set_exception(errors[0])
+            else:
+                result.set_result(ReadResult(len(pieces), nbytes, time.perf_counter() - t0))
+
+        if not futures:
+            result.set_result(ReadResult())
+        for f in futures:
+            f.add_done_callback(done)
+        return result
+
+    def read(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> ReadResult:
+        return self.submit(layer, positions, dest, dest_slots).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for fd in (self.fd, self._buffered_fd):
+            if fd is not None:
+                os.close(fd)
+        self._buffered_fd = None
