@@ -1,4 +1,4 @@
-"""Open whatever ``-m`` names (a checkpoint folder today) as a dense model plus its tokenizer."""
+"""Open whatever ``-m`` names (a checkpoint folder or a .gguf file) as a dense model plus its tokenizer."""
 
 from __future__ import annotations
 
@@ -27,7 +27,13 @@ class DenseModel:
 
 
 def open_dense(path: str | os.PathLike | None) -> DenseModel:
-    """Load a checkpoint folder (None: the bundled default model) in float32."""
+    """Load a checkpoint folder or .gguf file (None: the bundled default model) in float32."""
+    if path is not None and str(path).endswith(".gguf"):
+        from sparseflash.model.gguf_import import load_gguf
+
+        g = load_gguf(path)
+        tokenizer = TextTokenizer.from_json(g.tokenizer_json, f"{g.path} tokenizer")
+        return DenseModel(g.path, g.config, g.weights, tokenizer)
     ckpt = load_checkpoint(path)
     return DenseModel(ckpt.path, ckpt.config, ckpt.weights, TextTokenizer.from_file(ckpt.tokenizer_path))
 
