@@ -1,0 +1,32 @@
+"""Sparse FFN kernels: y = sum over active neurons of a_i * down_i, read from neuron bundles.
+
+Arrays in, arrays out; this package imports only numpy, numba and torch, never the rest of
+sparseflash. Importing it loads none of them beyond numpy: back ends load on get_backend().
+
+    from sparseflash.kernels import get_backend, pack_bundles
+    bundles = pack_bundles(w_up, w_down, dtype="f16")         # (n, 2d) float16
+    cpu = get_backend("cpu"); cpu.warmup()                    # compile once, before timing
+    y = cpu.sparse_ffn(x, bundles, active_slots, "relu2")    # (batch, d) float32
+"""
+
+from sparseflash.kernels.bundles import (
+    FFNWeights,
+    NeuronWeights,
+    bundle_len,
+    pack_bundles,
+    unpack_bundle,
+    unpack_bundles,
+)
+from sparseflash.kernels.dense import dense_ffn  # imports torch on first call only
+from sparseflash.kernels.errors import BackendUnavailableError, KernelInputError
+from sparseflash.kernels.kinds import ACTIVATIONS, KINDS, FFNKind, ffn_kind
+from sparseflash.kernels.registry import BACKENDS, Backend, available_backends, get_backend, sparse_ffn
+from sparseflash.kernels.storage import STORAGES, bf16_bits_from_f32, f32_from_bf16_bits, from_f32, to_f32
+
+__all__ = [
+    "ACTIVATIONS", "BACKENDS", "KINDS", "STORAGES",
+    "Backend", "BackendUnavailableError", "FFNKind", "FFNWeights", "KernelInputError", "NeuronWeights",
+    "available_backends", "bf16_bits_from_f32", "bundle_len", "dense_ffn", "f32_from_bf16_bits",
+    "ffn_kind", "from_f32", "get_backend", "pack_bundles", "sparse_ffn", "to_f32",
+    "unpack_bundle", "unpack_bundles",
+]

@@ -88,7 +88,6 @@ def build_layout(model: DenseModel, profile_dir: str | os.PathLike, out_path: st
     n, d = c.intermediate_size, c.hidden_size
     bundle_bytes = (3 if c.gated else 2) * d * (4 if dtype == "f32" else 2)
     n_hot = int(round(hot_fraction * n))
-    w = model.weights
     perms, order_report = [], []
     for l in tqdm(range(c.num_layers), desc=f"ordering ({order})", disable=quiet, leave=False):
         stats = _layer_stats(profile_dir, l, n, profile["tokens"], thresholds)
@@ -96,31 +95,55 @@ def build_layout(model: DenseModel, profile_dir: str | os.PathLike, out_path: st
         perms.append(perm.astype(np.int32))
         order_report.append({"layer": l, **rep})
 
+    header_extra = {
+        "profile": {"source_hash": profile.get("source_hash", ""), "thresholds": thresholds,
+                    "tokens": profile["tokens"], "cett_bound": profile["cett_bound"], "ppl_p": profile["ppl_p"],
+                    "ppl_bound": profile["ppl_bound"]},
+        "order": order,
+        "order_report": order_report,
+        "hot_fraction": hot_fraction,
+    }
+    pred_info = None
+    if preds:
+        pred_info = {"strategy": pred_meta.get("strategy", "threshold"),
+                     "report": {k: pred_report.get(k) for k in ("mean", "lookahead_mean", "ppl", "size_share")}}
+    return write_layout(model, out_path, perms, n_hot, [float(t) for t in thr], dtype, preds, pred_info,
+                        header_extra, zstd_level, source_hash, quiet)
+
+
+def write_layout(model: DenseModel, out_path: str | os.PathLike, perms: list[np.ndarray], n_hot: int,
+                 thresholds: list[float], dtype: str = "f16", preds: dict | None = None, pred_info: dict | None = None,
+                 header_extra: dict | None = None, zstd_level: int | None = None, source_hash: str = "",
+                 quiet: bool = False) -> dict:
+    """Write a layout file from in-memory weights, per-layer permutations and thresholds.
+
+    ``preds`` maps ``layer.{l}`` / ``lookahead.{l}`` to predictors (rows in checkpoint order; they are
+    permuted to stored order here). Returns the header written.
+    """
+    c = model.config
+    w = model.weights
+    n, d = c.intermediate_size, c.hidden_size
+    preds = preds or {}
+    bundle_bytes = (3 if c.gated else 2) * d * (4 if dtype == "f32" else 2)
     header = {
         "kind": LAYOUT_KIND,
         "model": c.to_dict(),
         "tokenizer_json": model.tokenizer.to_json(),
         "source_hash": source_hash,
-        "profile": {"source_hash": profile.get("source_hash", ""), "thresholds": thresholds,
-                    "tokens": profile["tokens"], "cett_bound": profile["cett_bound"], "ppl_p": profile["ppl_p"],
-                    "ppl_bound": profile["ppl_bound"]},
         "predictors": None,
-        "order": order,
-        "order_report": order_report,
         "dtype": dtype,
-        "hot_fraction": hot_fraction,
         "n_hot": n_hot,
         "bundle_bytes": bundle_bytes,
+        **(header_extra or {}),
     }
     if preds:
         header["predictors"] = {
-            "strategy": pred_meta.get("strategy", "threshold"),
-            "thresholds": thresholds,
+            "strategy": (pred_info or {}).get("strategy", "threshold"),
             "layers": [{"topk": preds[f"layer.{l}"].topk, "cut": preds[f"layer.{l}"].cut,
                         "rank": preds[f"layer.{l}"].rank} for l in range(c.num_layers)],
             "lookahead": [({"topk": preds[f"lookahead.{l}"].topk, "cut": preds[f"lookahead.{l}"].cut}
                            if f"lookahead.{l}" in preds else None) for l in range(c.num_layers)],
-            "report": {k: pred_report.get(k) for k in ("mean", "lookahead_mean", "ppl", "size_share")},
+            "report": (pred_info or {}).get("report"),
         }
     writer = LayoutWriter(out_path, header, zstd_level=zstd_level)
     for name, t in (("embed", w.embed), ("final_norm_w", w.final_norm_w), ("final_norm_b", w.final_norm_b)):
@@ -158,7 +181,7 @@ def build_layout(model: DenseModel, profile_dir: str | os.PathLike, out_path: st
                 yield pack_bundles(layer.w_up[ids].numpy(), layer.w_down[:, ids].numpy(), gate, dtype=dtype)
 
         writer.add_ffn_layer(d_model=d, n_neurons=n, gated=c.gated, dtype=dtype, permutation=f"layers.{l}.perm",
-                             bundles=bundles(), n_hot=n_hot, threshold=float(thr[l]))
+                             bundles=bundles(), n_hot=n_hot, threshold=float(thresholds[l]))
     bar = tqdm(total=None, desc="writing layout", unit="B", unit_scale=True, disable=quiet, leave=False)
 
     def progress(done, total_raw):

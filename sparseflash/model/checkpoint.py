@@ -106,7 +106,14 @@ def _load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_hash(folder: str | os.PathLike) -> str:
-    """sha256 over config.json and every safetensors shard (content, in name order); hex, 16 chars."""
+    """sha256 over config.json and every safetensors shard (content, in name order); hex, 16 chars.
+
+    A .gguf file is hashed whole.
+    """
+    if str(folder).endswith(".gguf"):
+        from sparseflash.model.gguf_import import gguf_hash
+
+        return gguf_hash(folder)
     folder = Path(folder)
     h = hashlib.sha256()
     for path in [folder / "config.json", *_shard_files(folder)]:

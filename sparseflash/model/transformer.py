@@ -35,6 +35,15 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b in float32 activations; half-precision weights (as a layout may hold them) are
+    applied in their own dtype."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w, b)
+    out = F.linear(x.to(w.dtype), w).float()
+    return out if b is None else out + b
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -81,9 +90,9 @@ class Transformer:
     def attention(self, layer: int, x: torch.Tensor, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
         c, w = self.config, self.weights.layers[layer]
         b, t, _ = x.shape
-        q = F.linear(x, w.wq, w.bq).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
-        k = F.linear(x, w.wk, w.bk).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = F.linear(x, w.wv, w.bv).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = linear(x, w.wq, w.bq).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = linear(x, w.wk, w.bk).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = linear(x, w.wv, w.bv).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin)
         if cache is not None:
             cache.k[layer, :b, :, start : start + t] = k
@@ -97,7 +106,7 @@ class Transformer:
         mask = self._mask(start, t, k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.head_dim**-0.5)
         out = out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)  # (batch, tokens, heads*head_dim)
-        return F.linear(out, w.wo, w.bo)
+        return linear(out, w.wo, w.bo)
 
     @torch.inference_mode()
     def forward(
@@ -118,7 +127,7 @@ class Transformer:
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a KV cache")
         cos, sin = self._rope(torch.arange(start, end))
-        h = F.embedding(tokens, w.embed)
+        h = F.embedding(tokens, w.embed).float()
         for i, layer in enumerate(w.layers):
             h = h + self.attention(i, self.norm(h, layer.attn_norm_w, layer.attn_norm_b), cos, sin, cache, start)
             x = self.norm(h, layer.ffn_norm_w, layer.ffn_norm_b)
@@ -127,6 +136,6 @@ class Transformer:
             cache.length = end
         if last_only:
             h = h[:, -1:]
-        return F.linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head)
+        return linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head)
 
     __call__ = forward

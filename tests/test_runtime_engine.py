@@ -1,0 +1,107 @@
+"""The streamed engine computes what the dense engine computes, within its budget."""
+
+import numpy as np
+import pytest
+import torch
+from layouts import tiny_layout
+
+from sparseflash.model.transformer import KVCache, Transformer
+from sparseflash.runtime.engine import BudgetError
+from sparseflash.runtime.session import open_streamed
+from sparseflash.tools.cli import main
+
+
+def _teacher_forced(model, ids, prefill=6):
+    cache = KVCache(model.config, ids.shape[1])
+    out = [model(ids[:, :prefill], cache=cache, start=0)]
+    out += [model(ids[:, i : i + 1], cache=cache, start=i) for i in range(prefill, ids.shape[1])]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("family", ["nemotron", "llama-silu"])
+def test_all_neurons_streamed_equals_dense_under_evictions(family, tmp_path):
+    dense, path = tiny_layout(tmp_path, family, dtype="f32")
+    ids = torch.randint(0, 4096, (1, 30), generator=torch.Generator().manual_seed(0))
+    ref = Transformer(dense.config, dense.weights)(ids)
+    probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096)
+    minimum = probe.engine.memory.minimum
+    probe.close()
+    # room for 24 neurons per layer beyond the hot ones: far fewer than the 160 each token needs
+    model = open_streamed(path, minimum + 8 * 2 * (24 - 16) * 64 * 4 * 2, strategy="all", io_buffer_bytes=4096)
+    try:
+        out = _teacher_forced(model.transformer, ids)
+        assert (out - ref).abs().max().item() <= 1e-4
+        assert model.engine.memory.total <= model.engine.policy.budget_bytes
+        assert sum(s.bytes_read for s in model.engine.stats) > 0
+        for cache in model.engine.caches:
+            cache.check()
+            assert cache.capacity < dense.config.intermediate_size
+    finally:
+        model.close()
+
+
+def test_f16_layout_is_close_to_dense(tmp_path):
+    dense, path = tiny_layout(tmp_path, "nemotron", dtype="f16")
+    ids = torch.randint(0, 4096, (1, 20), generator=torch.Generator().manual_seed(1))
+    ref = Transformer(dense.config, dense.weights)(ids)
+    model = open_streamed(path, "150%", strategy="all")
+    try:
+        out = _teacher_forced(model.transformer, ids)
+        assert (out - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    finally:
+        model.close()
+
+
+def test_budget_below_minimum_is_refused(tmp_path, capsys):
+    _, path = tiny_layout(tmp_path, "nemotron")
+    with pytest.raises(BudgetError, match="below the minimum of"):
+        open_streamed(path, 1000, strategy="all")
+    capsys.readouterr()
+    code = main(["run", "-m", str(path), "--budget", "1KB", "--strategy", "all", "-n", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "below the minimum of" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_json_reports_io(tmp_path, capsys):
+    _, path = tiny_layout(tmp_path, "nemotron")
+    code = main(["run", "-m", str(path), "--budget", "3MB", "--strategy", "all", "-n", "5", "--greedy",
+                 "--ignore-eos", "--json", "--stats", str(tmp_path / "stats.json")])
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(r["tokens"]) == 5
+    for key in ("bytes_read", "requests", "peak_rss_bytes", "budget_bytes", "tokens_per_s"):
+        assert key in r
+    assert r["bytes_read"] > 0 and r["requests"] > 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert len(stats["tokens"]) == 5  # prefill + 4 decode steps
+
+
+def test_layout_without_predictors_refuses_predicted_strategy(tmp_path):
+    from sparseflash.errors import ArtefactError
+
+    _, path = tiny_layout(tmp_path, "nemotron")
+    with pytest.raises(ArtefactError, match="has no predictors"):
+        open_streamed(path, "200%", strategy="topk")
+
+
+def test_predicted_engine_reads_only_predicted_bundles(tmp_path):
+    from sparseflash.layout.predictor import Predictor
+
+    g = torch.Generator().manual_seed(0)
+    c_layers, n, d = 2, 160, 64
+    preds = {}
+    for l in range(c_layers):
+        preds[f"layer.{l}"] = Predictor(torch.randn(8, d, generator=g), torch.zeros(8),
+                                        torch.randn(n, 8, generator=g), torch.zeros(n), topk=10, cut=2.0)
+    _, path = tiny_layout(tmp_path, "nemotron", n_hot=0, preds=preds, strategy="topk")
+    model = open_streamed(path, "200%", lookahead=False)
+    try:
+        ids = torch.arange(12)[None]
+        model.transformer(ids[:, :1], cache=KVCache(model.layout.config, 2), start=0)
+        s = model.engine.stats[-1]
+        assert s.predicted == 2 * 10 and s.misses == 20
+        assert 0 < s.bytes_read <= 20 * 4096 * 2  # each bundle (512 B) costs at most its aligned blocks
+        assert np.all([c.used == 10 for c in model.engine.caches])
+    finally:
+        model.close()

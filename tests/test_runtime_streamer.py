@@ -1,0 +1,126 @@
+"""The bundle reader under injected faults: short reads, EINTR, EIO, direct I/O refused."""
+
+import errno
+import os
+
+import numpy as np
+import pytest
+from layouts import tiny_layout
+
+from sparseflash.layout.format import LayoutFile
+from sparseflash.runtime.iomodel import DeviceModel
+from sparseflash.runtime.streamer import BundleReader, StreamError
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    _, path = tiny_layout(tmp_path_factory.mktemp("lay"), "nemotron", dtype="f16")
+    with LayoutFile.open(path) as f:
+        regions = list(f.layers)
+        expected = [f.read_bundles(l, start=0, count=r.n_neurons) for l, r in enumerate(regions)]
+    return str(path), regions, expected
+
+
+def _read(reader, regions, layer, positions):
+    dest = np.zeros((len(positions), regions[layer].bundle_len), dtype=np.float16)
+    res = reader.read(layer, np.array(positions), dest, np.arange(len(positions)))
+    return dest, res
+
+
+@pytest.mark.parametrize("io", ["direct", "buffered"])
+def test_reads_exact_bundles(layout, io):
+    path, regions, expected = layout
+    reader = BundleReader(path, regions, DeviceModel(), io=io, threads=3, buffer_bytes=8192)
+    try:
+        positions = [0, 1, 5, 17, 18, 19, 100, 159]
+        dest, res = _read(reader, regions, 1, positions)
+        assert np.array_equal(dest, expected[1][positions])
+        assert res.requests >= 1 and res.bytes % 4096 == 0
+    finally:
+        reader.close()
+
+
+def _faulty(kind):
+    calls = {"n": 0}
+
+    def preadv(fd, bufs, offset):
+        calls["n"] += 1
+        view = bufs[0]
+        if kind == "short" and len(view) > 1000:
+            return os.preadv(fd, [view[: len(view) // 3]], offset)  # a third, then the caller must continue
+        if kind == "eintr" and calls["n"] % 2 == 1:
+            raise InterruptedError(errno.EINTR, "interrupted")
+        if kind == "eio":
+            raise OSError(errno.EIO, "Input/output error")
+        if kind == "einval" and calls["n"] == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return os.preadv(fd, bufs, offset)
+
+    return preadv, calls
+
+
+@pytest.mark.parametrize("kind", ["short", "eintr", "einval"])
+def test_recoverable_faults_still_give_exact_bytes(layout, kind):
+    path, regions, expected = layout
+    preadv, calls = _faulty(kind)
+    reader = BundleReader(path, regions, DeviceModel(), io="buffered" if kind != "einval" else "direct",
+                          threads=2, buffer_bytes=16384, preadv=preadv)
+    if kind == "einval":
+        reader.direct = True  # as if O_DIRECT had been granted and then refused for a read
+    try:
+        positions = list(range(0, 160, 3))
+        dest, _ = _read(reader, regions, 0, positions)
+        assert np.array_equal(dest, expected[0][positions])
+        assert calls["n"] > 1
+    finally:
+        reader.close()
+
+
+def test_eio_is_reported_with_file_and_offset(layout):
+    path, regions, _ = layout
+    preadv, _ = _faulty("eio")
+    reader = BundleReader(path, regions, DeviceModel(), io="buffered", threads=2, preadv=preadv)
+    try:
+        with pytest.raises(StreamError, match=rf"{os.path.basename(path)}.*Input/output error.*at offset \d+"):
+            _read(reader, regions, 1, [3, 4])
+    finally:
+        reader.close()
+
+
+def test_engine_cache_stays_consistent_after_eio(tmp_path):
+    import torch
+
+    from sparseflash.runtime.engine import StreamingFFN
+    from sparseflash.runtime.layout_model import open_layout
+    from sparseflash.runtime.policy import Policy
+
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", n_hot=4)
+    lm = open_layout(path)
+    fail = {"on": False}
+
+    def factory(*args, **kw):
+        def preadv(fd, bufs, offset):
+            if fail["on"]:
+                raise OSError(errno.EIO, "Input/output error")
+            return os.preadv(fd, bufs, offset)
+        return BundleReader(*args, preadv=preadv, **kw)
+
+    eng = StreamingFFN(lm, Policy(budget_bytes=1 << 30, strategy="all", lookahead=False), reader_factory=factory)
+    try:
+        fail["on"] = True
+        with pytest.raises(StreamError):
+            eng(0, torch.randn(1, lm.config.hidden_size))
+        for cache in eng.caches:
+            cache.check()
+            assert cache.used == 4  # only the pinned hot region: nothing half-read was committed
+        fail["on"] = False
+        y = eng(0, torch.randn(1, lm.config.hidden_size))  # and the engine works again
+        assert torch.isfinite(y).all()
+    finally:
+        eng.close()
+        lm.close()
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    with pytest.raises(StreamError, match="cannot open"):
+        BundleReader(str(tmp_path / "missing.sflash"), [], DeviceModel())
