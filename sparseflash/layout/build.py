@@ -186,8 +186,7 @@ def write_layout(model: DenseModel, out_path: str | os.PathLike, perms: list[np.
 
     def progress(done, total_raw):
         bar.total = total_raw
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)
 
     try:
         writer.write(progress=progress)

@@ -63,6 +63,7 @@ class MemoryPlan:
     io_buffers: int
     slots_per_layer: int
     minimum: int  # the smallest budget that can work
+    budget: int  # the budget in force (bytes)
 
     @property
     def total(self) -> int:
@@ -82,13 +83,18 @@ def plan_memory(lm: LayoutModel, policy: Policy, predictor_bytes: int, io_buffer
     fixed = resident + predictor_bytes + hot + index + io_buffer_total
     max_extra = n - min(r.n_hot for r in regions)
     minimum = fixed + layers * min(policy.min_slots, max_extra) * per_slot
-    if policy.budget_bytes < minimum:
-        raise BudgetError(f"budget {policy.budget_bytes} bytes is below the minimum of {minimum} bytes "
+    budget = policy.budget_bytes
+    if policy.ffn_share is not None:  # hot region + cache = share of the FFN bytes
+        budget = fixed - hot + int(policy.ffn_share * layers * n * bb * per_slot / bb)
+    if budget < minimum:
+        what = (f"FFN share {policy.ffn_share:.0%} gives {budget} bytes" if policy.ffn_share is not None
+                else f"budget {budget} bytes")
+        raise BudgetError(f"{what}, below the minimum of {minimum} bytes "
                           f"({minimum / 2**20:.1f} MiB: resident {resident}, hot region {hot}, I/O buffers "
                           f"{io_buffer_total}, {policy.min_slots} cache slots/layer)")
-    extra = min(max_extra, (policy.budget_bytes - fixed) // (layers * per_slot))
+    extra = min(max_extra, (budget - fixed) // (layers * per_slot))
     return MemoryPlan(resident, predictor_bytes, hot, layers * extra * bb, index + layers * extra * INDEX_BYTES_PER_SLOT,
-                      io_buffer_total, int(extra), minimum)
+                      io_buffer_total, int(extra), minimum, budget)
 
 
 class StreamingFFN:
@@ -134,6 +140,7 @@ class StreamingFFN:
         self._current: TokenStats | None = None
         self._pending: dict[int, tuple] = {}
         self._last_t = time.perf_counter()
+        self.trace: list[list[np.ndarray]] | None = None  # set to [[] per layer] to record predicted sets
         self._load_hot()
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -168,8 +175,11 @@ class StreamingFFN:
         s = TokenStats(tokens=tokens)
         self.stats.append(s)
         self._current = s
-        for cache in self.caches:
+        for l, cache in enumerate(self.caches):
             cache.tick()
+            if not self.policy.reuse and l not in self._pending:
+                held = np.nonzero((cache.position_of >= 0) & ~cache.pinned)[0]
+                cache.evict(held)
         return s
 
     def _predict(self, l: int, x: torch.Tensor) -> np.ndarray:
@@ -236,6 +246,8 @@ class StreamingFFN:
         s.predictor_s += time.perf_counter() - t
         s.predicted += len(positions)
         s.per_layer_predicted.append(len(positions))
+        if self.trace is not None:
+            self.trace[l].append(positions)
         if l + 1 < self.config.num_layers:
             t = time.perf_counter()
             self._prefetch_next(l, x)

@@ -16,6 +16,8 @@ def parse_budget(text: str, model_weight_bytes: int) -> int:
     """'2GiB', '500MB', '123456' (bytes) or '40%' (of the model's weight bytes) -> bytes."""
     s = str(text).strip().lower()
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[a-z]*)", s)
+    if s.endswith("%ffn"):
+        raise SparseflashError("internal: parse '%ffn' budgets with parse_ffn_share")
     if not m or (m.group(2) not in _UNITS and m.group(2) != "%"):
         raise SparseflashError(f"--budget {text!r} is not a size: use bytes (e.g. 2GiB, 500MB) or a share (40%)")
     value = float(m.group(1))
@@ -24,6 +26,18 @@ def parse_budget(text: str, model_weight_bytes: int) -> int:
             raise SparseflashError(f"--budget {text!r}: a share must be in (0, 1000]%")
         return int(model_weight_bytes * value / 100)
     return int(value * _UNITS[m.group(2)])
+
+
+def parse_ffn_share(text: str) -> float | None:
+    """'25%ffn' -> 0.25 (hot region + neuron cache = 25% of the FFN bytes); None for other budgets."""
+    s = str(text).strip().lower()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%ffn", s)
+    if not m:
+        return None
+    share = float(m.group(1)) / 100
+    if not 0 < share <= 1:
+        raise SparseflashError(f"--budget {text!r}: the FFN share must be in (0, 100]%ffn")
+    return share
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,8 @@ class Policy:
     strategy: str | None = None  # predictor strategy override: topk | threshold | all
     margin: float = 0.0  # predictor safety margin: top-k grows by (1 + margin), the cut drops by margin
     min_slots: int = 16  # smallest neuron cache per layer that the engine accepts
+    reuse: bool = True  # False: forget every unpinned neuron at each token (the no-cache baseline)
+    ffn_share: float | None = None  # if set, the budget is the fixed part plus this share of the FFN bytes
 
     def __post_init__(self):
         if self.eviction not in EVICTION_POLICIES:

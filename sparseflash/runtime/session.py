@@ -12,7 +12,7 @@ from sparseflash.model.transformer import Transformer
 from sparseflash.runtime.engine import StreamingFFN, TokenStats
 from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.layout_model import LayoutModel, open_layout
-from sparseflash.runtime.policy import Policy, parse_budget
+from sparseflash.runtime.policy import Policy, parse_budget, parse_ffn_share
 
 
 def layout_weight_bytes(lm: LayoutModel) -> int:
@@ -44,7 +44,12 @@ def open_streamed(path: str | os.PathLike, budget: str | int, verify: bool = Fal
     """A transformer whose FFNs stream from ``path`` under ``budget`` (bytes, '2GiB' or '40%')."""
     lm = open_layout(path, verify=verify)
     try:
-        budget_bytes = budget if isinstance(budget, int) else parse_budget(budget, layout_weight_bytes(lm))
+        share = None if isinstance(budget, int) else parse_ffn_share(budget)
+        if share is not None:
+            policy["ffn_share"] = share
+            budget_bytes = 0
+        else:
+            budget_bytes = budget if isinstance(budget, int) else parse_budget(budget, layout_weight_bytes(lm))
         engine = StreamingFFN(lm, Policy(budget_bytes=budget_bytes, **policy), device, backend)
     except BaseException:
         lm.close()
@@ -77,7 +82,7 @@ def summarize(stats: list[TokenStats], model: StreamedModel, result: GenerationR
         "predictor_s": total("predictor_s"),
         "ffn_s": total("ffn_s"),
         "attention_s": total("attention_s"),
-        "budget_bytes": model.engine.policy.budget_bytes,
+        "budget_bytes": model.engine.memory.budget,
         "memory_plan": {k: getattr(model.engine.memory, k) for k in
                         ("resident", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "minimum")},
         "direct_io": model.engine.reader.direct,

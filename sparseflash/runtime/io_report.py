@@ -1,0 +1,244 @@
+"""``sparseflash io-report``: FFN I/O per token of four ways of running, measured in one run.
+
+Teacher-forced on the same held-out tokens (token by token, as decoding reads):
+- ``dense-stream``: every FFN byte read every token (naive offloading);
+- ``sparse``: predicted bundles, nothing kept between tokens (hot region still resident);
+- ``sparse+window``: the runtime's default, predicted bundles through the neuron cache;
+- ``oracle``: the true active sets with Belady's optimal eviction in a cache of the same size.
+Bytes, requests and I/O time come from real reads of the layout file (direct I/O); the oracle's
+reads are the misses of a Belady replay of its recorded trace, issued for real too. Look-ahead
+prefetch is off here, so I/O time is the wall time of the reads, not what overlap would hide.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sparseflash.layout.stats import active_mask
+from sparseflash.model.ffn import DenseFFN
+from sparseflash.model.perplexity import windows
+from sparseflash.model.transformer import KVCache, Transformer
+from sparseflash.runtime.iomodel import BLOCK, DeviceModel
+from sparseflash.runtime.layout_model import open_layout
+from sparseflash.runtime.session import ffn_bytes, open_streamed
+from sparseflash.runtime.simulate import simulate
+from sparseflash.runtime.streamer import BundleReader
+
+MODES = ("dense-stream", "sparse", "sparse+window", "oracle")
+
+
+def _quality(logits: torch.Tensor, seqs: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, top-1 agreement with ``ref``) of teacher-forced logits (windows, ctx, vocab)."""
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
+    agree = (logits[:, :-1].argmax(-1) == ref[:, :-1].argmax(-1)).float().mean()
+    return float(torch.exp(nll)), float(agree)
+
+
+def _dense_pass(lm, seqs):
+    """Dense logits and, with oracle masking, the oracle's logits and true active trace."""
+    c = lm.config
+    col = [torch.linalg.vector_norm(w.w_down, dim=0) for w in lm.weights.layers]
+    thr = [r.threshold for r in lm.file.layers]
+    dense = Transformer(c, lm.weights)
+    trace = [[] for _ in range(c.num_layers)]
+
+    def oracle_hook(l, x, a):
+        m = active_mask(a.abs() * col[l], thr[l])
+        for row in m.numpy():
+            trace[l].append(np.nonzero(row)[0])
+        return a * m
+
+    oracle = Transformer(c, lm.weights, DenseFFN(lm.weights.layers, c.activation, c.gated, oracle_hook))
+    ref = torch.cat([dense(seqs[i : i + 1]) for i in range(len(seqs))])
+    orc = torch.cat([oracle(seqs[i : i + 1]) for i in range(len(seqs))])
+    return ref, orc, trace
+
+
+def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc):
+    model = open_streamed(path, budget, device=device, reuse=reuse, lookahead=False)
+    model.engine.trace = [[] for _ in range(model.layout.config.num_layers)]
+    try:
+        model.engine.stats.clear()
+        out = []
+        for w in tqdm(range(len(seqs)), desc=desc, disable=quiet, leave=False):
+            cache = KVCache(model.layout.config, seqs.shape[1])
+            out.append(torch.cat([model.transformer(seqs[w : w + 1, i : i + 1], cache=cache, start=i)
+                                  for i in range(seqs.shape[1])], dim=1))
+        stats = list(model.engine.stats)
+        return torch.cat(out), stats, model.engine.memory, model.engine.trace, model.engine.reader.direct
+    finally:
+        model.close()
+
+
+def _row(bytes_tok, requests_tok, hits, looked, io_s_tok, dense_bytes, ppl, top1):
+    return {
+        "bytes_per_token": float(bytes_tok),
+        "dense_share": float(bytes_tok / dense_bytes) if dense_bytes else 0.0,
+        "requests_per_token": float(requests_tok),
+        "bytes_per_request": float(bytes_tok / requests_tok) if requests_tok else 0.0,
+        "hit_rate": float(hits / looked) if looked else 0.0,
+        "io_ms_per_token": float(io_s_tok * 1e3),
+        "ppl": ppl,
+        "top1_agreement": top1,
+    }
+
+
+def _measure_reads(path, regions, device, reads_per_token: list[list[np.ndarray]], quiet, desc) -> float:
+    """Issue the given per-token, per-layer position reads for real; mean seconds per token."""
+    reader = BundleReader(path, regions, device, "direct", 4)
+    try:
+        scratch = [np.zeros((r.n_neurons, r.bundle_len), dtype=np.uint16 if r.dtype != "f32" else np.float32)
+                   for r in regions]
+        total = 0.0
+        for per_layer in tqdm(reads_per_token, desc=desc, disable=quiet, leave=False):
+            t = time.perf_counter()
+            for l, pos in enumerate(per_layer):
+                if len(pos):
+                    reader.read(l, pos, scratch[l], np.arange(len(pos)))
+            total += time.perf_counter() - t
+        return total / max(len(reads_per_token), 1)
+    finally:
+        reader.close()
+
+
+def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 256, budget: str = "50%ffn",
+              device: DeviceModel | None = None, quiet: bool = False, sweep: bool = True) -> dict:
+    """The four modes for every layout file; the first file also gets budget and window sweeps."""
+    if device is None:
+        from sparseflash.runtime.diskprobe import probe_disk
+
+        device, _ = probe_disk(Path(paths[0]).resolve().parent)
+    seqs = windows(ids, ctx, tokens)
+    report = {"tokens": int(seqs.numel()), "ctx": ctx, "budget": budget, "device_model": device.to_dict(),
+              "layouts": []}
+    for path in paths:
+        lm = open_layout(path, with_ffn=True)
+        try:
+            regions = list(lm.file.layers)
+            dense_bytes = ffn_bytes(lm)
+            ref, orc_logits, oracle_trace = _dense_pass(lm, seqs)
+            n_hot = [r.n_hot for r in regions]
+            order = lm.header.get("order")
+        finally:
+            lm.close()
+        ppl_dense, _ = _quality(ref, seqs, ref)
+        modes = {}
+        n_tok = int(seqs.numel())
+
+        # sparse and sparse+window: the real engine
+        engine_runs = {}
+        for name, reuse in (("sparse", False), ("sparse+window", True)):
+            logits, stats, memory, trace, direct = _engine_pass(path, budget, seqs, reuse, device, quiet, name)
+            ppl, top1 = _quality(logits, seqs, ref)
+            hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
+            modes[name] = _row(sum(s.bytes_read for s in stats) / n_tok, sum(s.requests for s in stats) / n_tok,
+                               hits, hits + misses, sum(s.io_wait_s for s in stats) / n_tok, dense_bytes, ppl, top1)
+            modes[name]["neurons_fetched_per_token"] = misses / n_tok
+            engine_runs[name] = (memory, trace)
+        memory, predicted_trace = engine_runs["sparse+window"]
+
+        # dense-stream: every region, every token (time measured on a sample of tokens)
+        sample = min(n_tok, 32)
+        full = [[np.arange(r.n_neurons) for r in regions] for _ in range(sample)]
+        io_s = _measure_reads(path, regions, device, full, quiet, "dense-stream")
+        reader = BundleReader(path, regions, device, "direct", 1)
+        req = sum(len(reader.plan(l, np.arange(r.n_neurons))) for l, r in enumerate(regions))
+        reader.close()
+        modes["dense-stream"] = _row(sum(r.length for r in regions), req, 0, 0, io_s, dense_bytes, ppl_dense, 1.0)
+        modes["dense-stream"]["bytes_per_token"] = float(sum((r.length + BLOCK - 1) // BLOCK * BLOCK for r in regions))
+
+        # oracle: Belady replay of the true trace in a cache of the engine's size, reads issued for real
+        bb = regions[0].bundle_bytes
+        sim = simulate(oracle_trace, n_hot, memory.slots_per_layer, bb, "belady", 0, device.merge_gap_bytes // BLOCK)
+        reads = [[sim.misses[l][t] for l in range(len(regions))] for t in range(n_tok)]
+        io_s = _measure_reads(path, regions, device, reads, quiet, "oracle reads")
+        ppl_o, top1_o = _quality(orc_logits, seqs, ref)
+        total_needed = sum(len(p) for layer in oracle_trace for p in layer)
+        modes["oracle"] = _row(sim.bytes.mean(), sim.requests.mean(), total_needed - sim.fetched.sum(), total_needed,
+                               io_s, dense_bytes, ppl_o, top1_o)
+        modes["oracle"]["neurons_fetched_per_token"] = float(sim.fetched.mean())
+        entry = {"layout": str(path), "order": order, "modes": modes, "ppl_dense": ppl_dense,
+                 "budget_bytes": memory.budget, "cache_slots_per_layer": memory.slots_per_layer,
+                 "fetched_vs_oracle": (modes["sparse+window"]["neurons_fetched_per_token"]
+                                       / max(modes["oracle"]["neurons_fetched_per_token"], 1e-12))}
+        if sweep and path == paths[0]:
+            entry["sweep"] = _sweeps(predicted_trace, oracle_trace, n_hot, regions, memory, device)
+        report["layouts"].append(entry)
+    first = report["layouts"][0]
+    report.update({"modes": first["modes"], "budget_bytes": first["budget_bytes"]})
+    return report
+
+
+def _sweeps(predicted, oracle, n_hot, regions, memory, device) -> dict:
+    """Bytes per token vs cache size (LRU + window 4, and oracle) and vs window size (plain window
+    policy and LRU) at the run's cache size; simulated on the recorded traces."""
+    bb = regions[0].bundle_bytes
+    n = regions[0].n_neurons
+    gap = device.merge_gap_bytes // BLOCK
+    shares = [0.1, 0.25, 0.5, 0.75, 1.0]
+    by_budget = {"ffn_share": shares, "lru": [], "oracle": []}
+    for share in shares:
+        slots = max(1, int(share * n) - min(n_hot))
+        by_budget["lru"].append(float(simulate(predicted, n_hot, slots, bb, "lru", 4, gap).bytes.mean()))
+        by_budget["oracle"].append(float(simulate(oracle, n_hot, slots, bb, "belady", 0, gap).bytes.mean()))
+    wins = [0, 1, 2, 4, 8, 16]
+    by_window = {"window": wins, "window_only": [], "lru": []}
+    for w in wins:
+        by_window["window_only"].append(float(_window_only(predicted, n_hot, w, bb, gap)))
+        by_window["lru"].append(float(simulate(predicted, n_hot, memory.slots_per_layer, bb, "lru", w, gap).bytes.mean()))
+    return {"by_budget": by_budget, "by_window": by_window}
+
+
+def _window_only(trace, n_hot, window, bb, gap) -> float:
+    """LLM-in-a-Flash's plain sliding window: keep exactly the neurons used in the last k tokens."""
+    from sparseflash.runtime.iomodel import plan_extents
+
+    total = 0
+    tokens = len(trace[0])
+    for l, layer in enumerate(trace):
+        recent: list[set] = []
+        for t in range(tokens):
+            need = set(int(p) for p in layer[t] if p >= n_hot[l])
+            held = set().union(*recent) if recent else set()
+            miss = np.array(sorted(need - held), dtype=np.int64)
+            ext = plan_extents(miss, bb, gap)
+            total += int((ext[:, 1] - ext[:, 0]).sum()) * BLOCK
+            recent.append(need)
+            if len(recent) > window:
+                recent.pop(0)
+    return total / tokens
+
+
+def plot_io(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = report["layouts"][0].get("sweep")
+    if not sweep:
+        return
+    dense = report["modes"]["dense-stream"]["bytes_per_token"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    b = sweep["by_budget"]
+    x = [100 * s for s in b["ffn_share"]]
+    axes[0].plot(x, [v / 1024 for v in b["lru"]], "o-", label="sparse+window (LRU, k=4)")
+    axes[0].plot(x, [v / 1024 for v in b["oracle"]], "s--", label="oracle (Belady)")
+    axes[0].axhline(dense / 1024, color="gray", ls=":", label="dense-stream")
+    axes[0].set(xlabel="hot region + cache (% of FFN bytes)", ylabel="FFN KiB read per token",
+                title="Bytes per token vs budget", yscale="log")
+    axes[0].legend(fontsize=8)
+    w = sweep["by_window"]
+    axes[1].plot(w["window"], [v / 1024 for v in w["window_only"]], "o-", label="plain k-token window")
+    axes[1].plot(w["window"], [v / 1024 for v in w["lru"]], "s-", label="window k + LRU in the budget")
+    axes[1].set(xlabel="window k (tokens)", ylabel="FFN KiB read per token", title="Bytes per token vs window")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
