@@ -125,8 +125,12 @@ def requests_per_token(order: np.ndarray, n_hot: int, masks: np.ndarray, bundle_
     return float(req.mean()), float(nbytes.mean())
 
 
-def order_layer(method: str, stats: LayerStats, n_hot: int, bundle_bytes: int) -> tuple[np.ndarray, dict]:
-    """Permutation (stored position -> neuron id), hot region first, and what was measured."""
+def order_layer(method: str, stats: LayerStats, n_hot: int, bundle_bytes: int,
+                extended: bool = False) -> tuple[np.ndarray, dict]:
+    """Permutation (stored position -> neuron id), hot region first, and what was measured.
+
+    ``extended`` also tries the methods that have not won on real traces so far (cosine affinity
+    spectral order), for measurement."""
     n = len(stats.frequency)
     hot = hot_neurons(stats.frequency, n_hot)
     rest_mask = np.ones(n, dtype=bool)
@@ -140,11 +144,12 @@ def order_layer(method: str, stats: LayerStats, n_hot: int, bundle_bytes: int) -
         raise ValueError(f"unknown order {method!r} (choose from {', '.join(ORDERS)})")
     candidates = {"frequency": rest[np.argsort(-stats.frequency[rest], kind="stable")]}
     if stats.coactivation is not None:
-        for kind in ("jaccard", "cosine"):
+        for kind, lookbacks, spectral in (("jaccard", (1, 4), True), ("cosine", (4,), extended)):
             aff = _affinity_dense(stats.coactivation, kind)
-            for lookback in (1, 4):
+            for lookback in lookbacks:
                 candidates[f"greedy-{kind}-{lookback}"] = greedy_chain(rest, aff, stats.frequency, lookback)
-            candidates[f"spectral-{kind}"] = spectral_order(rest, aff)
+            if spectral:
+                candidates[f"spectral-{kind}"] = spectral_order(rest, aff)
     candidates["greedy-neighbors"] = greedy_chain_sparse(rest, stats.neighbors, stats.neighbor_counts,
                                                          stats.frequency)
     if stats.masks is None:

@@ -71,9 +71,9 @@ def default_rank(d: int, neurons: int, ffn_values: int, share: float = 0.025) ->
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 12
+    epochs: int = 30
     batch: int = 512
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     max_pos_weight: float = 30.0  # cap on the positive-class weight of the BCE
     seed: int = 0
@@ -115,7 +115,7 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
             log["train_loss"].append(total / len(x))
             if x_val is not None:
                 with torch.no_grad():

@@ -73,3 +73,27 @@ def probe_disk(directory: str | os.PathLike, file_bytes: int = 128 << 20, second
     model = DeviceModel(latency_s=latency, bandwidth_bps=float(bandwidth),
                         source=f"probe of {directory} ({'O_DIRECT' if direct else 'buffered + DONTNEED'})")
     return model, rows
+
+
+def device_model_for(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> DeviceModel:
+    """The device model of the disk holding ``path``: probed once per file system, then cached
+    as JSON in ``cache_dir`` (default: $SPARSEFLASH_CACHE or ~/.cache/sparseflash)."""
+    import json
+
+    directory = Path(path).resolve().parent
+    cache_dir = Path(cache_dir or os.environ.get("SPARSEFLASH_CACHE", Path.home() / ".cache" / "sparseflash"))
+    cache_file = cache_dir / f"device-{os.stat(directory).st_dev}.json"
+    try:
+        d = json.loads(cache_file.read_text())
+        return DeviceModel(float(d["latency_s"]), float(d["bandwidth_bps"]), d.get("source", str(cache_file)))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    model, rows = probe_disk(directory)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**model.to_dict(), "rows": rows}))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a probe per run
+    return model

@@ -111,9 +111,9 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
               device: DeviceModel | None = None, quiet: bool = False, sweep: bool = True) -> dict:
     """The four modes for every layout file; the first file also gets budget and window sweeps."""
     if device is None:
-        from sparseflash.runtime.diskprobe import probe_disk
+        from sparseflash.runtime.diskprobe import device_model_for
 
-        device, _ = probe_disk(Path(paths[0]).resolve().parent)
+        device = device_model_for(paths[0])
     seqs = windows(ids, ctx, tokens)
     report = {"tokens": int(seqs.numel()), "ctx": ctx, "budget": budget, "device_model": device.to_dict(),
               "layouts": []}

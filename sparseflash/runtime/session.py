@@ -44,6 +44,10 @@ def open_streamed(path: str | os.PathLike, budget: str | int, verify: bool = Fal
     """A transformer whose FFNs stream from ``path`` under ``budget`` (bytes, '2GiB' or '40%')."""
     lm = open_layout(path, verify=verify)
     try:
+        if device is None:
+            from sparseflash.runtime.diskprobe import device_model_for
+
+            device = device_model_for(path)
         share = None if isinstance(budget, int) else parse_ffn_share(budget)
         if share is not None:
             policy["ffn_share"] = share

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 from sparseflash.tools.format import fmt_bytes
 
@@ -93,7 +95,34 @@ def cmd_layout_report(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from sparseflash.layout.pipeline import PrepareParams, cache_root, prepare
+    from sparseflash.model.checkpoint import checkpoint_hash
+
+    params = PrepareParams(profile_tokens=args.tokens, predictor_tokens=args.tokens, heldout_tokens=args.heldout_tokens,
+                           rank=args.rank, order=args.order, hot_fraction=args.hot_fraction, dtype=args.dtype)
+    out = args.out or str(cache_root() / f"{os.path.basename(os.path.normpath(args.model))}-{checkpoint_hash(args.model)}")
+    path = prepare(args.model, args.corpus, args.heldout or args.corpus, out, params, quiet=args.json,
+                   log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"layout": str(path), "dir": out}) if args.json else f"prepared -> {path}")
+    return 0
+
+
 def register(sub) -> None:
+    q = sub.add_parser("prepare", help="profile + predictors + layout of a checkpoint, cached")
+    q.add_argument("-m", "--model", required=True, help="checkpoint folder")
+    q.add_argument("--corpus", required=True, help="calibration text")
+    q.add_argument("--heldout", default=None, help="held-out text (default: the corpus)")
+    q.add_argument("--tokens", type=int, default=32768)
+    q.add_argument("--heldout-tokens", type=int, default=4096)
+    q.add_argument("--rank", type=int, default=0)
+    q.add_argument("--order", choices=["coact", "frequency", "identity"], default="coact")
+    q.add_argument("--hot-fraction", type=float, default=0.1)
+    q.add_argument("--dtype", choices=["f16", "bf16", "f32"], default="f16")
+    q.add_argument("-o", "--out", default=None, help="directory (default: the cache, $SPARSEFLASH_CACHE)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_prepare)
+
     p = sub.add_parser("layout", help="write the co-activation-ordered bundle file")
     p.add_argument("-m", "--model", default=None, help="checkpoint folder (default: the bundled tiny-relu2)")
     p.add_argument("--profile", required=True, help="profile directory")

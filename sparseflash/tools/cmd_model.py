@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from sparseflash.tools.format import fmt_bytes
@@ -17,11 +18,9 @@ def cmd_run(args) -> int:
 
     sampling = Sampling(greedy=args.greedy, temperature=args.temp, top_p=args.top_p, seed=args.seed)
     if _is_layout(args.model):
-        return _run_streamed(args, sampling)
+        return _run_streamed(args, sampling, args.model)
     if args.budget is not None:
-        from sparseflash.errors import SparseflashError
-
-        raise SparseflashError("--budget needs a layout file (-m MODEL.sflash); a checkpoint folder runs dense")
+        return _run_streamed(args, sampling, _prepared_layout(args.model, quiet=args.json))
     from sparseflash.model.generate import generate
     from sparseflash.model.loader import open_dense
 
@@ -33,7 +32,23 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _run_streamed(args, sampling) -> int:
+def _prepared_layout(model_path, quiet: bool) -> str:
+    """The layout of a checkpoint run with --budget: the bundled model prepares its own on first use;
+    other checkpoints need `sparseflash prepare` first."""
+    from sparseflash.errors import ArtefactError
+    from sparseflash.layout.pipeline import cache_root, prepare_bundled
+    from sparseflash.model.checkpoint import checkpoint_hash
+
+    if model_path is None:
+        return str(prepare_bundled(quiet=quiet, log=lambda m: print(m, file=sys.stderr)))
+    prepared = cache_root() / f"{os.path.basename(os.path.normpath(model_path))}-{checkpoint_hash(model_path)}"
+    if not (prepared / "model.sflash").exists():
+        raise ArtefactError(f"{model_path}: no prepared layout; run `sparseflash prepare -m {model_path} --corpus "
+                            f"TEXT` first, or pass -m MODEL.sflash")
+    return str(prepared / "model.sflash")
+
+
+def _run_streamed(args, sampling, layout_path) -> int:
     from sparseflash.errors import SparseflashError
     from sparseflash.runtime.session import open_streamed, stream_generate
 
@@ -41,7 +56,7 @@ def _run_streamed(args, sampling) -> int:
         raise SparseflashError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
     if args.budget is None:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
-    model = open_streamed(args.model, args.budget, verify=args.verify, window=args.window, io=args.io,
+    model = open_streamed(layout_path, args.budget, verify=args.verify, window=args.window, io=args.io,
                           io_threads=args.io_threads, eviction=args.eviction, strategy=args.strategy,
                           lookahead=not args.no_lookahead)
     try:
@@ -130,7 +145,8 @@ def register(sub) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     r.add_argument("--json", action="store_true", help="print one JSON object")
-    r.add_argument("--budget", default=None, help="memory budget for streamed weights: bytes (2GiB) or share (40%%)")
+    r.add_argument("--budget", default=None, help="stream under this memory budget: bytes (2GiB), a share of the "
+                   "model (40%%) or of its FFN bytes for hot region + cache (25%%ffn); without it, run dense")
     r.add_argument("--window", type=int, default=4, help="tokens whose neurons are protected from eviction")
     r.add_argument("--eviction", choices=["lru", "lfu", "window"], default="lru")
     r.add_argument("--strategy", choices=["topk", "threshold", "all"], default=None,

@@ -61,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("--size-share", type=float, default=0.025, help="predictor size / FFN size")
     p.add_argument("--topk-factor", type=float, default=2.0, help="top-k predicts this x the mean active count")
     p.add_argument("--target-recall", type=float, default=0.99, help="recall the threshold cut is tuned for")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predictors)
