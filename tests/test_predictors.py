@@ -1,0 +1,64 @@
+"""Predictor training, metrics and persistence."""
+
+import numpy as np
+import pytest
+import torch
+
+from sparseflash.layout.predictor import (
+    Predictor,
+    TrainParams,
+    recall_and_sparsity,
+    train_predictor,
+    tune_cut,
+)
+from sparseflash.layout.predictors_build import _save_weights, load_predictors
+
+
+def synthetic(tokens=6000, d=32, n=96, seed=0):
+    """Masks that are a known low-rank function of x: neuron i fires when (x @ V)[i] > 1.2."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(d, 6, generator=g) @ torch.randn(6, n, generator=g) / 3
+    x = torch.randn(tokens, d, generator=g)
+    return x, (x @ v) > 1.2
+
+
+def test_training_learns_a_known_mask_function():
+    x, mask = synthetic()
+    pred, log = train_predictor(x[:5000], mask[:5000], rank=12, params=TrainParams(epochs=15, batch=256))
+    assert log["train_loss"][-1] < 0.5 * log["train_loss"][0]
+    pred.cut = tune_cut(pred, x[4000:5000], mask[4000:5000], 0.99)
+    recall, sparsity = recall_and_sparsity(pred.predict_threshold(x[5000:]), mask[5000:])
+    assert recall > 0.95 and sparsity > 0.5
+
+
+def test_metrics_equal_direct_numpy():
+    rng = np.random.default_rng(0)
+    pred = rng.random((50, 30)) < 0.3
+    true = rng.random((50, 30)) < 0.2
+    recall, sparsity = recall_and_sparsity(pred, true)
+    hits = sum(len(set(np.nonzero(p)[0]) & set(np.nonzero(t)[0])) for p, t in zip(pred, true))
+    assert recall == pytest.approx(hits / true.sum(), rel=1e-9)
+    assert sparsity == pytest.approx(1 - pred.sum() / pred.size, rel=1e-6)
+    assert recall_and_sparsity(pred, np.zeros_like(true)) == (1.0, sparsity)
+
+
+def test_topk_and_threshold_predictions():
+    g = torch.Generator().manual_seed(1)
+    p = Predictor(torch.randn(4, 8, generator=g), torch.zeros(4), torch.randn(20, 4, generator=g), torch.randn(20, generator=g),
+                  topk=5, cut=0.3)
+    x = torch.randn(7, 8, generator=g)
+    assert (p.predict_topk(x).sum(1) == 5).all()
+    z = p.logits(x)
+    assert torch.equal(p.predict_threshold(x), z > 0.3)
+    assert torch.equal(p.predict_topk(x), z >= torch.topk(z, 5, dim=1).values[:, -1:])
+
+
+def test_saved_predictors_reload_with_identical_scores(tmp_path):
+    x, mask = synthetic(tokens=600)
+    pred, _ = train_predictor(x, mask, rank=4, params=TrainParams(epochs=2))
+    pred.topk, pred.cut = 7, -0.25
+    _save_weights(tmp_path / "predictors.safetensors", {"layer.0": pred}, {"version": 1, "source_hash": "x"})
+    loaded, meta = load_predictors(tmp_path)
+    again = loaded["layer.0"]
+    assert meta["source_hash"] == "x" and again.topk == 7 and again.cut == -0.25
+    assert torch.equal(again.logits(x), pred.logits(x))
