@@ -44,7 +44,7 @@ _KERNEL = None
 
 
 def accumulate_coactivation(packed: np.ndarray, n: int, counts: np.ndarray) -> None:
-    """Add the co-activations of packed masks (tokens, ceil(n/8)) into counts (n, n) int64, in place."""
+    """Add the co-activations of packed masks (tokens, ceil(n/8)) into counts (n, n) int32/int64, in place."""
     global _KERNEL
     if len(packed) == 0:
         return
@@ -58,4 +58,4 @@ def accumulate_coactivation(packed: np.ndarray, n: int, counts: np.ndarray) -> N
     block = 4096  # float32 counts stay exact below 2^24 per block
     for i in range(0, len(packed), block):
         m = torch.from_numpy(np.unpackbits(packed[i : i + block], axis=1, count=n, bitorder="little")).float()
-        counts += (m.T @ m).round().to(torch.int64).numpy()
+        counts += (m.T @ m).round().to(torch.int64).numpy().astype(counts.dtype)

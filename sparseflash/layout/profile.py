@@ -199,7 +199,7 @@ def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
         entry = {"layer": layer}
         arrays = {}
         for s in MASK_SETS:
-            counts = np.zeros((n, n), dtype=np.int64)
+            counts = np.zeros((n, n), dtype=np.int32 if tokens < 2**31 else np.int64)
             rsum = {k: 0.0 for k in stats.REUSE_WINDOWS}
             rcnt = {k: 0 for k in stats.REUSE_WINDOWS}
             for chunk in read_masks(out / "masks" / f"{s}_L{layer}.bits.zst", n, tokens, rows_per_chunk=p.ctx * 32):
