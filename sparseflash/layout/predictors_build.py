@@ -48,7 +48,7 @@ class PredictorParams:
     ctx: int = 256
     thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
     size_share: float = 0.025  # all predictors / FFN values, sets the default rank
-    rank: int = 0  # 0: from size_share
+    rank: int | tuple[int, ...] = 0  # 0: from size_share; a tuple gives each layer its own rank
     topk_factor: float = 2.0  # top-k strategy predicts this many times the mean active count
     target_recall: float = 0.99  # the threshold strategy's cut is tuned for this recall
     tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
@@ -153,17 +153,20 @@ def _build(model, thresholds, train, val, out, p, source_hash, profile, quiet):
     t0 = time.perf_counter()
     rec = record(model, train, thresholds, out / "record", desc="recording train", quiet=quiet)
     rec_val = record(model, val, thresholds, out / "record_val", desc="recording held-out", quiet=quiet)
-    rank = p.rank or default_rank(c.hidden_size, c.intermediate_size, c.ffn_param_count(), p.size_share)
+    auto = default_rank(c.hidden_size, c.intermediate_size, c.ffn_param_count(), p.size_share)
+    ranks = list(p.rank) if isinstance(p.rank, (tuple, list)) else [p.rank or auto] * c.num_layers
+    if len(ranks) != c.num_layers or min(ranks) < 1:
+        raise SparseflashError(f"--rank needs one positive rank or {c.num_layers} comma-separated ranks, got {p.rank}")
     preds, layers, curves = {}, [], []
     t_train = time.perf_counter()
     prev_x = prev_x_val = None
     for l in tqdm(range(c.num_layers), desc="training predictors", disable=quiet, leave=False):
         x, mask, x_val, mask_val = rec.x(l), rec.mask(l), rec_val.x(l), rec_val.mask(l)
-        pred, metrics = _fit_layer(x, mask, rank, p, x_val, mask_val)
+        pred, metrics = _fit_layer(x, mask, ranks[l], p, x_val, mask_val)
         preds[f"layer.{l}"] = pred
         curves.append(_recall_curve(pred, x_val, mask_val))
         if p.lookahead and l > 0:
-            ahead, m_ahead = _fit_layer(prev_x, mask, rank, p, prev_x_val, mask_val)
+            ahead, m_ahead = _fit_layer(prev_x, mask, ranks[l], p, prev_x_val, mask_val)
             preds[f"lookahead.{l}"] = ahead
             metrics["lookahead"] = {k: m_ahead[k] for k in ("topk", "cut", "recall_topk", "sparsity_topk",
                                                             "recall_threshold", "sparsity_threshold")}

@@ -15,8 +15,14 @@ def cmd_predictors(args) -> int:
 
     model = open_dense(args.model)
     profile = load_profile(args.profile)
+    from sparseflash.errors import SparseflashError
+
+    try:
+        ranks = tuple(int(r) for r in args.rank.split(","))
+    except ValueError:
+        raise SparseflashError(f"--rank {args.rank!r}: give one integer or one per layer, comma-separated") from None
     params = PredictorParams(tokens=args.tokens, val_tokens=args.val_tokens, ctx=args.ctx,
-                             thresholds=args.thresholds, rank=args.rank, size_share=args.size_share,
+                             thresholds=args.thresholds, rank=ranks[0] if len(ranks) == 1 else ranks, size_share=args.size_share,
                              topk_factor=args.topk_factor, target_recall=args.target_recall,
                              train=TrainParams(epochs=args.epochs))
     if args.val_text:
@@ -57,7 +63,8 @@ def register(sub) -> None:
     p.add_argument("--val-tokens", type=int, default=8192, help="held-out tokens")
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--thresholds", choices=["ppl", "cett"], default="ppl", help="which profile thresholds")
-    p.add_argument("--rank", type=int, default=0, help="predictor rank (default: from --size-share)")
+    p.add_argument("--rank", default="0", help="predictor rank, or one per layer comma-separated "
+                   "(default 0: from --size-share)")
     p.add_argument("--size-share", type=float, default=0.025, help="predictor size / FFN size")
     p.add_argument("--topk-factor", type=float, default=2.0, help="top-k predicts this x the mean active count")
     p.add_argument("--target-recall", type=float, default=0.99, help="recall the threshold cut is tuned for")
