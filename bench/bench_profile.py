@@ -31,7 +31,7 @@ from sparseflash.layout.masks import MaskWriter, pack, read_masks
 def synthetic_batches(tokens: int, neurons: int, d: int, batch: int, seed: int = 0):
     """Yield (activations, w_down) batches: relu(z)^2 with z an AR(1) process over tokens."""
     g = torch.Generator().manual_seed(seed)
-    bias = -1.8 - torch.rand(neurons, generator=g) * 1.2  # most neurons rarely fire, some often
+    bias = -1.0 - torch.rand(neurons, generator=g) * 1.2  # most neurons rarely fire, some often
     w_down = torch.randn(d, neurons, generator=g) / np.sqrt(neurons)
     z = torch.randn(neurons, generator=g)
     for start in range(0, tokens, batch):
@@ -50,8 +50,9 @@ def run(tokens: int, neurons: int, d: int, cett_tokens: int, ctx: int = 256) -> 
     base_rss = peak_rss_mib()
     t0 = time.perf_counter()
     sample, w_down = [], None
-    for a, w_down in synthetic_batches(cett_tokens, neurons, d, 512, seed=1):
+    for a, w in synthetic_batches(cett_tokens, neurons, d, 512, seed=1):
         sample.append(a)
+        w_down = w
     gen_s = time.perf_counter() - t0
     t = time.perf_counter()
     search = stats.CettSearch(torch.cat(sample), w_down, candidates=1000)
