@@ -52,58 +52,27 @@ def threshold_candidates(magnitude: torch.Tensor, count: int = 1000, max_sample:
 class CettSearch:
     """Per-layer threshold search: the largest candidate whose mean CETT is <= a bound (binary search).
 
-    Holds a token sample's nonzero activations sorted by magnitude. The truncated output at
-    threshold t is the sum of the entries below t, so moving from one threshold to another only adds
-    or removes the entries between them: a whole binary search touches each nonzero about once
-    (cost ~ nonzeros x d) instead of one dense (tokens x neurons x d) product per step. Truncated
-    outputs of recent thresholds and every mean CETT are memoised, so searching several bounds (the
-    analysis bound, the PPL-p% bisection) reuses work.
+    Holds a token sample's activations; mean CETT per candidate is memoised, so searching several
+    bounds (the analysis bound, the PPL-p% bisection) reuses evaluations.
     """
 
-    def __init__(self, a: torch.Tensor, w_down: torch.Tensor, candidates: int = 1000, keep: int = 4):
-        a = a.float()
-        w = w_down.float()
-        self.tokens, self.neurons = a.shape
-        self.col_norm = torch.linalg.vector_norm(w, dim=0)
-        self._rows = w.T.contiguous()  # (neurons, d): one neuron's output direction per row
-        tok, nid = torch.nonzero(a, as_tuple=True)
-        val = a[tok, nid]
-        mag = val.abs() * self.col_norm[nid]
-        order = torch.argsort(mag, stable=True)
-        self._tok, self._nid, self._val, self._mag = tok[order], nid[order], val[order], mag[order]
-        self.batch = max(256, (1 << 23) // max(w.shape[0], 1))  # entries per step: temporaries <= 32 MiB
-        self.keep = keep
-        self.candidates = threshold_candidates(self._mag, candidates)
-        self._states: dict[int, torch.Tensor] = {0: torch.zeros(self.tokens, w.shape[0])}  # prefix -> outputs
-        self.y_norm = torch.linalg.vector_norm(self._truncated(len(self._mag)), dim=-1)
+    def __init__(self, a: torch.Tensor, w_down: torch.Tensor, candidates: int = 1000, batch: int = 1024):
+        self.a = a.float()
+        self.w_down = w_down.float()
+        self.col_norm = torch.linalg.vector_norm(self.w_down, dim=0)
+        self.batch = batch
+        self.y_norm = torch.cat([torch.linalg.vector_norm(self.a[i : i + batch] @ self.w_down.T, dim=-1)
+                                 for i in range(0, len(self.a), batch)])
+        self.candidates = threshold_candidates(self.a.abs() * self.col_norm, candidates)
         self._memo: dict[int, float] = {}
 
-    def _add(self, out: torch.Tensor, lo: int, hi: int, sign: float) -> None:
-        for i in range(lo, hi, self.batch):
-            j = min(hi, i + self.batch)
-            out.index_add_(0, self._tok[i:j], self._rows[self._nid[i:j]] * (sign * self._val[i:j])[:, None])
-
-    def _truncated(self, prefix: int) -> torch.Tensor:
-        """(tokens, d) sum of the ``prefix`` smallest-magnitude entries' outputs."""
-        if prefix in self._states:
-            return self._states[prefix]
-        near = min(self._states, key=lambda k: abs(k - prefix))
-        out = self._states[near].clone()
-        if prefix > near:
-            self._add(out, near, prefix, 1.0)
-        else:
-            self._add(out, prefix, near, -1.0)
-        if len(self._states) > self.keep:
-            self._states.pop(max((k for k in self._states if k != 0), key=lambda k: abs(k - prefix)))
-        self._states[prefix] = out
-        return out
-
     def mean_cett(self, threshold: float) -> float:
-        """Mean over the sample's tokens of the CETT at ``threshold``."""
-        prefix = int(torch.searchsorted(self._mag, torch.tensor(float(threshold), dtype=self._mag.dtype)))
-        trunc = torch.linalg.vector_norm(self._truncated(prefix), dim=-1)
-        cett = torch.where(self.y_norm > 0, trunc / torch.clamp(self.y_norm, min=1e-30), torch.zeros_like(trunc))
-        return float(cett.mean()) if self.tokens else 0.0
+        total = 0.0
+        for i in range(0, len(self.a), self.batch):
+            a = self.a[i : i + self.batch]
+            total += float(token_cett(a, a.abs() * self.col_norm, self.w_down, threshold,
+                                      self.y_norm[i : i + self.batch]).sum())
+        return total / max(len(self.a), 1)
 
     def _cett_at(self, k: int) -> float:
         if k not in self._memo:
@@ -125,11 +94,7 @@ class CettSearch:
 
     def sparsity_at(self, threshold: float) -> float:
         """Share of inactive (token, neuron) pairs in the sample at ``threshold``."""
-        active = len(self._mag) - int(torch.searchsorted(self._mag, torch.tensor(float(threshold),
-                                                                                 dtype=self._mag.dtype)))
-        if threshold <= 0:
-            active = len(self._mag)
-        return 1.0 - active / max(self.tokens * self.neurons, 1)
+        return 1.0 - float(active_mask(self.a.abs() * self.col_norm, threshold).float().mean())
 
 
 def popcount_rows(packed: np.ndarray) -> np.ndarray:
