@@ -28,7 +28,10 @@ def cmd_run(args) -> int:
     tok = model.tokenizer
     prompt = tok.encode(args.prompt)
     result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
-    _print_result(args, tok, prompt, result, {"engine": "dense"})
+    import resource
+
+    _print_result(args, tok, prompt, result,
+                  {"engine": "dense", "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
     return 0
 
 

@@ -1,0 +1,78 @@
+"""Streamed vs in-memory generation of one model: tokens/s, FFN bytes read, peak RSS against budget.
+
+Each configuration runs in its own subprocess (`sparseflash run --json`), so peak RSS is per
+configuration. The layout is the bundled model's (prepared on first use) unless --layout is given.
+
+    python bench/bench_stream.py [--layout MODEL.sflash --checkpoint DIR] [-n 64] [--budgets 25%ffn,50%ffn,100%ffn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def run_cli(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "sparseflash.tools.cli", *args, "--json"], capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout)
+
+
+def baseline_rss() -> int:
+    """Peak RSS of a process that only imports torch/numba and compiles the kernels."""
+    code = ("import resource, torch, numba\nfrom sparseflash.kernels import get_backend\n"
+            "get_backend('cpu').warmup(('f16',))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600).stdout)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layout", default=None)
+    p.add_argument("--checkpoint", default=None, help="checkpoint for the dense run (default: bundled)")
+    p.add_argument("-n", type=int, default=64)
+    p.add_argument("--prompt", default="The os module provides")
+    p.add_argument("--budgets", default="25%ffn,50%ffn,100%ffn")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    layout = args.layout
+    if layout is None:
+        from sparseflash.layout.pipeline import prepare_bundled
+
+        layout = str(prepare_bundled(quiet=True, log=lambda m: print(m, file=sys.stderr)))
+    common = ["-p", args.prompt, "-n", str(args.n), "--greedy", "--ignore-eos"]
+    rows = []
+    dense = run_cli(["run", *(["-m", args.checkpoint] if args.checkpoint else []), *common])
+    dense["config"] = "dense (in memory)"
+    rows.append(dense)
+    for budget in args.budgets.split(","):
+        r = run_cli(["run", "-m", layout, "--budget", budget, *common])
+        r["config"] = f"streamed {budget}"
+        rows.append(r)
+    base = baseline_rss()
+    if args.json:
+        print(json.dumps({"baseline_rss_bytes": base, "rows": rows}))
+        return
+    mib = 2**20
+    print(f"{os.path.basename(layout)}: {args.n} tokens, greedy; baseline RSS (interpreter + torch + numba + "
+          f"compiled kernels) {base / mib:.0f} MiB")
+    print(f"{'config':<22}{'tok/s':>8}{'vs dense':>10}{'FFN KiB/tok':>13}{'% dense':>9}{'hit rate':>10}"
+          f"{'budget MiB':>12}{'peak RSS MiB':>14}{'RSS - base':>12}")
+    d_tps = dense["decode_tokens_per_s"]
+    for r in rows:
+        streamed = r["engine"] == "streamed"
+        print(f"{r['config']:<22}{r['decode_tokens_per_s']:>8.1f}{r['decode_tokens_per_s'] / d_tps:>9.2f}x"
+              f"{(r['decode_bytes_per_token'] / 1024 if streamed else 0):>13.1f}"
+              f"{(r['decode_dense_share'] * 100 if streamed else 100):>8.1f}%"
+              f"{(r['hit_rate'] * 100 if streamed else 100):>9.1f}%"
+              f"{(r['budget_bytes'] / mib if streamed else float('nan')):>12.1f}"
+              f"{r.get('peak_rss_bytes', 0) / mib:>14.0f}{(r.get('peak_rss_bytes', 0) - base) / mib:>12.0f}")
+
+
+if __name__ == "__main__":
+    main()
