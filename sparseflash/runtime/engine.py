@@ -127,6 +127,8 @@ class StreamingFFN:
         self.kind = c.ffn_kind
         r0 = self.regions[0]
         self.storage = r0.dtype
+        if backend == "cpu":
+            self.kernel.warmup((self.storage,))  # compile (or load) before the first token, not during it
         self.caches = []
         for r in self.regions:
             cache = NeuronCache(r.n_neurons, r.n_hot + self.memory.slots_per_layer, r.bundle_len,
