@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.predictor import (
     Predictor,
     TrainParams,
@@ -131,21 +132,8 @@ def build_predictors(model: DenseModel, profile: dict, profile_dir: str | os.Pat
         raise ArtefactError(f"{profile_dir}: {len(thresholds)} layers of thresholds, model has {c.num_layers}")
     train = windows(train_ids, p.ctx, p.tokens)
     val = windows(val_ids, p.ctx, p.val_tokens)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        report = _build(model, thresholds, train, val, tmp, p, source_hash, profile, quiet)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+    return write_dir_atomically(out_dir, lambda tmp: _build(model, thresholds, train, val, tmp, p, source_hash,
+                                                            profile, quiet))
 
 
 def _build(model, thresholds, train, val, out, p, source_hash, profile, quiet):

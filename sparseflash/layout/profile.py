@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout import stats
+from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.coactivation import accumulate_coactivation
 from sparseflash.layout.masks import MaskWriter, pack, read_masks
 from sparseflash.model.ffn import DenseFFN
@@ -87,24 +87,15 @@ def run_profile(model: DenseModel, calib_ids: list[int], heldout_ids: list[int],
     if len(heldout_ids) < 2 * p.ctx:
         raise SparseflashError(f"the PPL-p% search needs at least {2 * p.ctx} held-out tokens, got "
                                f"{len(heldout_ids)}; pass --ppl-text or lower --tokens")
-    out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    (tmp_dir / "masks").mkdir(parents=True)
-    try:
-        summary = _profile(model, calib, heldout_ids, tmp_dir, p, source_hash, quiet)
+    def fill(tmp_dir: Path) -> dict:
         from sparseflash.layout.profile_plots import write_plots
 
+        (tmp_dir / "masks").mkdir()
+        summary = _profile(model, calib, heldout_ids, tmp_dir, p, source_hash, quiet)
         write_plots(tmp_dir, summary)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return summary
+        return summary
+
+    return write_dir_atomically(out_dir, fill)
 
 
 def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):

@@ -11,25 +11,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sparseflash.kernels.dense import activate  # one definition of the activations for torch code
 from sparseflash.model.weights import LayerWeights
 
 # hook(layer, ffn_input (tokens, d), activations (tokens, neurons)) -> replacement activations or None
 ActivationHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
-
-
-def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """Apply the named activation elementwise."""
-    if activation == "relu2":
-        return torch.square(F.relu(z))
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "silu":
-        return F.silu(z)
-    if activation == "gelu":
-        return F.gelu(z)
-    if activation == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 def neuron_activations(layer: LayerWeights, x: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
