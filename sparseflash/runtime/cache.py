@@ -16,11 +16,13 @@ NEVER = np.iinfo(np.int64).min // 2
 
 
 class NeuronCache:
-    def __init__(self, neurons: int, capacity: int, bundle_len: int, dtype, window: int = 4, policy: str = "lru"):
+    def __init__(self, neurons: int, capacity: int, bundle_len: int, dtype, window: int = 4, policy: str = "lru",
+                 host_slots: bool = True):
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1 slot, got {capacity}")
         self.neurons, self.capacity = neurons, capacity
-        self.slots = np.zeros((capacity, bundle_len), dtype=dtype)
+        # host_slots=False: the bundles live elsewhere (GPU memory); this object keeps only the index
+        self.slots = np.zeros((capacity if host_slots else 0, bundle_len), dtype=dtype)
         self.slot_of = np.full(neurons, -1, dtype=np.int64)
         self.position_of = np.full(capacity, -1, dtype=np.int64)
         self.last_use = np.full(capacity, NEVER, dtype=np.int64)

@@ -123,7 +123,14 @@ class StreamingFFN:
         except BudgetError:
             self.reader.close()
             raise
-        self.kernel = get_backend(backend)
+        self.on_gpu = policy.device == "cuda"
+        if self.on_gpu:
+            backend = "cuda"
+        try:
+            self.kernel = get_backend(backend)
+        except Exception as e:  # BackendUnavailableError: no GPU and no simulator
+            self.reader.close()
+            raise SparseflashError(f"--device {policy.device}: {e}") from None
         self.kind = c.ffn_kind
         r0 = self.regions[0]
         self.storage = r0.dtype
@@ -132,8 +139,12 @@ class StreamingFFN:
         self.caches = []
         for r in self.regions:
             cache = NeuronCache(r.n_neurons, r.n_hot + self.memory.slots_per_layer, r.bundle_len,
-                                STORAGE_NP[r.dtype], policy.window, policy.eviction)
+                                STORAGE_NP[r.dtype], policy.window, policy.eviction, host_slots=not self.on_gpu)
             cache.down_norm = np.zeros(cache.capacity)
+            if self.on_gpu:  # bundles live in device memory; reads land in pinned host buffers first
+                from sparseflash.runtime.gpu import device_slots
+
+                cache.device_slots = device_slots(cache.capacity, r.bundle_len, STORAGE_NP[r.dtype])
             self.caches.append(cache)
         self.b_down = [w.b_down for w in lm.weights.layers]
         self.b_up = [None if w.b_up is None else w.b_up.numpy() for w in lm.weights.layers]
@@ -152,22 +163,38 @@ class StreamingFFN:
                 slots = self.caches[l].reserve(r.n_hot)
                 self._fill(l, np.arange(r.n_hot), slots, pinned=True)
 
+    def _start_read(self, l: int, positions: np.ndarray, slots: np.ndarray):
+        """Begin reading positions: straight into the host cache slots, or into a pinned staging
+        buffer bound for GPU slots. Returns (future, staging or None)."""
+        cache = self.caches[l]
+        if not self.on_gpu:
+            return self.reader.submit(l, positions, cache.slots, slots), None
+        from sparseflash.runtime.gpu import pinned_rows
+
+        staging = pinned_rows(len(positions), self.regions[l].bundle_len, STORAGE_NP[self.storage])
+        return self.reader.submit(l, positions, staging, np.arange(len(positions))), staging
+
     def _fill(self, l: int, positions: np.ndarray, slots: np.ndarray, pinned: bool = False):
         """Read positions into reserved slots synchronously, then commit them."""
         cache = self.caches[l]
         try:
-            res = self.reader.read(l, positions, cache.slots, slots)
+            future, staging = self._start_read(l, positions, slots)
+            res = future.result()
         except BaseException:
             cache.release(slots)
             raise
-        self._commit(l, slots, positions, pinned)
+        self._commit(l, slots, positions, pinned, staging)
         return res
 
-    def _commit(self, l, slots, positions, pinned=False):
+    def _commit(self, l, slots, positions, pinned=False, staging=None):
         cache = self.caches[l]
+        if staging is not None:  # GPU: copy the staged rows up and scatter them into their slots
+            from sparseflash.runtime.gpu import upload_rows
+
+            upload_rows(staging, slots, cache.device_slots)
         cache.commit(slots, positions, pinned)
         d = self.config.hidden_size
-        down = cache.slots[slots, -d:]
+        down = (staging if staging is not None else cache.slots[slots])[:, -d:]
         if self.storage == "bf16":
             down = (down.astype(np.uint32) << 16).view(np.float32)
         cache.down_norm[slots] = np.linalg.norm(down.astype(np.float64), axis=1)
@@ -203,13 +230,14 @@ class StreamingFFN:
         if len(missing) == 0:
             return
         slots = cache.reserve(len(missing))
-        self._pending[nxt] = (self.reader.submit(nxt, missing, cache.slots, slots), slots, missing)
+        future, staging = self._start_read(nxt, missing, slots)
+        self._pending[nxt] = (future, slots, missing, staging)
 
     def _settle_prefetch(self, l: int, s: TokenStats) -> None:
         pending = self._pending.pop(l, None)
         if pending is None:
             return
-        future, slots, positions = pending
+        future, slots, positions, staging = pending
         t = time.perf_counter()
         try:
             res = future.result()
@@ -219,7 +247,7 @@ class StreamingFFN:
         s.io_wait_s += time.perf_counter() - t
         s.bytes_read += res.bytes
         s.requests += res.requests
-        self._commit(l, slots, positions)
+        self._commit(l, slots, positions, staging=staging)
 
     def _compute(self, l, xn, slots, y, s):
         if len(slots) == 0:
@@ -228,7 +256,8 @@ class StreamingFFN:
         acts = np.empty((xn.shape[0], len(slots)), dtype=np.float32)
         gate_b = self.b_gate[l][cache.position_of] if self.b_gate[l] is not None else None
         up_b = self.b_up[l][cache.position_of] if self.b_up[l] is not None else None
-        part = self.kernel.sparse_ffn(xn, cache.slots, slots, self.kind, storage=self.storage,
+        rows = cache.device_slots if self.on_gpu else cache.slots
+        part = self.kernel.sparse_ffn(xn, rows, slots, self.kind, storage=self.storage,
                                       gate_bias=gate_b, up_bias=up_b, activations_out=acts)
         y += part
         mag = np.abs(acts) * cache.down_norm[slots][None, :]
@@ -305,7 +334,7 @@ class StreamingFFN:
         s.requests += res.requests
 
     def close(self) -> None:
-        for l, (future, slots, _) in list(self._pending.items()):
+        for l, (future, slots, _, _) in list(self._pending.items()):
             try:
                 future.result()
             except Exception:

@@ -61,7 +61,7 @@ def _dense_pass(lm, seqs):
 
 
 def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc):
-    model = open_streamed(path, budget, device=device, reuse=reuse, lookahead=False)
+    model = open_streamed(path, budget, disk=device, reuse=reuse, lookahead=False)
     model.engine.trace = [[] for _ in range(model.layout.config.num_layers)]
     try:
         model.engine.stats.clear()

@@ -56,11 +56,14 @@ class Policy:
     min_slots: int = 16  # smallest neuron cache per layer that the engine accepts
     reuse: bool = True  # False: forget every unpinned neuron at each token (the no-cache baseline)
     ffn_share: float | None = None  # if set, the budget is the fixed part plus this share of the FFN bytes
+    device: str = "cpu"  # where the neuron cache and the sparse FFN live: cpu | cuda
 
     def __post_init__(self):
         if self.eviction not in EVICTION_POLICIES:
             raise SparseflashError(f"--eviction must be one of {', '.join(EVICTION_POLICIES)}")
         if self.io not in ("direct", "buffered"):
             raise SparseflashError("--io must be direct or buffered")
+        if self.device not in ("cpu", "cuda"):
+            raise SparseflashError("--device must be cpu or cuda")
         if self.window < 0 or self.io_threads < 1:
             raise SparseflashError("--window must be >= 0 and --io-threads >= 1")

@@ -40,21 +40,21 @@ class StreamedModel:
 
 
 def open_streamed(path: str | os.PathLike, budget: str | int, verify: bool = False, backend: str = "cpu",
-                  device: DeviceModel | None = None, **policy) -> StreamedModel:
+                  disk: DeviceModel | None = None, **policy) -> StreamedModel:
     """A transformer whose FFNs stream from ``path`` under ``budget`` (bytes, '2GiB' or '40%')."""
     lm = open_layout(path, verify=verify)
     try:
-        if device is None:
+        if disk is None:
             from sparseflash.runtime.diskprobe import device_model_for
 
-            device = device_model_for(path)
+            disk = device_model_for(path)
         share = None if isinstance(budget, int) else parse_ffn_share(budget)
         if share is not None:
             policy["ffn_share"] = share
             budget_bytes = 0
         else:
             budget_bytes = budget if isinstance(budget, int) else parse_budget(budget, layout_weight_bytes(lm))
-        engine = StreamingFFN(lm, Policy(budget_bytes=budget_bytes, **policy), device, backend)
+        engine = StreamingFFN(lm, Policy(budget_bytes=budget_bytes, **policy), disk, backend)
     except BaseException:
         lm.close()
         raise

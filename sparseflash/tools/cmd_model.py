@@ -55,13 +55,11 @@ def _run_streamed(args, sampling, layout_path) -> int:
     from sparseflash.errors import SparseflashError
     from sparseflash.runtime.session import open_streamed, stream_generate
 
-    if args.device == "cuda":
-        raise SparseflashError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
     if args.budget is None:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
     model = open_streamed(layout_path, args.budget, verify=args.verify, window=args.window, io=args.io,
                           io_threads=args.io_threads, eviction=args.eviction, strategy=args.strategy,
-                          lookahead=not args.no_lookahead)
+                          lookahead=not args.no_lookahead, device=args.device)
     try:
         prompt = model.tokenizer.encode(args.prompt)
         result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats)
