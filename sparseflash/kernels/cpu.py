@@ -1,17 +1,20 @@
 """CPU back end: a Numba kernel over a range of neurons, run on several threads, float32 sums.
 
-Each thread takes a contiguous share of the active slots and reads every bundle once per
-token batch: the up (and gate) part for the dot products, then the down part for
-y_partial[thread] += a * down_i. Neurons go four at a time, as one pass over four rows: a
-single 16 KB row at a time left the core waiting on memory (11 GB/s per thread for random
-7B f16 rows), four side by side keep more requests in flight (22 GB/s). The per-thread partial outputs (threads x batch x d
-float32) are summed at the end. A neuron whose activation is exactly 0 skips its down read.
+The active slots are cut into contiguous chunks, each with its own partial y (batch, d);
+threads take chunks on demand and the partials are summed in chunk order, so the result
+does not depend on thread timing. Every bundle is read once per token batch: the up (and
+gate) part for the dot products, then the down part for y_partial += a * down_i. A neuron
+whose activation is exactly 0 skips its down read.
 
-The threads are plain Python threads running the nogil kernel (the caller's thread does one
-share), not numba prange: numba's default OpenMP layer spin-waits at its barrier, and with
-any other busy process on a 2-core machine (I/O threads, another job) a call then took ~24 ms
-instead of ~1.5 ms. Futures block in the kernel, not in a spin loop. NUMBA_NUM_THREADS sets
-the thread count (default: all cores); calls with few neurons stay on one thread.
+Neurons go four at a time, as one pass over four rows: one 16 KB row at a time left the core
+waiting on memory (11 GB/s per thread on random 7B f16 rows), four side by side keep more
+requests in flight (22 GB/s).
+
+The threads are plain Python threads running the nogil kernel (the caller's thread works
+too), not numba prange: numba's default OpenMP layer spin-waits at its barrier, and with any
+other busy process on a 2-core machine (I/O threads, another job) a 10%-active 7B call took
+~24 ms instead of ~1.5 ms. NUMBA_NUM_THREADS sets the thread count (default: all cores);
+calls with few neurons stay on one thread.
 
 Compilation is lazy (first call) and cached on disk (cache=True); call warmup() to compile
 before timing. Readonly bundle matrices (e.g. np.memmap mode "r") compile a second variant.
@@ -20,6 +23,7 @@ before timing. Readonly bundle matrices (e.g. np.memmap mode "r") compile a seco
 from __future__ import annotations
 
 import math
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -143,6 +147,7 @@ def _neuron_range(x, bundles, slots, act_code, gated, gate_bias, up_bias, acts, 
 
 
 _MIN_NEURONS_PER_THREAD = 64  # below this a second thread costs more than it saves
+_CHUNKS_PER_THREAD = 4  # pieces of the active set handed out on demand, so a slow core takes fewer
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -161,20 +166,39 @@ def _helper_pool() -> ThreadPoolExecutor:
 
 
 def _run(common: tuple, k: int, y: np.ndarray) -> None:
-    """Split the k active neurons over threads, each into its own partial y, then sum them.
+    """Compute y for k active neurons, split into chunks that the threads take on demand.
 
     common: _neuron_range's arguments up to acts; y (batch, d) float32 receives the sum.
+    Each chunk has its own partial output, summed in chunk order, so the result does not
+    depend on which thread ran which chunk.
     """
-    parts = max(1, min(_threads(), k // _MIN_NEURONS_PER_THREAD))
-    bounds = [k * p // parts for p in range(parts + 1)]
-    partial = np.empty((parts - 1, *y.shape), dtype=np.float32)  # (helper threads, batch, d)
-    futures = [_helper_pool().submit(_neuron_range, *common, bounds[p], bounds[p + 1], partial[p - 1])
-               for p in range(1, parts)]
-    _neuron_range(*common, bounds[0], bounds[1], y)  # the calling thread takes part 0
-    for future in futures:
-        future.result()
-    for p in range(parts - 1):
-        y += partial[p]
+    threads = max(1, min(_threads(), k // _MIN_NEURONS_PER_THREAD))
+    if threads == 1:
+        _neuron_range(*common, 0, k, y)
+        return
+    size = -(-k // (threads * _CHUNKS_PER_THREAD))
+    size = max(_MIN_NEURONS_PER_THREAD // 2, (size + 3) // 4 * 4)  # whole groups of four neurons
+    bounds = list(range(0, k, size)) + [k]
+    partial = np.empty((len(bounds) - 2, *y.shape), dtype=np.float32)  # (chunks after the first, batch, d)
+    outputs = [y, *partial]
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for c in range(len(bounds) - 1):
+        todo.put(c)
+
+    def drain() -> None:
+        while True:
+            try:
+                c = todo.get_nowait()
+            except queue.Empty:
+                return
+            _neuron_range(*common, bounds[c], bounds[c + 1], outputs[c])
+
+    helpers = [_helper_pool().submit(drain) for _ in range(threads - 1)]
+    drain()  # the calling thread works too
+    for helper in helpers:
+        helper.result()
+    for part in partial:
+        y += part
 
 
 def _writable(a: np.ndarray) -> np.ndarray:

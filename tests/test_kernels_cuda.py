@@ -1,0 +1,92 @@
+"""The CUDA back end agrees with the numpy reference.
+
+Runs on Numba's CUDA simulator (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1) or, with
+SPARSEFLASH_REAL_CUDA=1, on a real GPU; skipped when neither is there. The simulator runs
+every GPU thread as a Python thread, so shapes stay tiny (d = 32..64, n = 64..128).
+"""
+
+import numpy as np
+import pytest
+
+from sparseflash.kernels import cuda as cuda_backend
+from sparseflash.kernels import get_backend
+from sparseflash.kernels.synthetic import random_active_set, random_layer
+
+pytestmark = pytest.mark.skipif(not cuda_backend.is_available(), reason="no GPU and no CUDA simulator")
+
+
+def rel_err(y, y_ref):
+    return float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref))
+
+
+def compare(layer, batch, share, seed=0):
+    """Run cuda and reference on the same call; return (rel error of y, max activation error)."""
+    x = np.random.default_rng(seed).standard_normal((batch, layer.d), dtype=np.float32)
+    slots = random_active_set(layer.n, share, seed=seed)
+    results = []
+    for name in ("cuda", "reference"):
+        acts = np.full((batch, slots.size), np.nan, dtype=np.float32)
+        y = get_backend(name).sparse_ffn(x, layer.bundles, slots, layer.kind, storage=layer.storage,
+                                         gate_bias=layer.gate_bias, up_bias=layer.up_bias,
+                                         activations_out=acts)
+        results.append((y, acts))
+    (y, acts), (y_ref, acts_ref) = results
+    return rel_err(y, y_ref), float(np.max(np.abs(acts - acts_ref), initial=0.0))
+
+
+# One case per kind; storages, batch sizes and biases rotate through them.
+CASES = [
+    ("relu2", "f32", 1, False),
+    ("relu", "f16", 2, True),
+    ("silu", "bf16", 1, False),
+    ("gelu", "f32", 3, True),
+    ("gelu_tanh", "f16", 1, False),
+    ("reglu", "bf16", 2, True),
+    ("relu2glu", "f32", 1, True),
+    ("swiglu", "f16", 1, True),
+    ("geglu", "bf16", 1, False),
+    ("geglu_tanh", "f32", 2, False),
+]
+
+
+@pytest.mark.parametrize(("kind", "storage", "batch", "biases"), CASES)
+def test_cuda_matches_reference(kind, storage, batch, biases):
+    layer = random_layer(32, 64, kind, storage, biases=biases, seed=batch)
+
+    y_err, acts_err = compare(layer, batch, share=0.5)
+
+    assert y_err <= 1e-5
+    assert acts_err <= 1e-4
+
+
+def test_cuda_full_active_set_and_more_tokens_than_one_launch():
+    layer = random_layer(32, 20, "swiglu", "f16", biases=True)  # 20 neurons: the last block is part-full
+
+    y_err, acts_err = compare(layer, batch=cuda_backend.TOKENS + 2, share=1.0)
+
+    assert y_err <= 1e-5 and acts_err <= 1e-4
+
+
+def test_cuda_empty_active_set_gives_zeros():
+    layer = random_layer(32, 64, "relu2", "f16")
+
+    y = get_backend("cuda").sparse_ffn(np.ones(32, np.float32), layer.bundles, [], "relu2")
+
+    assert y.shape == (32,) and not y.any()
+
+
+def test_cuda_keeps_bundles_and_output_on_the_device():
+    from numba import cuda
+
+    layer = random_layer(64, 128, "reglu", "bf16", biases=True)
+    x = np.random.default_rng(0).standard_normal((1, 64), dtype=np.float32)
+    slots = random_active_set(128, 0.125)
+    out = cuda.device_array((1, 64), dtype=np.float32)
+
+    y = get_backend("cuda").sparse_ffn(x, cuda.to_device(layer.bundles), slots, "reglu", storage="bf16",
+                                       gate_bias=layer.gate_bias, up_bias=layer.up_bias, out=out)
+
+    y_ref = get_backend("reference").sparse_ffn(x, layer.bundles, slots, "reglu", storage="bf16",
+                                                gate_bias=layer.gate_bias, up_bias=layer.up_bias)
+    assert y is out
+    assert rel_err(out.copy_to_host(), y_ref) <= 1e-5
