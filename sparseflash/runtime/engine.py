@@ -194,10 +194,14 @@ class StreamingFFN:
             upload_rows(staging, slots, cache.device_slots)
         cache.commit(slots, positions, pinned)
         d = self.config.hidden_size
-        down = (staging if staging is not None else cache.slots[slots])[:, -d:]
-        if self.storage == "bf16":
-            down = (down.astype(np.uint32) << 16).view(np.float32)
-        cache.down_norm[slots] = np.linalg.norm(down.astype(np.float64), axis=1)
+        rows = staging if staging is not None else cache.slots
+        picks = np.arange(len(slots)) if staging is not None else np.asarray(slots)
+        block = max(1, (1 << 20) // (4 * d))  # widen at most ~1 MiB of down columns at a time
+        for i in range(0, len(picks), block):
+            down = rows[picks[i : i + block], -d:]
+            if self.storage == "bf16":
+                down = (down.astype(np.uint32) << 16).view(np.float32)
+            cache.down_norm[slots[i : i + block]] = np.linalg.norm(down.astype(np.float32), axis=1)
 
     # -- per call -----------------------------------------------------------------------------------
     def begin_token(self, tokens: int) -> TokenStats:
