@@ -13,11 +13,10 @@ file's size, on top of what each holds besides the weights (interpreter, librari
 compute buffers). A memory cgroup enforces it, page cache included, so llama.cpp's mmap'd weights
 compete for W and are paged in again. Its limit, non-weight + W, is set right after loading:
 llama.cpp's non-weight memory is its usage then minus the GGUF's cached pages; sparseflash's
---budget is W and its non-weight memory its baseline + KV cache + slack + the transient its engine
-allocates beyond the budget when it commits neurons (vs_llamacpp_runs.py has the details). Without
-a usable memory cgroup the capped configurations run uncapped and the output says so: RLIMIT_AS is
-no substitute (it refuses the mmap rather than paging it), and posix_fadvise(DONTNEED) cannot
-evict pages a process has mapped.
+--budget is W and its non-weight memory its baseline + KV cache + slack (vs_llamacpp_runs.py has
+the details). Without a usable memory cgroup the capped configurations run uncapped and the
+output says so: RLIMIT_AS is no substitute (it refuses the mmap rather than paging it), and
+posix_fadvise(DONTNEED) cannot evict pages a process has mapped.
 
 Per configuration: decode and end-to-end tokens/s, load time, block-device bytes read per
 generated token, peak RSS and cgroup peak, and greedy agreement with llama-mem (definitions in

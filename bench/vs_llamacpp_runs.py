@@ -12,9 +12,9 @@ after loading; a limit below the usage makes the kernel reclaim page cache down 
   cache: the interpreter, llama.cpp's library, KV cache and compute buffers.
 - sf-stream, sf-stream-all: --budget is W (resident tensors, predictors, hot region, neuron cache,
   index and I/O buffers all count); non-weight is the baseline + KV cache + a slack for what a
-  forward step allocates + the engine's commit transient (``commit_transient_bytes``), which
-  its budget does not count. sf-stream computes the neurons its predictors pick; sf-stream-all
-  computes every neuron (strategy "all": exact, the dense model's function) through the same cache.
+  forward step allocates on the fly. sf-stream computes the neurons its predictors pick;
+  sf-stream-all computes every neuron (strategy "all": exact, the dense model's function) through
+  the same cache.
 
 The set-up runs (``setup_bundled``, ``setup_big``) make the GGUF and the layout of a model and
 tokenize the prompts, so that measured processes import nothing they do not need.
@@ -40,20 +40,10 @@ CONFIGS = ("llama-mem", "llama-mmap", "sf-dense", "sf-stream", "sf-stream-all")
 STREAM_POLICY = {"io_threads": 4, "io_buffer_bytes": 256 << 10}
 
 
-def commit_transient_bytes(engine) -> int:
-    """Bytes the streaming engine allocates for a moment beyond its budget when it commits neurons to
-    its cache: StreamingFFN._commit copies their down columns and widens them to float64 to take
-    their norms (f16 copy + f64 copy + f64 squares, about 18 bytes per hidden element), for up to a
-    layer's whole cache at once (the hot region at start, a cache-sized batch when a step needs more
-    neurons than the cache holds)."""
-    d = engine.config.hidden_size
-    most = max(max(r.n_hot for r in engine.regions), engine.memory.slots_per_layer)
-    return most * d * 18
-
-
 def stream_slack(weight_allowance: int) -> int:
     """Bytes a streamed process may hold beyond budget and KV cache: activations, logits, the
-    kernel's outputs, allocator slack (8 MiB plus 3% of the allowance)."""
+    kernel's outputs, the engine's 1 MiB blocks for down-column norms, allocator slack (8 MiB plus
+    3% of the allowance)."""
     return 8 * (1 << 20) + weight_allowance * 3 // 100
 
 
@@ -159,7 +149,8 @@ def setup_big(job: dict) -> dict:
     calib, held = bundled_texts()
     layout = prepare_random(checkpoint, calib, held, work / f"{shape.name}-prepared", log=log)
     log(f"  {time.perf_counter() - t:.0f} s")
-    out = _setup_common(checkpoint, work / f"{shape.name}-f16.gguf", layout, job)
+    source = json.loads((layout.parent / "bench_prepare.json").read_text())["source_hash"]
+    out = _setup_common(checkpoint, work / f"{shape.name}-{source}-f16.gguf", layout, job)
     return {"name": f"{shape.name} (random weights)", "shape": asdict(shape),
             "prepare_params": {"profile": asdict(PROFILE), "predictors": asdict(PREDICTORS), "layout": LAYOUT}, **out}
 
@@ -235,7 +226,7 @@ def _prepare_engine(config: str, threads: int):
 
 
 def _open_engine(config: str, job: dict, result: dict):
-    """Load the model; returns (generate(prompt ids) -> run dict, close(), sparseflash engine or None)."""
+    """Load the model; returns (generate(prompt ids) -> run dict, close())."""
     if config.startswith("llama"):
         import llama_cpp
         import numpy as np
@@ -243,7 +234,7 @@ def _open_engine(config: str, job: dict, result: dict):
         llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_batch=job["n_batch"],
                               n_ubatch=job["n_batch"], n_threads=job["threads"], n_threads_batch=job["threads"],
                               use_mmap=config == "llama-mmap", use_mlock=False, verbose=False)
-        return (lambda prompt: _greedy_llama(llm, prompt, job["tokens"], np, llama_cpp)), llm.close, None
+        return (lambda prompt: _greedy_llama(llm, prompt, job["tokens"], np, llama_cpp)), llm.close
 
     from sparseflash.model.generate import Sampling, generate
 
@@ -256,7 +247,7 @@ def _open_engine(config: str, job: dict, result: dict):
             r = generate(net, prompt, job["tokens"], Sampling(greedy=True), stop_at_eos=False)
             return {"prefill_s": r.prefill_s, "decode_s": r.decode_s, "tokens": r.tokens}
 
-        return run_dense, lambda: None, None
+        return run_dense, lambda: None
 
     from sparseflash.runtime.session import open_streamed, stream_generate
 
@@ -274,7 +265,7 @@ def _open_engine(config: str, job: dict, result: dict):
                 "engine_bytes_read": summary["bytes_read"], "hit_rate": summary["hit_rate"],
                 "predicted_per_token": summary["predicted_per_token"], "io_wait_s": summary["io_wait_s"]}
 
-    return run_streamed, streamed.close, streamed.engine
+    return run_streamed, streamed.close
 
 
 def run_measured(job: dict) -> dict:
@@ -287,16 +278,14 @@ def run_measured(job: dict) -> dict:
     allowance = job.get("weight_allowance_bytes") if cap.spec else None
 
     io0, t0 = process_read_bytes(), time.perf_counter()
-    generate_one, close, engine = _open_engine(config, job, result)
+    generate_one, close = _open_engine(config, job, result)
     result["load_s"] = time.perf_counter() - t0
     result["after_load_bytes"] = cap.usage()
     if allowance is not None and config == "llama-mmap":
         mapped = cached_bytes(job["gguf"])  # all brought in (and charged) here: the cache was dropped before
         result["non_weight_bytes"] = result["after_load_bytes"] - mapped
     elif allowance is not None and config.startswith("sf-stream"):
-        result["commit_transient_bytes"] = commit_transient_bytes(engine)
-        result["non_weight_bytes"] = (result["baseline_bytes"] + job["kv_bytes"] + stream_slack(allowance)
-                                      + result["commit_transient_bytes"])
+        result["non_weight_bytes"] = result["baseline_bytes"] + job["kv_bytes"] + stream_slack(allowance)
     if "non_weight_bytes" in result:
         result["cap_bytes"] = result["non_weight_bytes"] + allowance
         _limit_with_retry(cap, result["cap_bytes"])  # below the usage: the kernel reclaims page cache first
