@@ -56,8 +56,8 @@ def _kernel(storage: str, threads: int):
     return cuda_kernels.build_kernel(storage, threads, group=GROUP, tokens=TOKENS)
 
 
-def _to_device(cuda, a: Any) -> Any:
-    return a if is_device_array(a) else cuda.to_device(np.ascontiguousarray(a))
+def _to_device(cuda, a: Any, stream: Any = 0) -> Any:
+    return a if is_device_array(a) else cuda.to_device(np.ascontiguousarray(a), stream=stream)
 
 
 def sparse_ffn(
@@ -71,8 +71,14 @@ def sparse_ffn(
     up_bias: Any = None,
     out: Any = None,
     activations_out: Any = None,
+    stream: Any = 0,
 ) -> Any:
-    """y (batch, d) float32 on the GPU; see sparseflash.kernels.sparse_ffn for the contract."""
+    """y (batch, d) float32 on the GPU; see sparseflash.kernels.sparse_ffn for the contract.
+
+    Copies and launches go on ``stream`` (a numba stream; 0 is the default stream). With ``out`` a
+    device array and no host ``activations_out`` the call returns without waiting for the GPU;
+    host results are waited for.
+    """
     call = check_call(x, bundles, active_slots, kind, storage=storage, gate_bias=gate_bias,
                       up_bias=up_bias, out=out, activations_out=activations_out)
     if not is_available():
@@ -90,28 +96,42 @@ def sparse_ffn(
     zeros = np.zeros((batch, d), dtype=np.float32)  # atomics accumulate into y, so it starts at 0
     if is_device_array(call.out):
         y = call.out
-        y.copy_to_device(zeros)
+        y.copy_to_device(zeros, stream=stream)
     else:
-        y = cuda.to_device(zeros)
+        y = cuda.to_device(zeros, stream=stream)
     acts = call.activations_out
-    acts_dev = _to_device(cuda, np.zeros((batch, max(k, 1)), dtype=np.float32) if acts is None else acts)
+    acts_dev = _to_device(cuda, np.zeros((batch, max(k, 1)), dtype=np.float32) if acts is None else acts, stream)
     if k:
         kernel = _kernel(call.storage, _block_threads(d))
-        args = (_to_device(cuda, call.x), _to_device(cuda, rows), cuda.to_device(slots),
+        args = (_to_device(cuda, call.x, stream), _to_device(cuda, rows, stream), cuda.to_device(slots, stream=stream),
                 call.kind.activation_code, call.kind.gated,
-                _to_device(cuda, unused if gate_bias is None else gate_bias),
-                _to_device(cuda, unused if up_bias is None else up_bias),
+                _to_device(cuda, unused if gate_bias is None else gate_bias, stream),
+                _to_device(cuda, unused if up_bias is None else up_bias, stream),
                 gate_bias is not None, up_bias is not None)
         blocks = (k + GROUP - 1) // GROUP
         for t0 in range(0, batch, TOKENS):
-            kernel[blocks, _block_threads(d)](*args, y, acts_dev, t0, min(TOKENS, batch - t0))
+            kernel[blocks, _block_threads(d), stream](*args, y, acts_dev, t0, min(TOKENS, batch - t0))
+    host_results = False
     if acts is not None and not is_device_array(acts):
-        acts_dev.copy_to_host(acts)
+        acts_dev.copy_to_host(acts, stream=stream)
+        host_results = True
     if call.out is None:
-        return finish(call, y.copy_to_host())
+        y_host = y.copy_to_host(stream=stream)
+        _wait(stream)
+        return finish(call, y_host)
     if not is_device_array(call.out):
-        y.copy_to_host(call.out)
+        y.copy_to_host(call.out, stream=stream)
+        host_results = True
+    if host_results:
+        _wait(stream)
     return finish(call, call.out)
+
+
+def _wait(stream: Any) -> None:
+    if stream:
+        stream.synchronize()
+    else:
+        _cuda().synchronize()
 
 
 def warmup(storages: tuple[str, ...] = STORAGES, d: int = 128) -> None:

@@ -92,7 +92,7 @@ def generate(
             f"prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceeds the model's context of {limit}"
         )
     generator = torch.Generator().manual_seed(sampling.seed)
-    cache = KVCache(model.config, max_len=max(total, 1))
+    cache = model.new_cache(max(total, 1))
     eos = set(model.config.eos_ids) if stop_at_eos else set()
     out: list[int] = []
     t0 = time.perf_counter()

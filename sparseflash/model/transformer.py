@@ -23,10 +23,11 @@ FFNFn = Callable[[int, torch.Tensor], torch.Tensor]
 class KVCache:
     """Keys and values of every layer, preallocated for ``max_len`` positions and filled in place."""
 
-    def __init__(self, config: ModelConfig, max_len: int, batch: int = 1, dtype=torch.float32):
+    def __init__(self, config: ModelConfig, max_len: int, batch: int = 1, dtype=torch.float32,
+                 device: torch.device | str = "cpu"):
         shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0  # positions filled
 
@@ -50,14 +51,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Transformer:
-    """A decoder-only transformer over canonical weights; callable on token ids (batch, tokens)."""
+    """A decoder-only transformer over canonical weights; callable on token ids (batch, tokens).
+
+    It computes on the device its weights are on (``weights.to("cuda")`` puts it on a GPU); token ids
+    may come from the host, logits are returned on the host.
+    """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, ffn: FFNFn | None = None):
         self.config = config
         self.weights = weights
+        self.device = weights.device
         self.ffn = ffn if ffn is not None else DenseFFN(weights.layers, config.activation, config.gated)
-        self.inv_freq, self.rope_scale = rope_inv_freq(config)
+        inv_freq, self.rope_scale = rope_inv_freq(config)
+        self.inv_freq = inv_freq.to(self.device)
         self._norm_shift = 1.0 if config.norm == "layernorm1p" else 0.0
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        """A KV cache on this model's device."""
+        return KVCache(self.config, max_len, batch, device=self.device)
 
     def norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         c = self.config
@@ -80,8 +91,8 @@ class Transformer:
         window = self.config.sliding_window
         if tokens == 1 and (window is None or keys <= window):
             return None
-        q_pos = torch.arange(start, start + tokens)[:, None]
-        k_pos = torch.arange(keys)[None, :]
+        q_pos = torch.arange(start, start + tokens, device=self.device)[:, None]
+        k_pos = torch.arange(keys, device=self.device)[None, :]
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
@@ -126,8 +137,10 @@ class Transformer:
             raise SparseflashError(f"sequence of {end} tokens exceeds the KV cache of {cache.max_len} positions")
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a KV cache")
-        cos, sin = self._rope(torch.arange(start, end))
-        h = F.embedding(tokens, w.embed).float()
+        if cache is not None and cache.k.device != self.device:
+            raise SparseflashError(f"KV cache on {cache.k.device}, model on {self.device}: make it with new_cache()")
+        cos, sin = self._rope(torch.arange(start, end, device=self.device))
+        h = F.embedding(tokens.to(self.device), w.embed).float()
         for i, layer in enumerate(w.layers):
             h = h + self.attention(i, self.norm(h, layer.attn_norm_w, layer.attn_norm_b), cos, sin, cache, start)
             x = self.norm(h, layer.ffn_norm_w, layer.ffn_norm_b)
@@ -136,6 +149,6 @@ class Transformer:
             cache.length = end
         if last_only:
             h = h[:, -1:]
-        return linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head)
+        return linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head).cpu()
 
     __call__ = forward

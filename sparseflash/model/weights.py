@@ -35,6 +35,10 @@ class LayerWeights:
     def named(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
+    def to(self, device: torch.device | str) -> LayerWeights:
+        return LayerWeights(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                               for f in fields(self)})
+
 
 @dataclass
 class ModelWeights:
@@ -52,3 +56,15 @@ class ModelWeights:
         for i, layer in enumerate(self.layers):
             out.update({f"layers.{i}.{k}": v for k, v in layer.named().items()})
         return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def to(self, device: torch.device | str) -> ModelWeights:
+        """The same weights on ``device`` (a tied head stays one tensor)."""
+        embed = self.embed.to(device)
+        head = embed if self.lm_head is self.embed else self.lm_head.to(device)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ModelWeights(embed, [layer.to(device) for layer in self.layers], move(self.final_norm_w),
+                            move(self.final_norm_b), head)

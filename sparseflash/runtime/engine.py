@@ -19,11 +19,17 @@ from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.layout_model import LayoutModel
 from sparseflash.runtime.policy import Policy
 from sparseflash.runtime.predict import load_predictors
-from sparseflash.runtime.streamer import BundleReader, StreamError
+from sparseflash.runtime.streamer import BundleReader, ReadResult, StreamError
 
 STORAGE_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 INDEX_BYTES_PER_NEURON = 8  # slot_of (int64)
 INDEX_BYTES_PER_SLOT = 8 * 3 + 1 + 8  # position_of, last_use, uses, pinned, down norm (f64)
+STAGING_BUFFERS = 3  # --device cuda: one for the look-ahead prefetch, two to pipeline demand reads
+
+
+def staging_nbytes(rows: int, bundle_bytes: int) -> int:
+    """--device cuda: bytes of the staging ring (pinned host rows + slot ids, and their device copies)."""
+    return 2 * STAGING_BUFFERS * rows * (bundle_bytes + 8)
 
 
 class BudgetError(SparseflashError):
@@ -118,12 +124,17 @@ class StreamingFFN:
         pred_bytes = sum(p.nbytes for p in self.predictors.values()) + sum(p.nbytes for p in self.lookahead.values())
         self.reader = reader_factory(lm.path, list(self.regions), device or DeviceModel(), policy.io,
                                      policy.io_threads, policy.io_buffer_bytes)
+        self.on_gpu = policy.device == "cuda"
+        r0 = self.regions[0]
+        staging_rows, staging = 0, 0
+        if self.on_gpu:  # pinned host + device staging ring, both counted as I/O buffers
+            staging_rows = int(np.clip(2 * policy.io_buffer_bytes // r0.bundle_bytes, 16, r0.n_neurons))
+            staging = staging_nbytes(staging_rows, r0.bundle_bytes)
         try:
-            self.memory = plan_memory(lm, policy, pred_bytes, self.reader.buffer_total_bytes)
+            self.memory = plan_memory(lm, policy, pred_bytes, self.reader.buffer_total_bytes + staging)
         except BudgetError:
             self.reader.close()
             raise
-        self.on_gpu = policy.device == "cuda"
         if self.on_gpu:
             backend = "cuda"
         try:
@@ -132,7 +143,6 @@ class StreamingFFN:
             self.reader.close()
             raise SparseflashError(f"--device {policy.device}: {e}") from None
         self.kind = c.ffn_kind
-        r0 = self.regions[0]
         self.storage = r0.dtype
         if backend == "cpu":
             self.kernel.warmup((self.storage,))  # compile (or load) before the first token, not during it
@@ -141,14 +151,21 @@ class StreamingFFN:
             cache = NeuronCache(r.n_neurons, r.n_hot + self.memory.slots_per_layer, r.bundle_len,
                                 STORAGE_NP[r.dtype], policy.window, policy.eviction, host_slots=not self.on_gpu)
             cache.down_norm = np.zeros(cache.capacity)
-            if self.on_gpu:  # bundles live in device memory; reads land in pinned host buffers first
-                from sparseflash.runtime.gpu import device_slots
-
-                cache.device_slots = device_slots(cache.capacity, r.bundle_len, STORAGE_NP[r.dtype])
             self.caches.append(cache)
+        # per-neuron biases are gathered by slot on the host; take them before weights move
+        self.b_up = [None if w.b_up is None else w.b_up.float().numpy() for w in lm.weights.layers]
+        self.b_gate = [None if w.b_gate is None else w.b_gate.float().numpy() for w in lm.weights.layers]
+        self.gpu = None
+        if self.on_gpu:  # bundles live in device memory; resident tensors move to torch's GPU if it has one
+            from sparseflash.runtime.gpu import DeviceCache, torch_device
+
+            self.gpu = DeviceCache([cache.capacity for cache in self.caches], r0.bundle_len, STORAGE_NP[self.storage],
+                                   staging_rows, STAGING_BUFFERS)
+            target = torch_device()
+            lm.weights = lm.weights.to(target)
+            for p in (*self.predictors.values(), *self.lookahead.values()):
+                p.to(target)
         self.b_down = [w.b_down for w in lm.weights.layers]
-        self.b_up = [None if w.b_up is None else w.b_up.numpy() for w in lm.weights.layers]
-        self.b_gate = [None if w.b_gate is None else w.b_gate.numpy() for w in lm.weights.layers]
         self.stats: list[TokenStats] = []
         self._current: TokenStats | None = None
         self._pending: dict[int, tuple] = {}
@@ -163,45 +180,85 @@ class StreamingFFN:
                 slots = self.caches[l].reserve(r.n_hot)
                 self._fill(l, np.arange(r.n_hot), slots, pinned=True)
 
-    def _start_read(self, l: int, positions: np.ndarray, slots: np.ndarray):
-        """Begin reading positions: straight into the host cache slots, or into a pinned staging
-        buffer bound for GPU slots. Returns (future, staging or None)."""
+    def _fill(self, l: int, positions: np.ndarray, slots: np.ndarray, pinned: bool = False) -> ReadResult:
+        """Read positions into reserved slots, then commit them (on failure the slots are released)."""
         cache = self.caches[l]
-        if not self.on_gpu:
-            return self.reader.submit(l, positions, cache.slots, slots), None
-        from sparseflash.runtime.gpu import pinned_rows
-
-        staging = pinned_rows(len(positions), self.regions[l].bundle_len, STORAGE_NP[self.storage])
-        return self.reader.submit(l, positions, staging, np.arange(len(positions))), staging
-
-    def _fill(self, l: int, positions: np.ndarray, slots: np.ndarray, pinned: bool = False):
-        """Read positions into reserved slots synchronously, then commit them."""
-        cache = self.caches[l]
+        if self.gpu is not None:
+            return self._fill_gpu(l, positions, slots, pinned)
         try:
-            future, staging = self._start_read(l, positions, slots)
-            res = future.result()
+            res = self.reader.submit(l, positions, cache.slots, slots).result()
         except BaseException:
             cache.release(slots)
             raise
-        self._commit(l, slots, positions, pinned, staging)
+        self._commit(l, slots, positions, pinned)
         return res
 
-    def _commit(self, l, slots, positions, pinned=False, staging=None):
-        cache = self.caches[l]
-        if staging is not None:  # GPU: copy the staged rows up and scatter them into their slots
-            from sparseflash.runtime.gpu import upload_rows
+    def _fill_gpu(self, l: int, positions: np.ndarray, slots: np.ndarray, pinned: bool) -> ReadResult:
+        """Read in staging-buffer-sized chunks, two in flight: while one chunk's rows are copied up
+        (asynchronously, on the copy stream) the next one is read from disk."""
+        gpu, total = self.gpu, ReadResult()
+        step = gpu.staging_rows
+        inflight: list = []
+        committed = 0
 
-            upload_rows(staging, slots, cache.device_slots)
+        def finish_oldest():
+            nonlocal committed
+            future, buf, a, b = inflight.pop(0)
+            try:
+                res = future.result()
+            except BaseException:
+                gpu.release(buf)
+                raise
+            self._commit(l, slots[a:b], positions[a:b], pinned, (buf, b - a))
+            committed = b
+            total.requests += res.requests
+            total.bytes += res.bytes
+
+        try:
+            for a in range(0, len(positions), step):
+                b = min(a + step, len(positions))
+                while inflight and (len(inflight) >= 2 or not gpu.free_buffers()):
+                    finish_oldest()
+                buf = gpu.acquire()
+                try:
+                    future = self.reader.submit(l, positions[a:b], buf.host, np.arange(b - a))
+                except BaseException:
+                    gpu.release(buf)
+                    raise
+                inflight.append((future, buf, a, b))
+            while inflight:
+                finish_oldest()
+        except BaseException:
+            for future, buf, _, _ in inflight:  # let the other reads end before their buffers are reused
+                try:
+                    future.result()
+                except Exception:
+                    pass
+                gpu.release(buf)
+            self.caches[l].release(slots[committed:])
+            raise
+        return total
+
+    def _commit(self, l, slots, positions, pinned=False, staged=None):
+        """Mark slots as holding positions and record their down-column norms; on the GPU, first
+        queue the upload of the staged rows (``staged`` = (buffer, rows)) and free the buffer."""
+        cache = self.caches[l]
+        if staged is not None:
+            buf, n = staged
+            self.gpu.upload(l, buf, n, slots)
+            rows, picks = buf.host, np.arange(n)
+        else:
+            rows, picks = cache.slots, np.asarray(slots)
         cache.commit(slots, positions, pinned)
         d = self.config.hidden_size
-        rows = staging if staging is not None else cache.slots
-        picks = np.arange(len(slots)) if staging is not None else np.asarray(slots)
         block = max(1, (1 << 20) // (4 * d))  # widen at most ~1 MiB of down columns at a time
         for i in range(0, len(picks), block):
             down = rows[picks[i : i + block], -d:]
             if self.storage == "bf16":
                 down = (down.astype(np.uint32) << 16).view(np.float32)
             cache.down_norm[slots[i : i + block]] = np.linalg.norm(down.astype(np.float32), axis=1)
+        if staged is not None:
+            self.gpu.release(staged[0])  # reusable once its upload has read it (the buffer's event)
 
     # -- per call -----------------------------------------------------------------------------------
     def begin_token(self, tokens: int) -> TokenStats:
@@ -230,40 +287,68 @@ class StreamingFFN:
         cache = self.caches[nxt]
         missing = positions[cache.lookup(positions) < 0]
         room = cache.free_count() + len(cache.evictable())
-        missing = missing[: max(0, min(len(missing), room - self.policy.min_slots))]
+        limit = room - self.policy.min_slots
+        if self.gpu is not None:  # one staging buffer, taken only when a demand read would still have two
+            if self.gpu.free_buffers() < STAGING_BUFFERS:
+                return
+            limit = min(limit, self.gpu.staging_rows)
+        missing = missing[: max(0, min(len(missing), limit))]
         if len(missing) == 0:
             return
         slots = cache.reserve(len(missing))
-        future, staging = self._start_read(nxt, missing, slots)
-        self._pending[nxt] = (future, slots, missing, staging)
+        if self.gpu is None:
+            self._pending[nxt] = (self.reader.submit(nxt, missing, cache.slots, slots), slots, missing, None)
+            return
+        buf = self.gpu.acquire()
+        try:
+            future = self.reader.submit(nxt, missing, buf.host, np.arange(len(missing)))
+        except BaseException:
+            self.gpu.release(buf)
+            cache.release(slots)
+            raise
+        self._pending[nxt] = (future, slots, missing, buf)
 
     def _settle_prefetch(self, l: int, s: TokenStats) -> None:
         pending = self._pending.pop(l, None)
         if pending is None:
             return
-        future, slots, positions, staging = pending
+        future, slots, positions, buf = pending
         t = time.perf_counter()
         try:
             res = future.result()
-        except StreamError:
+        except BaseException:
             self.caches[l].release(slots)
+            if buf is not None:
+                self.gpu.release(buf)
             raise
         s.io_wait_s += time.perf_counter() - t
         s.bytes_read += res.bytes
         s.requests += res.requests
-        self._commit(l, slots, positions, staging=staging)
+        self._commit(l, slots, positions, staged=None if buf is None else (buf, len(positions)))
 
-    def _compute(self, l, xn, slots, y, s):
+    def _compute(self, l, x, slots, y, s):
+        """y += the FFN over the neurons in ``slots`` (y: torch, on x's device)."""
         if len(slots) == 0:
             return
         cache = self.caches[l]
-        acts = np.empty((xn.shape[0], len(slots)), dtype=np.float32)
+        acts = np.empty((x.shape[0], len(slots)), dtype=np.float32)
         gate_b = self.b_gate[l][cache.position_of] if self.b_gate[l] is not None else None
         up_b = self.b_up[l][cache.position_of] if self.b_up[l] is not None else None
-        rows = cache.device_slots if self.on_gpu else cache.slots
-        part = self.kernel.sparse_ffn(xn, rows, slots, self.kind, storage=self.storage,
-                                      gate_bias=gate_b, up_bias=up_b, activations_out=acts)
-        y += part
+        if self.gpu is None:
+            part = self.kernel.sparse_ffn(np.ascontiguousarray(x.numpy()), cache.slots, slots, self.kind,
+                                          storage=self.storage, gate_bias=gate_b, up_bias=up_b, activations_out=acts)
+            y += torch.from_numpy(part)
+        else:
+            from sparseflash.runtime.gpu import as_device_array
+
+            gpu = self.gpu
+            gpu.before_compute(l)  # the layer's uploads so far land before the kernel reads its slots
+            out = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+            self.kernel.sparse_ffn(as_device_array(x), gpu.slots[l], slots, self.kind, storage=self.storage,
+                                   gate_bias=gate_b, up_bias=up_b, out=as_device_array(out) if out.is_cuda else
+                                   out.numpy(), activations_out=acts, stream=gpu.compute_stream)
+            gpu.after_compute(l)
+            y += out
         mag = np.abs(acts) * cache.down_norm[slots][None, :]
         s.needed += int((mag >= self.regions[l].threshold).any(axis=0).sum())
 
@@ -293,8 +378,8 @@ class StreamingFFN:
         s.hits += int(hit.sum())
         missing = positions[~hit]
         s.misses += len(missing)
-        xn = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-        y = np.zeros((xn.shape[0], self.config.hidden_size), dtype=np.float32)
+        x = x.float().contiguous()
+        y = torch.zeros((x.shape[0], self.config.hidden_size), dtype=torch.float32, device=x.device)
         hit_slots = slots[hit]
         cache.touch(hit_slots)
         room = cache.free_count() + len(cache.evictable(protect=hit_slots))
@@ -303,11 +388,11 @@ class StreamingFFN:
             self._read(l, missing, new, s)
             cache.touch(new)
             t = time.perf_counter()
-            self._compute(l, xn, np.concatenate([hit_slots, new]), y, s)
+            self._compute(l, x, np.concatenate([hit_slots, new]), y, s)
             s.ffn_s += time.perf_counter() - t
         else:  # more neurons than the cache can hold: accumulate the output over batches
             t = time.perf_counter()
-            self._compute(l, xn, hit_slots, y, s)
+            self._compute(l, x, hit_slots, y, s)
             s.ffn_s += time.perf_counter() - t
             unpinned = int((~cache.pinned).sum())
             for i in range(0, len(missing), unpinned):
@@ -320,13 +405,14 @@ class StreamingFFN:
                 self._read(l, part, new, s)
                 cache.touch(new)
                 t = time.perf_counter()
-                self._compute(l, xn, new, y, s)
+                self._compute(l, x, new, y, s)
                 s.ffn_s += time.perf_counter() - t
-        out = torch.from_numpy(y)
+        if self.gpu is not None and l + 1 in self._pending and self._pending[l + 1][0].done():
+            self._settle_prefetch(l + 1, s)  # queue its upload now, beside this layer's kernel
         if self.b_down[l] is not None:
-            out = out + self.b_down[l]
+            y = y + self.b_down[l]
         self._last_t = time.perf_counter()
-        return out
+        return y
 
     def _read(self, l, positions, slots, s):
         if len(positions) == 0:
@@ -338,11 +424,15 @@ class StreamingFFN:
         s.requests += res.requests
 
     def close(self) -> None:
-        for l, (future, slots, _, _) in list(self._pending.items()):
+        for l, (future, slots, _, buf) in list(self._pending.items()):
             try:
                 future.result()
             except Exception:
                 pass
             self.caches[l].release(slots)
+            if buf is not None:
+                self.gpu.release(buf)
         self._pending.clear()
+        if self.gpu is not None:
+            self.gpu.synchronize()
         self.reader.close()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sparseflash.layout.stats import active_mask
 from sparseflash.model.ffn import DenseFFN
 from sparseflash.model.perplexity import windows
-from sparseflash.model.transformer import KVCache, Transformer
+from sparseflash.model.transformer import Transformer
 from sparseflash.runtime.iomodel import BLOCK, DeviceModel
 from sparseflash.runtime.layout_model import open_layout
 from sparseflash.runtime.session import ffn_bytes, open_streamed
@@ -67,7 +67,7 @@ def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc):
         model.engine.stats.clear()
         out = []
         for w in tqdm(range(len(seqs)), desc=desc, disable=quiet, leave=False):
-            cache = KVCache(model.layout.config, seqs.shape[1])
+            cache = model.transformer.new_cache(seqs.shape[1])
             out.append(torch.cat([model.transformer(seqs[w : w + 1, i : i + 1], cache=cache, start=i)
                                   for i in range(seqs.shape[1])], dim=1))
         stats = list(model.engine.stats)

@@ -25,6 +25,9 @@ class LayerPredictor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w1, self.b1, self.w2, self.b2))
 
+    def to(self, device: torch.device | str) -> None:
+        self.w1, self.b1, self.w2, self.b2 = (t.to(device) for t in (self.w1, self.b1, self.w2, self.b2))
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
 
@@ -34,9 +37,9 @@ class LayerPredictor:
         if strategy == "topk":
             k = min(z.shape[1], int(np.ceil(self.topk * (1 + margin))))
             idx = torch.topk(z, k, dim=1).indices
-            return np.unique(idx.numpy())
+            return np.unique(idx.cpu().numpy())
         mask = (z > self.cut - margin).any(dim=0)
-        return np.nonzero(mask.numpy())[0]
+        return np.nonzero(mask.cpu().numpy())[0]
 
 
 def load_predictors(layout_file, header: dict, num_layers: int, strategy: str | None):

@@ -90,6 +90,7 @@ def summarize(stats: list[TokenStats], model: StreamedModel, result: GenerationR
         "memory_plan": {k: getattr(model.engine.memory, k) for k in
                         ("resident", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "minimum")},
         "direct_io": model.engine.reader.direct,
+        "device": {"ffn": model.engine.policy.device, "resident": model.transformer.device.type},
         "strategy": model.engine.strategy,
         "peak_rss_bytes": peak_rss_bytes(),
     }
