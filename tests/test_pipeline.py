@@ -84,6 +84,12 @@ def test_io_report_orders_the_modes(prepared, heldout_ids):
     sweep = r["layouts"][0]["sweep"]["by_budget"]
     for curve in (sweep["lru"], sweep["oracle"]):  # a bigger cache never reads more
         assert all(b <= a + 1e-9 for a, b in zip(curve, curve[1:]))
+    ev = r["layouts"][0]["eviction"]
+    assert set(ev) == {"lru", "lfu", "predicted", "window", "belady"}
+    floor = ev["belady"]["neurons_fetched_per_token"]
+    for policy in ("lru", "lfu", "predicted", "window"):  # same predicted sets, same cache: Belady is the floor
+        assert ev[policy]["neurons_fetched_per_token"] >= floor - 1e-9
+    assert ev["lru"]["neurons_fetched_per_token"] == pytest.approx(fetched["sparse+window"])
 
 
 def test_streamed_run_on_the_prepared_layout(prepared, capsys):

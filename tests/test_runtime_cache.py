@@ -17,9 +17,10 @@ ops = st.lists(st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops, st.integers(0, 3), st.sampled_from(["lru", "lfu", "window"]), st.integers(0, 3))
+@given(ops, st.integers(0, 3), st.sampled_from(["lru", "lfu", "predicted", "window"]), st.integers(0, 3))
 def test_cache_matches_a_simple_model(operations, window, policy, pinned):
     cache = NeuronCache(NEURONS, CAPACITY, 2, np.float32, window=window, policy=policy)
+    scores = np.random.default_rng(len(operations)).standard_normal(NEURONS).astype(np.float32)
     model = {}  # position -> slot content
     hot = cache.reserve(pinned)
     cache.slots[hot, 0] = np.arange(pinned)
@@ -29,6 +30,9 @@ def test_cache_matches_a_simple_model(operations, window, policy, pinned):
     for op, arg in operations:
         if op == "tick":
             cache.tick()
+            if policy == "window":  # neurons outside the window leave at once
+                for p in [p for p in model if cache.slot_of[p] < 0]:
+                    model.pop(p)
         elif op == "evict_one":
             victims = cache.evictable()
             if len(victims):
@@ -36,6 +40,7 @@ def test_cache_matches_a_simple_model(operations, window, policy, pinned):
                 cache.evict(victims[:1])
         else:
             positions = np.array(arg, dtype=np.int64)
+            cache.note_scores(scores)
             slots = cache.lookup(positions)
             hit = slots[slots >= 0]
             cache.touch(hit)
@@ -90,3 +95,29 @@ def test_lru_and_lfu_pick_different_victims():
         cache.touch(cache.lookup(np.array([1])))
         cache.tick()
         assert cache.position_of[cache.evictable()[0]] == expect
+
+
+def test_predicted_policy_evicts_the_lowest_score_first():
+    cache = NeuronCache(10, 3, 1, np.float32, window=0, policy="predicted")
+    s = cache.reserve(3)
+    cache.commit(s, np.array([4, 5, 6]))
+    cache.tick()
+    cache.touch(cache.lookup(np.array([4])))  # 4 is the most recent, but the predictor rates it lowest
+    cache.tick()
+    cache.note_scores(np.array([0, 0, 0, 0, -3.0, 2.0, 1.0, 0, 0, 0], dtype=np.float32))
+    assert cache.position_of[cache.evictable()].tolist() == [4, 6, 5]
+    cache.evict(cache.evictable()[:1])
+    cache.tick()
+    cache.note_scores(np.full(10, 7.0, dtype=np.float32))  # equal scores: oldest first, as LRU
+    assert cache.position_of[cache.evictable()].tolist() == [5, 6]
+
+
+def test_window_policy_drops_neurons_that_left_the_window():
+    cache = NeuronCache(10, 4, 1, np.float32, window=1, policy="window")
+    s = cache.reserve(2)
+    cache.commit(s, np.array([1, 2]))
+    cache.tick()
+    assert cache.used == 2  # used one token ago: inside the window
+    cache.touch(cache.lookup(np.array([2])))
+    cache.tick()
+    assert sorted(np.nonzero(cache.slot_of >= 0)[0].tolist()) == [2]  # 1 left the window and was dropped

@@ -54,7 +54,9 @@ def test_gpu_cache_engine_equals_dense_under_evictions(tmp_path):
     probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096, device="cuda")
     minimum = probe.engine.memory.minimum
     probe.close()
-    model = open_streamed(path, minimum + 2 * 24 * (512 + 33), strategy="all", io_buffer_bytes=4096,
+    from sparseflash.runtime.engine import INDEX_BYTES_PER_SLOT
+
+    model = open_streamed(path, minimum + 2 * 24 * (512 + INDEX_BYTES_PER_SLOT), strategy="all", io_buffer_bytes=4096,
                           device="cuda")
     try:
         gpu = model.engine.gpu

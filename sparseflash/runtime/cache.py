@@ -3,9 +3,14 @@
 ``slots`` (capacity, bundle_len) holds bundles in the storage dtype; ``slot_of[position]`` and
 ``position_of[slot]`` keep the index in step; free slots are a stack. Pinned slots (the hot region)
 are never evicted. Eviction picks victims among unprotected slots: a neuron used within the last
-``window`` tokens is protected; beyond it the policy is LRU (oldest last use), LFU (fewest uses,
-then oldest) or "window" (anything outside the window, oldest first — LLM in a Flash's plain
-sliding window, which frees slots eagerly rather than keeping them until needed).
+``window`` tokens is protected; beyond it the policy is
+- ``lru``: oldest last use first;
+- ``lfu``: fewest uses, then oldest;
+- ``predicted`` (predictor-informed): lowest predictor score first, then oldest; the engine sets the
+  scores of cached neurons from the current token's predictor logits (``note_scores``), so the
+  neurons the predictor thinks least likely to fire now go first;
+- ``window``: LLM in a Flash's plain sliding window: at each new token every neuron outside the
+  window is dropped (slots are freed eagerly, not kept until the space is needed).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class NeuronCache:
         self.last_use = np.full(capacity, NEVER, dtype=np.int64)
         self.uses = np.zeros(capacity, dtype=np.int64)
         self.pinned = np.zeros(capacity, dtype=bool)
+        self.score = np.zeros(capacity, dtype=np.float32)  # predictor score (policy "predicted")
         self._free = list(range(capacity - 1, -1, -1))  # stack: pop() gives the lowest free slot
         self.window, self.policy = window, policy
         self.step = 0  # token counter, advanced by tick()
@@ -41,8 +47,16 @@ class NeuronCache:
         return self.capacity - len(self._free)
 
     def tick(self) -> None:
-        """A new token begins."""
+        """A new token begins (policy "window": neurons that left the window are dropped)."""
         self.step += 1
+        if self.policy == "window":  # keep exactly what the last `window` tokens used
+            old = (self.position_of >= 0) & ~self.pinned & (self.last_use < self.step - self.window)
+            self.evict(np.nonzero(old)[0])
+
+    def note_scores(self, scores: np.ndarray) -> None:
+        """Predictor scores of every neuron for the current token (policy "predicted")."""
+        held = np.nonzero(self.position_of >= 0)[0]
+        self.score[held] = scores[self.position_of[held]]
 
     def lookup(self, positions: np.ndarray) -> np.ndarray:
         """Slot of each position, -1 where not cached."""
@@ -65,6 +79,8 @@ class NeuronCache:
         cand = np.nonzero(ok)[0]
         if self.policy == "lfu":
             order = np.lexsort((self.last_use[cand], self.uses[cand]))
+        elif self.policy == "predicted":
+            order = np.lexsort((self.last_use[cand], self.score[cand]))
         else:
             order = np.argsort(self.last_use[cand], kind="stable")
         return cand[order]
@@ -78,6 +94,7 @@ class NeuronCache:
             self.position_of[s] = -1
             self.last_use[s] = NEVER
             self.uses[s] = 0
+            self.score[s] = 0.0
             self._free.append(int(s))
 
     def reserve(self, count: int, protect: np.ndarray | None = None) -> np.ndarray:

@@ -23,7 +23,7 @@ from sparseflash.runtime.streamer import BundleReader, ReadResult, StreamError
 
 STORAGE_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 INDEX_BYTES_PER_NEURON = 8  # slot_of (int64)
-INDEX_BYTES_PER_SLOT = 8 * 3 + 1 + 8  # position_of, last_use, uses, pinned, down norm (f64)
+INDEX_BYTES_PER_SLOT = 8 * 3 + 1 + 4 + 8  # position_of, last_use, uses, pinned, score (f32), down norm (f64)
 STAGING_BUFFERS = 3  # --device cuda: one for the look-ahead prefetch, two to pipeline demand reads
 
 
@@ -275,6 +275,10 @@ class StreamingFFN:
     def _predict(self, l: int, x: torch.Tensor) -> np.ndarray:
         if self.strategy == "all":
             return np.arange(self.regions[l].n_neurons)
+        if self.policy.eviction == "predicted":  # the logits also rank the cached neurons for eviction
+            positions, scores = self.predictors[l].predict(x, self.strategy, self.policy.margin, scores=True)
+            self.caches[l].note_scores(scores)
+            return positions
         return self.predictors[l].predict(x, self.strategy, self.policy.margin)
 
     def _prefetch_next(self, l: int, x: torch.Tensor) -> None:

@@ -60,8 +60,8 @@ def _dense_pass(lm, seqs):
     return ref, orc, trace
 
 
-def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc):
-    model = open_streamed(path, budget, disk=device, reuse=reuse, lookahead=False)
+def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction: str = "lru"):
+    model = open_streamed(path, budget, disk=device, reuse=reuse, lookahead=False, eviction=eviction)
     model.engine.trace = [[] for _ in range(model.layout.config.num_layers)]
     try:
         model.engine.stats.clear()
@@ -108,8 +108,10 @@ def _measure_reads(path, regions, device, reads_per_token: list[list[np.ndarray]
 
 
 def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 256, budget: str = "50%ffn",
-              device: DeviceModel | None = None, quiet: bool = False, sweep: bool = True) -> dict:
-    """The four modes for every layout file; the first file also gets budget and window sweeps."""
+              device: DeviceModel | None = None, quiet: bool = False, sweep: bool = True,
+              evictions: bool = True) -> dict:
+    """The four modes for every layout file; the first file also gets budget and window sweeps and
+    the eviction-policy comparison."""
     if device is None:
         from sparseflash.runtime.diskprobe import device_model_for
 
@@ -169,10 +171,34 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
                                        / max(modes["oracle"]["neurons_fetched_per_token"], 1e-12))}
         if sweep and path == paths[0]:
             entry["sweep"] = _sweeps(predicted_trace, oracle_trace, n_hot, regions, memory, device)
+        if evictions and path == paths[0]:
+            entry["eviction"] = _evictions(path, budget, seqs, device, quiet, modes["sparse+window"],
+                                           predicted_trace, n_hot, regions, memory)
         report["layouts"].append(entry)
     first = report["layouts"][0]
     report.update({"modes": first["modes"], "budget_bytes": first["budget_bytes"]})
     return report
+
+
+def _evictions(path, budget, seqs, device, quiet, lru_row, predicted_trace, n_hot, regions, memory) -> dict:
+    """Eviction beyond the window, measured: the engine (same predicted sets, same budget) with each
+    policy, and Belady's optimum on the recorded predicted trace as the floor for any policy."""
+    n_tok = int(seqs.numel())
+    keys = ("bytes_per_token", "requests_per_token", "hit_rate", "neurons_fetched_per_token")
+    out = {"lru": {k: lru_row[k] for k in keys}}
+    for policy in ("lfu", "predicted", "window"):
+        _, stats, _, _, _ = _engine_pass(path, budget, seqs, True, device, quiet, f"eviction {policy}", policy)
+        hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
+        out[policy] = {"bytes_per_token": sum(s.bytes_read for s in stats) / n_tok,
+                       "requests_per_token": sum(s.requests for s in stats) / n_tok,
+                       "hit_rate": hits / max(hits + misses, 1), "neurons_fetched_per_token": misses / n_tok}
+    sim = simulate(predicted_trace, n_hot, memory.slots_per_layer, regions[0].bundle_bytes, "belady", 0,
+                   device.merge_gap_bytes // BLOCK)
+    total = sum(len(p) for layer in predicted_trace for p in layer)
+    out["belady"] = {"bytes_per_token": float(sim.bytes.mean()), "requests_per_token": float(sim.requests.mean()),
+                     "hit_rate": float(1 - sim.fetched.sum() / max(total, 1)),
+                     "neurons_fetched_per_token": float(sim.fetched.mean())}
+    return out
 
 
 def _sweeps(predicted, oracle, n_hot, regions, memory, device) -> dict:

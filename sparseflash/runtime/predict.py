@@ -31,15 +31,19 @@ class LayerPredictor:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
 
-    def predict(self, x: torch.Tensor, strategy: str, margin: float = 0.0) -> np.ndarray:
-        """Sorted stored positions predicted active for any token of x (tokens, d)."""
+    def predict(self, x: torch.Tensor, strategy: str, margin: float = 0.0, scores: bool = False):
+        """Sorted stored positions predicted active for any token of x (tokens, d); with ``scores``,
+        also every neuron's highest logit over the tokens (float32, stored order)."""
         z = self.logits(x)
         if strategy == "topk":
             k = min(z.shape[1], int(np.ceil(self.topk * (1 + margin))))
             idx = torch.topk(z, k, dim=1).indices
-            return np.unique(idx.cpu().numpy())
-        mask = (z > self.cut - margin).any(dim=0)
-        return np.nonzero(mask.cpu().numpy())[0]
+            positions = np.unique(idx.cpu().numpy())
+        else:
+            positions = np.nonzero((z > self.cut - margin).any(dim=0).cpu().numpy())[0]
+        if scores:
+            return positions, z.max(dim=0).values.float().cpu().numpy()
+        return positions
 
 
 def load_predictors(layout_file, header: dict, num_layers: int, strategy: str | None):

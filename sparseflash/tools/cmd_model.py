@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from sparseflash.runtime.policy import EVICTION_POLICIES
 from sparseflash.tools.format import fmt_bytes
 
 
@@ -149,7 +150,9 @@ def register(sub) -> None:
     r.add_argument("--budget", default=None, help="stream under this memory budget: bytes (2GiB), a share of the "
                    "model (40%%) or of its FFN bytes for hot region + cache (25%%ffn); without it, run dense")
     r.add_argument("--window", type=int, default=4, help="tokens whose neurons are protected from eviction")
-    r.add_argument("--eviction", choices=["lru", "lfu", "window"], default="lru")
+    r.add_argument("--eviction", choices=list(EVICTION_POLICIES), default="lru",
+                   help="beyond the window: lru, lfu, predicted (lowest predictor score first) or window "
+                        "(drop everything outside the window)")
     r.add_argument("--strategy", choices=["topk", "threshold", "all"], default=None,
                    help="active-set prediction (default: the layout's)")
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -23,6 +23,17 @@ def io_markdown(r: dict) -> str:
                          f"{m['requests_per_token']:.1f} | {fmt_bytes(m['bytes_per_request'])} | {m['hit_rate']:.1%} | "
                          f"{m['io_ms_per_token']:.3f} | {m['ppl']:.3f} | {m['top1_agreement']:.3f} |")
         lines.append(f"| {name} | neurons fetched vs oracle | x{entry['fetched_vs_oracle']:.2f} | | | | | | | |")
+    ev = r["layouts"][0].get("eviction")
+    if ev:
+        floor = max(ev["belady"]["neurons_fetched_per_token"], 1e-12)
+        lines += ["", f"Eviction beyond the window ({Path(r['layouts'][0]['layout']).name}: same predicted sets, "
+                  "same budget; belady = optimal eviction of that trace, simulated)", "",
+                  "| policy | bytes/token | requests/token | hit rate | neurons fetched/token | vs belady |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for policy, m in ev.items():
+            lines.append(f"| {policy} | {fmt_bytes(m['bytes_per_token'])} | {m['requests_per_token']:.1f} | "
+                         f"{m['hit_rate']:.1%} | {m['neurons_fetched_per_token']:.1f} | "
+                         f"x{m['neurons_fetched_per_token'] / floor:.2f} |")
     return "\n".join(lines)
 
 
@@ -34,7 +45,8 @@ def cmd_io_report(args) -> int:
     lm = open_layout(args.model[0])
     ids = corpus_ids(args.corpus, lm.tokenizer, args.tokens)
     lm.close()
-    r = io_report(args.model, ids, args.tokens, args.ctx, args.budget, quiet=args.json)
+    r = io_report(args.model, ids, args.tokens, args.ctx, args.budget, quiet=args.json,
+                  evictions=not args.no_eviction)
     md = io_markdown(r)
     if args.out:
         out = Path(args.out)
@@ -57,5 +69,7 @@ def register(sub) -> None:
     p.add_argument("--budget", default="50%ffn",
                    help="bytes (2GiB), share of the model (40%%) or share of the FFN bytes for hot region + cache (25%%ffn)")
     p.add_argument("-o", "--out", default=None, help="directory for io_report.json/.md and io_vs_budget.png")
+    p.add_argument("--no-eviction", action="store_true",
+                   help="skip the eviction-policy comparison (three more engine passes over the tokens)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_io_report)
