@@ -26,6 +26,7 @@ from sparseflash.model.perplexity import windows
 from sparseflash.model.transformer import Transformer
 from sparseflash.runtime.iomodel import BLOCK, DeviceModel
 from sparseflash.runtime.layout_model import open_layout
+from sparseflash.runtime.policy import DEFAULT_EVICTION, EVICTION_POLICIES
 from sparseflash.runtime.session import ffn_bytes, open_streamed
 from sparseflash.runtime.simulate import simulate
 from sparseflash.runtime.streamer import BundleReader
@@ -60,7 +61,7 @@ def _dense_pass(lm, seqs):
     return ref, orc, trace
 
 
-def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction: str = "lru"):
+def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction: str = DEFAULT_EVICTION):
     model = open_streamed(path, budget, disk=device, reuse=reuse, lookahead=False, eviction=eviction)
     model.engine.trace = [[] for _ in range(model.layout.config.num_layers)]
     try:
@@ -180,13 +181,16 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
     return report
 
 
-def _evictions(path, budget, seqs, device, quiet, lru_row, predicted_trace, n_hot, regions, memory) -> dict:
+def _evictions(path, budget, seqs, device, quiet, default_row, predicted_trace, n_hot, regions, memory) -> dict:
     """Eviction beyond the window, measured: the engine (same predicted sets, same budget) with each
-    policy, and Belady's optimum on the recorded predicted trace as the floor for any policy."""
+    policy, and Belady's optimum on the recorded predicted trace (of the default run) as the floor."""
     n_tok = int(seqs.numel())
     keys = ("bytes_per_token", "requests_per_token", "hit_rate", "neurons_fetched_per_token")
-    out = {"lru": {k: lru_row[k] for k in keys}}
-    for policy in ("lfu", "predicted", "window"):
+    out = {}
+    for policy in EVICTION_POLICIES:
+        if policy == DEFAULT_EVICTION:  # the sparse+window run
+            out[policy] = {k: default_row[k] for k in keys}
+            continue
         _, stats, _, _, _ = _engine_pass(path, budget, seqs, True, device, quiet, f"eviction {policy}", policy)
         hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
         out[policy] = {"bytes_per_token": sum(s.bytes_read for s in stats) / n_tok,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sparseflash.errors import SparseflashError
 
 EVICTION_POLICIES = ("lru", "lfu", "predicted", "window")
+DEFAULT_EVICTION = "predicted"  # fewest bytes in io-report on the bundled model (docs/runtime.md)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
@@ -46,7 +47,7 @@ class Policy:
 
     budget_bytes: int
     window: int = 4  # neurons used in the last `window` tokens are protected from eviction
-    eviction: str = "lru"  # beyond the window: lru | lfu | predicted | window (evict everything outside it)
+    eviction: str = DEFAULT_EVICTION  # beyond the window: lru | lfu | predicted | window
     io: str = "direct"  # direct (O_DIRECT) | buffered (page cache dropped after each read)
     io_threads: int = 4
     io_buffer_bytes: int = 1 << 20  # per thread; counted in the budget

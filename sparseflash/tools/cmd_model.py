@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from sparseflash.runtime.policy import EVICTION_POLICIES
+from sparseflash.runtime.policy import DEFAULT_EVICTION, EVICTION_POLICIES
 from sparseflash.tools.format import fmt_bytes
 
 
@@ -150,7 +150,7 @@ def register(sub) -> None:
     r.add_argument("--budget", default=None, help="stream under this memory budget: bytes (2GiB), a share of the "
                    "model (40%%) or of its FFN bytes for hot region + cache (25%%ffn); without it, run dense")
     r.add_argument("--window", type=int, default=4, help="tokens whose neurons are protected from eviction")
-    r.add_argument("--eviction", choices=list(EVICTION_POLICIES), default="lru",
+    r.add_argument("--eviction", choices=list(EVICTION_POLICIES), default=DEFAULT_EVICTION,
                    help="beyond the window: lru, lfu, predicted (lowest predictor score first) or window "
                         "(drop everything outside the window)")
     r.add_argument("--strategy", choices=["topk", "threshold", "all"], default=None,
