@@ -61,9 +61,12 @@ def _streams():
 
 
 def as_device_array(t: torch.Tensor):
-    """A float32 torch tensor as the kernel's input: a zero-copy view on a GPU, a host array otherwise."""
+    """A float32 torch tensor as a kernel argument: a zero-copy view on a GPU, a host array otherwise.
+
+    No stream synchronisation on import (sync=False): the kernels run on torch's current stream,
+    which already orders them after the work that produced the tensor."""
     t = t.contiguous()
-    return cuda.as_cuda_array(t) if t.is_cuda else t.numpy()
+    return cuda.as_cuda_array(t, sync=False) if t.is_cuda else t.numpy()
 
 
 @dataclass
