@@ -4,6 +4,10 @@ Each configuration runs in its own subprocess (`sparseflash run --json`), so pea
 configuration. The layout is the bundled model's (prepared on first use) unless --layout is given.
 
     python bench/bench_stream.py [--layout MODEL.sflash --checkpoint DIR] [-n 64] [--budgets 25%ffn,50%ffn,100%ffn]
+                                 [--devices cpu,cuda]
+
+With ``--devices cpu,cuda`` (on a machine with a GPU) every budget runs on both, side by side; the
+dense row is the in-memory CPU run.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main() -> None:
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--prompt", default="The os module provides")
     p.add_argument("--budgets", default="25%ffn,50%ffn,100%ffn")
+    p.add_argument("--devices", default="cpu", help="comma-separated: cpu, cuda")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     layout = args.layout
@@ -50,10 +55,12 @@ def main() -> None:
     dense = run_cli(["run", *(["-m", args.checkpoint] if args.checkpoint else []), *common])
     dense["config"] = "dense (in memory)"
     rows.append(dense)
+    devices = args.devices.split(",")
     for budget in args.budgets.split(","):
-        r = run_cli(["run", "-m", layout, "--budget", budget, *common])
-        r["config"] = f"streamed {budget}"
-        rows.append(r)
+        for device in devices:
+            r = run_cli(["run", "-m", layout, "--budget", budget, "--device", device, *common])
+            r["config"] = f"streamed {budget}" + (f" {device}" if len(devices) > 1 else "")
+            rows.append(r)
     base = baseline_rss()
     if args.json:
         print(json.dumps({"baseline_rss_bytes": base, "rows": rows}))
@@ -61,12 +68,12 @@ def main() -> None:
     mib = 2**20
     print(f"{os.path.basename(layout)}: {args.n} tokens, greedy; baseline RSS (interpreter + torch + numba + "
           f"compiled kernels) {base / mib:.0f} MiB")
-    print(f"{'config':<22}{'tok/s':>8}{'vs dense':>10}{'FFN KiB/tok':>13}{'% dense':>9}{'hit rate':>10}"
+    print(f"{'config':<27}{'tok/s':>8}{'vs dense':>10}{'FFN KiB/tok':>13}{'% dense':>9}{'hit rate':>10}"
           f"{'budget MiB':>12}{'peak RSS MiB':>14}{'RSS - base':>12}")
     d_tps = dense["decode_tokens_per_s"]
     for r in rows:
         streamed = r["engine"] == "streamed"
-        print(f"{r['config']:<22}{r['decode_tokens_per_s']:>8.1f}{r['decode_tokens_per_s'] / d_tps:>9.2f}x"
+        print(f"{r['config']:<27}{r['decode_tokens_per_s']:>8.1f}{r['decode_tokens_per_s'] / d_tps:>9.2f}x"
               f"{(r['decode_bytes_per_token'] / 1024 if streamed else 0):>13.1f}"
               f"{(r['decode_dense_share'] * 100 if streamed else 100):>8.1f}%"
               f"{(r['hit_rate'] * 100 if streamed else 100):>9.1f}%"
