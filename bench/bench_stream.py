@@ -79,6 +79,10 @@ def main() -> None:
               f"{(r['hit_rate'] * 100 if streamed else 100):>9.1f}%"
               f"{(r['budget_bytes'] / mib if streamed else float('nan')):>12.1f}"
               f"{r.get('peak_rss_bytes', 0) / mib:>14.0f}{(r.get('peak_rss_bytes', 0) - base) / mib:>12.0f}")
+    for r in rows:
+        if "device_bytes_used" in r:
+            print(f"{r['config']}: device memory added by the run {r['device_bytes_used'] / mib:.0f} MiB "
+                  f"(budget {r['budget_bytes'] / mib:.1f} MiB + KV cache + CUDA kernels and libraries)")
 
 
 if __name__ == "__main__":

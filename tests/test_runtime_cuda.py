@@ -215,11 +215,17 @@ def test_resident_tensors_live_on_the_gpu(tmp_path):
     dense, path = tiny_layout(tmp_path, "nemotron", dtype="f32", n_hot=8)
     ids = torch.randint(0, 4096, (1, 6), generator=torch.Generator().manual_seed(0))
     ref = Transformer(dense.config, dense.weights)(ids)
-    model = open_streamed(path, "50%", strategy="all", device="cuda")
+    model = open_streamed(path, "50%ffn", strategy="all", device="cuda")
     try:
         assert model.transformer.device.type == "cuda"
         assert all(t.is_cuda for t in model.layout.weights.named().values())
         out = _run(model, ids)
         assert (out - ref).abs().max().item() <= 1e-4
+        from sparseflash.model.generate import Sampling
+        from sparseflash.runtime.session import stream_generate
+
+        _, summary = stream_generate(model, [1, 2, 3], 8, Sampling(greedy=True), stop_at_eos=False)
+        # device memory the run added: the budget, the KV cache and a fixed overhead (kernels, cuBLAS)
+        assert summary["device_bytes_used"] <= summary["budget_bytes"] + (256 << 20)
     finally:
         model.close()

@@ -156,9 +156,11 @@ class StreamingFFN:
         self.b_up = [None if w.b_up is None else w.b_up.float().numpy() for w in lm.weights.layers]
         self.b_gate = [None if w.b_gate is None else w.b_gate.float().numpy() for w in lm.weights.layers]
         self.gpu = None
+        self.device_bytes_before = None  # device memory in use before the engine allocated any (real GPU)
         if self.on_gpu:  # bundles live in device memory; resident tensors move to torch's GPU if it has one
-            from sparseflash.runtime.gpu import DeviceCache, torch_device
+            from sparseflash.runtime.gpu import DeviceCache, device_bytes_in_use, torch_device
 
+            self.device_bytes_before = device_bytes_in_use()
             self.gpu = DeviceCache([cache.capacity for cache in self.caches], r0.bundle_len, STORAGE_NP[self.storage],
                                    staging_rows, STAGING_BUFFERS)
             target = torch_device()

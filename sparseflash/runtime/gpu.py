@@ -60,6 +60,14 @@ def _streams():
     return cuda.stream(), cuda.stream(), None
 
 
+def device_bytes_in_use() -> int | None:
+    """Device memory in use on the current GPU (total - free), None under the simulator."""
+    free, total = cuda.current_context().get_memory_info()
+    if free == float("inf"):
+        return None
+    return int(total - free)
+
+
 def as_device_array(t: torch.Tensor):
     """A float32 torch tensor as a kernel argument: a zero-copy view on a GPU, a host array otherwise.
 

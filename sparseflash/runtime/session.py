@@ -94,6 +94,10 @@ def summarize(stats: list[TokenStats], model: StreamedModel, result: GenerationR
         "strategy": model.engine.strategy,
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if model.engine.device_bytes_before is not None:  # a real GPU: what the run added to device memory
+        from sparseflash.runtime.gpu import device_bytes_in_use
+
+        out["device_bytes_used"] = device_bytes_in_use() - model.engine.device_bytes_before
     return out
 
 
