@@ -124,3 +124,28 @@ def test_engine_cache_stays_consistent_after_eio(tmp_path):
 def test_unreadable_file_is_a_clear_error(tmp_path):
     with pytest.raises(StreamError, match="cannot open"):
         BundleReader(str(tmp_path / "missing.sflash"), [], DeviceModel())
+
+
+@pytest.mark.parametrize("bundle_bytes", [384, 1000, 4096, 5000, 12288])
+def test_reads_exact_bundles_of_any_size_across_piece_ends(tmp_path, bundle_bytes):
+    """Bundles that do not divide the 4 KiB block, or span several pieces, still arrive byte-exact."""
+    from types import SimpleNamespace
+
+    n, offset = 97, 3 * 4096
+    rng = np.random.default_rng(bundle_bytes)
+    data = rng.integers(0, 256, n * bundle_bytes, dtype=np.uint8)
+    path = tmp_path / "region.bin"
+    path.write_bytes(bytes(offset) + data.tobytes() + bytes(4096))
+    region = SimpleNamespace(offset=offset, bundle_bytes=bundle_bytes, length=n * bundle_bytes)
+    expected = data.reshape(n, bundle_bytes)
+    for buffer_bytes in (4096, 8192, 1 << 20):  # small buffers cut extents into many pieces
+        reader = BundleReader(str(path), [region], DeviceModel(), threads=2, buffer_bytes=buffer_bytes)
+        try:
+            for _ in range(5):
+                positions = np.sort(rng.choice(n, size=int(rng.integers(1, n)), replace=False))
+                dest = np.zeros((len(positions) + 3, bundle_bytes), dtype=np.uint8)
+                slots = rng.permutation(len(positions) + 3)[: len(positions)]
+                reader.read(0, positions, dest, slots)
+                assert np.array_equal(dest[slots], expected[positions])
+        finally:
+            reader.close()

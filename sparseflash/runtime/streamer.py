@@ -118,7 +118,13 @@ class BundleReader:
         raw = np.frombuffer(view, dtype=np.uint8)
         dest_bytes = dest.view(np.uint8)
         lo, hi = first_block * BLOCK, end_block * BLOCK
-        for p, s in zip(positions, dest_slots):
+        whole = (positions * bb >= lo) & ((positions + 1) * bb <= hi)
+        if whole.any():  # bundles inside the piece: one gather from a (bundles, bb) view of the buffer
+            skip = -lo % bb  # bytes before the first bundle boundary in the piece
+            count = (nbytes - skip) // bb
+            rows = np.lib.stride_tricks.as_strided(raw[skip:], shape=(count, bb), strides=(bb, 1))
+            dest_bytes[dest_slots[whole]] = rows[(positions[whole] * bb - lo - skip) // bb]
+        for p, s in zip(positions[~whole], dest_slots[~whole]):  # bundles cut by the piece's ends
             start, end = max(p * bb, lo), min((p + 1) * bb, hi)
             if start < end:
                 dest_bytes[s, start - p * bb : end - p * bb] = raw[start - lo : end - lo]
