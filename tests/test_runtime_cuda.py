@@ -202,10 +202,14 @@ def test_gpu_engine_stays_consistent_after_eio_mid_read(tmp_path):
 def test_weights_move_together_and_a_cache_on_another_device_is_refused(tmp_path):
     dense, _ = tiny_layout(tmp_path, "nemotron")
     w = dense.weights
-    moved = w.to("cpu")
-    assert moved.device == torch.device("cpu") and len(moved.layers) == len(w.layers)
-    model = Transformer(dense.config, moved)
-    assert model.new_cache(4).k.device == model.device
+    moved = w.to("meta")  # a device with no data: shows that every tensor moves, without a GPU
+    assert moved.device == torch.device("meta")
+    assert set(moved.named()) == set(w.named())
+    assert all(t.is_meta for t in moved.named().values())
+    assert (moved.lm_head is moved.embed) == (w.lm_head is w.embed)  # a tied head stays one tensor
+    meta = Transformer(dense.config, moved)
+    assert meta.new_cache(4).k.is_meta and meta.inv_freq.is_meta
+    model = Transformer(dense.config, w)
     with pytest.raises(SparseflashError, match="KV cache on meta"):
         model(torch.arange(2)[None], cache=KVCache(dense.config, 4, device="meta"), start=0)
 

@@ -19,7 +19,7 @@ from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.layout_model import LayoutModel
 from sparseflash.runtime.policy import Policy
 from sparseflash.runtime.predict import load_predictors
-from sparseflash.runtime.streamer import BundleReader, ReadResult, StreamError
+from sparseflash.runtime.streamer import BundleReader, ReadResult
 
 STORAGE_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 INDEX_BYTES_PER_NEURON = 8  # slot_of (int64)
@@ -124,10 +124,10 @@ class StreamingFFN:
         pred_bytes = sum(p.nbytes for p in self.predictors.values()) + sum(p.nbytes for p in self.lookahead.values())
         self.reader = reader_factory(lm.path, list(self.regions), device or DeviceModel(), policy.io,
                                      policy.io_threads, policy.io_buffer_bytes)
-        self.on_gpu = policy.device == "cuda"
+        on_gpu = policy.device == "cuda"
         r0 = self.regions[0]
         staging_rows, staging = 0, 0
-        if self.on_gpu:  # pinned host + device staging ring, both counted as I/O buffers
+        if on_gpu:  # pinned host + device staging ring, both counted as I/O buffers
             staging_rows = int(np.clip(2 * policy.io_buffer_bytes // r0.bundle_bytes, 16, r0.n_neurons))
             staging = staging_nbytes(staging_rows, r0.bundle_bytes)
         try:
@@ -135,7 +135,7 @@ class StreamingFFN:
         except BudgetError:
             self.reader.close()
             raise
-        if self.on_gpu:
+        if on_gpu:
             backend = "cuda"
         try:
             self.kernel = get_backend(backend)
@@ -149,7 +149,7 @@ class StreamingFFN:
         self.caches = []
         for r in self.regions:
             cache = NeuronCache(r.n_neurons, r.n_hot + self.memory.slots_per_layer, r.bundle_len,
-                                STORAGE_NP[r.dtype], policy.window, policy.eviction, host_slots=not self.on_gpu)
+                                STORAGE_NP[r.dtype], policy.window, policy.eviction, host_slots=not on_gpu)
             cache.down_norm = np.zeros(cache.capacity)
             self.caches.append(cache)
         # per-neuron biases are gathered by slot on the host; take them before weights move
@@ -157,7 +157,7 @@ class StreamingFFN:
         self.b_gate = [None if w.b_gate is None else w.b_gate.float().numpy() for w in lm.weights.layers]
         self.gpu = None
         self.device_bytes_before = None  # device memory in use before the engine allocated any (real GPU)
-        if self.on_gpu:  # bundles live in device memory; resident tensors move to torch's GPU if it has one
+        if on_gpu:  # bundles live in device memory; resident tensors move to torch's GPU if it has one
             from sparseflash.runtime.gpu import DeviceCache, device_bytes_in_use, torch_device
 
             self.device_bytes_before = device_bytes_in_use()
@@ -174,6 +174,10 @@ class StreamingFFN:
         self._last_t = time.perf_counter()
         self.trace: list[list[np.ndarray]] | None = None  # set to [[] per layer] to record predicted sets
         self._load_hot()
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu is not None
 
     # -- set-up -------------------------------------------------------------------------------------
     def _load_hot(self) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from numba import cuda
 
+
 @cuda.jit
 def _scatter(src, slots, n, dst):
     i = cuda.grid(1)

@@ -90,6 +90,15 @@ def _row(bytes_tok, requests_tok, hits, looked, io_s_tok, dense_bytes, ppl, top1
     }
 
 
+def _engine_row(stats, n_tok, dense_bytes, ppl=None, top1=None) -> dict:
+    """A report row from an engine pass's per-token stats."""
+    hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
+    row = _row(sum(s.bytes_read for s in stats) / n_tok, sum(s.requests for s in stats) / n_tok, hits,
+               hits + misses, sum(s.io_wait_s for s in stats) / n_tok, dense_bytes, ppl, top1)
+    row["neurons_fetched_per_token"] = misses / n_tok
+    return row
+
+
 def _measure_reads(path, regions, device, reads_per_token: list[list[np.ndarray]], quiet, desc) -> float:
     """Issue the given per-token, per-layer position reads for real; mean seconds per token."""
     reader = BundleReader(path, regions, device, "direct", 4)
@@ -138,11 +147,7 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
         engine_runs = {}
         for name, reuse in (("sparse", False), ("sparse+window", True)):
             logits, stats, memory, trace, direct = _engine_pass(path, budget, seqs, reuse, device, quiet, name)
-            ppl, top1 = _quality(logits, seqs, ref)
-            hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
-            modes[name] = _row(sum(s.bytes_read for s in stats) / n_tok, sum(s.requests for s in stats) / n_tok,
-                               hits, hits + misses, sum(s.io_wait_s for s in stats) / n_tok, dense_bytes, ppl, top1)
-            modes[name]["neurons_fetched_per_token"] = misses / n_tok
+            modes[name] = _engine_row(stats, n_tok, dense_bytes, *_quality(logits, seqs, ref))
             engine_runs[name] = (memory, trace)
         memory, predicted_trace = engine_runs["sparse+window"]
 
@@ -174,14 +179,15 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
             entry["sweep"] = _sweeps(predicted_trace, oracle_trace, n_hot, regions, memory, device)
         if evictions and path == paths[0]:
             entry["eviction"] = _evictions(path, budget, seqs, device, quiet, modes["sparse+window"],
-                                           predicted_trace, n_hot, regions, memory)
+                                           predicted_trace, n_hot, regions, memory, dense_bytes)
         report["layouts"].append(entry)
     first = report["layouts"][0]
     report.update({"modes": first["modes"], "budget_bytes": first["budget_bytes"]})
     return report
 
 
-def _evictions(path, budget, seqs, device, quiet, default_row, predicted_trace, n_hot, regions, memory) -> dict:
+def _evictions(path, budget, seqs, device, quiet, default_row, predicted_trace, n_hot, regions, memory,
+               dense_bytes) -> dict:
     """Eviction beyond the window, measured: the engine (same predicted sets, same budget) with each
     policy, and Belady's optimum on the recorded predicted trace (of the default run) as the floor."""
     n_tok = int(seqs.numel())
@@ -192,10 +198,8 @@ def _evictions(path, budget, seqs, device, quiet, default_row, predicted_trace, 
             out[policy] = {k: default_row[k] for k in keys}
             continue
         _, stats, _, _, _ = _engine_pass(path, budget, seqs, True, device, quiet, f"eviction {policy}", policy)
-        hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
-        out[policy] = {"bytes_per_token": sum(s.bytes_read for s in stats) / n_tok,
-                       "requests_per_token": sum(s.requests for s in stats) / n_tok,
-                       "hit_rate": hits / max(hits + misses, 1), "neurons_fetched_per_token": misses / n_tok}
+        row = _engine_row(stats, n_tok, dense_bytes)
+        out[policy] = {k: row[k] for k in keys}
     sim = simulate(predicted_trace, n_hot, memory.slots_per_layer, regions[0].bundle_bytes, "belady", 0,
                    device.merge_gap_bytes // BLOCK)
     total = sum(len(p) for layer in predicted_trace for p in layer)
