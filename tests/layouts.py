@@ -20,6 +20,5 @@ def tiny_layout(tmp: Path, family: str = "nemotron", dtype: str = "f32", n_hot: 
     c = model.config
     perms = [rng.permutation(c.intermediate_size).astype(np.int32) for _ in range(c.num_layers)]
     path = tmp / f"{family}-{dtype}.sflash"
-    write_layout(model, path, perms, n_hot, [0.0] * c.num_layers, dtype, preds,
-                 {"strategy": strategy} if preds else None, quiet=True)
+    write_layout(model, path, perms, n_hot, [0.0] * c.num_layers, dtype, preds, strategy, quiet=True)
     return model, path

@@ -61,7 +61,8 @@ def sample_inputs(seed: int = 0) -> tuple[dict, dict, list[dict], list[np.ndarra
         block = _bf16_bits(rows) if dtype == "bf16" else rows.astype({"f32": np.float32, "f16": np.float16}[dtype])
         perm = rng.permutation(n).astype(np.int32)
         tensors[f"layers.{i}.ffn.permutation"] = ("i32", perm)
-        layers.append(dict(d_model=d, n_neurons=n, gated=gated, dtype=dtype, chunk_neurons=chunk_neurons,
+        layers.append(dict(d_model=d, n_neurons=n, gated=gated, dtype=dtype, bundle_bytes=block[0].nbytes,
+                           chunk_neurons=chunk_neurons,
                            n_hot=n_hot, threshold=0.125 * i, permutation=f"layers.{i}.ffn.permutation"))
         bundles.append(block)
     header = {"model": {"d_model": 8, "n_layers": len(specs)}, "tokenizer": '{"vocab": {"é": 0}}',
@@ -88,7 +89,8 @@ def build_golden(path) -> None:
     writer = LayoutWriter(path, {"model": "golden-minimal", "d_model": 2})
     writer.add_tensor("layers.0.ffn.permutation", np.array([2, 0, 1], dtype=np.int32))
     bundles = (np.arange(18, dtype=np.float16) / 4).reshape(3, 6)  # (neurons, 3 * d_model)
-    writer.add_ffn_layer(d_model=2, n_neurons=3, gated=True, dtype="f16", permutation="layers.0.ffn.permutation",
+    writer.add_ffn_layer(d_model=2, n_neurons=3, gated=True, dtype="f16", bundle_bytes=12,
+                         permutation="layers.0.ffn.permutation",
                          bundles=bundles, n_hot=1, threshold=0.25, chunk_neurons=2)
     writer.write()
 
@@ -145,3 +147,12 @@ def with_preamble_bytes(blob: bytes, offset: int, value: bytes) -> bytes:
     body[offset: offset + len(value)] = value
     body[124:128] = zlib.crc32(bytes(body[:124])).to_bytes(4, "little")
     return bytes(body)
+
+
+def open_bytes(workdir, blob: bytes, verify: bool = False, name: str = "case.sflash"):
+    """Write `blob` as a file in `workdir` and read everything out of it (see `content`)."""
+    path = workdir / name
+    path.unlink(missing_ok=True)  # rewriting in place makes ext4 flush (auto_da_alloc): 40x slower
+    path.write_bytes(blob)
+    with LayoutFile.open(path, verify=verify) as layout:
+        return content(layout)

@@ -8,6 +8,9 @@ JSON index. Spec: docs/layout-format.md. This module only gathers the public nam
 - format_index.py   index JSON encoding and the structural validator
 - format_reader.py  LayoutFile (open, validate, read tensors and bundles, verify)
 - format_writer.py  LayoutWriter (declare, plan, write atomically)
+- format_extents.py which aligned blocks hold a set of neurons (reads, their cost without a disk)
+
+What the tensors and bundles of a *model* layout mean is layout/schema.py, on top of this.
 
 It imports nothing else from sparseflash.
 """
@@ -40,7 +43,6 @@ from .format_spec import (
     LayoutVersionError,
     Preamble,
     TensorEntry,
-    bundle_len,
 )
 from .format_writer import LayoutPlan, LayoutWriter, is_temp_name, temp_path_for
 
@@ -50,5 +52,5 @@ __all__ = [
     "PREAMBLE_SIZE", "STORAGE_DTYPES", "TENSOR_ALIGNMENT", "VERSION",
     "Chunk", "ChunkTable", "FfnLayer", "LayoutChecksumError", "LayoutError", "LayoutFile", "LayoutPlan",
     "LayoutTruncatedError", "LayoutVersionError", "LayoutWriter", "Preamble", "TensorEntry", "VerifyReport",
-    "bundle_len", "is_temp_name", "temp_path_for",
+    "is_temp_name", "temp_path_for",
 ]

@@ -35,7 +35,6 @@ from .format_spec import (
     LayoutError,
     TensorEntry,
     align_up,
-    bundle_len,
 )
 
 TENSOR_KEYS = ("name", "dtype", "shape", "offset", "nbytes", "crc32")
@@ -202,9 +201,9 @@ def _decode_layer(c: _Checker, entry, field: str, index: int, tensors: dict[str,
     if not isinstance(gated, bool):
         c.fail(f"{field}.gated", "must be true or false", gated)
     dtype = c.enum(entry["dtype"], f"{field}.dtype", STORAGE_DTYPES)
-    bundle_bytes = c.int(entry["bundle_bytes"], f"{field}.bundle_bytes")
-    if bundle_bytes != bundle_len(d_model, gated) * DTYPES[dtype].itemsize:
-        c.fail(f"{field}.bundle_bytes", f"must be {3 if gated else 2} * d_model * itemsize", bundle_bytes)
+    bundle_bytes = c.int(entry["bundle_bytes"], f"{field}.bundle_bytes", 1, c.file_size)
+    if bundle_bytes % DTYPES[dtype].itemsize:
+        c.fail(f"{field}.bundle_bytes", f"must be a multiple of the {dtype} itemsize", bundle_bytes)
     offset = c.offset(entry["offset"], f"{field}.offset", ALIGNMENT)
     length = c.int(entry["length"], f"{field}.length", 1, c.file_size)
     if align_up(offset + length, ALIGNMENT) > c.file_size:

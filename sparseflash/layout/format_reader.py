@@ -16,7 +16,6 @@ import zstandard
 
 from .format_index import decode_index, parse_json_object
 from .format_spec import (
-    ALIGNMENT,
     CODEC_ZSTD,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -125,28 +124,6 @@ class LayoutFile:
         return self._permutations[self.layers[layer].index]
 
     # ---- FFN bundles ------------------------------------------------------------------------
-
-    def neuron_extent(self, layer: int, start: int, count: int) -> tuple[int, int]:
-        """(file offset, nbytes) of stored neurons [start, start + count) of an uncompressed layer."""
-        l = self.layers[layer]
-        _check_run(l, start, count)
-        if l.compressed:
-            raise ValueError(f"{self.path}: layer {layer} has zstd chunks; read them whole with read_chunk")
-        return l.offset + start * l.bundle_bytes, count * l.bundle_bytes
-
-    def aligned_extent(self, layer: int, start: int, count: int,
-                       alignment: int = ALIGNMENT) -> tuple[int, int, int]:
-        """(aligned offset, aligned nbytes, skip) of the smallest aligned read covering the neurons.
-
-        The wanted bytes are [skip, skip + count * bundle_bytes) of that read. `alignment` must be a
-        power of two dividing ALIGNMENT, so the read stays within the layer's padded region.
-        """
-        if alignment <= 0 or alignment & (alignment - 1) or ALIGNMENT % alignment:
-            raise ValueError(f"alignment must be a power of two dividing {ALIGNMENT}, got {alignment}")
-        offset, nbytes = self.neuron_extent(layer, start, count)
-        aligned = offset - offset % alignment
-        end = -(-(offset + nbytes) // alignment) * alignment
-        return aligned, end - aligned, offset - aligned
 
     def read_bundles(self, layer: int, positions=None, *, start: int | None = None,
                      count: int | None = None, verify: bool = False) -> np.ndarray:

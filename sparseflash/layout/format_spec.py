@@ -90,11 +90,6 @@ def crc32(buffer, value: int = 0) -> int:
     return zlib.crc32(buffer, value) & 0xFFFFFFFF
 
 
-def bundle_len(d_model: int, gated: bool) -> int:
-    """Elements in one neuron's bundle row: [gate |] up | down, each d_model long."""
-    return (3 if gated else 2) * d_model
-
-
 class Preamble(NamedTuple):
     """The fixed 128 bytes at offset 0; every offset and length is in bytes."""
 
@@ -164,7 +159,7 @@ class FfnLayer:
     n_neurons: int
     gated: bool
     dtype: str  # storage dtype tag, one of STORAGE_DTYPES
-    bundle_bytes: int  # bytes of one neuron's bundle row
+    bundle_bytes: int  # bytes of one neuron's record (its bundle), a multiple of the dtype's itemsize
     offset: int  # region start in the file, multiple of ALIGNMENT
     length: int  # stored bytes of the region (sum of chunk stored lengths)
     n_hot: int  # stored positions [0, n_hot) form the hot region
@@ -175,7 +170,8 @@ class FfnLayer:
 
     @property
     def bundle_len(self) -> int:
-        return bundle_len(self.d_model, self.gated)
+        """Elements of the storage dtype in one neuron's record (what the bytes mean: layout/schema.py)."""
+        return self.bundle_bytes // DTYPES[self.dtype].itemsize
 
     @property
     def numpy_dtype(self) -> np.dtype:

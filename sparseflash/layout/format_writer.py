@@ -33,6 +33,7 @@ from .format_spec import (
     DTYPES,
     MAX_D_MODEL,
     MAX_HEADER_BYTES,
+    MAX_I64,
     MAX_INDEX_BYTES,
     MAX_LAYERS,
     MAX_NAME_BYTES,
@@ -50,7 +51,6 @@ from .format_spec import (
     Preamble,
     TensorEntry,
     align_up,
-    bundle_len,
     crc32,
 )
 
@@ -76,6 +76,7 @@ class _LayerDecl:
     n_neurons: int
     gated: bool
     dtype: str
+    bundle_bytes: int
     n_hot: int
     threshold: float
     permutation: str
@@ -144,14 +145,16 @@ class LayoutWriter:
             self._fail(f"tensor {name!r}.shape", f"more than {MAX_NDIM} dimensions", array.shape)
         self._tensors[name] = (dtype, array)
 
-    def add_ffn_layer(self, *, d_model: int, n_neurons: int, gated: bool, dtype: str, permutation: str,
-                      bundles: Iterable[np.ndarray] | np.ndarray, n_hot: int = 0, threshold: float = 0.0,
-                      chunk_neurons: int | None = None) -> int:
+    def add_ffn_layer(self, *, d_model: int, n_neurons: int, gated: bool, dtype: str, bundle_bytes: int,
+                      permutation: str, bundles: Iterable[np.ndarray] | np.ndarray, n_hot: int = 0,
+                      threshold: float = 0.0, chunk_neurons: int | None = None) -> int:
         """Declare the next FFN layer; returns its index.
 
-        `bundles` yields 2-D blocks (rows, bundle_len) in the storage dtype (bf16 as uint16), in
-        stored order, n_neurons rows in total; a single ndarray is one block. `permutation` names
-        an i32 tensor of shape (n_neurons,) declared with add_tensor. `chunk_neurons` defaults to
+        Each neuron is one record of `bundle_bytes` bytes (a multiple of the dtype's itemsize; what
+        the bytes mean is the caller's contract, layout/schema.py for model layouts). `bundles` yields
+        2-D blocks (rows, bundle_bytes // itemsize) in the storage dtype (bf16 as uint16), in stored
+        order, n_neurons rows in total; a single ndarray is one block. `permutation` names an i32
+        tensor of shape (n_neurons,) declared with add_tensor. `chunk_neurons` defaults to
         chunk_bytes // bundle_bytes (at least 1).
         """
         field = f"layer {len(self._layers)}"
@@ -163,16 +166,18 @@ class LayoutWriter:
             self._fail(f"{field}.gated", "must be a bool", gated)
         if dtype not in STORAGE_DTYPES:
             self._fail(f"{field}.dtype", f"must be one of {', '.join(STORAGE_DTYPES)}", dtype)
+        bundle_bytes = self._int(f"{field}.bundle_bytes", bundle_bytes, 1, MAX_I64)
+        if bundle_bytes % DTYPES[dtype].itemsize:
+            self._fail(f"{field}.bundle_bytes", f"must be a multiple of the {dtype} itemsize", bundle_bytes)
         n_hot = self._int(f"{field}.n_hot", n_hot, 0, n_neurons)
         if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not math.isfinite(threshold):
             self._fail(f"{field}.threshold", "must be a finite number", threshold)
         if chunk_neurons is None:
-            bundle_bytes = bundle_len(d_model, gated) * DTYPES[dtype].itemsize
             chunk_neurons = min(n_neurons, max(1, self.chunk_bytes // bundle_bytes))
         chunk_neurons = self._int(f"{field}.chunk_neurons", chunk_neurons, 1, n_neurons)
         if isinstance(bundles, np.ndarray):
             bundles = [bundles]
-        self._layers.append(_LayerDecl(d_model, n_neurons, gated, dtype, n_hot, float(threshold), permutation,
+        self._layers.append(_LayerDecl(d_model, n_neurons, gated, dtype, bundle_bytes, n_hot, float(threshold), permutation,
                                        chunk_neurons, bundles))
         return len(self._layers) - 1
 
@@ -210,8 +215,7 @@ class LayoutWriter:
             offsets[name] = offset
             offset += array.nbytes
         raw_bytes = sum(a.nbytes for _, a in self._tensors.values())
-        raw_bytes += sum(l.n_neurons * bundle_len(l.d_model, l.gated) * DTYPES[l.dtype].itemsize
-                         for l in self._layers)
+        raw_bytes += sum(l.n_neurons * l.bundle_bytes for l in self._layers)
         return LayoutPlan(offsets, align_up(offset, ALIGNMENT), tuple(l.chunk_neurons for l in self._layers),
                           raw_bytes)
 
@@ -270,7 +274,7 @@ class LayoutWriter:
 
     def _write_layer(self, out: _Sink, index: int, l: _LayerDecl) -> FfnLayer:
         compressor = zstandard.ZstdCompressor(level=self.zstd_level) if self.zstd_level is not None else None
-        bundle_bytes = bundle_len(l.d_model, l.gated) * DTYPES[l.dtype].itemsize
+        bundle_bytes = l.bundle_bytes
         out.pad_to(align_up(out.offset, ALIGNMENT))
         region_offset = out.offset
         columns: list[list[int]] = [[], [], [], [], []]  # offset, stored, raw, crc, codec
@@ -300,8 +304,9 @@ def _chunks(writer: LayoutWriter, index: int, l: _LayerDecl, bundle_bytes: int) 
         field = f"layer {index}.bundles"
         block = np.asarray(block)
         writer._check_dtype(field, block, l.dtype, (l.dtype,))
-        if block.ndim != 2 or block.shape[1] != bundle_len(l.d_model, l.gated):
-            writer._fail(field, f"blocks must have shape (rows, {bundle_len(l.d_model, l.gated)})", block.shape)
+        row = l.bundle_bytes // DTYPES[l.dtype].itemsize
+        if block.ndim != 2 or block.shape[1] != row:
+            writer._fail(field, f"blocks must have shape (rows, {row})", block.shape)
         view = _little_endian_bytes(block, l.dtype)
         done += view.nbytes
         if done > total:

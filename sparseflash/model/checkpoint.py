@@ -55,9 +55,6 @@ class Checkpoint:
     weights: ModelWeights
     tokenizer_path: Path
 
-    def content_hash(self) -> str:
-        return checkpoint_hash(self.path)
-
 
 def _read_json(path: Path, what: str) -> dict:
     try:

@@ -68,3 +68,17 @@ def model_summary(config: ModelConfig, weights: ModelWeights) -> dict:
         "bundle_bytes": {"f32": ffn_values // config.intermediate_size * 4,
                          "f16": ffn_values // config.intermediate_size * 2},
     }
+
+
+def summary_text(s: dict) -> str:
+    """model_summary's dict (plus ``source``) as a few lines."""
+    from sparseflash.units import fmt_bytes
+
+    return "\n".join([
+        f"model:        {s['source']}",
+        f"architecture: {s['arch']} ({s['ffn_kind']} FFN, {s['norm']}, rotary dim {s['rotary_dim']})",
+        f"shape:        {s['layers']} layers, hidden {s['hidden_size']}, {s['ffn_neurons']} FFN neurons/layer, "
+        f"{s['heads']} heads ({s['kv_heads']} kv) of {s['head_dim']}, vocab {s['vocab_size']}, context {s['context']}",
+        f"parameters:   {s['parameters']:,} ({s['ffn_share']:.1%} in FFNs), tied embeddings: {s['tied_embeddings']}",
+        f"FFN bytes:    {fmt_bytes(s['ffn_bytes_per_layer']['f16'])}/layer in f16, "
+        f"{fmt_bytes(s['ffn_bytes_per_layer']['f32'])}/layer in f32; bundle {s['bundle_bytes']['f16']} B (f16)"])

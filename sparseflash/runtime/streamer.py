@@ -1,6 +1,6 @@
 """Read neuron bundles from a layout file into cache slots: few, aligned, concurrent reads.
 
-Missing positions become coalesced 4096-aligned extents (iomodel.plan_extents, merging gaps the
+Missing positions become coalesced 4096-aligned extents (planner.plan_reads, merging gaps the
 device model says are cheaper to read through), cut into pieces no larger than one I/O buffer.
 Pieces are read by a thread pool with ``os.preadv`` (which releases the GIL) into page-aligned
 buffers, from an O_DIRECT descriptor; where the file system refuses O_DIRECT the reader falls back
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparseflash.errors import SparseflashError
-from sparseflash.runtime.iomodel import BLOCK, DeviceModel, plan_extents
+from sparseflash.layout.format_extents import BLOCK
+from sparseflash.runtime.iomodel import DeviceModel
+from sparseflash.runtime.planner import plan_reads
 
 
 class StreamError(SparseflashError):
@@ -46,7 +48,7 @@ class BundleReader:
         self.device = device
         largest = max((r.length for r in regions), default=BLOCK)
         self.buffer_bytes = max(BLOCK, min(buffer_bytes, -(-largest // BLOCK) * BLOCK) // BLOCK * BLOCK)
-        self.merge_gap_blocks = device.merge_gap_bytes // BLOCK
+        self.merge_gap_blocks = device.merge_gap_blocks
         self._preadv = preadv
         self.direct = False
         self.fd = self._open(io)
@@ -129,24 +131,14 @@ class BundleReader:
             if start < end:
                 dest_bytes[s, start - p * bb : end - p * bb] = raw[start - lo : end - lo]
 
-    def plan(self, layer: int, positions: np.ndarray) -> list[tuple[int, int]]:
-        """Pieces (first_block, end_block) to read for sorted stored positions of a layer."""
-        ext = plan_extents(positions, self.regions[layer].bundle_bytes, self.merge_gap_blocks)
-        step = self.buffer_bytes // BLOCK
-        pieces = []
-        for a, b in ext:
-            for s in range(int(a), int(b), step):
-                pieces.append((s, min(int(b), s + step)))
-        return pieces
-
     def submit(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> Future:
         """Start reading the bundles of sorted ``positions`` into ``dest[dest_slots]``; the future's
         result is a ReadResult (or raises StreamError)."""
         positions = np.asarray(positions, dtype=np.int64)
         order = np.argsort(positions, kind="stable")
         positions, dest_slots = positions[order], np.asarray(dest_slots, dtype=np.int64)[order]
-        pieces = self.plan(layer, positions)
         bb = self.regions[layer].bundle_bytes
+        pieces = plan_reads(positions, bb, self.merge_gap_blocks, self.buffer_bytes // BLOCK)
         t0 = time.perf_counter()
         futures = []
         for a, b in pieces:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sparseflash.tools.format import fmt_bytes
+from sparseflash.units import fmt_bytes
 
 
 def cmd_export_gguf(args) -> int:

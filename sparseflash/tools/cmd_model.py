@@ -1,13 +1,11 @@
-"""CLI commands over a dense model: run, info, eval-ppl."""
+"""CLI commands over a model: run (dense or streamed), info, eval-ppl."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-from sparseflash.runtime.policy import DEFAULT_EVICTION, EVICTION_POLICIES
-from sparseflash.tools.format import fmt_bytes
+from sparseflash.runtime.policy import EVICTION_POLICIES, Policy
 
 
 def _is_layout(path) -> bool:
@@ -18,47 +16,29 @@ def cmd_run(args) -> int:
     from sparseflash.model.generate import Sampling
 
     sampling = Sampling(greedy=args.greedy, temperature=args.temp, top_p=args.top_p, seed=args.seed)
-    if _is_layout(args.model):
-        return _run_streamed(args, sampling, args.model)
-    if args.budget is not None:
-        return _run_streamed(args, sampling, _prepared_layout(args.model, quiet=args.json))
+    if _is_layout(args.model) or args.budget is not None:
+        return _run_streamed(args, sampling)
     from sparseflash.model.generate import generate
     from sparseflash.model.loader import open_dense
+    from sparseflash.runtime.rss import peak_rss_bytes
 
     model = open_dense(args.model)
-    tok = model.tokenizer
-    prompt = tok.encode(args.prompt)
+    prompt = model.tokenizer.encode(args.prompt)
     result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
-    import resource
-
-    _print_result(args, tok, prompt, result,
-                  {"engine": "dense", "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    _print_result(args, model.tokenizer, result, {"engine": "dense", "peak_rss_bytes": peak_rss_bytes()})
     return 0
 
 
-def _prepared_layout(model_path, quiet: bool) -> str:
-    """The layout of a checkpoint run with --budget: the bundled model prepares its own on first use;
-    other checkpoints need `sparseflash prepare` first."""
-    from sparseflash.errors import ArtefactError
-    from sparseflash.layout.pipeline import cache_root, prepare_bundled
-    from sparseflash.model.checkpoint import checkpoint_hash
-
-    if model_path is None:
-        return str(prepare_bundled(quiet=quiet, log=lambda m: print(m, file=sys.stderr)))
-    prepared = cache_root() / f"{os.path.basename(os.path.normpath(model_path))}-{checkpoint_hash(model_path)}"
-    if not (prepared / "model.sflash").exists():
-        raise ArtefactError(f"{model_path}: no prepared layout; run `sparseflash prepare -m {model_path} --corpus "
-                            f"TEXT` first, or pass -m MODEL.sflash")
-    return str(prepared / "model.sflash")
-
-
-def _run_streamed(args, sampling, layout_path) -> int:
+def _run_streamed(args, sampling) -> int:
     from sparseflash.errors import SparseflashError
-    from sparseflash.runtime.session import open_streamed, stream_generate
+    from sparseflash.layout.pipeline import prepared_layout
+    from sparseflash.runtime.session import open_streamed, stream_generate, summary_line
 
     if args.budget is None:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
-    model = open_streamed(layout_path, args.budget, verify=args.verify, window=args.window, io=args.io,
+    path = args.model if _is_layout(args.model) else prepared_layout(
+        args.model, quiet=args.json, log=lambda m: print(m, file=sys.stderr))
+    model = open_streamed(path, args.budget, verify=args.verify, window=args.window, io=args.io,
                           io_threads=args.io_threads, eviction=args.eviction, strategy=args.strategy,
                           lookahead=not args.no_lookahead, device=args.device)
     try:
@@ -66,53 +46,27 @@ def _run_streamed(args, sampling, layout_path) -> int:
         result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats)
     finally:
         model.close()
-    _print_result(args, model.tokenizer, prompt, result, {"engine": "streamed", **summary})
+    _print_result(args, model.tokenizer, result, {"engine": "streamed", **summary})
     if not args.json:
-        print(f"[streamed: {summary['decode_bytes_per_token'] / 1024:.1f} KiB of FFN read per decoded token = "
-              f"{summary['decode_dense_share']:.1%} of dense ({summary['dense_ffn_bytes_per_token'] / 1024:.0f} KiB), "
-              f"{summary['requests']} requests, hit rate {summary['hit_rate']:.1%}, I/O wait "
-              f"{summary['io_wait_s'] * 1e3:.0f} ms, budget {fmt_bytes(summary['budget_bytes'])}, "
-              f"peak RSS {fmt_bytes(summary['peak_rss_bytes'])}]", file=sys.stderr)
+        print(summary_line(summary), file=sys.stderr)
     return 0
 
 
-def _print_result(args, tok, prompt, result, extra: dict) -> None:
+def _print_result(args, tok, result, extra: dict) -> None:
     text = tok.decode(result.tokens)
     if args.json:
-        print(json.dumps({
-            "text": text,
-            "tokens": result.tokens,
-            "prompt_tokens": len(prompt),
-            "tokens_per_s": result.tokens_per_s,
-            "decode_tokens_per_s": result.decode_tokens_per_s,
-            "prefill_ms": result.prefill_s * 1e3,
-            "stopped_at_eos": result.stopped_at_eos,
-            **extra,
-        }))
+        print(json.dumps({**result.to_dict(text), **extra}))
         return
     print(args.prompt + text)
-    print(f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s "
-          f"(decode {result.decode_tokens_per_s:.1f} tokens/s, prefill {result.prefill_s * 1e3:.0f} ms), "
-          f"{extra['engine']}]", file=sys.stderr)
+    print(result.speed_line(extra["engine"]), file=sys.stderr)
 
 
 def cmd_info(args) -> int:
-    from sparseflash.model.loader import model_summary, open_dense
+    from sparseflash.model.loader import model_summary, open_dense, summary_text
 
     model = open_dense(args.model)
-    s = model_summary(model.config, model.weights)
-    s["source"] = str(model.source)
-    if args.json:
-        print(json.dumps(s))
-        return 0
-    print(f"model:        {s['source']}")
-    print(f"architecture: {s['arch']} ({s['ffn_kind']} FFN, {s['norm']}, rotary dim {s['rotary_dim']})")
-    print(f"shape:        {s['layers']} layers, hidden {s['hidden_size']}, {s['ffn_neurons']} FFN neurons/layer, "
-          f"{s['heads']} heads ({s['kv_heads']} kv) of {s['head_dim']}, vocab {s['vocab_size']}, "
-          f"context {s['context']}")
-    print(f"parameters:   {s['parameters']:,} ({s['ffn_share']:.1%} in FFNs), tied embeddings: {s['tied_embeddings']}")
-    print(f"FFN bytes:    {fmt_bytes(s['ffn_bytes_per_layer']['f16'])}/layer in f16, "
-          f"{fmt_bytes(s['ffn_bytes_per_layer']['f32'])}/layer in f32; bundle {s['bundle_bytes']['f16']} B (f16)")
+    s = {**model_summary(model.config, model.weights), "source": str(model.source)}
+    print(json.dumps(s) if args.json else summary_text(s))
     return 0
 
 
@@ -136,7 +90,6 @@ def model_arg(sp):
 
 
 def register(sub) -> None:
-
     r = sub.add_parser("run", help="generate text from a prompt")
     model_arg(r)
     r.add_argument("-p", "--prompt", default="The os module")
@@ -149,15 +102,15 @@ def register(sub) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--budget", default=None, help="stream under this memory budget: bytes (2GiB), a share of the "
                    "model (40%%) or of its FFN bytes for hot region + cache (25%%ffn); without it, run dense")
-    r.add_argument("--window", type=int, default=4, help="tokens whose neurons are protected from eviction")
-    r.add_argument("--eviction", choices=list(EVICTION_POLICIES), default=DEFAULT_EVICTION,
+    r.add_argument("--window", type=int, default=Policy.window, help="tokens whose neurons are protected from eviction")
+    r.add_argument("--eviction", choices=list(EVICTION_POLICIES), default=Policy.eviction,
                    help="beyond the window: lru, lfu, predicted (lowest predictor score first) or window "
                         "(drop everything outside the window)")
-    r.add_argument("--strategy", choices=["topk", "threshold", "all"], default=None,
+    r.add_argument("--strategy", choices=["topk", "threshold", "all"], default=Policy.strategy,
                    help="active-set prediction (default: the layout's)")
-    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    r.add_argument("--io", choices=["direct", "buffered"], default="direct")
-    r.add_argument("--io-threads", type=int, default=4)
+    r.add_argument("--device", choices=["cpu", "cuda"], default=Policy.device)
+    r.add_argument("--io", choices=["direct", "buffered"], default=Policy.io)
+    r.add_argument("--io-threads", type=int, default=Policy.io_threads)
     r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
     r.add_argument("--verify", action="store_true", help="verify the layout's checksums before running")
     r.add_argument("--stats", default=None, help="save per-token statistics to this JSON file")

@@ -1,0 +1,99 @@
+"""Parameters of the preparation stages (profile, predictors, layout, prepare), with their defaults.
+
+This is the one place each default is written: the stages take these dataclasses and the command
+line reads its defaults from them. Importing this module is cheap (no torch), so the CLI can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparseflash.errors import SparseflashError
+
+ORDERS = ("coact", "frequency", "identity")  # neuron orders (layout/ordering.py)
+THRESHOLD_SETS = ("ppl", "cett")  # which profile thresholds define "active"
+LAYOUT_DTYPES = ("f16", "bf16", "f32")
+
+
+@dataclass(frozen=True)
+class ProfileParams:
+    tokens: int = 50_000  # calibration tokens
+    ctx: int = 256  # window length (tokens)
+    cett_bound: float = 0.2
+    ppl_p: float = 1.0  # percent perplexity rise allowed
+    cett_tokens: int = 16384  # tokens sampled for the threshold search
+    ppl_tokens: int = 8192  # held-out tokens for the PPL-p% search
+    candidates: int = 1000  # magnitude quantiles tried as thresholds
+    ppl_steps: int = 10  # bisection steps on the common CETT bound
+    batch: int = 8  # windows per forward pass
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 30
+    batch: int = 512
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    max_pos_weight: float = 30.0  # cap on the positive-class weight of the BCE
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PredictorParams:
+    tokens: int = 40_960  # training tokens
+    val_tokens: int = 8192  # held-out tokens for every reported figure
+    ctx: int = 256
+    thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
+    size_share: float = 0.025  # all predictors / FFN values, sets the default rank
+    rank: int | tuple[int, ...] = 0  # 0: from size_share; a tuple gives each layer its own rank
+    topk_factor: float = 2.0  # top-k strategy predicts this many times the mean active count
+    target_recall: float = 0.99  # the threshold strategy's cut is tuned for this recall
+    tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
+    lookahead: bool = True
+    train: TrainParams = TrainParams()
+
+
+@dataclass(frozen=True)
+class LayoutParams:
+    """How a layout is made."""
+
+    order: str = "coact"  # coact | frequency | identity (ordering.py)
+    dtype: str = "f16"  # bundle and resident-matrix storage
+    hot_fraction: float = 0.1  # share of each layer's neurons pinned resident (the most frequent)
+    thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
+    zstd_level: int | None = None  # None: FFN chunks raw (streaming needs raw chunks)
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise SparseflashError(f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.dtype not in LAYOUT_DTYPES:
+            raise SparseflashError(f"--dtype must be one of {', '.join(LAYOUT_DTYPES)}, got {self.dtype!r}")
+        if not 0 <= self.hot_fraction < 1:
+            raise SparseflashError(f"--hot-fraction must be in [0, 1), got {self.hot_fraction}")
+        if self.thresholds not in THRESHOLD_SETS:
+            raise SparseflashError(f"--thresholds must be ppl or cett, got {self.thresholds!r}")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """`prepare`: profile + predictors + layout; each step's parameters are recorded with its output."""
+
+    profile_tokens: int = 32768
+    cett_tokens: int = 8192  # tokens sampled for the threshold search
+    heldout_tokens: int = 4096  # for the PPL-p% search and predictor validation
+    ppl_p: float = ProfileParams.ppl_p
+    cett: float = ProfileParams.cett_bound
+    predictor_tokens: int = 32768
+    rank: int = 0  # 0: from the size share (2.5% of FFN values)
+    epochs: int = TrainParams.epochs
+    order: str = LayoutParams.order
+    hot_fraction: float = LayoutParams.hot_fraction
+    dtype: str = LayoutParams.dtype
+
+    def layout_params(self) -> LayoutParams:
+        return LayoutParams(order=self.order, dtype=self.dtype, hot_fraction=self.hot_fraction)
+
+
+# The bundled model is small enough that 2.5% of its FFN leaves rank 10, which misses half the active
+# neurons; rank 32 (8% of its FFN values) reaches the quality target, see docs/figures.md.
+BUNDLED_PARAMS = PrepareParams(rank=32, epochs=20, predictor_tokens=24576, profile_tokens=24576)
