@@ -214,14 +214,6 @@ def test_export_refuses_what_llama_cpp_cannot_run(tmp_path, capsys, family, need
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_quantized_tensor_is_refused_by_name(exported, tmp_path, capsys):
-    _, path = exported["arcee"]
-    bad = _rewrite_gguf(path, tmp_path / "q.gguf", quantize="blk.1.ffn_down.weight")
-    with pytest.raises(UnsupportedModelError):
-        load_gguf(bad)
-    _assert_one_line_error(capsys, ["info", "-m", str(bad)], "'blk.1.ffn_down.weight' has type Q8_0")
-
-
 # --- malformed files ---------------------------------------------------------------------------------------
 
 def _patch(data: bytes, at: int, fmt: str, value) -> bytes:
