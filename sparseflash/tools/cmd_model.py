@@ -25,7 +25,7 @@ def cmd_run(args) -> int:
     from sparseflash.model.generate import generate
     from sparseflash.model.loader import open_dense
 
-    model = open_dense(args.model)
+    model = open_dense(args.model, args.tokenizer)
     tok = model.tokenizer
     prompt = tok.encode(args.prompt)
     result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
@@ -56,6 +56,8 @@ def _run_streamed(args, sampling, layout_path) -> int:
     from sparseflash.errors import SparseflashError
     from sparseflash.runtime.session import open_streamed, stream_generate
 
+    if args.tokenizer is not None:
+        raise SparseflashError("--tokenizer applies to a checkpoint run dense; a layout carries its own tokenizer")
     if args.budget is None:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
     model = open_streamed(layout_path, args.budget, verify=args.verify, window=args.window, io=args.io,
@@ -97,13 +99,15 @@ def _print_result(args, tok, prompt, result, extra: dict) -> None:
 
 
 def cmd_info(args) -> int:
-    from sparseflash.model.loader import model_summary, open_dense
+    from sparseflash.model.loader import model_summary, open_dense, stored_tensors, type_counts
 
-    model = open_dense(args.model)
+    model = open_dense(args.model, args.tokenizer)
     s = model_summary(model.config, model.weights)
     s["source"] = str(model.source)
+    tensors = stored_tensors(args.model)
+    s["tensor_types"] = type_counts(tensors)
     if args.json:
-        print(json.dumps(s))
+        print(json.dumps({**s, "tensors": tensors}))
         return 0
     print(f"model:        {s['source']}")
     print(f"architecture: {s['arch']} ({s['ffn_kind']} FFN, {s['norm']}, rotary dim {s['rotary_dim']})")
@@ -113,6 +117,7 @@ def cmd_info(args) -> int:
     print(f"parameters:   {s['parameters']:,} ({s['ffn_share']:.1%} in FFNs), tied embeddings: {s['tied_embeddings']}")
     print(f"FFN bytes:    {fmt_bytes(s['ffn_bytes_per_layer']['f16'])}/layer in f16, "
           f"{fmt_bytes(s['ffn_bytes_per_layer']['f32'])}/layer in f32; bundle {s['bundle_bytes']['f16']} B (f16)")
+    print(f"tensor types: {', '.join(f'{n} {kind}' for kind, n in s['tensor_types'].items())}")
     return 0
 
 
@@ -121,7 +126,7 @@ def cmd_eval_ppl(args) -> int:
     from sparseflash.model.perplexity import perplexity
     from sparseflash.model.text import read_text
 
-    model = open_dense(args.model)
+    model = open_dense(args.model, args.tokenizer)
     ids = model.tokenizer.encode(read_text(args.text))
     r = perplexity(model.transformer(), ids, ctx=args.ctx, max_tokens=args.tokens, progress=not args.json)
     if args.json:
@@ -135,10 +140,17 @@ def model_arg(sp):
     sp.add_argument("-m", "--model", default=None, help="checkpoint folder, .gguf or .sflash layout (default: the bundled tiny-relu2)")
 
 
+def tokenizer_arg(sp):
+    sp.add_argument("--tokenizer", default=None, metavar="TOKENIZER_JSON",
+                    help="use this tokenizer.json instead of the checkpoint's own (e.g. for a GGUF whose "
+                         "pre-tokenizer cannot be rebuilt)")
+
+
 def register(sub) -> None:
 
     r = sub.add_parser("run", help="generate text from a prompt")
     model_arg(r)
+    tokenizer_arg(r)
     r.add_argument("-p", "--prompt", default="The os module")
     r.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate")
     r.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
@@ -165,11 +177,13 @@ def register(sub) -> None:
 
     i = sub.add_parser("info", help="architecture, sizes and FFN bytes per layer")
     model_arg(i)
+    tokenizer_arg(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
     e = sub.add_parser("eval-ppl", help="perplexity on a text file (plain or .zst)")
     model_arg(e)
+    tokenizer_arg(e)
     e.add_argument("--text", required=True)
     e.add_argument("--tokens", type=int, default=None, help="use the first N tokens")
     e.add_argument("--ctx", type=int, default=256, help="window length in tokens")
