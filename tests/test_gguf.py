@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import BUNDLED_TOKENIZER, FAMILIES, make_hf_model, save_hf_model
 
-from sparseflash.errors import CheckpointError, UnsupportedModelError
+from sparseflash.errors import CheckpointError
 from sparseflash.model.checkpoint import default_model_dir, load_checkpoint
 from sparseflash.model.gguf_export import export_gguf
 from sparseflash.model.gguf_format import check_gguf_file
