@@ -229,7 +229,18 @@ def small_gguf(tmp_path_factory):
     return export_gguf(_hf_folder("arcee", root / "arcee"), root / "arcee.gguf").path
 
 
-@pytest.mark.parametrize("name", sorted(PRE_TOKENIZERS))
+# where llama.cpp's re-implementation departs from the published tokenizer (sparseflash follows the published one)
+LLAMA_CPP_DEPARTS = {
+    "falcon": "llama.cpp has no Digits step after ByteLevel: ' 3' stays one word (published: ' ' + '3')",
+    "deepseek-llm": "llama.cpp splits digit runs (\\p{N}+), the published Digits step single digits",
+    "tiny_aya": "llama.cpp's \\b treats CJK as non-word and its [\\p{Lu}...] classes do not split 'PyObject'",
+    "cohere2moe": "as tiny_aya (same pre-tokenizer)",
+    "youtu": "llama.cpp's [\\p{Lu}...] classes do not split 'PyObject' at the case change its own regex asks for",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=LLAMA_CPP_DEPARTS[n]))
+                                  if n in LLAMA_CPP_DEPARTS else n for n in sorted(PRE_TOKENIZERS)])
 def test_llama_cpp_tokenizes_like_the_rebuilt_tokenizer(llama_cpp, small_gguf, tmp_path, name):
     from gguf import GGUFValueType
 
