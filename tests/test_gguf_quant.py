@@ -265,3 +265,61 @@ def test_info_of_a_checkpoint_folder_counts_safetensors_dtypes(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["tensor_types"] == {"F16": 63}  # the bundled model is stored in float16
     assert {"name": "model.layers.0.mlp.down_proj.weight", "type": "F16", "shape": [256, 1024]} in info["tensors"]
+
+
+# --- llama.cpp (bench extra) -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+
+
+def dequantize_gguf(src, dst):
+    """The float32 GGUF of a quantized one: every tensor dequantized by gguf-py, metadata copied."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(src)
+    w = GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(name, field.contents(), field.types[0], sub)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.ascontiguousarray(dequantize(np.array(t.data), t.tensor_type), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q4_K_M"])
+def test_llama_cpp_quantized_file_runs_alike_in_both(llama_cpp, tmp_path, ftype):
+    """A file quantized by llama.cpp's own quantizer: sparseflash's logits are within a tolerance of llama.cpp's
+    (which also quantizes the activations to 8 bits in its dot products; logits here reach about 20), and
+    its greedy tokens equal those of the gguf-py-dequantized float32 file."""
+    import ctypes
+
+    from test_gguf import llama_cpp_logits
+
+    from sparseflash.model.loader import open_dense
+    from sparseflash.model.text import read_text
+
+    f32 = export_gguf(default_model_dir(), tmp_path / "f32.gguf").path
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}"), 1
+    path = tmp_path / f"{ftype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), ctypes.byref(params)) == 0
+    model = open_dense(path)
+    tokens = model.tokenizer.encode(read_text(default_model_dir() / "heldout.txt.zst"))[:100]
+    ours = model.transformer()(torch.tensor([tokens]))[0].numpy()
+    theirs = llama_cpp_logits(llama_cpp, path, tokens)
+    diff = np.abs(ours - theirs)
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    assert diff.mean() <= 0.05 and diff.max() <= 1.0 and top1 >= 0.95, (diff.mean(), diff.max(), top1)
+    ref = open_dense(dequantize_gguf(path, tmp_path / "deq.gguf"))
+    prompt = tokens[:8]
+    a = generate(model.transformer(), prompt, 24, Sampling(greedy=True), stop_at_eos=False).tokens
+    b = generate(ref.transformer(), prompt, 24, Sampling(greedy=True), stop_at_eos=False).tokens
+    assert a == b
