@@ -323,3 +323,51 @@ def test_llama_cpp_quantized_file_runs_alike_in_both(llama_cpp, tmp_path, ftype)
     a = generate(model.transformer(), prompt, 24, Sampling(greedy=True), stop_at_eos=False).tokens
     b = generate(ref.transformer(), prompt, 24, Sampling(greedy=True), stop_at_eos=False).tokens
     assert a == b
+
+
+# --- transformers (dev extra, with accelerate) as a whole-model oracle ------------------------------------
+
+def _with_random_blocks(src, dst, kind: str):
+    """The bundled model's GGUF with every matrix replaced by valid random ``kind`` blocks of its shape."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    w = GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(name, field.contents(), field.types[0], sub)
+    values, size = LAYOUT[kind][:2]
+    for i, t in enumerate(reader.tensors):
+        data = np.array(t.data)
+        if data.ndim == 2:
+            rows, cols = data.shape
+            blocks = random_blocks(kind, rows * cols // values, seed=i, scale=2e-4 if values == 256 else 2e-3)
+            w.add_tensor(t.name, blocks.reshape(rows, cols // values * size), raw_dtype=GGMLQuantizationType[kind])
+        else:
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])  # every K type block by block: test_k_quant_blocks_decode_like_ggml
+def test_k_quant_model_gives_the_logits_of_transformers_gguf_loader(tmp_path, kind):
+    """transformers dequantizes GGUF blocks with its own torch code (not gguf-py) and maps nemotron's tensors
+    itself: its logits for a whole K-quant model must be sparseflash's (equal weights; forward within 1e-5)."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    from transformers import AutoModelForCausalLM
+
+    f32 = export_gguf(default_model_dir(), tmp_path / "f32.gguf").path
+    path = _with_random_blocks(f32, tmp_path / f"{kind}.gguf", kind)
+    ours = load_gguf(path)
+    assert GGUFTensors(path).type_counts() == {kind: 38, "F32": 26}
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(ids).logits[0]
+    got = Transformer(ours.config, ours.weights)(ids)[0]
+    assert expected.abs().max() > 0.1 and torch.isfinite(expected).all()  # a model that computes something
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
