@@ -91,11 +91,14 @@ def _original(pre_tokenizer, ignore_merges=False, normalizer=None) -> str:
     return json.dumps(spec, ensure_ascii=False)
 
 
-def _rebuild(name: str, original_json: str) -> TextTokenizer:
-    """The tokenizer sparseflash rebuilds from GGUF metadata (vocabulary of the original, pre name ``name``)."""
+def _rebuild_json(name: str, original_json: str) -> str:
+    """The tokenizer.json sparseflash rebuilds from GGUF metadata (vocabulary of the original, pre name ``name``)."""
     v = ggml_vocab(original_json, 4096, "original")
-    return TextTokenizer.from_json(tokenizer_json_from_ggml("gpt2", name, v.tokens, v.token_types, v.merges,
-                                                            None, v.add_bos, "test"))
+    return tokenizer_json_from_ggml("gpt2", name, v.tokens, v.token_types, v.merges, None, v.add_bos, "test")
+
+
+def _rebuild(name: str, original_json: str) -> TextTokenizer:
+    return TextTokenizer.from_json(_rebuild_json(name, original_json))
 
 
 PUBLISHED = sorted(_published())
@@ -108,7 +111,12 @@ def test_rebuilt_tokenizer_encodes_like_the_published_original(name):
     original = TextTokenizer.from_json(original_json)
     exported_name = ggml_vocab(original_json, 4096, "original").pre
     assert PRE_TOKENIZERS[exported_name] == PRE_TOKENIZERS[name]  # export writes a name of the same meaning
-    rebuilt = _rebuild(name, original_json)
+    rebuilt_json = json.loads(_rebuild_json(name, original_json))
+    # this vocabulary encodes alike with or without ignore_merges (every token is its own merge result),
+    # so the flag is checked where it is written
+    assert rebuilt_json["model"]["ignore_merges"] == ignore_merges
+    assert rebuilt_json["normalizer"] == normalizer
+    rebuilt = TextTokenizer.from_json(json.dumps(rebuilt_json))
     for text in [*SAMPLES, NFD_SAMPLE]:
         ids = original.encode(text)
         assert rebuilt.encode(text) == ids, f"{name}: {text!r}"
