@@ -261,3 +261,17 @@ def test_llama_cpp_tokenizes_like_the_rebuilt_tokenizer(llama_cpp, small_gguf, t
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours.encode(text), f"{name}: {text!r}"
     finally:
         llm.close()
+
+
+def test_export_gguf_takes_a_tokenizer_for_a_gguf_it_cannot_read_one_from(tmp_path, capsys):
+    from gguf import GGUFReader, GGUFValueType
+
+    path = export_gguf(default_model_dir(), tmp_path / "m.gguf").path
+    bare = _rewrite_gguf(path, tmp_path / "bare.gguf", drop={"tokenizer.huggingface.json"},
+                         set_kv={"tokenizer.ggml.pre": ("no-such-pre", GGUFValueType.STRING)})
+    smollm = tmp_path / "tokenizer.json"
+    smollm.write_text(_original(*_published()["smollm"]))
+    out = tmp_path / "out.gguf"
+    assert main(["export-gguf", "-m", str(bare), "-o", str(out), "--tokenizer", str(smollm)]) == 0
+    assert GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "starcoder"
+    assert load_gguf(out).tokenizer_json == smollm.read_text()
