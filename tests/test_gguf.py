@@ -50,10 +50,9 @@ def exported(tmp_path_factory):
     return out
 
 
-def _rewrite_gguf(src, dst, drop=(), set_kv=None, quantize=None):
-    """Copy a GGUF through gguf's reader and writer, dropping keys or tensors, replacing keys, quantizing."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-    from gguf.quants import quantize as quantize_array
+def _rewrite_gguf(src, dst, drop=(), set_kv=None):
+    """Copy a GGUF through gguf's reader and writer, dropping keys or tensors, replacing keys."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     reader = GGUFReader(src)
     writer = GGUFWriter(dst, reader.fields["general.architecture"].contents())
@@ -69,10 +68,7 @@ def _rewrite_gguf(src, dst, drop=(), set_kv=None, quantize=None):
     for t in reader.tensors:
         if t.name in drop:
             continue
-        data, kind = np.array(t.data), t.tensor_type
-        if t.name == quantize:
-            data, kind = quantize_array(data.astype(np.float32), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
-        writer.add_tensor(t.name, data, raw_dtype=kind)
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

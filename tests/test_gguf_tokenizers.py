@@ -125,15 +125,19 @@ def test_rebuilt_tokenizer_encodes_like_the_published_original(name):
 
 def test_pre_tokenizers_differ_on_the_sample():
     """The sample tells the families apart, so the equality above is not vacuous."""
-    encodings = {name: [TextTokenizer.from_json(_original(*_published()[name])).encode(t) for t in SAMPLES]
-                 for name in PUBLISHED}
+    published = _published()
+    originals = {name: _original(*published[name]) for name in PUBLISHED}
+    encodings = {}
+    for name in PUBLISHED:
+        tok = TextTokenizer.from_json(originals[name])
+        encodings[name] = [tok.encode(t) for t in SAMPLES]
     distinct = {json.dumps(e) for e in encodings.values()}
     assert len(distinct) == len(PUBLISHED) - 1  # smollm and starcoder share one pre-tokenizer
     for name in PUBLISHED:  # and each rebuilt under a wrong name would differ
         wrong = "gpt-2" if name != "gpt-2" else "llama-bpe"
         if PRE_TOKENIZERS[wrong] != PRE_TOKENIZERS[name]:
-            original_json = _original(*_published()[name])
-            assert [_rebuild(wrong, original_json).encode(t) for t in SAMPLES] != encodings[name], name
+            tok = _rebuild(wrong, originals[name])
+            assert [tok.encode(t) for t in SAMPLES] != encodings[name], name
 
 
 def _transformers_splits() -> dict:

@@ -170,7 +170,9 @@ class GGUFTensors:
         except (ValueError, NotImplementedError) as e:
             raise UnsupportedModelError(f"{self.path}: tensor {name!r} ({info.type_name}) cannot be dequantized "
                                         f"({str(e)[:120]})") from None
-        values = np.array(values, dtype=np.float32, copy=True).reshape(info.shape)  # off the read-only map
+        values = np.asarray(values, dtype=np.float32).reshape(info.shape)
+        if not values.flags.writeable or np.may_share_memory(values, data):
+            values = values.copy()  # F32 dequantizes to a view of the read-only map
         t = torch.from_numpy(values)
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
