@@ -22,7 +22,7 @@ def cmd_run(args) -> int:
     from sparseflash.model.loader import open_dense
     from sparseflash.runtime.rss import peak_rss_bytes
 
-    model = open_dense(args.model)
+    model = open_dense(args.model, args.tokenizer)
     prompt = model.tokenizer.encode(args.prompt)
     result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
     _print_result(args, model.tokenizer, result, {"engine": "dense", "peak_rss_bytes": peak_rss_bytes()})
@@ -34,6 +34,8 @@ def _run_streamed(args, sampling) -> int:
     from sparseflash.layout.pipeline import prepared_layout
     from sparseflash.runtime.session import open_streamed, stream_generate, summary_line
 
+    if args.tokenizer is not None:
+        raise SparseflashError("--tokenizer applies to a checkpoint run dense; a layout carries its own tokenizer")
     if args.budget is None:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
     path = args.model if _is_layout(args.model) else prepared_layout(
@@ -62,11 +64,13 @@ def _print_result(args, tok, result, extra: dict) -> None:
 
 
 def cmd_info(args) -> int:
-    from sparseflash.model.loader import model_summary, open_dense, summary_text
+    from sparseflash.model.loader import model_summary, open_dense, stored_tensors, summary_text, type_counts
 
-    model = open_dense(args.model)
-    s = {**model_summary(model.config, model.weights), "source": str(model.source)}
-    print(json.dumps(s) if args.json else summary_text(s))
+    model = open_dense(args.model, args.tokenizer)
+    tensors = stored_tensors(args.model)
+    s = {**model_summary(model.config, model.weights), "source": str(model.source),
+         "tensor_types": type_counts(tensors)}
+    print(json.dumps({**s, "tensors": tensors}) if args.json else summary_text(s))
     return 0
 
 
@@ -75,7 +79,7 @@ def cmd_eval_ppl(args) -> int:
     from sparseflash.model.perplexity import perplexity
     from sparseflash.model.text import read_text
 
-    model = open_dense(args.model)
+    model = open_dense(args.model, args.tokenizer)
     ids = model.tokenizer.encode(read_text(args.text))
     r = perplexity(model.transformer(), ids, ctx=args.ctx, max_tokens=args.tokens, progress=not args.json)
     if args.json:
@@ -89,9 +93,16 @@ def model_arg(sp):
     sp.add_argument("-m", "--model", default=None, help="checkpoint folder, .gguf or .sflash layout (default: the bundled tiny-relu2)")
 
 
+def tokenizer_arg(sp):
+    sp.add_argument("--tokenizer", default=None, metavar="TOKENIZER_JSON",
+                    help="use this tokenizer.json instead of the checkpoint's own (e.g. for a GGUF whose "
+                         "pre-tokenizer cannot be rebuilt)")
+
+
 def register(sub) -> None:
     r = sub.add_parser("run", help="generate text from a prompt")
     model_arg(r)
+    tokenizer_arg(r)
     r.add_argument("-p", "--prompt", default="The os module")
     r.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate")
     r.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
@@ -116,13 +127,15 @@ def register(sub) -> None:
     r.add_argument("--stats", default=None, help="save per-token statistics to this JSON file")
     r.set_defaults(func=cmd_run)
 
-    i = sub.add_parser("info", help="architecture, sizes and FFN bytes per layer")
+    i = sub.add_parser("info", help="architecture, sizes, stored tensor types and FFN bytes per layer")
     model_arg(i)
+    tokenizer_arg(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
     e = sub.add_parser("eval-ppl", help="perplexity on a text file (plain or .zst)")
     model_arg(e)
+    tokenizer_arg(e)
     e.add_argument("--text", required=True)
     e.add_argument("--tokens", type=int, default=None, help="use the first N tokens")
     e.add_argument("--ctx", type=int, default=256, help="window length in tokens")
