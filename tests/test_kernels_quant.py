@@ -188,7 +188,7 @@ def test_cpu_threads_split_quantized_neurons_without_changing_the_result(monkeyp
     np.testing.assert_allclose(acts, acts_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_reads_readonly_memory_mapped_quantized_bundles(tmp_path):
+def test_cpu_reads_readonly_memory_mapped_quantized_bundles_and_matrices(tmp_path):
     layer = random_layer(D, N, "swiglu", "q8")
     path = tmp_path / "bundles.bin"
     layer.bundles.tofile(path)
@@ -196,8 +196,13 @@ def test_cpu_reads_readonly_memory_mapped_quantized_bundles(tmp_path):
     x, slots = tokens(1), random_active_set(N, 0.3)
 
     y = get_backend("cpu").sparse_ffn(x, mapped, slots, "swiglu", storage="q8")
+    y_linear = get_backend("cpu").quant_linear(x, mapped[:, : part_nbytes(D, "q8")].copy(), "q8")
+    matrix = np.memmap(path, dtype=np.uint8, mode="r", shape=(layer.bundles.size // part_nbytes(D, "q8"),
+                                                               part_nbytes(D, "q8")))
+    y_mapped = get_backend("cpu").quant_linear(x, matrix, "q8")  # every part of every bundle as a matrix row
 
     assert rel_err(y, get_backend("reference").sparse_ffn(x, layer.bundles, slots, "swiglu", storage="q8")) <= 1e-5
+    np.testing.assert_allclose(y_mapped[:, ::3], y_linear, rtol=1e-6)  # gate parts are every third row
 
 
 def test_cpu_compiles_once_per_quantized_storage_not_per_call():

@@ -287,15 +287,13 @@ def warmup(storages: tuple[str, ...] = STORAGES, readonly: bool = False) -> None
     """Compile (or load from the disk cache) the kernel for each storage; takes seconds the first time.
 
     readonly=True also compiles the variants for readonly bundle matrices (np.memmap mode "r").
-    Quantized storages also compile quant_linear.
+    Quantized storages also compile quant_linear (and its readonly variant with readonly=True).
     """
     d = 32  # quantized storages need a multiple of 32
     x = np.ones((1, d), dtype=np.float32)
     for storage in storages:
         w = np.ones((2, d), dtype=np.float32)
         bundles = pack_bundles(w, w.T, w, dtype=storage)
-        if storage in QUANT_STORAGES:
-            quant_linear(x, np.ascontiguousarray(bundles[:, : bundles.shape[1] // 3]), storage)
         variants = [bundles]
         if readonly:
             frozen = bundles.copy()
@@ -303,3 +301,7 @@ def warmup(storages: tuple[str, ...] = STORAGES, readonly: bool = False) -> None
             variants.append(frozen)
         for b in variants:
             sparse_ffn(x, b, np.array([1]), "reglu", storage=storage)
+            if storage in QUANT_STORAGES:
+                matrix = np.ascontiguousarray(b[:, : b.shape[1] // 3])  # one part per row: a (2, d) matrix
+                matrix.flags.writeable = b.flags.writeable
+                quant_linear(x, matrix, storage)
