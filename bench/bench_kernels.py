@@ -16,6 +16,11 @@ next to the dense runs for the same share; times are medians after a warm-up. GB
 bundle bytes the kernel reads (active neurons x bundle_nbytes), so q4 moves fewer bytes per
 neuron than f16 for the same work. --linear adds x @ W.T for a 4096 x 4096 matrix:
 quant_linear (q8, q4) next to torch f32 and f16 matmuls.
+
+--clock cpu times the CPU time of the calling thread (time.thread_time) instead of wall time,
+with every kernel and torch on that one thread: on a machine shared with other busy processes
+the wall time mostly measures time slicing, the thread's CPU time (memory stalls included)
+still measures the work.
 """
 
 from __future__ import annotations
@@ -49,11 +54,14 @@ LINEAR_SHAPE = (4096, 4096)  # (rows, k) of the --linear matrix, e.g. a 7B atten
 MODEL = pathlib.Path(__file__).parents[1] / "sparseflash" / "models" / "tiny-relu2" / "model.safetensors"
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time
+
+
 def call_ms(fn: Callable[[], object]) -> float:
-    """Wall time of one call in milliseconds."""
-    start = time.perf_counter()
+    """Time of one call in milliseconds (wall, or the calling thread's CPU time with --clock cpu)."""
+    start = CLOCK()
     fn()
-    return 1e3 * (time.perf_counter() - start)
+    return 1e3 * (CLOCK() - start)
 
 
 def read_bandwidth_gbps() -> float:
@@ -221,7 +229,7 @@ def quality() -> list[dict]:
 def print_table(rows: list[dict], args: argparse.Namespace, bandwidth: float) -> None:
     """One table: time, GB/s of bundle (dense: weight) bytes read, speed-up vs dense and ideal."""
     print(f"# sparse FFN kernels, batch 1, kind {rows[0]['kind']}, storage {' '.join(args.dtype)}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.clock} time")
     print(f"# dense = torch matvec on full weights in {dense_storage(args.dtype)}; active sets: fresh uniform "
           f"random subsets; memory read bandwidth (torch sum, 1 GiB): {bandwidth:.1f} GB/s")
     header = f"{'shape':>5} {'active':>6} {'neurons':>7} {'storage':>7} {'B/neuron':>8} {'backend':>9} {'ms':>9} " \
@@ -234,10 +242,10 @@ def print_table(rows: list[dict], args: argparse.Namespace, bandwidth: float) ->
               f"{r['speedup_vs_dense']:>7.1f}x {r['ideal_speedup']:>5.0f}x")
 
 
-def print_linear(rows: list[dict]) -> None:
+def print_linear(rows: list[dict], args: argparse.Namespace) -> None:
     """quant_linear vs torch: time, GB/s of weight bytes, speed-up vs torch f32."""
     print(f"# x (1, k) @ W.T, W {rows[0]['shape']}: quant_linear (cpu) vs torch matmul, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.clock} time")
     header = f"{'storage':>7} {'backend':>7} {'MB':>6} {'ms':>8} {'GB/s':>6} {'vs f32':>7}"
     print(header)
     print("-" * len(header))
@@ -268,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linear", action="store_true", help="also time quant_linear on a 4096 x 4096 matrix")
     parser.add_argument("--quality", action="store_true", help="only print q8 / q4 round-trip errors on the "
                         "bundled model's FFN weights")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time (all cores), or the CPU time of one thread doing everything")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per (shape, share) (median)")
     parser.add_argument("--backends", nargs="+", default=["reference", "cpu", "cuda"],
@@ -280,6 +290,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print_quality(rows)
         return
+    if args.clock == "cpu":
+        global CLOCK
+        import numba
+
+        CLOCK = time.thread_time
+        torch.set_num_threads(1)
+        numba.config.NUMBA_NUM_THREADS = 1  # the cpu back end's thread count (it reads this on every call)
+        args.backends = [b for b in args.backends if b != "cuda"]
     args.shapes = args.shapes or (["7b"] if args.quick else list(SHAPES))
     args.shares = (0.1, 1.0) if args.quick else SHARES
     if cuda_is_available() and "cuda" in args.backends:
@@ -296,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, args, bandwidth)
     if linear:
         print()
-        print_linear(linear)
+        print_linear(linear, args)
 
 
 if __name__ == "__main__":
