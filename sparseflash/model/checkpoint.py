@@ -1,4 +1,6 @@
-"""Load Hugging Face checkpoint folders (config.json, safetensors shards, tokenizer.json)."""
+"""Hugging Face checkpoint folders (config.json, safetensors shards, tokenizer.json): names, hashing,
+and the eager loader ``load_checkpoint`` (every tensor at once; the lazy path is
+safetensors_source.py, and ``load_checkpoint`` runs its checks first)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from sparseflash.errors import CheckpointError, UnsupportedModelError
 from sparseflash.model.config import ModelConfig, config_from_hf
-from sparseflash.model.weights import LayerWeights, ModelWeights
+from sparseflash.model.weights import LayerWeights, ModelWeights, canonical_shapes
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -39,6 +41,8 @@ HF_LAYER_NAMES = {
     "b_gate": "mlp.gate_proj.bias",
     "b_down": "mlp.down_proj.bias",
 }
+HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm_w": "model.norm.weight",
+                "final_norm_b": "model.norm.bias", "lm_head": "lm_head.weight"}
 
 
 def default_model_dir() -> Path:
@@ -122,16 +126,17 @@ def checkpoint_hash(folder: str | os.PathLike) -> str:
 
 
 def load_checkpoint(folder: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a HF checkpoint folder into canonical weights of ``dtype``; None loads the bundled model."""
+    """Load a HF checkpoint folder eagerly into canonical weights of ``dtype``; None loads the bundled model.
+
+    Every shard is read whole (safetensors' own loader), after the lazy source's header checks.
+    Meant for small models and as the independent reference of the lazy path in tests.
+    """
+    from sparseflash.model.safetensors_source import SafetensorsSource
+
     folder = Path(folder) if folder is not None else default_model_dir()
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (expected config.json, safetensors, tokenizer.json)")
+    SafetensorsSource(folder).close()  # the structural checks, from headers only
     config = config_from_hf(_read_json(folder / "config.json", "config.json"))
     tokenizer_path = folder / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise CheckpointError(f"{folder}: tokenizer.json not found (sparseflash needs the HF fast-tokenizer file)")
     raw = _load_tensors(shard_files(folder))
     weights = weights_from_hf(config, raw, dtype, source=str(folder))
     return Checkpoint(path=folder, config=config, weights=weights, tokenizer_path=tokenizer_path)
@@ -141,22 +146,7 @@ def weights_from_hf(
     config: ModelConfig, raw: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, source: str = "checkpoint"
 ) -> ModelWeights:
     """Map HF tensor names to canonical weights, checking presence and shapes."""
-    c = config
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    d, n = c.hidden_size, c.intermediate_size
-    shapes = {
-        "attn_norm_w": (d,), "attn_norm_b": (d,), "ffn_norm_w": (d,), "ffn_norm_b": (d,),
-        "wq": (q_out, d), "wk": (kv_out, d), "wv": (kv_out, d), "wo": (d, q_out),
-        "bq": (q_out,), "bk": (kv_out,), "bv": (kv_out,), "bo": (d,),
-        "w_up": (n, d), "w_gate": (n, d), "w_down": (d, n), "b_up": (n,), "b_gate": (n,), "b_down": (d,),
-    }
-    optional = {"bq", "bk", "bv", "bo", "b_up", "b_gate", "b_down", "attn_norm_b", "ffn_norm_b"}
-    needs_bias = c.norm == "layernorm1p"
-    required_bias = {"attn_norm_b", "ffn_norm_b"} if needs_bias else set()
-    if c.attention_bias:
-        required_bias |= {"bq", "bk", "bv"}
-    if c.mlp_bias:
-        required_bias |= {"b_up", "b_down"} | ({"b_gate"} if c.gated else set())
+    layer_shapes, layer_required, top_shapes, top_required = canonical_shapes(config)
 
     def take(name: str, shape: tuple[int, ...], required: bool = True) -> torch.Tensor | None:
         t = raw.get(name)
@@ -171,22 +161,11 @@ def weights_from_hf(
         return t.to(dtype).contiguous()
 
     layers = []
-    for i in range(c.num_layers):
-        fields_ = {}
-        for key, hf in HF_LAYER_NAMES.items():
-            if key == "w_gate" and not c.gated:
-                continue
-            if key == "b_gate" and not c.gated:
-                continue
-            required = key not in optional or key in required_bias
-            fields_[key] = take(f"model.layers.{i}.{hf}", shapes[key], required)
+    for i in range(config.num_layers):
+        fields_ = {key: take(f"model.layers.{i}.{HF_LAYER_NAMES[key]}", shape, key in layer_required)
+                   for key, shape in layer_shapes.items()}
         layers.append(LayerWeights(**fields_))
-    embed = take("model.embed_tokens.weight", (c.vocab_size, d))
-    head = embed if c.tie_word_embeddings else take("lm_head.weight", (c.vocab_size, d))
-    return ModelWeights(
-        embed=embed,
-        layers=layers,
-        final_norm_w=take("model.norm.weight", (d,)),
-        final_norm_b=take("model.norm.bias", (d,), required=needs_bias),
-        lm_head=head,
-    )
+    top = {key: take(HF_TOP_NAMES[key], shape, key in top_required) for key, shape in top_shapes.items()
+           if key != "lm_head" or not config.tie_word_embeddings}
+    return ModelWeights(embed=top["embed"], layers=layers, final_norm_w=top["final_norm_w"],
+                        final_norm_b=top["final_norm_b"], lm_head=top.get("lm_head", top["embed"]))

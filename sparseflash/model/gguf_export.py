@@ -1,8 +1,10 @@
 """Write a checkpoint (HF folder or .gguf) as a GGUF file that llama.cpp loads and runs.
 
-Phases: load and check (architecture, tensors, tokenizer) -> build metadata and tensors in
-llama.cpp's conventions (gguf_mapping) -> write with gguf.GGUFWriter to a temporary file in the
-destination folder -> fsync and rename into place. A failed export leaves no partial file.
+Phases: open the checkpoint lazily and check it (architecture, tensors, tokenizer) -> write the
+metadata and tensor infos with gguf.GGUFWriter to a temporary file in the destination folder ->
+read, convert to llama.cpp's conventions (gguf_mapping) and write one tensor at a time (a layer is
+read once and dropped after its tensors are written) -> fsync and rename into place. Memory: one
+layer in float32. A failed export leaves no partial file.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from sparseflash.model.gguf_mapping import (
     to_gguf_tensor,
 )
 from sparseflash.model.gguf_tokenizer import GGMLVocab, ggml_vocab
-from sparseflash.model.weights import ModelWeights
+from sparseflash.model.source import CheckpointSource
+from sparseflash.model.weights import LAYER_FIELDS
 
 DTYPES = ("f32", "f16", "bf16")  # for matrices; vectors (norms, biases) stay f32 as in convert_hf_to_gguf
 FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # gguf.LlamaFileType
@@ -50,11 +53,14 @@ class ExportResult:
 
 @dataclass
 class _Source:
-    config: ModelConfig
-    weights: ModelWeights
+    source: CheckpointSource
     tokenizer_json: str
     name: str
     content_hash: str
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.source.config
 
 
 def _read_tokenizer(path: Path) -> str:
@@ -67,46 +73,70 @@ def _read_tokenizer(path: Path) -> str:
 
 
 def _load_source(source: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> _Source:
+    """The checkpoint opened lazily (headers, config and tokenizer only)."""
     source = Path(source)
     override = _read_tokenizer(Path(tokenizer)) if tokenizer is not None else None
     if source.suffix == ".gguf":
-        from sparseflash.model.gguf_import import gguf_hash, load_gguf
+        from sparseflash.model.gguf_source import GGUFSource
 
-        g = load_gguf(source, tokenizer_json=override)
-        return _Source(g.config, g.weights, g.tokenizer_json, source.stem, gguf_hash(source))
-    from sparseflash.model.checkpoint import checkpoint_hash, load_checkpoint
+        g = GGUFSource(source, tokenizer_json=override)
+        return _Source(g, g.tokenizer_json, source.stem, g.content_hash())
+    from sparseflash.model.safetensors_source import SafetensorsSource
 
-    ckpt = load_checkpoint(source)
-    text = override if override is not None else _read_tokenizer(ckpt.tokenizer_path)
-    return _Source(ckpt.config, ckpt.weights, text, ckpt.path.resolve().name, checkpoint_hash(ckpt.path))
+    src = SafetensorsSource(source)
+    text = override if override is not None else _read_tokenizer(src.tokenizer_path)
+    return _Source(src, text, src.path.resolve().name, src.content_hash())
 
 
-def _matrix(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, object | None]:
-    """(array, raw ggml type or None) for GGUFWriter.add_tensor."""
+def _storage(shape: tuple[int, ...], dtype: str) -> tuple[np.dtype, object | None, int]:
+    """(numpy dtype, raw ggml type or None, bytes) a tensor of ``shape`` is written with."""
     from gguf import GGMLQuantizationType
 
-    if t.dim() == 1 or dtype == "f32":
-        return t.float().contiguous().numpy(), None
+    count = int(np.prod(shape))
+    if len(shape) == 1 or dtype == "f32":
+        return np.dtype(np.float32), None, count * 4
     if dtype == "f16":
-        return t.half().contiguous().numpy(), None
-    bits = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    return bits, GGMLQuantizationType.BF16
+        return np.dtype(np.float16), None, count * 2
+    return np.dtype(np.uint16), GGMLQuantizationType.BF16, count * 2
 
 
-def gguf_tensors(config: ModelConfig, weights: ModelWeights, arch: GGUFArch) -> dict[str, torch.Tensor]:
-    """GGUF tensor name -> float32 tensor in llama.cpp's convention, in file order."""
-    out: dict[str, torch.Tensor] = {"token_embd.weight": to_gguf_tensor(arch, config, "embed", weights.embed)}
-    if config.rope_scaling.get("rope_type") == "llama3":
-        out[ROPE_FREQS] = llama3_rope_factors(config)
-    for i, layer in enumerate(weights.layers):
-        for field, t in layer.named().items():
-            out[f"blk.{i}.{GGUF_LAYER_NAMES[field]}"] = to_gguf_tensor(arch, config, field, t)
-    out[GGUF_TOP_NAMES["final_norm_w"]] = to_gguf_tensor(arch, config, "final_norm_w", weights.final_norm_w)
-    if weights.final_norm_b is not None:
-        out[GGUF_TOP_NAMES["final_norm_b"]] = weights.final_norm_b.float()
-    if weights.lm_head is not weights.embed or arch.output_required:
-        out[GGUF_TOP_NAMES["lm_head"]] = weights.lm_head.float()
-    return out
+def _matrix(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """The array GGUFWriter writes for ``t`` (float32 vectors, matrices in ``dtype``)."""
+    if t.dim() == 1 or dtype == "f32":
+        return t.float().contiguous().numpy()
+    if dtype == "f16":
+        return t.half().contiguous().numpy()
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def gguf_plan(source: CheckpointSource, arch: GGUFArch) -> list[tuple[str, str | None, tuple[int, ...]]]:
+    """(GGUF name, canonical name or None for rope_freqs, torch shape) of every tensor, in file order."""
+    c = source.config
+    plan = [("token_embd.weight", "embed", source.tensors["embed"].shape)]
+    if c.rope_scaling.get("rope_type") == "llama3":
+        plan.append((ROPE_FREQS, None, (c.rotary_dim // 2,)))
+    for i in range(c.num_layers):
+        for field in LAYER_FIELDS:
+            name = f"layers.{i}.{field}"
+            if name in source.tensors:
+                plan.append((f"blk.{i}.{GGUF_LAYER_NAMES[field]}", name, source.tensors[name].shape))
+    plan.append((GGUF_TOP_NAMES["final_norm_w"], "final_norm_w", source.tensors["final_norm_w"].shape))
+    if source.has("final_norm_b"):
+        plan.append((GGUF_TOP_NAMES["final_norm_b"], "final_norm_b", source.tensors["final_norm_b"].shape))
+    if not source.tied or arch.output_required:
+        plan.append((GGUF_TOP_NAMES["lm_head"], source.head_name, source.tensors[source.head_name].shape))
+    return plan
+
+
+def _gguf_tensor(source: CheckpointSource, arch: GGUFArch, canonical: str | None, layer) -> torch.Tensor:
+    """One tensor in llama.cpp's convention (float32); ``layer`` is the LayerWeights being written."""
+    c = source.config
+    if canonical is None:
+        return llama3_rope_factors(c)
+    if canonical.startswith("layers."):
+        field = canonical.rsplit(".", 1)[1]
+        return to_gguf_tensor(arch, c, field, getattr(layer, field))
+    return to_gguf_tensor(arch, c, canonical, source.tensor(canonical))
 
 
 def _write_metadata(w, c: ModelConfig, arch: GGUFArch, vocab: GGMLVocab, src: _Source, dtype: str) -> None:
@@ -174,29 +204,46 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     written dequantized (at ``dtype``).
     Raises UnsupportedModelError for what llama.cpp's nemotron/arcee/llama cannot express.
     """
-    from gguf import GGUFWriter
-
     if dtype not in DTYPES:
         raise SparseflashError(f"--dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
     out = Path(out)
     if not out.parent.is_dir():
         raise SparseflashError(f"{out.parent}: output folder does not exist")
     src = _load_source(source, tokenizer)
-    present = {f for layer in src.weights.layers for f in layer.named()}
-    arch = check_exportable(src.config, present)
-    vocab = ggml_vocab(src.tokenizer_json, src.config.vocab_size, str(source))
-    tensors = gguf_tensors(src.config, src.weights, arch)
+    try:
+        present = {k.rsplit(".", 1)[1] for k in src.source.tensors if k.startswith("layers.")}
+        arch = check_exportable(src.config, present)
+        vocab = ggml_vocab(src.tokenizer_json, src.config.vocab_size, str(source))
+        plan = gguf_plan(src.source, arch)
+        _write_streamed(out, src, arch, vocab, dtype, plan)
+    finally:
+        src.source.close()
+    return ExportResult(out, src.config.arch, dtype, len(plan), out.stat().st_size, vocab.pre)
+
+
+def _write_streamed(out: Path, src: _Source, arch: GGUFArch, vocab: GGMLVocab, dtype: str, plan: list) -> None:
+    """Header, metadata and tensor infos first, then each tensor as it is read (a layer at a time),
+    into a temporary file renamed into place."""
+    from gguf import GGUFWriter
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         writer = GGUFWriter(tmp, src.config.arch)
         _write_metadata(writer, src.config, arch, vocab, src, dtype)
-        for name, t in tensors.items():
-            array, raw_dtype = _matrix(t, dtype)
-            writer.add_tensor(name, array, raw_dtype=raw_dtype)
+        for name, _, shape in plan:
+            np_dtype, raw_dtype, nbytes = _storage(shape, dtype)
+            writer.add_tensor_info(name, shape, np_dtype, nbytes, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        layer, layer_index = None, -1
+        for _, canonical, _ in plan:
+            if canonical is not None and canonical.startswith("layers."):
+                i = int(canonical.split(".")[1])
+                if i != layer_index:
+                    layer, layer_index = src.source.layer(i), i  # the previous layer is dropped here
+            t = _gguf_tensor(src.source, arch, canonical, layer)
+            writer.write_tensor_data(_matrix(t, dtype))
         writer.close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -205,4 +252,3 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = 
         raise SparseflashError(f"{out}: cannot write ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportResult(out, src.config.arch, dtype, len(tensors), out.stat().st_size, vocab.pre)

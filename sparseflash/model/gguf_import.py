@@ -8,12 +8,10 @@ type gguf-py implements (F32/F16/BF16, Q4_0 ... Q8_0, the K-quants, IQ*, TQ*) to
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +19,11 @@ import numpy as np
 import torch
 
 from sparseflash.errors import CheckpointError, UnsupportedModelError
-from sparseflash.model.checkpoint import HF_LAYER_NAMES, weights_from_hf
 from sparseflash.model.config import ROPE_TYPES, ModelConfig
 from sparseflash.model.gguf_mapping import (
-    GGUF_LAYER_NAMES,
-    GGUF_TOP_NAMES,
     KEY_EOS_IDS,
     KEY_ROPE_SCALING,
-    ROPE_FREQS,
     GGUFArch,
-    from_gguf_tensor,
     gguf_arch,
     llama3_rope_factors,
 )
@@ -39,8 +32,6 @@ from sparseflash.model.gguf_tokenizer import tokenizer_json_from_ggml
 from sparseflash.model.weights import ModelWeights
 
 KEY_TOKENIZER_JSON = "tokenizer.huggingface.json"
-HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm_w": "model.norm.weight",
-                "final_norm_b": "model.norm.bias", "lm_head": "lm_head.weight"}
 _INT_TYPES = {"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64"}
 _FLOAT_TYPES = {"FLOAT32", "FLOAT64"}
 _REQUIRED = object()
@@ -210,63 +201,6 @@ def _check_config(config: ModelConfig, path: Path) -> None:
         raise CheckpointError(f"{path}: head size {c.head_dim} is odd")
 
 
-def _canonical_name(name: str, arch: GGUFArch, layers: int) -> tuple[str, int | None] | None:
-    """(canonical field, layer or None) for a GGUF tensor name this arch uses, else None."""
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if m:
-        i, suffix = int(m.group(1)), m.group(2)
-        field = next((f for f, g in GGUF_LAYER_NAMES.items() if g == suffix), None)
-        return (field, i) if field in arch.layer_fields and i < layers else None
-    field = next((f for f, g in GGUF_TOP_NAMES.items() if g == name), None)
-    if field == "final_norm_b" and arch.norm != "layernorm1p":
-        return None
-    return (field, None) if field else None
-
-
-def _weights(tensors: GGUFTensors, config: ModelConfig, arch: GGUFArch, path: Path) -> tuple[ModelWeights, ModelConfig]:
-    """Canonical float32 weights (read tensor by tensor), and the config with tie_word_embeddings set from the data.
-
-    llama.cpp's nemotron always needs output.weight, so a tied model is written with a copy of
-    token_embd; an output head equal to the embedding is therefore read back as tied.
-    """
-    raw: dict[str, torch.Tensor] = {}
-    unknown = []
-    fields = {}
-    for name in tensors.names():
-        if name == ROPE_FREQS:
-            continue
-        where = _canonical_name(name, arch, config.num_layers)
-        if where is None:
-            unknown.append(name)
-        else:
-            fields[name] = where
-    if unknown:
-        raise UnsupportedModelError(f"{path}: tensors llama.cpp's {config.arch} architecture does not have: "
-                                    f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
-    tensors.check_types(fields)  # an unreadable type fails before any data is read
-    for name, (field, i) in fields.items():
-        hf = HF_TOP_NAMES[field] if i is None else f"model.layers.{i}.{HF_LAYER_NAMES[field]}"
-        raw[hf] = from_gguf_tensor(arch, config, field, tensors.load(name))
-    head = raw.pop(HF_TOP_NAMES["lm_head"], None)
-    tied = head is None or torch.equal(head, raw.get(HF_TOP_NAMES["embed"], head))
-    if not tied:
-        raw[HF_TOP_NAMES["lm_head"]] = head
-    config = dataclasses.replace(config, tie_word_embeddings=tied)
-    try:
-        weights = weights_from_hf(config, raw, source=str(path))
-    except CheckpointError as e:  # name the tensor as it is called in the GGUF file
-        raise type(e)(re.sub(r"'([\w.]+)'", lambda m: f"'{_gguf_name(m.group(1))}'", str(e))) from None
-    return weights, config
-
-
-def _gguf_name(hf: str) -> str:
-    """GGUF name of a HF tensor name (unchanged if it is not one)."""
-    top = {h: GGUF_TOP_NAMES[f] for f, h in HF_TOP_NAMES.items()}
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
-    field = next((f for f, h in HF_LAYER_NAMES.items() if m and h == m.group(2)), None)
-    return f"blk.{m.group(1)}.{GGUF_LAYER_NAMES[field]}" if field else top.get(hf, hf)
-
-
 def _tokenizer_json(meta: _Metadata) -> tuple[str, bool]:
     text = meta.str(KEY_TOKENIZER_JSON, None)
     if text is not None:
@@ -291,24 +225,18 @@ def _tokenizer_json(meta: _Metadata) -> tuple[str, bool]:
 def load_gguf(path: str | os.PathLike, tokenizer_json: str | None = None) -> GGUFModel:
     """Load a GGUF file into a ModelConfig, canonical float32 weights and tokenizer.json text.
 
-    Tensors of any type gguf-py dequantizes are read one at a time and converted to float32.
-    ``tokenizer_json`` (tokenizer.json text) replaces the GGUF's own tokenizer, which is then not read.
+    Tensors of any type gguf-py dequantizes are read one at a time (gguf_source.GGUFSource) and
+    converted to float32. ``tokenizer_json`` (tokenizer.json text) replaces the GGUF's own
+    tokenizer, which is then not read.
     """
-    path = Path(path)
-    tensors = GGUFTensors(path)
-    meta = _Metadata(tensors.reader.fields, path)
-    arch_name = meta.str("general.architecture")
-    arch = gguf_arch(arch_name)
-    config = _config(meta, arch_name, arch, tensors)
-    _check_config(config, path)
-    if tokenizer_json is None:  # before the weights: an unknown tokenizer fails fast
-        tokenizer_json, rebuilt = _tokenizer_json(meta)
-    else:
-        rebuilt = False
-    weights, config = _weights(tensors, config, arch, path)
-    if ROPE_FREQS in tensors:
-        _check_rope_freqs(tensors.load(ROPE_FREQS), config, path)
-    return GGUFModel(path, config, weights, tokenizer_json, rebuilt)
+    from sparseflash.model.gguf_source import GGUFSource
+
+    source = GGUFSource(path, tokenizer_json)
+    try:
+        weights = source.materialize()
+    finally:
+        source.close()
+    return GGUFModel(source.path, source.config, weights, source.tokenizer_json, source.tokenizer_rebuilt)
 
 
 def _check_rope_freqs(freqs: torch.Tensor, config: ModelConfig, path: Path) -> None:

@@ -7,9 +7,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparseflash.errors import CheckpointError
-from sparseflash.model.checkpoint import load_checkpoint
+import torch
+
 from sparseflash.model.config import ModelConfig
+from sparseflash.model.source import CheckpointSource, open_source
 from sparseflash.model.tokenizer import TextTokenizer
 from sparseflash.model.transformer import Transformer
 from sparseflash.model.weights import ModelWeights
@@ -28,27 +29,30 @@ class DenseModel:
         return Transformer(self.config, self.weights, ffn)
 
 
-def open_dense(path: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None) -> DenseModel:
-    """Load a checkpoint folder or .gguf file (None: the bundled default model) in float32.
+def open_dense(path: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None,
+               lazy: bool | None = False) -> DenseModel:
+    """A checkpoint folder or .gguf file (None: the bundled default model) as a dense float32 model.
 
     ``tokenizer`` (a tokenizer.json file) replaces the checkpoint's own tokenizer; for a GGUF the
     file's tokenizer is then not read at all (for a pre-tokenizer sparseflash cannot rebuild).
+    Every tensor is read now, unless ``lazy``: then each layer is read when a forward reaches it and
+    dropped when the next one is read (source.LazyLayers), so a model larger than memory runs with
+    one layer in memory (slowly: every forward reads the whole checkpoint). ``lazy=None`` chooses:
+    lazy when the float32 weights would take more than half the memory available now.
     """
-    override = TextTokenizer.from_file(tokenizer) if tokenizer is not None else None
-    if path is not None and str(path).endswith(".gguf"):
-        from sparseflash.model.gguf_import import load_gguf
+    source = open_source(path, tokenizer)
+    if lazy is None:
+        import psutil
 
-        g = load_gguf(path, tokenizer_json=override.to_json() if override else None)
-        model = DenseModel(g.path, g.config, g.weights,
-                           override or TextTokenizer.from_json(g.tokenizer_json, f"{g.path} tokenizer"))
+        lazy = source.parameter_count() * 4 > psutil.virtual_memory().available // 2
+    if lazy:
+        weights = source.lazy_weights(torch.float32, keep_all=False)
     else:
-        ckpt = load_checkpoint(path)
-        model = DenseModel(ckpt.path, ckpt.config, ckpt.weights,
-                           override or TextTokenizer.from_file(ckpt.tokenizer_path))
-    if override is not None and override.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{tokenizer}: the tokenizer has {override.vocab_size} tokens but the model's "
-                              f"embedding only {model.config.vocab_size}")
-    return model
+        try:
+            weights = source.materialize(torch.float32)
+        finally:
+            source.close()
+    return DenseModel(source.path, source.config, weights, source.tokenizer())
 
 
 def stored_tensors(path: str | os.PathLike | None) -> list[dict]:
@@ -57,24 +61,8 @@ def stored_tensors(path: str | os.PathLike | None) -> list[dict]:
     GGUF: the GGML type (F32, Q4_K, ...), shape in torch order. HF folder: the safetensors dtype
     (F32, F16, BF16, ...). None: the bundled default model.
     """
-    if path is not None and str(path).endswith(".gguf"):
-        from sparseflash.model.gguf_tensors import GGUFTensors
-
-        return [{"name": t.name, "type": t.type_name, "shape": list(t.shape)} for t in GGUFTensors(path)]
-    from safetensors import SafetensorError, safe_open
-
-    from sparseflash.model.checkpoint import default_model_dir, shard_files
-
-    out = []
-    for shard in shard_files(Path(path) if path is not None else default_model_dir()):
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    s = f.get_slice(name)
-                    out.append({"name": name, "type": s.get_dtype(), "shape": list(s.get_shape())})
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{shard}: cannot read safetensors header ({str(e).splitlines()[0][:200]})") from None
-    return out
+    with open_source(path) as source:
+        return source.tensor_list()
 
 
 def type_counts(tensors: list[dict]) -> dict[str, int]:
@@ -82,14 +70,11 @@ def type_counts(tensors: list[dict]) -> dict[str, int]:
     return dict(Counter(t["type"] for t in tensors).most_common())
 
 
-def model_summary(config: ModelConfig, weights: ModelWeights) -> dict:
-    """Architecture and sizes: parameter counts and FFN bytes per layer for f32/f16 storage."""
-    named = weights.named()
-    seen, params = set(), 0
-    for t in named.values():
-        if id(t) not in seen:
-            seen.add(id(t))
-            params += t.numel()
+def model_summary(source: CheckpointSource) -> dict:
+    """Architecture and sizes from the checkpoint's headers: parameter counts and FFN bytes per layer
+    for f32/f16 storage."""
+    config = source.config
+    params = source.parameter_count()
     ffn_values = config.ffn_param_count()
     return {
         "arch": config.arch,
@@ -104,8 +89,9 @@ def model_summary(config: ModelConfig, weights: ModelWeights) -> dict:
         "context": config.max_position_embeddings,
         "norm": config.norm,
         "rotary_dim": config.rotary_dim,
-        "tied_embeddings": weights.lm_head is weights.embed,
+        "tied_embeddings": source.tied,
         "parameters": params,
+        "stored_bytes": source.stored_bytes(),
         "ffn_parameters": ffn_values * config.num_layers,
         "ffn_share": ffn_values * config.num_layers / params,
         "ffn_bytes_per_layer": {"f32": ffn_values * 4, "f16": ffn_values * 2},

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sparseflash.errors import SparseflashError
 from sparseflash.model.config import ModelConfig, rope_inv_freq
 from sparseflash.model.ffn import DenseFFN
-from sparseflash.model.weights import ModelWeights
+from sparseflash.model.weights import LayerWeights, ModelWeights
 
 FFNFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -98,8 +98,12 @@ class Transformer:
             mask &= k_pos > q_pos - window
         return mask  # (tokens, keys), True = attend
 
-    def attention(self, layer: int, x: torch.Tensor, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
-        c, w = self.config, self.weights.layers[layer]
+    def attention(self, layer: int, x: torch.Tensor, cos, sin, cache: KVCache | None, start: int,
+                  w: LayerWeights | None = None) -> torch.Tensor:
+        """Self-attention of ``layer`` on normalised inputs x (batch, tokens, d); ``w`` (default: the
+        model's own layer) lets a layer-by-layer caller hand in weights it has just read."""
+        c = self.config
+        w = self.weights.layers[layer] if w is None else w
         b, t, _ = x.shape
         q = linear(x, w.wq, w.bq).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
         k = linear(x, w.wk, w.bk).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)

@@ -7,8 +7,16 @@ Linear weights keep the torch convention (out_features, in_features): ``w_up`` i
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sparseflash.model.config import ModelConfig
+
+LAYER_FIELDS = ("attn_norm_w", "attn_norm_b", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "ffn_norm_w",
+                "ffn_norm_b", "w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+TOP_FIELDS = ("embed", "final_norm_w", "final_norm_b", "lm_head")
 
 
 @dataclass
@@ -68,3 +76,34 @@ class ModelWeights:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ModelWeights(embed, [layer.to(device) for layer in self.layers], move(self.final_norm_w),
                             move(self.final_norm_b), head)
+
+
+def canonical_shapes(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], set[str], dict[str, tuple[int, ...]], set[str]]:
+    """What a checkpoint of ``config`` must hold, in canonical names.
+
+    Returns (layer field -> shape, required layer fields, top-level field -> shape, required
+    top-level fields). Fields not required are optional (biases the config does not ask for);
+    fields absent from the shape maps (w_gate of a plain FFN) must not be present.
+    """
+    c = config
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    d, n = c.hidden_size, c.intermediate_size
+    layer = {
+        "attn_norm_w": (d,), "attn_norm_b": (d,), "ffn_norm_w": (d,), "ffn_norm_b": (d,),
+        "wq": (q_out, d), "wk": (kv_out, d), "wv": (kv_out, d), "wo": (d, q_out),
+        "bq": (q_out,), "bk": (kv_out,), "bv": (kv_out,), "bo": (d,),
+        "w_up": (n, d), "w_gate": (n, d), "w_down": (d, n), "b_up": (n,), "b_gate": (n,), "b_down": (d,),
+    }
+    if not c.gated:
+        del layer["w_gate"], layer["b_gate"]
+    required = {"attn_norm_w", "ffn_norm_w", "wq", "wk", "wv", "wo", "w_up", "w_down"} | ({"w_gate"} if c.gated else set())
+    if c.norm == "layernorm1p":
+        required |= {"attn_norm_b", "ffn_norm_b"}
+    if c.attention_bias:
+        required |= {"bq", "bk", "bv"}
+    if c.mlp_bias:
+        required |= {"b_up", "b_down"} | ({"b_gate"} if c.gated else set())
+    top = {"embed": (c.vocab_size, d), "final_norm_w": (d,), "final_norm_b": (d,), "lm_head": (c.vocab_size, d)}
+    top_required = {"embed", "final_norm_w"} | ({"final_norm_b"} if c.norm == "layernorm1p" else set()) \
+        | (set() if c.tie_word_embeddings else {"lm_head"})
+    return layer, required, top, top_required

@@ -22,7 +22,7 @@ def cmd_run(args) -> int:
     from sparseflash.model.loader import open_dense
     from sparseflash.runtime.rss import peak_rss_bytes
 
-    model = open_dense(args.model, args.tokenizer)
+    model = open_dense(args.model, args.tokenizer, lazy=None)  # one layer at a time if it does not fit
     prompt = model.tokenizer.encode(args.prompt)
     result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
     _print_result(args, model.tokenizer, result, {"engine": "dense", "peak_rss_bytes": peak_rss_bytes()})
@@ -64,24 +64,24 @@ def _print_result(args, tok, result, extra: dict) -> None:
 
 
 def cmd_info(args) -> int:
-    from sparseflash.model.loader import model_summary, open_dense, stored_tensors, summary_text, type_counts
+    from sparseflash.model.loader import model_summary, summary_text, type_counts
+    from sparseflash.model.source import open_source
 
-    model = open_dense(args.model, args.tokenizer)
-    tensors = stored_tensors(args.model)
-    s = {**model_summary(model.config, model.weights), "source": str(model.source),
-         "tensor_types": type_counts(tensors)}
+    with open_source(args.model, args.tokenizer) as source:
+        tensors = source.tensor_list()
+        s = {**model_summary(source), "source": str(source.path), "tensor_types": type_counts(tensors)}
     print(json.dumps({**s, "tensors": tensors}) if args.json else summary_text(s))
     return 0
 
 
 def cmd_eval_ppl(args) -> int:
-    from sparseflash.model.loader import open_dense
-    from sparseflash.model.perplexity import perplexity
+    from sparseflash.model.layerwise import perplexity_layerwise
+    from sparseflash.model.source import open_source
     from sparseflash.model.text import read_text
 
-    model = open_dense(args.model, args.tokenizer)
-    ids = model.tokenizer.encode(read_text(args.text))
-    r = perplexity(model.transformer(), ids, ctx=args.ctx, max_tokens=args.tokens, progress=not args.json)
+    with open_source(args.model, args.tokenizer) as source:
+        ids = source.tokenizer().encode(read_text(args.text))
+        r = perplexity_layerwise(source, ids, ctx=args.ctx, max_tokens=args.tokens, progress=not args.json)
     if args.json:
         print(json.dumps({"ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "ctx": r.ctx}))
     else:

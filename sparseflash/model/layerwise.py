@@ -1,0 +1,214 @@
+"""The dense reference run one layer at a time over many token windows (as AWQ/GPTQ calibrate).
+
+The hidden states of every window pass through layer l before layer l+1 is read, so one pass reads
+each layer's weights once, whatever the number of windows, and holds one layer in the compute dtype
+plus the windows' hidden states. Peak memory: one layer + hidden states + a batch's activations.
+
+The arithmetic is the dense reference's own (model/transformer.py: the same norm, RoPE, attention
+and FFN calls on the same batch shapes), so a layer-wise pass gives bit for bit the hidden states
+that ``Transformer.forward`` gives batch by batch. Only the output head differs in form: it is read
+in row blocks and the log-likelihood accumulated with a streaming log-sum-exp, so the whole
+float32 head (vocab x d) never sits in memory; perplexities agree with ``perplexity()`` to ~1e-6.
+
+Hidden states are float32, in memory, or in a temporary file (memory-mapped) when they are larger
+than ``spill_bytes`` (the OS then pages them to disk under memory pressure).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparseflash.model.ffn import neuron_activations
+from sparseflash.model.perplexity import Perplexity, windows
+from sparseflash.model.source import CheckpointSource
+from sparseflash.model.transformer import Transformer
+from sparseflash.model.weights import LayerWeights, ModelWeights
+
+# hook(layer, rows, ffn_input (tokens, d), activations (tokens, neurons)) -> replacement activations or None;
+# rows: the token rows of the hidden states this batch covers (windows x ctx, in window order)
+LayerHook = Callable[[int, slice, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+HEAD_BLOCK_BYTES = 64 << 20  # float32 bytes of output-head rows read at a time
+
+
+class HiddenStates:
+    """The residual stream (windows, ctx, d) float32 of a set of windows: in memory, or in a
+    temporary memory-mapped file under ``spill_dir`` (removed by ``close``)."""
+
+    def __init__(self, windows_: int, ctx: int, d: int, spill_dir: str | os.PathLike | None = None):
+        self.shape = (windows_, ctx, d)
+        self.path = None
+        if spill_dir is None:
+            self.array = np.zeros(self.shape, dtype=np.float32)
+        else:
+            fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".npy", dir=spill_dir)
+            os.close(fd)
+            self.path = Path(name)
+            self.array = np.lib.format.open_memmap(self.path, "w+", np.float32, self.shape)
+
+    @property
+    def windows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * 4
+
+    def get(self, start: int, stop: int) -> torch.Tensor:
+        """Windows [start, stop) as a float32 tensor (a copy)."""
+        return torch.from_numpy(np.array(self.array[start:stop]))
+
+    def put(self, start: int, h: torch.Tensor) -> None:
+        self.array[start : start + len(h)] = h.numpy()
+
+    def close(self) -> None:
+        self.array = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def nbytes_for(windows_: int, ctx: int, d: int) -> int:
+        return windows_ * ctx * d * 4
+
+
+class LayerwiseModel:
+    """A checkpoint source run layer by layer on stored hidden states, in batches of ``batch`` windows."""
+
+    def __init__(self, source: CheckpointSource, batch: int = 8, spill_bytes: int | None = None,
+                 spill_dir: str | os.PathLike | None = None):
+        self.source, self.config, self.batch = source, source.config, batch
+        self.spill_bytes, self.spill_dir = spill_bytes, spill_dir
+        shell = ModelWeights(torch.empty(0), [], torch.empty(0), None, torch.empty(0))
+        self.net = Transformer(self.config, shell, ffn=lambda layer, x: x)
+        self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rope(self, ctx: int):
+        if ctx not in self._rope_cache:
+            self._rope_cache[ctx] = self.net._rope(torch.arange(ctx))
+        return self._rope_cache[ctx]
+
+    def new_states(self, windows_: int, ctx: int) -> HiddenStates:
+        """Hidden states for ``windows_`` windows, spilled to a file when over ``spill_bytes``."""
+        spill = self.spill_bytes is not None and HiddenStates.nbytes_for(windows_, ctx, self.config.hidden_size) > \
+            self.spill_bytes
+        directory = (self.spill_dir or tempfile.gettempdir()) if spill else None
+        return HiddenStates(windows_, ctx, self.config.hidden_size, directory)
+
+    def embed(self, seqs: torch.Tensor, states: HiddenStates | None = None) -> HiddenStates:
+        """Embeddings of token windows ``seqs`` (windows, ctx), read from the checkpoint in row blocks."""
+        states = states if states is not None else self.new_states(*seqs.shape)
+        vocab, d = self.config.vocab_size, self.config.hidden_size
+        block = max(1, HEAD_BLOCK_BYTES // (4 * d))
+        used = torch.unique(seqs)
+        out = np.zeros((seqs.numel(), d), dtype=np.float32) if states.path is None else None
+        flat = seqs.reshape(-1)
+        for start in range(0, vocab, block):
+            stop = min(vocab, start + block)
+            if not bool(((used >= start) & (used < stop)).any()):
+                continue
+            rows = self.source.rows("embed", start, stop)  # (block, d) float32
+            hit = torch.nonzero((flat >= start) & (flat < stop)).squeeze(1)
+            values = rows[flat[hit] - start].numpy()
+            if out is not None:
+                out[hit.numpy()] = values
+            else:
+                states.array.reshape(-1, d)[hit.numpy()] = values
+        if out is not None:
+            states.array[:] = out.reshape(states.shape)
+        return states
+
+    def run_layer(self, i: int, w: LayerWeights, states: HiddenStates, hook: LayerHook | None = None,
+                  window_ids: np.ndarray | None = None, progress=None) -> None:
+        """Every window of ``states`` (or those in ``window_ids``) through layer ``i``, in place."""
+        ctx = states.shape[1]
+        cos, sin = self._rope(ctx)
+        ids = np.arange(states.windows) if window_ids is None else np.asarray(window_ids)
+        for k in range(0, len(ids), self.batch):
+            chunk = ids[k : k + self.batch]
+            contiguous = chunk[-1] - chunk[0] == len(chunk) - 1
+            h = states.get(chunk[0], chunk[-1] + 1) if contiguous else torch.from_numpy(states.array[chunk])
+            h = self.block(i, w, h, cos, sin, hook, slice(int(chunk[0]) * ctx, (int(chunk[-1]) + 1) * ctx))
+            if contiguous:
+                states.put(int(chunk[0]), h)
+            else:
+                states.array[chunk] = h.numpy()
+            if progress is not None:
+                progress(len(chunk) * ctx)
+
+    @torch.inference_mode()
+    def block(self, i: int, w: LayerWeights, h: torch.Tensor, cos, sin, hook: LayerHook | None = None,
+              rows: slice | None = None) -> torch.Tensor:
+        """One transformer block on h (batch, ctx, d), exactly as Transformer.forward computes it."""
+        c, net = self.config, self.net
+        b, t, _ = h.shape
+        h = h + net.attention(i, net.norm(h, w.attn_norm_w, w.attn_norm_b), cos, sin, None, 0, w)
+        x = net.norm(h, w.ffn_norm_w, w.ffn_norm_b).reshape(b * t, -1)
+        a = neuron_activations(w, x, c.activation, c.gated)
+        if hook is not None:
+            replaced = hook(i, rows if rows is not None else slice(0, b * t), x, a)
+            if replaced is not None:
+                a = replaced
+        return h + F.linear(a, w.w_down, w.b_down).reshape(b, t, -1)
+
+    @torch.inference_mode()
+    def nll(self, states: HiddenStates, seqs: torch.Tensor) -> tuple[float, int]:
+        """(sum of next-token negative log-likelihoods, predicted tokens) of windows ``seqs`` whose
+        final hidden states are ``states``; the head is read in row blocks of HEAD_BLOCK_BYTES."""
+        c, net = self.config, self.net
+        norm_w, norm_b = self.source.final_norm()
+        windows_, ctx = seqs.shape
+        targets = seqs[:, 1:].reshape(-1)
+        lse = torch.full((windows_ * (ctx - 1),), -math.inf, dtype=torch.float64)
+        picked = torch.zeros(windows_ * (ctx - 1), dtype=torch.float64)
+        block = max(1, HEAD_BLOCK_BYTES // (4 * c.hidden_size))
+        for start in range(0, c.vocab_size, block):
+            stop = min(c.vocab_size, start + block)
+            head = self.source.rows(self.source.head_name, start, stop)  # (block, d) float32
+            for k in range(0, windows_, self.batch):
+                h = states.get(k, min(windows_, k + self.batch))[:, :-1]
+                z = F.linear(net.norm(h, norm_w, norm_b), head).reshape(-1, stop - start)  # (tokens, block)
+                sl = slice(k * (ctx - 1), k * (ctx - 1) + len(z))
+                lse[sl] = torch.logaddexp(lse[sl], torch.logsumexp(z, dim=1).double())
+                tgt = targets[sl]
+                inside = (tgt >= start) & (tgt < stop)
+                rows = torch.nonzero(inside).squeeze(1)
+                picked[sl][rows] = z[rows, tgt[rows] - start].double()
+            del head
+        return float((lse - picked).sum()), len(targets)
+
+
+def perplexity_layerwise(source: CheckpointSource, ids: list[int], ctx: int = 256, max_tokens: int | None = None,
+                         batch: int = 8, progress: bool = False, spill_bytes: int | None = 1 << 30) -> Perplexity:
+    """Perplexity of ``source`` on ``ids`` in windows of ``ctx`` tokens, reading one layer at a time
+    (the same figure as model.perplexity.perplexity, to ~1e-6, without the whole model in memory)."""
+    from sparseflash.errors import SparseflashError
+
+    if ctx < 2 or ctx > source.config.max_position_embeddings:
+        raise SparseflashError(f"--ctx must be in [2, {source.config.max_position_embeddings}], got {ctx}")
+    seqs = windows(ids, ctx, max_tokens)
+    model = LayerwiseModel(source, batch, spill_bytes)
+    states = model.embed(seqs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=source.config.num_layers, unit="layer", desc="perplexity", leave=False)
+    try:
+        for i in range(source.config.num_layers):
+            model.run_layer(i, source.layer(i), states)
+            if bar is not None:
+                bar.update(1)
+        total, count = model.nll(states, seqs)
+    finally:
+        states.close()
+        if bar is not None:
+            bar.close()
+    mean = total / count
+    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=count, windows=len(seqs), ctx=ctx)
