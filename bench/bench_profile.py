@@ -1,20 +1,27 @@
-"""Profiling cost on a synthetic FFN layer of 13,824 neurons (13B-sized), extrapolated to a model.
+"""Profiling analysis cost on a synthetic 13B-sized FFN layer (13,824 neurons, d 5120), extrapolated
+to a 40-layer model at `sparseflash prepare`'s defaults; the fast methods next to the old ones.
 
-Measures, for one layer, the analysis that `sparseflash profile` runs on top of the forward pass:
-the CETT threshold search on the token sample, masks for every calibration token (magnitudes,
-CETT, bit-packing, zstd to disk), and the per-layer pass over the masks (reuse ratios and sparse
-co-activation counting). Activations are synthetic ReLU² values with per-neuron biases (hot and
-cold neurons) and token-to-token correlation, sparsity about 90-97% like trained ReLU² models.
-Prints the measured time and peak memory, and the extrapolation to 40 layers x 100k tokens
-(analysis only; the model's own forward passes come on top and scale with its FLOPs).
+Measures, for one layer, the analysis `sparseflash profile` runs on top of the forward passes:
+- threshold search: every bound a profile asks of a layer (the analysis bound, the PPL-p%
+  bisection's bounds, the sparsity-vs-CETT grid) on the threshold sample. Fast: the CETT curve
+  (one sweep, stats.CettCurve). Reference: the exact binary search with a dense product per
+  candidate (stats.CettSearch), as profiling ran before;
+- masks: magnitudes, active masks at two threshold sets, bit-packing, zstd to disk, frequencies for
+  every calibration token (the reference also computed per-token CETT at both sets, 3 products);
+- co-activation + reuse: from the packed masks of both sets (fast: row blocks, int8 products or
+  the pair loop, no n x n table above 4,096 neurons; reference: the full int32 table).
+Activations are synthetic ReLU² values with per-neuron biases (hot and cold neurons) and
+token-to-token correlation. Per-token costs are extrapolated to 40 layers x prepare's calibration
+and sample tokens. Wall and CPU seconds are both printed: the machine may be shared (load shown).
 
-    python bench/bench_profile.py [--tokens 8192] [--neurons 13824] [--d 5120] [--json]
+    python bench/bench_profile.py [--tokens 4096] [--cett-tokens 2048] [--reference] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import tempfile
 import time
@@ -24,8 +31,12 @@ import numpy as np
 import torch
 
 from sparseflash.layout import stats
-from sparseflash.layout.coactivation import accumulate_coactivation
-from sparseflash.layout.masks import MaskWriter, pack, read_masks
+from sparseflash.layout.coactivation import accumulate_coactivation, coactivation_stats
+from sparseflash.layout.masks import MaskWriter, pack
+from sparseflash.layout.params import PrepareParams, ProfileParams
+from sparseflash.layout.profile import BOUND_GRID, FULL_COACT_MAX_NEURONS, NEIGHBORS
+
+LAYERS = 40
 
 
 def synthetic_batches(tokens: int, neurons: int, d: int, batch: int, seed: int = 0):
@@ -46,85 +57,130 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(tokens: int, neurons: int, d: int, cett_tokens: int, ctx: int = 256) -> dict:
-    base_rss = peak_rss_mib()
-    t0 = time.perf_counter()
+class Clock:
+    """Wall and process-CPU seconds of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def profile_bounds(search, p: ProfileParams) -> None:
+    """Every bound a profile asks of one layer: analysis bound, a PPL-p% bisection path, the grid."""
+    search.threshold_for(p.cett_bound)
+    lo, hi = 0.0, 1.0
+    for _ in range(p.ppl_steps):  # a bisection path towards 0.12 (where trained models tend to land)
+        mid = (lo + hi) / 2
+        search.threshold_for(mid)
+        lo, hi = (mid, hi) if mid <= 0.12 else (lo, mid)
+    for b in BOUND_GRID:
+        search.sparsity_at(search.threshold_for(b)[0])
+
+
+def run(tokens: int, neurons: int, d: int, cett_tokens: int, reference: bool) -> dict:
+    p, ctx = ProfileParams(), ProfileParams.ctx
     sample, w_down = [], None
     for a, w in synthetic_batches(cett_tokens, neurons, d, 512, seed=1):
         sample.append(a)
         w_down = w
-    gen_s = time.perf_counter() - t0
-    t = time.perf_counter()
-    search = stats.CettSearch(torch.cat(sample), w_down, candidates=1000)
-    threshold, cett = search.threshold_for(0.2)
-    for bound in (0.05, 0.1, 0.15):  # what the PPL-p% bisection adds: more bounds on the same sample
-        search.threshold_for(bound)
-    search_s = time.perf_counter() - t
-    del sample, search
+    sample = torch.cat(sample)
+    out: dict = {"neurons": neurons, "d": d, "tokens": tokens, "cett_tokens": cett_tokens,
+                 "sample_nonzero_share": float((sample != 0).float().mean())}
+    methods = ["fast"] + (["reference"] if reference else [])
+    for method in methods:
+        with Clock() as c:
+            search = stats.CettCurve(sample, w_down, p.candidates) if method == "fast" else \
+                stats.CettSearch(sample, w_down, p.candidates)
+            profile_bounds(search, p)
+        out[f"{method}_search"] = {"wall_s": c.wall, "cpu_s": c.cpu}
+        thresholds = (search.threshold_for(p.cett_bound)[0], search.threshold_for(0.12)[0])
+        del search
     col = torch.linalg.vector_norm(w_down, dim=0)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "masks.bits.zst"
-        writer = MaskWriter(path, neurons)
-        freq = np.zeros(neurons, dtype=np.int64)
-        masks_s = 0.0  # the synthetic activations' own generation is not timed
-        for a, _ in synthetic_batches(tokens, neurons, d, 512, seed=2):
-            t = time.perf_counter()
-            mag = a * col
-            stats.token_cett(a, mag, w_down, threshold)
-            mask = stats.active_mask(mag, threshold)
-            freq += mask.sum(0).numpy()
-            writer.write(pack(mask.numpy()))
-            masks_s += time.perf_counter() - t
-        t = time.perf_counter()
-        writer.close()
-        masks_s += time.perf_counter() - t
-        mask_bytes = path.stat().st_size
-        t = time.perf_counter()
-        counts = np.zeros((neurons, neurons), dtype=np.int32)
-        for chunk in read_masks(path, neurons, tokens, rows_per_chunk=ctx * 16):
-            accumulate_coactivation(chunk, neurons, counts)
-            for w in range(0, len(chunk), ctx):
-                stats.reuse_ratios(chunk[w : w + ctx])
-        coact_s = time.perf_counter() - t
-        gap = stats.coactivation_gap(counts)
-        del counts
-    sparsity = 1 - freq.sum() / (tokens * neurons)
-    per_token = (masks_s + coact_s) / tokens
-    layers, calib = 40, 100_000
-    return {
-        "neurons": neurons, "d": d, "tokens": tokens, "cett_tokens": cett_tokens,
-        "sparsity": float(sparsity), "mean_cett_sample": float(cett), "coact_gap": float(gap),
-        "threshold_search_s": search_s, "masks_s": masks_s, "coactivation_and_reuse_s": coact_s,
-        "mask_file_bytes": mask_bytes,
-        "peak_rss_mib": peak_rss_mib(), "rss_before_mib": base_rss,
-        "extrapolated_40_layers_100k_tokens_s": layers * (search_s + per_token * calib),
-        "extrapolated_mask_disk_bytes": layers * mask_bytes / tokens * calib,
-        "synthetic_generation_s": gen_s,
-    }
+        for method in methods:
+            writers = [MaskWriter(Path(tmp) / f"{method}{s}.bits.zst", neurons) for s in range(2)]
+            packed, freq = [[], []], np.zeros((2, neurons), dtype=np.int64)
+            wall = cpu = 0.0
+            for a, _ in synthetic_batches(tokens, neurons, d, 512, seed=2):  # generation is not timed
+                with Clock() as c:
+                    mag = a * col
+                    if method == "reference":
+                        y_norm = torch.linalg.vector_norm(a @ w_down.T, dim=-1)
+                    for s, t in enumerate(thresholds):
+                        if method == "reference":
+                            stats.token_cett(a, mag, w_down, t, y_norm)
+                        mask = stats.active_mask(mag, t)
+                        freq[s] += mask.sum(0).numpy()
+                        packed[s].append(pack(mask.numpy()))
+                        writers[s].write(packed[s][-1])
+                wall, cpu = wall + c.wall, cpu + c.cpu
+            with Clock() as c:
+                for wr in writers:
+                    wr.close()
+            out[f"{method}_masks"] = {"wall_s": wall + c.wall, "cpu_s": cpu + c.cpu}
+            masks = [np.concatenate(x) for x in packed]
+            with Clock() as c:
+                for m in masks:
+                    for w in range(0, tokens, ctx):
+                        stats.reuse_ratios(m[w : w + ctx])
+                    if method == "fast":
+                        co = coactivation_stats(m, neurons, NEIGHBORS, keep_full=neurons <= FULL_COACT_MAX_NEURONS,
+                                                block_bytes=p.coact_block_bytes)
+                        gap = co.gap
+                    else:
+                        counts = np.zeros((neurons, neurons), dtype=np.int32)
+                        accumulate_coactivation(m, neurons, counts)
+                        stats.top_neighbors(counts, NEIGHBORS)
+                        gap = stats.coactivation_gap(counts)
+                        del counts
+            out[f"{method}_coactivation"] = {"wall_s": c.wall, "cpu_s": c.cpu}
+            out["coact_gap"] = float(gap)
+            out["mask_bytes"] = sum(os.path.getsize(wr.path) for wr in writers)
+    out["sparsity"] = 1 - float(freq[0].sum()) / (tokens * neurons)
+    out["peak_rss_mib"] = peak_rss_mib()
+    defaults = PrepareParams()
+    out["extrapolated_to"] = {"layers": LAYERS, "tokens": defaults.profile_tokens, "cett_tokens": defaults.cett_tokens}
+    for method in methods:
+        for clock in ("wall_s", "cpu_s"):
+            search = out[f"{method}_search"][clock] * defaults.cett_tokens / cett_tokens
+            rest = (out[f"{method}_masks"][clock] + out[f"{method}_coactivation"][clock]) * defaults.profile_tokens / tokens
+            out.setdefault(f"{method}_extrapolated_s", {})[clock] = LAYERS * (search + rest)
+    out["load_average"] = os.getloadavg()
+    return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--cett-tokens", type=int, default=2048)
-    p.add_argument("--neurons", type=int, default=13824)
-    p.add_argument("--d", type=int, default=5120)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args()
-    r = run(args.tokens, args.neurons, args.d, args.cett_tokens)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens measured (masks, co-activation)")
+    ap.add_argument("--cett-tokens", type=int, default=2048, help="threshold-sample tokens measured")
+    ap.add_argument("--neurons", type=int, default=13824)
+    ap.add_argument("--d", type=int, default=5120)
+    ap.add_argument("--reference", action="store_true", help="also measure the old exact methods, side by side")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    r = run(args.tokens, args.neurons, args.d, args.cett_tokens, args.reference)
     if args.json:
         print(json.dumps(r))
         return
-    print(f"synthetic layer: {r['neurons']} neurons, d={r['d']}, {r['tokens']} tokens, sparsity {r['sparsity']:.1%}, "
+    methods = ["fast"] + (["reference"] if args.reference else [])
+    e = r["extrapolated_to"]
+    print(f"synthetic layer: {r['neurons']} neurons, d={r['d']}, {r['tokens']} tokens ({r['cett_tokens']} in the "
+          f"threshold sample), nonzero {r['sample_nonzero_share']:.1%}, sparsity {r['sparsity']:.1%}, "
           f"co-activation gap {r['coact_gap']:.3f}")
-    print(f"{'step':<40}{'seconds':>10}")
-    print(f"{'threshold search (' + str(r['cett_tokens']) + ' tokens, 4 bounds)':<40}{r['threshold_search_s']:>10.2f}")
-    print(f"{'masks + CETT + zstd (' + str(r['tokens']) + ' tokens)':<40}{r['masks_s']:>10.2f}")
-    print(f"{'co-activation + reuse from masks':<40}{r['coactivation_and_reuse_s']:>10.2f}")
-    print(f"peak RSS {r['peak_rss_mib']:.0f} MiB (co-activation counts alone: {r['neurons'] ** 2 * 4 / 2**20:.0f} MiB); "
-          f"mask file {r['mask_file_bytes'] / 2**20:.1f} MiB")
-    print(f"extrapolated to 40 layers x 100k tokens: {r['extrapolated_40_layers_100k_tokens_s'] / 3600:.2f} h of "
-          f"analysis, {r['extrapolated_mask_disk_bytes'] / 2**30:.1f} GiB of masks on disk (per threshold set)")
+    print(f"{'step (wall s / cpu s)':<34}" + "".join(f"{m:>22}" for m in methods))
+    for step in ("search", "masks", "coactivation"):
+        print(f"{step:<34}" + "".join(f"{r[f'{m}_{step}']['wall_s']:>12.2f} /{r[f'{m}_{step}']['cpu_s']:>8.2f}"
+                                      for m in methods))
+    for clock, name in (("wall_s", "wall"), ("cpu_s", "cpu / 2 cores")):
+        div = 1 if clock == "wall_s" else 2
+        print(f"{'extrapolated, ' + name + ' (min)':<34}" +
+              "".join(f"{r[f'{m}_extrapolated_s'][clock] / 60 / div:>22.1f}" for m in methods))
+    print(f"(extrapolated: {e['layers']} layers x {e['tokens']} calibration tokens, {e['cett_tokens']}-token "
+          f"threshold sample; target <= 30 min); peak RSS {r['peak_rss_mib']:.0f} MiB; load average "
+          f"{', '.join(f'{x:.1f}' for x in r['load_average'])}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 from sparseflash.layout.format import LayoutFile
 from sparseflash.layout.pipeline import PrepareParams, bundled_texts, prepare
 from sparseflash.model.loader import open_dense
+from sparseflash.model.source import open_source
 from sparseflash.model.text import corpus_ids
 from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.tools.cli import main
@@ -124,8 +125,8 @@ def test_stale_artefacts_are_refused_naming_the_command_to_rerun(prepared, tmp_p
     other = "0123456789abcdef"  # another checkpoint's hash
     with pytest.raises(ArtefactError, match=r"profile is of checkpoint .*re-run `sparseflash profile`"):
         build_layout(model, out / "profile", tmp_path / "a.sflash", out / "predictors", source_hash=other, quiet=True)
-    with pytest.raises(ArtefactError, match=r"re-run `sparseflash profile`"):
-        build_predictors(model, load_profile(out / "profile"), out / "profile", [0] * 600, [0] * 600,
+    with pytest.raises(ArtefactError, match=r"re-run `sparseflash profile`"), open_source(None) as source:
+        build_predictors(source, load_profile(out / "profile"), out / "profile", [0] * 600, [0] * 600,
                          tmp_path / "p", source_hash=other, quiet=True)
     moved = tmp_path / "profile"  # a profile of the other checkpoint, with predictors of this one
     shutil.copytree(out / "profile", moved)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparseflash.layout import stats
-from sparseflash.layout.coactivation import _pair_kernel, accumulate_coactivation
+from sparseflash.layout.coactivation import _pair_kernel, accumulate_coactivation, coactivation_stats
 from sparseflash.layout.masks import MaskWriter, load_masks, pack, unpack
 
 
@@ -56,6 +56,30 @@ def test_threshold_search_edge_cases():
     assert everything.sparsity_at(t) > 0.9
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cett_curve_equals_the_dense_search_within_its_stated_tolerance(seed):
+    """The fast search (CettCurve: one sweep for every candidate) against the exact reference
+    (CettSearch: a dense product per candidate). Stated tolerance: mean CETT within 1e-6 at every
+    candidate; thresholds equal unless the dense mean CETT of the two neighbouring candidates
+    brackets the bound within 1e-6."""
+    a, w = relu2_acts(400, 96, 48, seed=seed)
+    a[:, 3] = 0
+    w[:, 5] = 0  # a dead down column: its neurons are never active
+    exact = stats.CettSearch(a, w, candidates=300)
+    fast = stats.CettCurve(a, w, candidates=300)
+    assert np.array_equal(fast.candidates, exact.candidates)
+    dense = np.array([exact.mean_cett(float(c)) for c in exact.candidates])
+    assert np.abs(fast.curve - dense).max() <= 1e-6
+    for bound in (0.0, 0.01, 0.05, 0.1, 0.2, 0.35, 0.5, 0.9):
+        t_fast, c_fast = fast.threshold_for(bound)
+        t_exact, _ = exact.threshold_for(bound)
+        if t_fast != t_exact:
+            k = int(np.searchsorted(exact.candidates, min(t_fast, t_exact)))
+            assert abs(dense[k + 1] - bound) <= 1e-6 or abs(dense[k] - bound) <= 1e-6
+        assert c_fast <= bound
+        assert fast.sparsity_at(t_fast) == pytest.approx(exact.sparsity_at(t_fast), abs=1e-6)  # f32 mean
+
+
 def direct_reuse(mask, k):
     ratios = []
     for t in range(k, len(mask)):
@@ -98,9 +122,29 @@ def test_coactivation_counts_equal_mask_product(path, monkeypatch):
     assert np.array_equal(counts, m.T @ m)
 
 
+@pytest.mark.parametrize("path", ["pairs", "gemm"])
+@pytest.mark.parametrize("block_rows", [None, 7])
+def test_coactivation_stats_by_row_blocks_equal_the_full_table(path, block_rows, monkeypatch):
+    import sparseflash.layout.coactivation as co
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((500, 61)) < 0.2
+    mask[:, 9] = False  # never active: left out of the gap
+    monkeypatch.setattr(co, "_PAIR_COST_IN_GEMM_OPS", 0.0 if path == "pairs" else 1e12)
+    full = mask.astype(np.int64).T @ mask.astype(np.int64)
+    block_bytes = 1 << 30 if block_rows is None else 24 * 61 * block_rows
+    got = coactivation_stats(pack(mask), 61, 8, keep_full=block_rows is None, block_bytes=block_bytes)
+    idx, cnt = stats.top_neighbors(full, 8)
+    assert np.array_equal(got.neighbors, idx) and np.array_equal(got.neighbor_counts, cnt)
+    assert got.gap == pytest.approx(stats.coactivation_gap(full), abs=1e-12)
+    assert (got.counts is None) == (block_rows is not None)
+    if got.counts is not None:
+        assert got.counts.dtype == np.int32 and np.array_equal(got.counts, full)
+
+
 def test_pair_kernel_handles_empty_rows():
     counts = np.zeros((10, 10), dtype=np.int64)
-    _pair_kernel()(pack(np.zeros((3, 10), bool)), 10, counts)
+    _pair_kernel()(pack(np.zeros((3, 10), bool)), 10, counts, 0, 10)
     assert counts.sum() == 0
 
 

@@ -1,9 +1,10 @@
 """Watching FFN neurons during a dense forward: magnitudes and active sets, per layer.
 
-Every stage that looks at neuron activations (profiling, predictor recording, quality checks,
+Every stage that looks at neuron activations (profiling, predictor training, quality checks,
 reports) takes them from a ``NeuronTap``: it holds each layer's down-column norms and thresholds,
 applies the layout schema's one definition of magnitude and "active", and builds the dense model
-whose FFN hook hands it each layer's activations.
+whose FFN hook hands it each layer's activations. A layer-by-layer stage starts an empty tap
+(``NeuronTap.layerwise``) and adds each layer's norms as it reads the layer (``add_layer``).
 """
 
 from __future__ import annotations
@@ -15,16 +16,29 @@ import torch
 from sparseflash.layout.schema import active_mask, neuron_magnitude
 from sparseflash.model.ffn import ActivationHook, DenseFFN
 from sparseflash.model.transformer import Transformer
-from sparseflash.model.weights import ModelWeights
+from sparseflash.model.weights import LayerWeights, ModelWeights
 
 
 class NeuronTap:
     """Down-column norms (and, if given, thresholds) of every FFN layer of ``weights``."""
 
-    def __init__(self, weights: ModelWeights, thresholds: Sequence[float] | None = None):
+    def __init__(self, weights: ModelWeights | None, thresholds: Sequence[float] | None = None,
+                 layers: int | None = None):
         self.weights = weights
-        self.down_norms = [torch.linalg.vector_norm(w.w_down, dim=0) for w in weights.layers]  # (neurons,)
+        if weights is not None:
+            self.down_norms = [torch.linalg.vector_norm(w.w_down, dim=0) for w in weights.layers]  # (neurons,)
+        else:
+            self.down_norms = [None] * int(layers)
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
+
+    @classmethod
+    def layerwise(cls, layers: int, thresholds: Sequence[float] | None = None) -> NeuronTap:
+        """A tap with no norms yet: ``add_layer`` fills each layer's as it is read."""
+        return cls(None, thresholds, layers)
+
+    def add_layer(self, layer: int, w: LayerWeights) -> None:
+        """Record the down-column norms of ``layer`` from its weights (exactly as __init__ computes them)."""
+        self.down_norms[layer] = torch.linalg.vector_norm(w.w_down, dim=0)
 
     def magnitude(self, layer: int, activations: torch.Tensor) -> torch.Tensor:
         """(tokens, neurons) |a_i| * ||W_down[:, i]||."""
@@ -39,6 +53,11 @@ class NeuronTap:
         """A hook that keeps only active neurons (inactive activations set to 0)."""
         thr = self.thresholds if thresholds is None else list(thresholds)
         return lambda layer, x, a: a * self.active(layer, a, thr[layer])
+
+    def masking_layer_hook(self, thresholds: Sequence[float] | None = None):
+        """``masking_hook`` with the layer-wise hook signature (layer, rows, x, a)."""
+        hook = self.masking_hook(thresholds)
+        return lambda layer, rows, x, a: hook(layer, x, a)
 
     def transformer(self, config, hook: ActivationHook | None) -> Transformer:
         """The dense model over the tap's weights with ``hook`` on every FFN."""

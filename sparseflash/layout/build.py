@@ -20,12 +20,14 @@ from sparseflash.errors import ArtefactError
 from sparseflash.kernels.bundles import pack_bundles
 from sparseflash.layout import schema
 from sparseflash.layout.format import LayoutWriter
+from sparseflash.layout.layout_weights import LayoutWeights, ResidentStage
 from sparseflash.layout.masks import load_masks, unpack
 from sparseflash.layout.ordering import LayerStats, order_layer
 from sparseflash.layout.params import LayoutParams
 from sparseflash.layout.profile import load_profile
 from sparseflash.layout.schema import ModelHeader, PredictorsHeader, PredictorSpec
 from sparseflash.model.loader import DenseModel
+from sparseflash.model.source import CheckpointSource
 
 ORDER_SAMPLE_TOKENS = 8192  # calibration tokens used to measure candidate orders
 
@@ -44,7 +46,7 @@ def _layer_stats(profile_dir: Path, layer: int, n: int, tokens: int, thresholds:
                       npz[f"{thresholds}_neighbor_counts"], coact, masks)
 
 
-def build_layout(model: DenseModel, profile_dir: str | os.PathLike, out_path: str | os.PathLike,
+def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.PathLike, out_path: str | os.PathLike,
                  predictors_dir: str | os.PathLike | None = None, params: LayoutParams = LayoutParams(),
                  source_hash: str = "", quiet: bool = False) -> ModelHeader:
     """Write the layout file; returns its header (what was written and why)."""
@@ -94,16 +96,18 @@ def build_layout(model: DenseModel, profile_dir: str | os.PathLike, out_path: st
                         p.zstd_level, source_hash, quiet)
 
 
-def write_layout(model: DenseModel, out_path: str | os.PathLike, perms: list[np.ndarray], n_hot: int,
+def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLike, perms: list[np.ndarray], n_hot: int,
                  thresholds: list[float], dtype: str = "f16", predictors: dict | None = None,
                  strategy: str = "threshold", report: dict | None = None, provenance: dict | None = None,
                  zstd_level: int | None = None, source_hash: str = "", quiet: bool = False) -> ModelHeader:
-    """Write a layout file from in-memory weights, per-layer permutations and thresholds.
+    """Write a layout file from a model's weights (in memory, or a checkpoint source read a layer at a
+    time: at most one layer and a block of bundles in memory), per-layer permutations and thresholds.
 
     ``predictors`` maps ``layer.{l}`` / ``lookahead.{l}`` to layout/predictor.Predictor objects (rows in
     checkpoint order; they are permuted to stored order here). Returns the header written.
     """
-    c, w = model.config, model.weights
+    w = LayoutWeights(model)  # an in-memory model, or a checkpoint source read one layer at a time
+    c = w.config
     predictors = predictors or {}
     pred_header = None
     if predictors:
@@ -111,21 +115,24 @@ def write_layout(model: DenseModel, out_path: str | os.PathLike, perms: list[np.
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),
                                        report)
-    header = ModelHeader(c.to_dict(), model.tokenizer.to_json(), source_hash, dtype, n_hot, pred_header,
+    header = ModelHeader(c.to_dict(), w.tokenizer_json, source_hash, dtype, n_hot, pred_header,
                          provenance or {})
     writer = LayoutWriter(out_path, header.to_json(), zstd_level=zstd_level)
+    stage = ResidentStage(out_path)  # resident tensors wait in files until the writer reads them
 
     def resident(name: str, t: torch.Tensor) -> None:  # matrices in the storage dtype, vectors in f32
         tag = "f32" if t.dim() == 1 else dtype
-        writer.add_tensor(name, schema.to_storage(t, tag), tag)
+        writer.add_tensor(name, stage.put(t, tag), tag)
 
-    resident(schema.EMBED, w.embed)
-    resident(schema.FINAL_NORM_W, w.final_norm_w)
-    if w.final_norm_b is not None:
-        resident(schema.FINAL_NORM_B, w.final_norm_b)
-    if w.lm_head is not w.embed:
-        resident(schema.LM_HEAD, w.lm_head)
-    for l, layer in enumerate(w.layers):
+    shape = (c.vocab_size, c.hidden_size)
+    writer.add_tensor(schema.EMBED, stage.put_blocks(w.row_blocks("embed"), shape, dtype), dtype)
+    resident(schema.FINAL_NORM_W, w.vector("final_norm_w"))
+    if w.vector("final_norm_b") is not None:
+        resident(schema.FINAL_NORM_B, w.vector("final_norm_b"))
+    if not w.tied:
+        writer.add_tensor(schema.LM_HEAD, stage.put_blocks(w.row_blocks("lm_head"), shape, dtype), dtype)
+    for l in range(c.num_layers):
+        layer = w.layer(l)  # read now, dropped after its resident tensors are parked
         perm = perms[l]
         for name in schema.LAYER_FIELDS:
             t = getattr(layer, name)
@@ -143,12 +150,14 @@ def write_layout(model: DenseModel, out_path: str | os.PathLike, perms: list[np.
             rows = {"w1": p.w1, "b1": p.b1, "w2": p.w2[perm], "b2": p.b2[perm]}  # w2/b2 rows in stored order
             for part in schema.PREDICTOR_PARTS:
                 writer.add_tensor(schema.predictor_tensor(kind, l, part), rows[part].float().numpy(), "f32")
+        del layer
 
-        def bundles(layer=layer, perm=perm, block=4096):
+        def bundles(l=l, perm=perm, block=4096):  # pulled at write time: the FFN weights are read then
+            w_up, w_gate, w_down = w.ffn(l)
             for i in range(0, c.intermediate_size, block):
                 ids = torch.from_numpy(perm[i : i + block].astype(np.int64))
-                gate = layer.w_gate[ids].numpy() if c.gated else None
-                yield pack_bundles(layer.w_up[ids].numpy(), layer.w_down[:, ids].numpy(), gate, dtype=dtype)
+                gate = w_gate[ids].numpy() if c.gated else None
+                yield pack_bundles(w_up[ids].numpy(), w_down[:, ids].numpy(), gate, dtype=dtype)
 
         writer.add_ffn_layer(d_model=c.hidden_size, n_neurons=c.intermediate_size, gated=c.gated, dtype=dtype,
                              bundle_bytes=header.bundle_bytes, permutation=schema.permutation_tensor(l),
@@ -163,4 +172,5 @@ def write_layout(model: DenseModel, out_path: str | os.PathLike, perms: list[np.
         writer.write(progress=progress)
     finally:
         bar.close()
+        stage.close()
     return header

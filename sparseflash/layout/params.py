@@ -26,6 +26,8 @@ class ProfileParams:
     candidates: int = 1000  # magnitude quantiles tried as thresholds
     ppl_steps: int = 10  # bisection steps on the common CETT bound
     batch: int = 8  # windows per forward pass
+    spill_bytes: int | None = None  # a stream's hidden states above this go to a temporary file (None: never)
+    coact_block_bytes: int = 64 << 20  # co-activation counts are built this many bytes of rows at a time
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class PredictorParams:
     tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
     lookahead: bool = True
     train: TrainParams = TrainParams()
+    batch: int = 8  # windows per forward pass
+    spill_bytes: int | None = None  # hidden states / recorded inputs above this go to temporary files
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 
 from sparseflash.errors import ArtefactError
+from sparseflash.layout.memory_plan import fit_plan
 from sparseflash.layout.params import BUNDLED_PARAMS, PrepareParams
 from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
-from sparseflash.model.loader import open_dense
+from sparseflash.model.source import open_source
 from sparseflash.model.text import corpus_ids
 
 BUNDLED_CALIBRATION = "calibration.txt.zst"
@@ -57,64 +58,94 @@ def _stamp(params: PrepareParams, step: str) -> dict:
     return {k: p[k] for k in keep}
 
 
+class _Record:
+    """prepare.json: the checkpoint hash and, per finished step, the parameters it was made with."""
+
+    def __init__(self, path: Path, source_hash: str, params: PrepareParams):
+        self.path, self.params = path, params
+        self.steps = json.loads(path.read_text()) if path.exists() else {}
+        if self.steps.get("source_hash") != source_hash:
+            self.steps = {"source_hash": source_hash}
+
+    @property
+    def source_hash(self) -> str:
+        return self.steps["source_hash"]
+
+    def fresh(self, step: str, artefact: Path) -> bool:
+        return artefact.exists() and self.steps.get(step) == _stamp(self.params, step)
+
+    def done(self, step: str, invalidates: tuple[str, ...] = ()) -> None:
+        self.steps[step] = _stamp(self.params, step)
+        for later in invalidates:
+            self.steps.pop(later, None)
+        tmp = self.path.with_name(f".prepare.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.steps, indent=1))
+        os.replace(tmp, self.path)
+
+
 def prepare(checkpoint: str | os.PathLike | None, corpus: str | os.PathLike, heldout: str | os.PathLike,
             out_dir: str | os.PathLike, params: PrepareParams = PrepareParams(), quiet: bool = False,
-            log=print) -> Path:
-    """Make (or reuse) the layout of ``checkpoint`` in ``out_dir``; returns the layout path."""
+            log=print, memory: int | None = None) -> Path:
+    """Make (or reuse) the layout of ``checkpoint`` in ``out_dir``; returns the layout path.
+
+    The checkpoint is opened lazily: every step reads it one layer at a time. Before any step the
+    expected peak memory (layout/memory_plan.py) is logged and written to ``memory_plan.json``;
+    with ``memory`` (bytes), hidden states go to temporary files if that keeps the peak under it,
+    and a plan still over it is refused (SparseflashError with the numbers) before anything runs.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = _Record(out / "prepare.json", checkpoint_hash(checkpoint if checkpoint is not None else default_model_dir()),
+                     params)
+    artefacts = {"profile": out / "profile" / "profile.json", "predictors": out / "predictors" / "predictors.json",
+                 "layout": out / "model.sflash"}
+    if all(record.fresh(step, path) for step, path in artefacts.items()):
+        return artefacts["layout"]
+    with open_source(checkpoint) as source:
+        plan = fit_plan(source, params, memory, baseline=_rss())
+        log(f"[prepare] {plan.text()}")
+        (out / "memory_plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
+        _prepare_steps(source, corpus, heldout, out, params, record, plan.spill_bytes, quiet, log)
+    return artefacts["layout"]
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, record: _Record,
+                   spill_bytes: int | None, quiet, log) -> None:
     from sparseflash.layout.build import build_layout
     from sparseflash.layout.params import PredictorParams, ProfileParams, TrainParams
     from sparseflash.layout.predictors_build import build_predictors
     from sparseflash.layout.profile import load_profile, run_profile
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    source = checkpoint_hash(checkpoint if checkpoint is not None else default_model_dir())
-    record_path = out / "prepare.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    if record.get("source_hash") != source:
-        record = {"source_hash": source}
-
-    def fresh(step: str, artefact: Path) -> bool:
-        return artefact.exists() and record.get(step) == _stamp(params, step)
-
-    def done(step: str) -> None:
-        record[step] = _stamp(params, step)
-        tmp = record_path.with_name(f".prepare.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, record_path)
-
-    model = open_dense(checkpoint)
-    layout_path = out / "model.sflash"
-    if fresh("profile", out / "profile" / "profile.json") and fresh("predictors", out / "predictors" / "predictors.json") \
-            and fresh("layout", layout_path):
-        return layout_path
-    need = max(params.profile_tokens, params.predictor_tokens)
-    calib = corpus_ids(corpus, model.tokenizer, need)
-    held = corpus_ids(heldout, model.tokenizer, params.heldout_tokens)
-    if not fresh("profile", out / "profile" / "profile.json"):
+    tokenizer = source.tokenizer()
+    calib = corpus_ids(corpus, tokenizer, max(params.profile_tokens, params.predictor_tokens))
+    held = corpus_ids(heldout, tokenizer, params.heldout_tokens)
+    if not record.fresh("profile", out / "profile" / "profile.json"):
         log(f"[prepare 1/3] profiling on {params.profile_tokens} tokens ...")
-        run_profile(model, calib[: params.profile_tokens], held,
-                    out / "profile", ProfileParams(tokens=params.profile_tokens, cett_bound=params.cett,
-                                                   ppl_p=params.ppl_p, cett_tokens=params.cett_tokens,
-                                                   ppl_tokens=params.heldout_tokens), source, quiet)
-        done("profile")
-        record.pop("predictors", None)
-        record.pop("layout", None)
-    if not fresh("predictors", out / "predictors" / "predictors.json"):
+        run_profile(source, calib[: params.profile_tokens], held, out / "profile",
+                    ProfileParams(tokens=params.profile_tokens, cett_bound=params.cett, ppl_p=params.ppl_p,
+                                  cett_tokens=params.cett_tokens, ppl_tokens=params.heldout_tokens,
+                                  spill_bytes=spill_bytes),
+                    record.source_hash, quiet)
+        record.done("profile", invalidates=("predictors", "layout"))
+    if not record.fresh("predictors", out / "predictors" / "predictors.json"):
         log(f"[prepare 2/3] training predictors on {params.predictor_tokens} tokens ...")
-        build_predictors(model, load_profile(out / "profile"), out / "profile", calib[: params.predictor_tokens], held,
-                         out / "predictors", PredictorParams(tokens=params.predictor_tokens,
-                                                             val_tokens=params.heldout_tokens, rank=params.rank,
-                                                             train=TrainParams(epochs=params.epochs)),
-                         source, quiet)
-        done("predictors")
-        record.pop("layout", None)
-    if not fresh("layout", layout_path):
+        build_predictors(source, load_profile(out / "profile"), out / "profile", calib[: params.predictor_tokens],
+                         held, out / "predictors",
+                         PredictorParams(tokens=params.predictor_tokens, val_tokens=params.heldout_tokens,
+                                         rank=params.rank, train=TrainParams(epochs=params.epochs),
+                                         spill_bytes=spill_bytes),
+                         record.source_hash, quiet)
+        record.done("predictors", invalidates=("layout",))
+    if not record.fresh("layout", out / "model.sflash"):
         log(f"[prepare 3/3] writing the {params.order}-ordered layout ...")
-        build_layout(model, out / "profile", layout_path, out / "predictors", params.layout_params(),
-                     source_hash=source, quiet=quiet)
-        done("layout")
-    return layout_path
+        build_layout(source, out / "profile", out / "model.sflash", out / "predictors",
+                     params.layout_params(), source_hash=record.source_hash, quiet=quiet)
+        record.done("layout")
 
 
 def prepare_bundled(quiet: bool = False, log=print) -> Path:

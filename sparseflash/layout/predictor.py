@@ -86,9 +86,9 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
     w1 = (torch.randn(rank, d, generator=g) * scale).requires_grad_()
     b1 = torch.zeros(rank, requires_grad=True)
     w2 = (torch.randn(n, rank, generator=g) / math.sqrt(rank)).requires_grad_()
-    rate = mask.float().mean(0).clamp(1e-6, 1 - 1e-6)
+    rate = (mask.sum(0, dtype=torch.float32) / len(mask)).clamp(1e-6, 1 - 1e-6)  # no (tokens, n) float copy
     b2 = torch.log(rate / (1 - rate)).requires_grad_()  # start at each neuron's base rate
-    pos = mask.float().mean()
+    pos = mask.sum(dtype=torch.float32) / max(mask.numel(), 1)
     pos_weight = torch.clamp((1 - pos) / torch.clamp(pos, min=1e-6), max=params.max_pos_weight)
     opt = torch.optim.Adam([w1, b1, w2, b2], lr=params.lr, weight_decay=params.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs * math.ceil(len(x) / params.batch))

@@ -3,6 +3,13 @@
 Training pairs come from the calibration corpus, labelled with the profile's thresholds (the PPL-p%
 set unless told otherwise). The strategies' knobs (top-k count, score cut) are tuned on a slice
 of the training tokens; every reported figure is measured on held-out tokens.
+
+One layer-by-layer pass does it all (calibration.LayerPass). At layer l the training and held-out
+windows give their FFN inputs (kept in float16, as they were once spilled to disk) and active masks;
+layer l's predictor is trained on them, and so is the look-ahead predictor of l, on layer l-1's
+inputs; then three more copies of the held-out windows go through the layer with their FFNs
+limited to the true active set (oracle), the top-k and the threshold predictions. Layer l's data
+is dropped before l+1 is read; perplexities of the four held-out streams close the pass.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sparseflash.errors import ArtefactError, SparseflashError
 from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
+from sparseflash.layout.calibration import LayerPass
+from sparseflash.layout.masks import pack, packed_width, unpack
 from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
     Predictor,
@@ -30,10 +38,8 @@ from sparseflash.layout.predictor import (
     train_predictor,
     tune_cut,
 )
-from sparseflash.layout.recording import record
-from sparseflash.model.loader import DenseModel
-from sparseflash.model.perplexity import perplexity, windows
-from sparseflash.model.transformer import Transformer
+from sparseflash.model.perplexity import windows
+from sparseflash.model.source import CheckpointSource
 
 PREDICTORS_VERSION = 1
 WEIGHTS_FILE = "predictors.safetensors"
@@ -77,7 +83,7 @@ def _fit_layer(x, mask, rank, p: PredictorParams, x_val, mask_val):
     n_tune = max(1, int(len(x) * p.tune_share))
     fit_x, fit_m, tune_x, tune_m = x[:-n_tune], mask[:-n_tune], x[-n_tune:], mask[-n_tune:]
     pred, log = train_predictor(fit_x, fit_m, rank, p.train)
-    mean_active = float(fit_m.float().sum(1).mean())
+    mean_active = float(fit_m.sum(1).float().mean())  # active neurons per token (no (tokens, n) float copy)
     pred.topk = min(pred.neurons, max(1, math.ceil(p.topk_factor * mean_active)))
     pred.cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
     r_top, s_top = recall_and_sparsity(pred.predict_topk(x_val), mask_val)
@@ -99,11 +105,11 @@ def _recall_curve(pred: Predictor, x_val, mask_val, points: int = 64) -> dict:
     return {"sparsity": [1 - k / pred.neurons for k in ks], "recall": [float(hits[k - 1]) / total for k in ks]}
 
 
-def build_predictors(model: DenseModel, profile: dict, profile_dir: str | os.PathLike, train_ids: list[int],
+def build_predictors(source: CheckpointSource, profile: dict, profile_dir: str | os.PathLike, train_ids: list[int],
                      val_ids: list[int], out_dir: str | os.PathLike, params: PredictorParams = PredictorParams(),
                      source_hash: str = "", quiet: bool = False) -> dict:
     """Train, measure and save predictors; returns the report (also written as predictors.json)."""
-    c, p = model.config, params
+    c, p = source.config, params
     if p.thresholds not in ("ppl", "cett"):
         raise SparseflashError(f"--thresholds must be ppl or cett, got {p.thresholds!r}")
     if profile.get("source_hash") and source_hash and profile["source_hash"] != source_hash:
@@ -115,52 +121,86 @@ def build_predictors(model: DenseModel, profile: dict, profile_dir: str | os.Pat
         raise ArtefactError(f"{profile_dir}: {len(thresholds)} layers of thresholds, model has {c.num_layers}")
     train = windows(train_ids, p.ctx, p.tokens)
     val = windows(val_ids, p.ctx, p.val_tokens)
-    return write_dir_atomically(out_dir, lambda tmp: _build(model, thresholds, train, val, tmp, p, source_hash,
+    return write_dir_atomically(out_dir, lambda tmp: _build(source, thresholds, train, val, tmp, p, source_hash,
                                                             profile, quiet))
 
 
-def _build(model, thresholds, train, val, out, p, source_hash, profile, quiet):
-    c = model.config
+class _Record:
+    """One stream's FFN inputs (float16) and packed active masks at the current layer, in memory or
+    in a file under ``folder`` when larger than ``spill_bytes``."""
+
+    def __init__(self, tokens: int, d: int, neurons: int, folder: Path, name: str, spill_bytes: int | None):
+        self.neurons = neurons
+        big = spill_bytes is not None and tokens * (2 * d + packed_width(neurons)) > spill_bytes
+        if big:
+            folder.mkdir(exist_ok=True)
+            self.x = np.lib.format.open_memmap(folder / f"x_{name}.npy", "w+", np.float16, (tokens, d))
+            self.mask = np.lib.format.open_memmap(folder / f"mask_{name}.npy", "w+", np.uint8,
+                                                  (tokens, packed_width(neurons)))
+        else:
+            self.x = np.zeros((tokens, d), np.float16)
+            self.mask = np.zeros((tokens, packed_width(neurons)), np.uint8)
+
+    def hook(self, tap: NeuronTap):
+        def observe(layer, rows, x, a):
+            self.x[rows] = x.numpy().astype(np.float16)
+            self.mask[rows] = pack(tap.active(layer, a).numpy())
+
+        return observe
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs float32 (tokens, d), masks bool (tokens, neurons))."""
+        return torch.from_numpy(self.x.astype(np.float32)), torch.from_numpy(unpack(self.mask, self.neurons))
+
+
+def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
+    c = source.config
     t0 = time.perf_counter()
-    rec = record(model, train, thresholds, out / "record", desc="recording train", quiet=quiet)
-    rec_val = record(model, val, thresholds, out / "record_val", desc="recording held-out", quiet=quiet)
     auto = default_rank(c.hidden_size, c.intermediate_size, c.ffn_param_count(), p.size_share)
     ranks = list(p.rank) if isinstance(p.rank, (tuple, list)) else [p.rank or auto] * c.num_layers
     if len(ranks) != c.num_layers or min(ranks) < 1:
         raise SparseflashError(f"--rank needs one positive rank or {c.num_layers} comma-separated ranks, got {p.rank}")
+    tap = NeuronTap.layerwise(c.num_layers, thresholds)
     preds, layers, curves = {}, [], []
-    t_train = time.perf_counter()
-    prev_x = prev_x_val = None
-    for l in tqdm(range(c.num_layers), desc="training predictors", disable=quiet, leave=False):
-        x, mask, x_val, mask_val = rec.x(l), rec.mask(l), rec_val.x(l), rec_val.mask(l)
-        pred, metrics = _fit_layer(x, mask, ranks[l], p, x_val, mask_val)
-        preds[f"layer.{l}"] = pred
-        curves.append(_recall_curve(pred, x_val, mask_val))
-        if p.lookahead and l > 0:
-            ahead, m_ahead = _fit_layer(prev_x, mask, ranks[l], p, prev_x_val, mask_val)
-            preds[f"lookahead.{l}"] = ahead
-            metrics["lookahead"] = {k: m_ahead[k] for k in ("topk", "cut", "recall_topk", "sparsity_topk",
-                                                            "recall_threshold", "sparsity_threshold")}
-        metrics["layer"] = l
-        layers.append(metrics)
-        prev_x, prev_x_val = x, x_val
-    train_s = time.perf_counter() - t_train
-    shutil.rmtree(out / "record")
-
-    # quality: every FFN computes only the chosen neurons (exact values for those it computes)
-    tap = NeuronTap(model.weights, thresholds)
-    val_ids = val.reshape(-1).tolist()
-
-    def ppl_with(choose):
-        return perplexity(tap.transformer(c, lambda l, x, a: a * choose(l, x, a)), val_ids, ctx=p.ctx).ppl
-
-    ppl = {"dense": perplexity(Transformer(c, model.weights), val_ids, ctx=p.ctx).ppl,
-           "oracle": ppl_with(lambda l, x, a: tap.active(l, a)),
-           "predicted_topk": ppl_with(lambda l, x, a: preds[f"layer.{l}"].predict_topk(x)),
-           "predicted_threshold": ppl_with(lambda l, x, a: preds[f"layer.{l}"].predict_threshold(x))}
+    train_s = 0.0
+    prev = None  # the previous layer's (inputs, held-out inputs): the look-ahead predictors' features
+    streams = {"train": train, "dense": val, "oracle": val, "predicted_topk": val, "predicted_threshold": val}
+    with LayerPass(source, streams, p.batch, "predictors", quiet, p.spill_bytes, out) as lp:
+        for l, w in lp.layers():
+            tap.add_layer(l, w)
+            rec = _Record(train.numel(), c.hidden_size, c.intermediate_size, out / "record", "train", p.spill_bytes)
+            rec_val = _Record(val.numel(), c.hidden_size, c.intermediate_size, out / "record", "val", p.spill_bytes)
+            lp.run("train", l, w, rec.hook(tap))
+            lp.run("dense", l, w, rec_val.hook(tap))
+            (x, mask), (x_val, mask_val) = rec.tensors(), rec_val.tensors()
+            del rec, rec_val
+            t = time.perf_counter()
+            lp.bar.set_postfix_str(f"layer {l + 1}/{c.num_layers}: training")
+            pred, metrics = _fit_layer(x, mask, ranks[l], p, x_val, mask_val)
+            preds[f"layer.{l}"] = pred
+            curves.append(_recall_curve(pred, x_val, mask_val))
+            if p.lookahead and l > 0:
+                ahead, m_ahead = _fit_layer(prev[0], mask, ranks[l], p, prev[1], mask_val)
+                preds[f"lookahead.{l}"] = ahead
+                metrics["lookahead"] = {k: m_ahead[k] for k in ("topk", "cut", "recall_topk", "sparsity_topk",
+                                                                "recall_threshold", "sparsity_threshold")}
+            train_s += time.perf_counter() - t
+            metrics["layer"] = l
+            layers.append(metrics)
+            prev = (x, x_val)
+            del mask, mask_val
+            # quality: every FFN computes only the chosen neurons (exact values for those it computes)
+            lp.run("oracle", l, w, lambda i, rows, xx, a: a * tap.active(i, a))
+            lp.run("predicted_topk", l, w, lambda i, rows, xx, a, pr=pred: a * pr.predict_topk(xx))
+            lp.run("predicted_threshold", l, w, lambda i, rows, xx, a, pr=pred: a * pr.predict_threshold(xx))
+        ppl = {}
+        for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
+            total, count = lp.nll(name)
+            ppl[name] = math.exp(total / count)
+    del prev
+    shutil.rmtree(out / "record", ignore_errors=True)
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
     ppl["predicted"] = ppl[f"predicted_{strategy}"]
-    shutil.rmtree(out / "record_val")
 
     keys = ("recall_topk", "sparsity_topk", "recall_threshold", "sparsity_threshold", "true_sparsity")
     mean = {k: float(np.mean([m[k] for m in layers])) for k in keys}

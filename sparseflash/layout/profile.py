@@ -1,13 +1,15 @@
 """``sparseflash profile``: activation statistics of a checkpoint on a calibration corpus.
 
-Passes over the model (dense forward, activations seen through the FFN hook):
-1. a sample of calibration windows -> per layer, CETT-bounded thresholds (binary search over
-   magnitude quantiles) for the analysis bound and for any bound the PPL-p% search asks for;
-2. PPL-p% search: bisection on a common CETT bound until held-out perplexity rises by p%;
-3. all calibration tokens -> bit-packed active masks (zstd, on disk) at both threshold sets,
-   per-neuron frequencies, sparsity and CETT measured at the chosen thresholds;
-4. one layer at a time from the masks: reuse ratios, co-activation counts, hot-neuron CDF.
-Activations are never all held at once: pass 1 keeps a bounded sample, pass 3 streams to disk.
+Layer-by-layer passes over the checkpoint (calibration.LayerPass: the windows' hidden states go
+through layer l, the stage takes what it needs, the layer's weights are dropped):
+1. threshold sample + held-out text: per layer, the CETT search on the sample's activations (its
+   result kept for any bound later asked for) and the dense held-out perplexity at the end;
+2. PPL-p% search: bisection on a common CETT bound until held-out perplexity rises by p%, one
+   layer-wise pass over the held-out windows per candidate bound;
+3. all calibration tokens: per layer, bit-packed active masks (zstd, on disk) at both threshold
+   sets, per-neuron frequencies, then from those masks reuse ratios, co-activation counts and the
+   hot-neuron CDF, before the next layer is read.
+Mean CETT per layer is measured on the threshold sample (where the search chose the threshold).
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from sparseflash.errors import SparseflashError
 from sparseflash.layout import stats
 from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
-from sparseflash.layout.coactivation import accumulate_coactivation
-from sparseflash.layout.masks import MaskWriter, pack, read_masks
+from sparseflash.layout.calibration import LayerPass
+from sparseflash.layout.coactivation import coactivation_stats
+from sparseflash.layout.masks import MaskWriter, pack
 from sparseflash.layout.params import ProfileParams
-from sparseflash.model.loader import DenseModel
-from sparseflash.model.perplexity import perplexity, windows
+from sparseflash.model.perplexity import windows
+from sparseflash.model.source import CheckpointSource
 
 PROFILE_VERSION = 1
 MASK_SETS = ("cett", "ppl")  # thresholds at the analysis CETT bound; thresholds of the PPL-p% search
@@ -40,23 +43,9 @@ NEIGHBORS = 64
 BOUND_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
 
 
-class _Recorder:
-    """FFN hook state for the current pass."""
-
-    def __init__(self):
-        self.fn = None
-
-    def __call__(self, layer, x, a):
-        return self.fn(layer, x, a) if self.fn is not None else None
-
-
-def _progress(total, desc, quiet):
-    return tqdm(total=total, desc=desc, unit="tok", disable=quiet, leave=False, dynamic_ncols=True)
-
-
-def run_profile(model: DenseModel, calib_ids: list[int], heldout_ids: list[int], out_dir: str | os.PathLike,
+def run_profile(source: CheckpointSource, calib_ids: list[int], heldout_ids: list[int], out_dir: str | os.PathLike,
                 params: ProfileParams = ProfileParams(), source_hash: str = "", quiet: bool = False) -> dict:
-    """Profile ``model`` and write ``out_dir`` (profile.json, *.npz, masks/, plots). Returns the summary."""
+    """Profile ``source`` and write ``out_dir`` (profile.json, *.npz, masks/, plots). Returns the summary."""
     p = params
     if not 0 <= p.cett_bound <= 1:
         raise SparseflashError(f"--cett must be in [0, 1], got {p.cett_bound}")
@@ -66,153 +55,99 @@ def run_profile(model: DenseModel, calib_ids: list[int], heldout_ids: list[int],
     if len(heldout_ids) < 2 * p.ctx:
         raise SparseflashError(f"the PPL-p% search needs at least {2 * p.ctx} held-out tokens, got "
                                f"{len(heldout_ids)}; pass --ppl-text or lower --tokens")
+
     def fill(tmp_dir: Path) -> dict:
         from sparseflash.layout.profile_plots import write_plots
 
         (tmp_dir / "masks").mkdir()
-        summary = _profile(model, calib, heldout_ids, tmp_dir, p, source_hash, quiet)
+        summary = _profile(source, calib, heldout_ids, tmp_dir, p, source_hash, quiet)
         write_plots(tmp_dir, summary)
         return summary
 
     return write_dir_atomically(out_dir, fill)
 
 
-def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
-    c = model.config
-    t_start = time.perf_counter()
-    recorder = _Recorder()
-    tap = NeuronTap(model.weights)
-    net = tap.transformer(c, recorder)
-    w_down = [layer.w_down for layer in model.weights.layers]
-    n = c.intermediate_size
+def _pass(source, streams, p, desc, quiet, out):
+    return LayerPass(source, streams, p.batch, desc, quiet, p.spill_bytes, out)
 
-    # pass 1: sample windows spread over the calibration set
+
+def _threshold_pass(source, calib, held, p, quiet, out):
+    """Pass 1: per layer the CETT search of the sample's activations; the dense held-out NLL."""
     n_sample = min(len(calib), max(1, math.ceil(p.cett_tokens / p.ctx)))
     pick = np.unique(np.linspace(0, len(calib) - 1, n_sample).round().astype(int))
-    sample = [[] for _ in range(c.num_layers)]
-    recorder.fn = lambda layer, x, a: sample[layer].append(a.clone())
-    bar = _progress(len(pick) * p.ctx, "threshold sample", quiet)
-    for i in range(0, len(pick), p.batch):
-        net(calib[pick[i : i + p.batch]])
-        bar.update(len(pick[i : i + p.batch]) * p.ctx)
-    bar.close()
     searches = []
-    for layer in tqdm(range(c.num_layers), desc="threshold search", disable=quiet, leave=False):
-        searches.append(stats.CettSearch(torch.cat(sample[layer]), w_down[layer], p.candidates))
-        sample[layer] = None
-    cett_thr = [s.threshold_for(p.cett_bound)[0] for s in searches]
-    curve = {str(b): [s.sparsity_at(s.threshold_for(b)[0]) for s in searches] for b in BOUND_GRID}
+    with _pass(source, {"sample": calib[pick], "held": held}, p, "threshold sample", quiet, out) as lp:
+        for layer, w in lp.layers():
+            sample: list[torch.Tensor] = []
+            lp.run("sample", layer, w, lambda l, rows, x, a, keep=sample: keep.append(a.clone()))
+            acts = torch.cat(sample)  # (sample tokens, neurons)
+            sample.clear()
+            searches.append(stats.CettCurve(acts, w.w_down, p.candidates))
+            del acts
+            lp.run("held", layer, w)
+        dense_nll = lp.nll("held")
+    return searches, dense_nll
 
-    # pass 2: PPL-p% search on held-out text
-    recorder.fn = None
-    ppl_tokens = min(len(heldout_ids) // p.ctx * p.ctx, p.ppl_tokens)
-    dense_ppl = perplexity(net, heldout_ids, ctx=p.ctx, max_tokens=ppl_tokens).ppl
+
+def _masked_nll(source, held, thresholds, p, quiet, out, desc):
+    """One layer-wise pass over the held-out windows with every FFN masked at ``thresholds``."""
+    tap = NeuronTap.layerwise(source.config.num_layers, thresholds)
+    with _pass(source, {"held": held}, p, desc, quiet, out) as lp:
+        for layer, w in lp.layers():
+            tap.add_layer(layer, w)
+            lp.run("held", layer, w, tap.masking_layer_hook())
+        return lp.nll("held")
+
+
+def _ppl_search(source, held, searches, dense_nll, p, quiet, out):
+    """Pass 2: bisection on the common CETT bound; perplexity at bound 0 is the dense one (nothing
+    that is nonzero is masked)."""
+    dense_ppl = math.exp(dense_nll[0] / dense_nll[1])
     target = dense_ppl * (1 + p.ppl_p / 100)
     trials = []
-
-    def ppl_at(bound):
-        thr = [s.threshold_for(bound)[0] for s in searches]
-        recorder.fn = tap.masking_hook(thr)
-        value = perplexity(net, heldout_ids, ctx=p.ctx, max_tokens=ppl_tokens).ppl
-        recorder.fn = None
-        trials.append({"bound": bound, "ppl": value})
-        return value, thr
-
     lo, hi = 0.0, 1.0
-    ppl_lo, ppl_thr = ppl_at(0.0)
-    for _ in tqdm(range(p.ppl_steps), desc="PPL-p% search", disable=quiet, leave=False):
+    ppl_lo, ppl_thr = dense_ppl, [s.threshold_for(0.0)[0] for s in searches]
+    trials.append({"bound": 0.0, "ppl": dense_ppl})
+    for step in tqdm(range(p.ppl_steps), desc="PPL-p% search", unit="bound", disable=quiet, leave=False):
         mid = (lo + hi) / 2
-        value, thr = ppl_at(mid)
+        thr = [s.threshold_for(mid)[0] for s in searches]
+        total, count = _masked_nll(source, held, thr, p, quiet, out, f"PPL at bound {mid:.4f} ({step + 1}/{p.ppl_steps})")
+        value = math.exp(total / count)
+        trials.append({"bound": mid, "ppl": value})
         if value <= target:
             lo, ppl_lo, ppl_thr = mid, value, thr
         else:
             hi = mid
-    ppl_bound = lo
+    return dense_ppl, lo, ppl_lo, ppl_thr, trials
+
+
+def _profile(source, calib, heldout_ids, out, p, source_hash, quiet):
+    c = source.config
+    t_start = time.perf_counter()
+    ppl_tokens = min(len(heldout_ids) // p.ctx * p.ctx, p.ppl_tokens)
+    held = windows(heldout_ids, p.ctx, ppl_tokens)
+    timing = {}
+    t = time.perf_counter()
+    searches, dense_nll = _threshold_pass(source, calib, held, p, quiet, out)
+    timing["threshold_sample_s"], t = time.perf_counter() - t, time.perf_counter()
+    cett_thr = [s.threshold_for(p.cett_bound)[0] for s in searches]
+    curve = {str(b): [s.sparsity_at(s.threshold_for(b)[0]) for s in searches] for b in BOUND_GRID}
+    dense_ppl, ppl_bound, ppl_lo, ppl_thr, trials = _ppl_search(source, held, searches, dense_nll, p, quiet, out)
+    timing["ppl_search_s"], t = time.perf_counter() - t, time.perf_counter()
     thresholds = {"cett": cett_thr, "ppl": ppl_thr}
-
-    # pass 3: all calibration tokens -> masks, frequencies, sparsity, CETT at both threshold sets
-    writers = {(s, l): MaskWriter(out / "masks" / f"{s}_L{l}.bits.zst", n) for s in MASK_SETS
-               for l in range(c.num_layers)}
-    freq = {s: np.zeros((c.num_layers, n), dtype=np.int64) for s in MASK_SETS}
-    cett_sum = {s: np.zeros(c.num_layers) for s in MASK_SETS}
-    zeros = np.zeros(c.num_layers)
-
-    def observe(layer, x, a):
-        mag = tap.magnitude(layer, a)
-        y_norm = torch.linalg.vector_norm(a @ w_down[layer].T, dim=-1)
-        zeros[layer] += float((a == 0).sum())
-        for s in MASK_SETS:
-            t = thresholds[s][layer]
-            mask = stats.active_mask(mag, t)
-            cett_sum[s][layer] += float(stats.token_cett(a, mag, w_down[layer], t, y_norm).sum())
-            freq[s][layer] += mask.sum(0).numpy()
-            writers[(s, layer)].write(pack(mask.numpy()))
-
-    recorder.fn = observe
-    bar = _progress(calib.numel(), "calibration", quiet)
-    try:
-        for i in range(0, len(calib), p.batch):
-            net(calib[i : i + p.batch])
-            bar.update(calib[i : i + p.batch].numel())
-    finally:
-        bar.close()
-        recorder.fn = None
-        for w in writers.values():
-            w.close()
+    sample_cett = {"cett": [s.threshold_for(p.cett_bound)[1] for s in searches],
+                   "ppl": [s.threshold_for(ppl_bound)[1] for s in searches]}  # mean CETT on the sample
+    del searches
+    layers = _calibration_pass(source, calib, thresholds, sample_cett, out, p, quiet)
+    timing["calibration_s"] = time.perf_counter() - t
     tokens = calib.numel()
-
-    # pass 4: per layer from the masks
-    layers = []
-    coact_gap = {s: [] for s in MASK_SETS}
-    for layer in tqdm(range(c.num_layers), desc="co-activation", disable=quiet, leave=False):
-        entry = {"layer": layer}
-        arrays = {}
-        for s in MASK_SETS:
-            counts = np.zeros((n, n), dtype=np.int32 if tokens < 2**31 else np.int64)
-            rsum = {k: 0.0 for k in stats.REUSE_WINDOWS}
-            rcnt = {k: 0 for k in stats.REUSE_WINDOWS}
-            for chunk in read_masks(out / "masks" / f"{s}_L{layer}.bits.zst", n, tokens, rows_per_chunk=p.ctx * 32):
-                accumulate_coactivation(chunk, n, counts)
-                for w in range(0, len(chunk), p.ctx):  # reuse is measured inside each window
-                    sums, cnts = stats.reuse_ratios(chunk[w : w + p.ctx])
-                    for k in stats.REUSE_WINDOWS:
-                        rsum[k] += sums[k]
-                        rcnt[k] += cnts[k]
-            f = freq[s][layer]
-            cdf = stats.hot_cdf(f)
-            gap = stats.coactivation_gap(counts)
-            coact_gap[s].append(gap)
-            nb_idx, nb_cnt = stats.top_neighbors(counts, NEIGHBORS)
-            arrays[f"{s}_frequency"] = f
-            arrays[f"{s}_neighbors"] = nb_idx
-            arrays[f"{s}_neighbor_counts"] = nb_cnt
-            arrays[f"{s}_hot_cdf"] = cdf
-            if n <= FULL_COACT_MAX_NEURONS:
-                arrays[f"{s}_coactivation"] = counts.astype(np.int32 if tokens < 2**31 else np.int64)
-            block = {
-                "threshold": thresholds[s][layer],
-                "sparsity": 1.0 - float(f.sum()) / (tokens * n),
-                "mean_cett": cett_sum[s][layer] / tokens,
-                "reuse": {str(k): (rsum[k] / rcnt[k] if rcnt[k] else None) for k in stats.REUSE_WINDOWS},
-                "coact_gap": gap,
-                "hot10_share": float(cdf[10]),
-            }
-            if s == "cett":
-                entry.update(block)
-                entry["activation_ratio"] = 1.0 - block["sparsity"]
-                entry["exact_zero_share"] = float(zeros[layer]) / (tokens * n)
-            else:
-                entry["ppl"] = block
-        arrays["col_norm"] = tap.down_norms[layer].numpy()
-        np.savez_compressed(out / f"layer_{layer:03d}.npz", **arrays)
-        layers.append(entry)
 
     np.savez(out / "thresholds.npz", cett=np.array(cett_thr), ppl=np.array(ppl_thr))
     overall = lambda key: float(np.mean([e[key] for e in layers]))  # noqa: E731
     summary = {
         "version": PROFILE_VERSION,
         "source_hash": source_hash,
-        "model": {"arch": c.arch, "layers": c.num_layers, "hidden_size": c.hidden_size, "neurons": n},
+        "model": {"arch": c.arch, "layers": c.num_layers, "hidden_size": c.hidden_size, "neurons": c.intermediate_size},
         "params": dataclasses.asdict(p),
         "tokens": tokens,
         "windows": len(calib),
@@ -227,17 +162,99 @@ def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
         "ppl_bound": ppl_bound,
         "ppl_dense": dense_ppl,
         "ppl_at_bound": ppl_lo,
-        "ppl_tokens": ppl_tokens,
+        "ppl_tokens": held.numel(),
         "ppl_p_sparsity": float(np.mean([e["ppl"]["sparsity"] for e in layers])),
         "ppl_search": trials,
         "sparsity_vs_cett": curve,
         "thresholds_in_use": "ppl",
         "layers": layers,
         "seconds": time.perf_counter() - t_start,
+        "timing": timing,
     }
     with open(out / "profile.json", "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def _calibration_pass(source, calib, thresholds, sample_cett, out, p, quiet):
+    """Pass 3: masks, frequencies and exact-zero counts of every calibration token at both
+    threshold sets; each layer's statistics from its masks once the layer is done."""
+    c = source.config
+    n = c.intermediate_size
+    tap = NeuronTap.layerwise(c.num_layers)
+    layers = []
+    with _pass(source, {"calib": calib}, p, "calibration", quiet, out) as lp:
+        for layer, w in lp.layers():
+            tap.add_layer(layer, w)
+            writers = {s: MaskWriter(out / "masks" / f"{s}_L{layer}.bits.zst", n) for s in MASK_SETS}
+            packed = {s: [] for s in MASK_SETS}
+            freq = {s: np.zeros(n, dtype=np.int64) for s in MASK_SETS}
+            zeros = [0]
+
+            def observe(l, rows, x, a, writers=writers, packed=packed, freq=freq, zeros=zeros):
+                mag = tap.magnitude(l, a)
+                zeros[0] += int((a == 0).sum())
+                for s in MASK_SETS:
+                    mask = stats.active_mask(mag, thresholds[s][l])
+                    freq[s] += mask.sum(0).numpy()
+                    packed[s].append(pack(mask.numpy()))
+                    writers[s].write(packed[s][-1])
+
+            try:
+                lp.run("calib", layer, w, observe)
+            finally:
+                for wr in writers.values():
+                    wr.close()
+            lp.bar.set_postfix_str(f"layer {layer + 1}/{c.num_layers}: co-activation")
+            masks = {s: np.concatenate(packed[s]) for s in MASK_SETS}
+            del packed
+            layers.append(_layer_statistics(out, layer, n, masks, freq, zeros[0], thresholds, sample_cett,
+                                            tap.down_norms[layer], p))
+            tap.down_norms[layer] = None
+    return layers
+
+
+def _layer_statistics(out, layer, n, masks, freq, zeros, thresholds, sample_cett, col_norm, p):
+    """Reuse, co-activation and hot-neuron figures of one layer from its packed masks (tokens, n/8)
+    per threshold set; writes layer_NNN.npz."""
+    entry = {"layer": layer}
+    arrays = {}
+    for s in MASK_SETS:
+        tokens = len(masks[s])
+        rsum = {k: 0.0 for k in stats.REUSE_WINDOWS}
+        rcnt = {k: 0 for k in stats.REUSE_WINDOWS}
+        for w in range(0, tokens, p.ctx):  # reuse is measured inside each window
+            sums, cnts = stats.reuse_ratios(masks[s][w : w + p.ctx])
+            for k in stats.REUSE_WINDOWS:
+                rsum[k] += sums[k]
+                rcnt[k] += cnts[k]
+        co = coactivation_stats(masks[s], n, NEIGHBORS, keep_full=n <= FULL_COACT_MAX_NEURONS,
+                                block_bytes=p.coact_block_bytes)
+        f = freq[s]
+        cdf = stats.hot_cdf(f)
+        arrays[f"{s}_frequency"] = f
+        arrays[f"{s}_neighbors"] = co.neighbors
+        arrays[f"{s}_neighbor_counts"] = co.neighbor_counts
+        arrays[f"{s}_hot_cdf"] = cdf
+        if co.counts is not None:
+            arrays[f"{s}_coactivation"] = co.counts
+        block = {
+            "threshold": thresholds[s][layer],
+            "sparsity": 1.0 - float(f.sum()) / (tokens * n),
+            "mean_cett": sample_cett[s][layer],
+            "reuse": {str(k): (rsum[k] / rcnt[k] if rcnt[k] else None) for k in stats.REUSE_WINDOWS},
+            "coact_gap": co.gap,
+            "hot10_share": float(cdf[10]),
+        }
+        if s == "cett":
+            entry.update(block)
+            entry["activation_ratio"] = 1.0 - block["sparsity"]
+            entry["exact_zero_share"] = float(zeros) / (tokens * n)
+        else:
+            entry["ppl"] = block
+    arrays["col_norm"] = col_norm.numpy()
+    np.savez_compressed(out / f"layer_{layer:03d}.npz", **arrays)
+    return entry
 
 
 def load_profile(path: str | os.PathLike) -> dict:

@@ -45,11 +45,34 @@ def threshold_candidates(magnitude: torch.Tensor, count: int = 1000, max_sample:
     return np.concatenate([[0.0], np.unique(nz[idx].double().numpy())])
 
 
-class CettSearch:
-    """Per-layer threshold search: the largest candidate whose mean CETT is <= a bound (binary search).
+class _ThresholdSearch:
+    """Binary search over sorted candidate thresholds for the largest one whose mean CETT is <= a bound;
+    subclasses give ``candidates`` and ``_cett_at(k)`` (mean CETT at candidate k)."""
+
+    candidates: np.ndarray
+
+    def _cett_at(self, k: int) -> float:
+        raise NotImplementedError
+
+    def threshold_for(self, bound: float) -> tuple[float, float]:
+        """(threshold, mean CETT at it) for the largest candidate with mean CETT <= bound."""
+        lo, hi = 0, len(self.candidates) - 1  # candidates[0] = 0 truncates nothing: CETT 0
+        if self._cett_at(hi) <= bound:
+            return float(self.candidates[hi]), self._cett_at(hi)
+        while hi - lo > 1:  # invariant: cett(lo) <= bound < cett(hi)
+            mid = (lo + hi) // 2
+            if self._cett_at(mid) <= bound:
+                lo = mid
+            else:
+                hi = mid
+        return float(self.candidates[lo]), self._cett_at(lo)
+
+
+class CettSearch(_ThresholdSearch):
+    """The exact reference search: one dense (tokens x neurons x d) product per candidate tried.
 
     Holds a token sample's activations; mean CETT per candidate is memoised, so searching several
-    bounds (the analysis bound, the PPL-p% bisection) reuses evaluations.
+    bounds reuses evaluations. Profiling uses CettCurve, which this checks (tests, bench_profile).
     """
 
     def __init__(self, a: torch.Tensor, w_down: torch.Tensor, candidates: int = 1000, batch: int = 1024):
@@ -75,22 +98,36 @@ class CettSearch:
             self._memo[k] = self.mean_cett(float(self.candidates[k]))
         return self._memo[k]
 
-    def threshold_for(self, bound: float) -> tuple[float, float]:
-        """(threshold, mean CETT at it) for the largest candidate with mean CETT <= bound."""
-        lo, hi = 0, len(self.candidates) - 1  # candidates[0] = 0 truncates nothing: CETT 0
-        if self._cett_at(hi) <= bound:
-            return float(self.candidates[hi]), self._cett_at(hi)
-        while hi - lo > 1:  # invariant: cett(lo) <= bound < cett(hi)
-            mid = (lo + hi) // 2
-            if self._cett_at(mid) <= bound:
-                lo = mid
-            else:
-                hi = mid
-        return float(self.candidates[lo]), self._cett_at(lo)
-
     def sparsity_at(self, threshold: float) -> float:
         """Share of inactive (token, neuron) pairs in the sample at ``threshold``."""
         return 1.0 - float(active_mask(self.a.abs() * self.col_norm, threshold).float().mean())
+
+
+class CettCurve(_ThresholdSearch):
+    """The fast search profiling uses: the sample's mean CETT at every candidate, computed in one
+    sweep (layout/cett_curve.py) and kept (with active counts) as a few thousand numbers, so the
+    sample itself can be dropped and any bound answered later. Candidates are CettSearch's; the
+    curve equals its dense evaluations to float32 rounding (~1e-6), so thresholds are the same
+    unless a bound falls within that of a candidate's mean CETT."""
+
+    def __init__(self, a: torch.Tensor, w_down: torch.Tensor, candidates: int = 1000):
+        from sparseflash.layout.cett_curve import cett_curve
+
+        a = a.float()
+        col_norm = torch.linalg.vector_norm(w_down.float(), dim=0)
+        self.tokens, self.neurons = a.shape
+        self.candidates = threshold_candidates(a.abs() * col_norm, candidates)
+        self.curve, self.active = cett_curve(a, w_down, self.candidates, col_norm)
+
+    def _cett_at(self, k: int) -> float:
+        return float(self.curve[k])
+
+    def sparsity_at(self, threshold: float) -> float:
+        """Share of inactive (token, neuron) pairs in the sample at a candidate ``threshold``."""
+        k = int(np.searchsorted(self.candidates, threshold))
+        if k >= len(self.candidates) or self.candidates[k] != threshold:
+            raise ValueError(f"{threshold} is not one of the search's candidate thresholds")
+        return 1.0 - float(self.active[k]) / max(self.tokens * self.neurons, 1)
 
 
 def popcount_rows(packed: np.ndarray) -> np.ndarray:

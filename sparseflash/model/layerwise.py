@@ -107,21 +107,15 @@ class LayerwiseModel:
         vocab, d = self.config.vocab_size, self.config.hidden_size
         block = max(1, HEAD_BLOCK_BYTES // (4 * d))
         used = torch.unique(seqs)
-        out = np.zeros((seqs.numel(), d), dtype=np.float32) if states.path is None else None
         flat = seqs.reshape(-1)
+        rows_out = states.array.reshape(-1, d)  # a view: written in place (memory or file)
         for start in range(0, vocab, block):
             stop = min(vocab, start + block)
             if not bool(((used >= start) & (used < stop)).any()):
                 continue
             rows = self.source.rows("embed", start, stop)  # (block, d) float32
             hit = torch.nonzero((flat >= start) & (flat < stop)).squeeze(1)
-            values = rows[flat[hit] - start].numpy()
-            if out is not None:
-                out[hit.numpy()] = values
-            else:
-                states.array.reshape(-1, d)[hit.numpy()] = values
-        if out is not None:
-            states.array[:] = out.reshape(states.shape)
+            rows_out[hit.numpy()] = rows[flat[hit] - start].numpy()
         return states
 
     def run_layer(self, i: int, w: LayerWeights, states: HiddenStates, hook: LayerHook | None = None,

@@ -10,14 +10,13 @@ from sparseflash.layout.params import LAYOUT_DTYPES, ORDERS, THRESHOLD_SETS, Lay
 
 def cmd_layout(args) -> int:
     from sparseflash.layout.build import build_layout
-    from sparseflash.model.checkpoint import checkpoint_hash
-    from sparseflash.model.loader import open_dense
+    from sparseflash.model.source import open_source
 
     params = LayoutParams(order=args.order, dtype=args.dtype, hot_fraction=args.hot_fraction,
                           thresholds=args.thresholds, zstd_level=args.zstd)
-    model = open_dense(args.model)
-    h = build_layout(model, args.profile, args.out, args.predictors, params, checkpoint_hash(model.source),
-                     quiet=args.json)
+    with open_source(args.model) as source:
+        h = build_layout(source, args.profile, args.out, args.predictors, params, source.content_hash(),
+                         quiet=args.json)
     methods = [r["method"] for r in h.provenance["order_report"]]
     summary = {"path": args.out, "order": params.order, "dtype": h.dtype, "n_hot": h.n_hot,
                "bundle_bytes": h.bundle_bytes, "predictors": h.predictors is not None, "methods": methods}
@@ -59,13 +58,21 @@ def cmd_layout_report(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from sparseflash.errors import SparseflashError
     from sparseflash.layout.pipeline import prepare, prepared_dir
+    from sparseflash.units import parse_bytes
 
     params = PrepareParams(profile_tokens=args.tokens, predictor_tokens=args.tokens, heldout_tokens=args.heldout_tokens,
-                           rank=args.rank, order=args.order, hot_fraction=args.hot_fraction, dtype=args.dtype)
+                           cett_tokens=args.cett_tokens, rank=args.rank, epochs=args.epochs, order=args.order,
+                           hot_fraction=args.hot_fraction, dtype=args.dtype)
+    memory = None
+    if args.memory is not None:
+        memory = parse_bytes(args.memory)
+        if memory is None:
+            raise SparseflashError(f"--memory {args.memory!r} is not a size (e.g. 12GiB, 800MB)")
     out = args.out or str(prepared_dir(args.model))
     path = prepare(args.model, args.corpus, args.heldout or args.corpus, out, params, quiet=args.json,
-                   log=lambda m: print(m, file=sys.stderr))
+                   log=lambda m: print(m, file=sys.stderr), memory=memory)
     print(json.dumps({"layout": str(path), "dir": out}) if args.json else f"prepared -> {path}")
     return 0
 
@@ -84,7 +91,13 @@ def register(sub) -> None:
     q.add_argument("--heldout", default=None, help="held-out text (default: the corpus)")
     q.add_argument("--tokens", type=int, default=PrepareParams.profile_tokens)
     q.add_argument("--heldout-tokens", type=int, default=PrepareParams.heldout_tokens)
+    q.add_argument("--cett-tokens", type=int, default=PrepareParams.cett_tokens,
+                   help="threshold-sample tokens (the CETT search)")
     q.add_argument("--rank", type=int, default=PrepareParams.rank)
+    q.add_argument("--epochs", type=int, default=PrepareParams.epochs, help="predictor training epochs")
+    q.add_argument("--memory", default=None, metavar="SIZE",
+                   help="peak memory allowed (e.g. 12GiB): hidden states spill to temporary files to stay under it, "
+                        "or prepare refuses before it starts (the expected peak is printed either way)")
     _layout_options(q)
     q.add_argument("-o", "--out", default=None, help="directory (default: the cache, $SPARSEFLASH_CACHE)")
     q.add_argument("--json", action="store_true")

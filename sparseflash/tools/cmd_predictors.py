@@ -10,18 +10,17 @@ from sparseflash.layout.params import THRESHOLD_SETS, PredictorParams, TrainPara
 def cmd_predictors(args) -> int:
     from sparseflash.layout.predictors_build import build_predictors, parse_ranks, report_brief, report_text
     from sparseflash.layout.profile import load_profile
-    from sparseflash.model.checkpoint import checkpoint_hash
-    from sparseflash.model.loader import open_dense
+    from sparseflash.model.source import open_source
     from sparseflash.model.text import split_corpus
 
-    model = open_dense(args.model)
     profile = load_profile(args.profile)
     params = PredictorParams(tokens=args.tokens, val_tokens=args.val_tokens, ctx=args.ctx, thresholds=args.thresholds,
                              rank=parse_ranks(args.rank), size_share=args.size_share, topk_factor=args.topk_factor,
                              target_recall=args.target_recall, train=TrainParams(epochs=args.epochs))
-    train_ids, val_ids = split_corpus(args.corpus, model.tokenizer, args.tokens, args.val_tokens, args.val_text)
-    r = build_predictors(model, profile, args.profile, train_ids, val_ids, args.out, params,
-                         checkpoint_hash(model.source), quiet=args.json)
+    with open_source(args.model) as source:
+        train_ids, val_ids = split_corpus(args.corpus, source.tokenizer(), args.tokens, args.val_tokens, args.val_text)
+        r = build_predictors(source, profile, args.profile, train_ids, val_ids, args.out, params,
+                             source.content_hash(), quiet=args.json)
     print(json.dumps(report_brief(r)) if args.json else report_text(r, args.out))
     return 0
 

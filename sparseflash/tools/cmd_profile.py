@@ -9,16 +9,15 @@ from sparseflash.layout.params import ProfileParams
 
 def cmd_profile(args) -> int:
     from sparseflash.layout.profile import profile_brief, profile_text, run_profile
-    from sparseflash.model.checkpoint import checkpoint_hash
-    from sparseflash.model.loader import open_dense
+    from sparseflash.model.source import open_source
     from sparseflash.model.text import split_corpus
 
-    model = open_dense(args.model)
     params = ProfileParams(tokens=args.tokens, ctx=args.ctx, cett_bound=args.cett, ppl_p=args.ppl_p,
                            cett_tokens=args.cett_tokens, ppl_tokens=args.ppl_tokens, ppl_steps=args.ppl_steps)
-    calib, heldout = split_corpus(args.corpus, model.tokenizer, args.tokens, args.ppl_tokens, args.ppl_text)
-    s = run_profile(model, calib, heldout, args.out, params, checkpoint_hash(model.source), quiet=args.json)
-    print(json.dumps(profile_brief(s)) if args.json else profile_text(s, str(model.source), args.out))
+    with open_source(args.model) as source:
+        calib, heldout = split_corpus(args.corpus, source.tokenizer(), args.tokens, args.ppl_tokens, args.ppl_text)
+        s = run_profile(source, calib, heldout, args.out, params, source.content_hash(), quiet=args.json)
+    print(json.dumps(profile_brief(s)) if args.json else profile_text(s, str(source.path), args.out))
     return 0
 
 

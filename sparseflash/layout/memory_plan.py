@@ -1,0 +1,117 @@
+"""The memory `prepare` will need, stage by stage, from the checkpoint's shapes and the parameters.
+
+Every stage reads the checkpoint one layer at a time (calibration.LayerPass), so its peak is
+
+    baseline + one layer in float32 (+ its largest tensor as read) + the hidden states of the
+    windows it moves (unless spilled to a file) + what it keeps of a layer (its working set)
+
+where the working set is, per stage (B = bytes per value: activations float32 4, inputs float16 2):
+- threshold sample: the sample's activations and their magnitudes (2 x sample tokens x neurons x 4),
+  W_down transposed for the CETT sweep (neurons x d x 4);
+- PPL-p% search: a batch's activations only;
+- calibration: packed masks of both threshold sets (2 x tokens x neurons / 8) and a block of
+  co-activation rows (the whole int32 n x n table when it is kept, n <= 4,096);
+- predictors: the layer's FFN inputs (float16 and float32) and masks (packed and unpacked), for the
+  training and held-out tokens, the previous layer's inputs, the held-out scores (float32 and
+  int64 ranks, tokens x neurons);
+- layout: the ordering's mask sample (8,192 tokens x neurons x 3 bytes), a block of bundles.
+A batch's activations (batch x ctx x (6 neurons + 12 d) x 4 plus attention scores) and the
+output-head block (HEAD_BLOCK_BYTES plus its logits) come on top of every stage. docs/prepare.md
+has the same formula with worked figures; bench/bench_prepare.py measures it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from sparseflash.errors import SparseflashError
+from sparseflash.model.layerwise import HEAD_BLOCK_BYTES
+from sparseflash.model.source import CheckpointSource
+from sparseflash.units import fmt_bytes
+
+SLACK = 1.10  # allocator fragmentation and small temporaries
+ORDER_SAMPLE_TOKENS = 8192  # layout/build.py's sample of masks for measuring candidate orders
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per stage and component; ``peak`` is the largest stage total (times SLACK) plus the baseline."""
+
+    baseline: int
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)
+    spill_bytes: int | None = None  # hidden states per stream above this go to temporary files
+
+    def total(self, stage: str) -> int:
+        return int(sum(self.stages[stage].values()) * SLACK)
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=self.total)
+
+    @property
+    def peak(self) -> int:
+        return self.baseline + self.total(self.peak_stage)
+
+    def text(self) -> str:
+        s = self.peak_stage
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.stages[s].items() if v)
+        spill = "hidden states in memory" if self.spill_bytes is None else \
+            f"hidden states over {fmt_bytes(self.spill_bytes)} per stream in temporary files"
+        return (f"expected peak memory {fmt_bytes(self.peak)} in the {s} stage: baseline {fmt_bytes(self.baseline)} + "
+                f"({parts}) x {SLACK:.2f}; {spill}")
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "peak": self.peak, "peak_stage": self.peak_stage,
+                "spill_bytes": self.spill_bytes, "stages": {s: dict(v) for s, v in self.stages.items()},
+                "stage_totals": {s: self.total(s) for s in self.stages}}
+
+
+def _states(tokens: int, d: int, spill: int | None) -> int:
+    """Bytes of one stream's float32 hidden states held in memory."""
+    nbytes = tokens * d * 4
+    return 0 if spill is not None and nbytes > spill else nbytes
+
+
+def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_bytes: int | None = None,
+                 ctx: int = 256, batch: int = 8, coact_block_bytes: int = 64 << 20) -> MemoryPlan:
+    """The memory plan of `prepare` (params: layout/params.PrepareParams) on ``source``."""
+    c = source.config
+    d, n = c.hidden_size, c.intermediate_size
+    largest = max(source.numel(k) for k in source.tensors if k.startswith("layers."))
+    layer = source.layer_bytes() + largest * 4  # float32 layer + the largest tensor while it is converted
+    t_batch = batch * ctx
+    per_batch = t_batch * (6 * n + 12 * d) * 4 + 2 * batch * c.num_heads * ctx * ctx * 4
+    head_rows = min(c.vocab_size, max(1, HEAD_BLOCK_BYTES // (4 * d)))
+    head = 2 * head_rows * d * 4 + 3 * batch * ctx * head_rows * 4  # rows as read and widened, their logits
+    common = {"layer": layer, "batch activations": per_batch, "head block": head}
+    p = params
+    sample = min(p.cett_tokens, p.profile_tokens)
+    held = p.heldout_tokens
+    coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
+    preds_tokens, val = p.predictor_tokens, p.heldout_tokens
+    stages = {
+        "threshold sample": {**common, "hidden states": _states(sample, d, spill_bytes) + _states(held, d, spill_bytes),
+                             "sample activations": 2 * sample * n * 4 + n * d * 4},
+        "PPL-p% search": {**common, "hidden states": _states(held, d, spill_bytes)},
+        "calibration": {**common, "hidden states": _states(p.profile_tokens, d, spill_bytes),
+                        "masks + co-activation": 2 * p.profile_tokens * n // 8 + coact},
+        "predictors": {**common, "hidden states": _states(preds_tokens, d, spill_bytes) + 4 * _states(val, d, spill_bytes),
+                       "inputs + masks": (preds_tokens + val) * (d * (2 + 4 + 4) + n // 8 + n) + val * n * 16},
+        "layout": {"layer": layer, "ordering masks": 3 * min(ORDER_SAMPLE_TOKENS, p.profile_tokens) * n
+                   + 2 * p.profile_tokens * n // 8, "bundle block": 4096 * (3 * d) * 4 * 3},
+    }
+    return MemoryPlan(baseline, stages, spill_bytes)
+
+
+def fit_plan(source: CheckpointSource, params, limit: int | None, baseline: int = 0, **kw) -> MemoryPlan:
+    """The plan for ``params``; with a ``limit`` (bytes), hidden states are spilled to temporary files
+    when that brings the peak under it, and a plan still over it is refused with its numbers."""
+    plan = plan_prepare(source, params, baseline, **kw)
+    if limit is None or plan.peak <= limit:
+        return plan
+    spilled = plan_prepare(source, params, baseline, spill_bytes=32 << 20, **kw)
+    if spilled.peak <= limit:
+        return replace(spilled)
+    raise SparseflashError(f"prepare needs about {fmt_bytes(spilled.peak)} even with hidden states in temporary "
+                           f"files, more than --memory {fmt_bytes(limit)}: {spilled.text()}; lower --tokens, "
+                           f"--heldout-tokens or --cett-tokens, or allow more memory")
