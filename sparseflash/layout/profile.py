@@ -29,9 +29,10 @@ from sparseflash.layout import stats
 from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.coactivation import accumulate_coactivation
 from sparseflash.layout.masks import MaskWriter, pack, read_masks
+from sparseflash.layout.pplp import ppl_p_search
 from sparseflash.model.ffn import DenseFFN
 from sparseflash.model.loader import DenseModel
-from sparseflash.model.perplexity import perplexity, windows
+from sparseflash.model.perplexity import windows
 from sparseflash.model.transformer import Transformer
 
 PROFILE_VERSION = 1
@@ -62,13 +63,6 @@ class _Recorder:
 
     def __call__(self, layer, x, a):
         return self.fn(layer, x, a) if self.fn is not None else None
-
-
-def _masking_hook(thresholds: list[float], col_norms: list[torch.Tensor]):
-    def hook(layer, x, a):
-        return a * stats.active_mask(a.abs() * col_norms[layer], thresholds[layer])
-
-    return hook
 
 
 def _progress(total, desc, quiet):
@@ -126,30 +120,10 @@ def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
     curve = {str(b): [s.sparsity_at(s.threshold_for(b)[0]) for s in searches] for b in BOUND_GRID}
 
     # pass 2: PPL-p% search on held-out text
-    recorder.fn = None
-    ppl_tokens = min(len(heldout_ids) // p.ctx * p.ctx, p.ppl_tokens)
-    dense_ppl = perplexity(net, heldout_ids, ctx=p.ctx, max_tokens=ppl_tokens).ppl
-    target = dense_ppl * (1 + p.ppl_p / 100)
-    trials = []
-
-    def ppl_at(bound):
-        thr = [s.threshold_for(bound)[0] for s in searches]
-        recorder.fn = _masking_hook(thr, col_norms)
-        value = perplexity(net, heldout_ids, ctx=p.ctx, max_tokens=ppl_tokens).ppl
-        recorder.fn = None
-        trials.append({"bound": bound, "ppl": value})
-        return value, thr
-
-    lo, hi = 0.0, 1.0
-    ppl_lo, ppl_thr = ppl_at(0.0)
-    for _ in tqdm(range(p.ppl_steps), desc="PPL-p% search", disable=quiet, leave=False):
-        mid = (lo + hi) / 2
-        value, thr = ppl_at(mid)
-        if value <= target:
-            lo, ppl_lo, ppl_thr = mid, value, thr
-        else:
-            hi = mid
-    ppl_bound = lo
+    found = ppl_p_search(net, lambda hook: setattr(recorder, "fn", hook), searches, col_norms, heldout_ids,
+                         p.ppl_p, p.ctx, p.ppl_tokens, p.ppl_steps, quiet)
+    ppl_bound, ppl_thr, dense_ppl, ppl_lo = found.bound, found.thresholds, found.ppl_dense, found.ppl_at_bound
+    ppl_tokens, trials = found.tokens, found.trials
     thresholds = {"cett": cett_thr, "ppl": ppl_thr}
 
     # pass 3: all calibration tokens -> masks, frequencies, sparsity, CETT at both threshold sets
