@@ -97,7 +97,7 @@ def levenberg_marquardt(model, jac, p0, x: np.ndarray, y: np.ndarray, max_iter: 
     p = np.asarray(p0, dtype=np.float64)
     with np.errstate(all="ignore"):
         r = model(x, *p) - y
-    cost = float(r @ r)
+        cost = float(r @ r)
     if not np.isfinite(cost):
         return p, math.inf
     lam = 1e-3
@@ -106,7 +106,8 @@ def levenberg_marquardt(model, jac, p0, x: np.ndarray, y: np.ndarray, max_iter: 
             j = jac(x, *p)  # (points, params)
         if not np.all(np.isfinite(j)):
             break
-        h, g = j.T @ j, j.T @ r
+        with np.errstate(all="ignore"):
+            h, g = j.T @ j, j.T @ r
         scale = np.maximum(np.diag(h), 1e-12)
         accepted = False
         while lam < 1e14:
@@ -117,7 +118,7 @@ def levenberg_marquardt(model, jac, p0, x: np.ndarray, y: np.ndarray, max_iter: 
                 continue
             with np.errstate(all="ignore"):
                 r_new = model(x, *(p + step)) - y
-            new_cost = float(r_new @ r_new)
+                new_cost = float(r_new @ r_new)
             if np.isfinite(new_cost) and new_cost < cost:
                 done = cost - new_cost <= 1e-13 * cost
                 p, r, cost = p + step, r_new, new_cost
@@ -198,7 +199,7 @@ def fit_law(tokens, ratio, form: str) -> LawFit:
     for p0 in _starts(form, d, y):
         with np.errstate(all="ignore"):
             r = model(d, *p0) - y
-        cost = float(r @ r)
+            cost = float(r @ r)
         if np.isfinite(cost):
             scored.append((cost, p0))
     scored.sort(key=lambda t: t[0])
