@@ -57,12 +57,12 @@ def test_the_two_forms_tell_decreasing_from_increasing_series():
 
 def test_hinge_finds_the_bottleneck():
     x = np.array([4.0, 8, 16, 32, 64, 128, 256])
-    y = np.where(x < 100, 0.30 + 0.002 * (x - 100), 0.30 + 0.0001 * (x - 100))
+    y = np.where(x < 100, 0.30 + 0.002 * (x - 100), 0.30 - 0.0005 * (x - 100))
     y = y + np.random.default_rng(0).normal(0, 5e-4, len(x))
     fit = fit_hinge(x, y)
     assert 64 <= fit.breakpoint <= 128
     assert fit.params["slope_below"] == pytest.approx(0.002, rel=0.1)
-    assert abs(fit.params["slope_above"]) < 3e-4
+    assert fit.params["slope_above"] == pytest.approx(-0.0005, rel=0.2)
     assert fit.r2 > 0.99
     assert fit.predict([fit.breakpoint])[0] == pytest.approx(fit.params["ratio_at_breakpoint"])
 
@@ -72,3 +72,13 @@ def test_series_too_short_for_the_form_is_refused(form, points):
     x, y = np.geomspace(1e5, 1e6, points), np.linspace(0.2, 0.1, points)
     with pytest.raises(SparseflashError, match=f"at least {points + 1}"):
         fit_hinge(x, y) if form == "hinge" else fit_law(x, y, form)
+
+
+def test_logspace_fit_of_a_plain_power_decay_says_so():
+    """Without curvature in log space the logspace law slides to alpha -> 0 (a power law); the fit says so."""
+    y = 0.05 + 0.003 * (TOKENS / 1e6) ** -1.2 + np.random.default_rng(0).normal(0, 3e-4, len(TOKENS))
+    fit = fit_law(TOKENS, y, "logspace")
+    assert fit.note is not None and "power law" in fit.note
+    assert abs(fit.params["c"] * fit.params["alpha"] - 1.2) < 0.2
+    assert fit.limit_ratio == pytest.approx(fit_law(TOKENS, y, "power").limit_ratio, abs=2e-3)
+    assert fit_law(TOKENS, _series("logspace", (1.0, 0.5, -1.0, 0.10), 5e-4), "logspace").note is None

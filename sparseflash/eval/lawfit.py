@@ -86,10 +86,28 @@ class LawFit:
         with np.errstate(all="ignore"):
             return _MODELS[self.form][0](d, *(self.params[k] for k in PARAMS[self.form]))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> LawFit:
+        """The fit back from ``to_dict`` (trend.json)."""
+        return cls(d["form"], d["params"], d["stderr"], d["tokens_unit"], d["r2"], d["rmse"], d["points"])
+
+    @property
+    def note(self) -> str | None:
+        """Why the parameters may read oddly: a logspace fit that slid to its alpha -> 0 limit."""
+        p = self.params
+        if self.form == "logspace" and abs(p["alpha"]) < 0.05 and abs(p["c"]) > 20:
+            # exp(-c D^alpha + b) -> exp(b - c) D^(-c alpha) as alpha -> 0 with c alpha fixed
+            return (f"alpha -> 0 limit: A = A0 + exp(b - c) * D^(-c*alpha), a plain power law with exponent "
+                    f"c*alpha = {p['c'] * p['alpha']:.3g}; c, alpha and b are not separately determined")
+        if any(v is None for v in self.stderr.values()):
+            return "J^T J is singular at the optimum: the parameters are not separately determined by this series"
+        return None
+
     def to_dict(self) -> dict:
         return {"form": self.form, "formula": FORMULAS[self.form], "tokens_unit": self.tokens_unit,
                 "params": dict(self.params), "stderr": dict(self.stderr), "limit_ratio": self.limit_ratio,
-                "limit_ratio_stderr": self.stderr["A0"], "r2": self.r2, "rmse": self.rmse, "points": self.points}
+                "limit_ratio_stderr": self.stderr["A0"], "r2": self.r2, "rmse": self.rmse, "points": self.points,
+                "note": self.note}
 
 
 def levenberg_marquardt(model, jac, p0, x: np.ndarray, y: np.ndarray, max_iter: int = 400) -> tuple[np.ndarray, float]:

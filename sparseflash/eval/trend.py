@@ -193,7 +193,7 @@ def _fit_or_reason(x, y, form: str) -> dict:
 def _trend_change(x: list[int], y: list[float], fit: dict) -> dict:
     """Measured and fitted change of A from the first to the last checkpoint."""
     out = {"first": y[0], "last": y[-1], "change": y[-1] - y[0], "relative_change": (y[-1] - y[0]) / y[0] if y[0] else None}
-    f = lawfit.LawFit(fit["form"], fit["params"], fit["stderr"], fit["tokens_unit"], fit["r2"], fit["rmse"], fit["points"])
+    f = lawfit.LawFit.from_dict(fit)
     a, b = (float(v) for v in f.predict([x[0], x[-1]]))
     out.update(fitted_first=a, fitted_last=b, direction="increasing" if b > a else "decreasing" if b < a else "flat")
     return out
@@ -211,6 +211,8 @@ def run_trend(paths: list[str | os.PathLike], corpus: str | os.PathLike, out_dir
         raise SparseflashError(f"--p must be > 0, got {p.ppl_p}")
     if form not in ("auto", *lawfit.FORMS):
         raise SparseflashError(f"--form must be auto, logspace or power, got {form!r}")
+    if mode == "width-depth" and form != "auto":
+        raise SparseflashError("--form chooses the law over training tokens; --width-depth always fits two segments")
     entries = check_series(paths, tokens_trained, mode, p)
     activation = entries[0].config.activation
     if mode == "tokens":

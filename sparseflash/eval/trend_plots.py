@@ -21,10 +21,6 @@ def _params_text(fit: dict, names) -> str:
     return ", ".join(parts) + (f", R²={r2:.4f}" if r2 is not None else "")
 
 
-def _law(fit: dict) -> LawFit:
-    return LawFit(fit["form"], fit["params"], fit["stderr"], fit["tokens_unit"], fit["r2"], fit["rmse"], fit["points"])
-
-
 def write_trend_plots(out_dir: str | Path, summary: dict) -> list[Path]:
     """trend.png + trend_layers.png (mode tokens) or width_depth.png (mode width-depth)."""
     import matplotlib
@@ -80,7 +76,7 @@ def write_trend_plots(out_dir: str | Path, summary: dict) -> list[Path]:
             main = form == summary["form"]
             if not main and fits_key != "ppl":
                 continue
-            ax.plot(grid, _law(fit).predict(grid), "-" if main else "--", color=color, lw=1.6 if main else 0.9,
+            ax.plot(grid, LawFit.from_dict(fit).predict(grid), "-" if main else "--", color=color, lw=1.6 if main else 0.9,
                     alpha=1.0 if main else 0.6, label=f"{form}: " + _params_text(fit, PARAMS[form]))
             if main:
                 ax.axhline(fit["limit_ratio"], color=color, ls=":", lw=0.8)

@@ -42,6 +42,8 @@ def cmd_trend(args) -> int:
     if s["mode"] == "tokens":
         t = s["trend"]
         print(f"    D in units of {fit['tokens_unit']:.0e} tokens; limit ratio A0 = {_fmt(fit, 'A0')}")
+        if fit.get("note"):
+            print(f"    note: {fit['note']}")
         print(f"    measured {t['first']:.4f} -> {t['last']:.4f} ({t['relative_change']:+.1%}); fitted {t['direction']}")
     else:
         b = s["budget"]
