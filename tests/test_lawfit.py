@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sparseflash.errors import SparseflashError
-from sparseflash.eval.lawfit import fit_hinge, fit_law, logspace_law, power_law
+from sparseflash.eval.lawfit import LawFit, fit_hinge, fit_law, logspace_law, power_law
 
 TOKENS = np.geomspace(4e4, 3e6, 12)  # a series like bench/train_series.py's; D in millions
 
@@ -44,7 +44,8 @@ def test_reported_error_of_the_limit_ratio_matches_its_scatter():
     truth = (0.05, 0.5, 0.40)
     fits = [fit_law(TOKENS, _series("power", truth, 1e-3, seed=s), "power") for s in range(40)]
     scatter = np.std([f.limit_ratio for f in fits])
-    reported = np.median([f.stderr["A0"] for f in fits])
+    reported = np.median([f.limit()[1] for f in fits])
+    assert all(f.limit()[1] == f.stderr["A0"] for f in fits)  # alpha > 0: the limit is A0 itself
     assert 0.5 < reported / scatter < 2.0, (reported, scatter)
 
 
@@ -82,3 +83,19 @@ def test_logspace_fit_of_a_plain_power_decay_says_so():
     assert abs(fit.params["c"] * fit.params["alpha"] - 1.2) < 0.2
     assert fit.limit_ratio == pytest.approx(fit_law(TOKENS, y, "power").limit_ratio, abs=2e-3)
     assert fit_law(TOKENS, _series("logspace", (1.0, 0.5, -1.0, 0.10), 5e-4), "logspace").note is None
+
+
+def test_limit_is_where_the_law_goes():
+    """A0 when the law converges to it; exp(b) + A0 for a logspace law with alpha < 0; None if it diverges."""
+    def law(form, **params):
+        k = len(params)
+        return LawFit(form, params, dict.fromkeys(params, 0.1), 1e6, 0.9, 0.01, 12, np.eye(k).tolist())
+
+    assert law("power", c=0.1, alpha=0.5, A0=0.4).limit() == (0.4, 1.0)
+    assert law("power", c=0.1, alpha=-0.5, A0=0.4).limit() == (None, None)
+    assert law("logspace", c=1.0, alpha=0.5, b=-1.0, A0=0.1).limit() == (0.1, 1.0)
+    assert law("logspace", c=-1.0, alpha=0.5, b=-1.0, A0=0.1).limit() == (None, None)
+    value, err = law("logspace", c=1.0, alpha=-0.5, b=-1.0, A0=0.1).limit()
+    assert value == pytest.approx(np.exp(-1.0) + 0.1) and err == pytest.approx(np.sqrt(np.exp(-2.0) + 1.0))
+    big = np.array([1e6, 1e20])  # tokens; D = 1 and 1e14
+    assert law("logspace", c=1.0, alpha=-0.5, b=-1.0, A0=0.1).predict(big)[-1] == pytest.approx(value, rel=1e-3)

@@ -79,7 +79,7 @@ def test_trend_json_and_plots(series, tmp_path, capsys):
             np.mean([e["activation_ratio"] for e in c["layers"]]))
     fit = s["fit"]
     assert s["form"] == fit["form"] == "logspace"  # auto: ReLU² -> logspace power law
-    assert set(fit["params"]) == {"c", "alpha", "b", "A0"} and fit["limit_ratio"] == fit["params"]["A0"]
+    assert set(fit["params"]) == {"c", "alpha", "b", "A0"} and "limit_ratio" in fit
     assert fit["r2"] is None or fit["r2"] <= 1
     assert s["fits"]["ppl"]["power"]["form"] == "power" and s["trend"]["direction"] in ("increasing", "decreasing")
     saved = json.loads((out / "trend.json").read_text())

@@ -65,7 +65,7 @@ def tokens_unit(max_tokens: float) -> float:
 
 @dataclass(frozen=True)
 class LawFit:
-    """A fitted activation-ratio law. ``stderr`` entries are None where J^T J is singular."""
+    """A fitted activation-ratio law. ``stderr`` entries (and ``covariance``) are None where J^T J is singular."""
 
     form: str
     params: dict[str, float]
@@ -74,11 +74,33 @@ class LawFit:
     r2: float | None
     rmse: float
     points: int
+    covariance: list[list[float]] | None = None  # of the parameters, in PARAMS[form] order
+
+    def limit(self) -> tuple[float | None, float | None]:
+        """(value, standard error) of the activation ratio as D -> infinity; (None, None) if the law diverges.
+
+        A0 when the law converges to it (power: alpha > 0; logspace: alpha > 0, c >= 0); a logspace law
+        with alpha < 0 converges to exp(b) + A0 instead. The error is propagated from the covariance.
+        """
+        p, names = self.params, PARAMS[self.form]
+        grad = np.zeros(len(names))
+        grad[names.index("A0")] = 1.0
+        if p["alpha"] > 0 and (self.form == "power" or p["c"] >= 0):
+            value = p["A0"]
+        elif self.form == "logspace" and p["alpha"] < 0:
+            value = math.exp(p["b"]) + p["A0"] if p["b"] < 700 else math.inf
+            grad[names.index("b")] = math.exp(min(p["b"], 700))
+        else:
+            return None, None
+        if self.covariance is None or not math.isfinite(value):
+            return (value if math.isfinite(value) else None), None
+        var = float(grad @ np.asarray(self.covariance) @ grad)
+        return value, (math.sqrt(var) if var >= 0 and math.isfinite(var) else None)
 
     @property
-    def limit_ratio(self) -> float:
-        """A0: the activation ratio the law converges to as D -> infinity."""
-        return self.params["A0"]
+    def limit_ratio(self) -> float | None:
+        """The activation ratio the law converges to as D -> infinity (usually A0); None if it diverges."""
+        return self.limit()[0]
 
     def predict(self, tokens) -> np.ndarray:
         """Activation ratio at ``tokens`` (raw token counts)."""
@@ -89,7 +111,8 @@ class LawFit:
     @classmethod
     def from_dict(cls, d: dict) -> LawFit:
         """The fit back from ``to_dict`` (trend.json)."""
-        return cls(d["form"], d["params"], d["stderr"], d["tokens_unit"], d["r2"], d["rmse"], d["points"])
+        return cls(d["form"], d["params"], d["stderr"], d["tokens_unit"], d["r2"], d["rmse"], d["points"],
+                   d.get("covariance"))
 
     @property
     def note(self) -> str | None:
@@ -105,9 +128,9 @@ class LawFit:
 
     def to_dict(self) -> dict:
         return {"form": self.form, "formula": FORMULAS[self.form], "tokens_unit": self.tokens_unit,
-                "params": dict(self.params), "stderr": dict(self.stderr), "limit_ratio": self.limit_ratio,
-                "limit_ratio_stderr": self.stderr["A0"], "r2": self.r2, "rmse": self.rmse, "points": self.points,
-                "note": self.note}
+                "params": dict(self.params), "stderr": dict(self.stderr), "limit_ratio": self.limit()[0],
+                "limit_ratio_stderr": self.limit()[1], "r2": self.r2, "rmse": self.rmse, "points": self.points,
+                "note": self.note, "covariance": self.covariance}
 
 
 def levenberg_marquardt(model, jac, p0, x: np.ndarray, y: np.ndarray, max_iter: int = 400) -> tuple[np.ndarray, float]:
@@ -170,16 +193,20 @@ def _starts(form: str, d: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
     return starts
 
 
-def _stderr(j: np.ndarray, rss: float, n: int) -> np.ndarray:
-    """Standard errors from the Jacobian covariance s2 (J^T J)^-1; NaN where it is singular."""
+def _covariance(j: np.ndarray, rss: float, n: int) -> np.ndarray | None:
+    """Parameter covariance s2 (J^T J)^-1, s2 = RSS / (n - k); None where J^T J is singular."""
     k = j.shape[1]
-    s2 = rss / (n - k)
-    h = j.T @ j
-    if not np.all(np.isfinite(h)) or np.linalg.cond(h) > 1e14:
-        return np.full(k, np.nan)
     with np.errstate(all="ignore"):
-        var = np.diag(np.linalg.inv(h)) * s2
-    return np.sqrt(np.where(var >= 0, var, np.nan))
+        h = j.T @ j
+        if not np.all(np.isfinite(h)) or np.linalg.cond(h) > 1e14:
+            return None
+        return np.linalg.inv(h) * (rss / (n - k))
+
+
+def _stderr(cov: np.ndarray | None, k: int) -> list[float | None]:
+    if cov is None:
+        return [None] * k
+    return [_finite(math.sqrt(v)) if v >= 0 else None for v in np.diag(cov)]
 
 
 def _r2(rss: float, y: np.ndarray) -> float | None:
@@ -229,11 +256,12 @@ def fit_law(tokens, ratio, form: str) -> LawFit:
     if best is None:
         raise SparseflashError(f"the {form} fit found no finite solution for this series")
     with np.errstate(all="ignore"):
-        err = _stderr(jac(d, *best), best_cost, len(d))
+        cov = _covariance(jac(d, *best), best_cost, len(d))
     names = PARAMS[form]
     return LawFit(form=form, params={k: float(v) for k, v in zip(names, best)},
-                  stderr={k: _finite(v) for k, v in zip(names, err)}, tokens_unit=unit,
-                  r2=_r2(best_cost, y), rmse=math.sqrt(best_cost / len(d)), points=len(d))
+                  stderr=dict(zip(names, _stderr(cov, len(names)))), tokens_unit=unit,
+                  r2=_r2(best_cost, y), rmse=math.sqrt(best_cost / len(d)), points=len(d),
+                  covariance=None if cov is None else cov.tolist())
 
 
 @dataclass(frozen=True)
@@ -278,7 +306,7 @@ def fit_hinge(x, y, grid: int = 2001) -> HingeFit:
             best = (rss, float(bp), coef)
     rss, bp, (a_b, s1, s2) = best
     jac = np.stack([np.where(x < bp, -s1, -s2), np.ones_like(x), np.minimum(x - bp, 0), np.maximum(x - bp, 0)], axis=1)
-    err = _stderr(jac, rss, len(x))
+    err = _stderr(_covariance(jac, rss, len(x)), len(HINGE_PARAMS))
     values = (bp, float(a_b), float(s1), float(s2))
-    return HingeFit(params=dict(zip(HINGE_PARAMS, values)), stderr={k: _finite(v) for k, v in zip(HINGE_PARAMS, err)},
+    return HingeFit(params=dict(zip(HINGE_PARAMS, values)), stderr=dict(zip(HINGE_PARAMS, err)),
                     r2=_r2(rss, y), rmse=math.sqrt(rss / len(x)), points=len(x))

@@ -78,7 +78,7 @@ def write_trend_plots(out_dir: str | Path, summary: dict) -> list[Path]:
                 continue
             ax.plot(grid, LawFit.from_dict(fit).predict(grid), "-" if main else "--", color=color, lw=1.6 if main else 0.9,
                     alpha=1.0 if main else 0.6, label=f"{form}: " + _params_text(fit, PARAMS[form]))
-            if main:
+            if main and fit["limit_ratio"] is not None:
                 ax.axhline(fit["limit_ratio"], color=color, ls=":", lw=0.8)
     unit = summary["fit"]["tokens_unit"]
     ax.set_xscale("log")

@@ -41,7 +41,9 @@ def cmd_trend(args) -> int:
     print("    " + ", ".join(f"{k} = {_fmt(fit, k)}" for k in names) + f"; R² = {fit['r2']}")
     if s["mode"] == "tokens":
         t = s["trend"]
-        print(f"    D in units of {fit['tokens_unit']:.0e} tokens; limit ratio A0 = {_fmt(fit, 'A0')}")
+        limit, err = fit["limit_ratio"], fit["limit_ratio_stderr"]
+        limit_text = "diverges" if limit is None else f"{limit:.4g}" + (f" ± {err:.2g}" if err is not None else "")
+        print(f"    D in units of {fit['tokens_unit']:.0e} tokens; limit ratio (D -> inf) {limit_text}")
         if fit.get("note"):
             print(f"    note: {fit['note']}")
         print(f"    measured {t['first']:.4f} -> {t['last']:.4f} ({t['relative_change']:+.1%}); fitted {t['direction']}")
