@@ -34,7 +34,7 @@ def write_trend_plots(out_dir: str | Path, summary: dict) -> list[Path]:
     def save(fig, name):
         path = out_dir / name
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
 
@@ -59,7 +59,7 @@ def write_trend_plots(out_dir: str | Path, summary: dict) -> list[Path]:
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set(xlabel="width/depth ratio (hidden size / layers)", ylabel="activation ratio",
                title=f"Activation ratio vs width/depth ({summary['activation']})")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: the fit text is long
         save(fig, "width_depth.png")
         return paths
 
@@ -84,7 +84,7 @@ def write_trend_plots(out_dir: str | Path, summary: dict) -> list[Path]:
     ax.set_xscale("log")
     ax.set(xlabel="training tokens", ylabel="activation ratio (1 - sparsity)",
            title=f"Activation ratio vs training tokens ({summary['activation']}; D in units of {unit:.0e} tokens)")
-    ax.legend(fontsize=6.5)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     save(fig, "trend.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
