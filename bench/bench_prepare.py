@@ -2,6 +2,7 @@
 
 Builds (and caches) random-weight gated-ReLU llama checkpoints in bf16, sharded with an index like
 published ones, written shard by shard (never the whole model in memory):
+  135m:  hidden 576, 30 layers, 1,536 neurons, 9 heads (3 kv), vocab 49,152, prepare's defaults (~0.27 GB)
   1b:    hidden 2048, 22 layers, 5,632 neurons, 32 heads (4 kv), vocab 32,000  (~2.2 GB)
   7b:    hidden 4096, 32 layers, 11,008 neurons, 32 heads, vocab 32,000, the Llama-2-7B shape (~13.5 GB)
   quick: hidden 256, 4 layers, 704 neurons (a few MB; for tests)
@@ -48,8 +49,8 @@ class Shape:
     heads: int
     kv_heads: int
     vocab: int
-    tokens: int  # calibration tokens the run uses
-    heldout: int  # held-out tokens (PPL-p% search, predictor validation)
+    tokens: int  # calibration tokens the run uses (0: prepare's defaults)
+    heldout: int  # held-out tokens (PPL-p% search, predictor validation; 0: prepare's default)
 
     def params(self) -> int:
         d, n, hd = self.hidden, self.intermediate, self.hidden // self.heads
@@ -59,6 +60,7 @@ class Shape:
 
 SHAPES = {
     "quick": Shape("quick", 256, 4, 704, 4, 2, 4096, 1024, 512),
+    "135m": Shape("135m", 576, 30, 1536, 9, 3, 49152, 0, 0),  # SmolLM-135M's shape at prepare's defaults
     "1b": Shape("1b", 2048, 22, 5632, 32, 4, 32000, 4096, 512),
     "7b": Shape("7b", 4096, 32, 11008, 32, 32, 32000, 2048, 512),
 }
@@ -199,7 +201,7 @@ def table(r: dict) -> str:
     lines = [f"{s['name']}: hidden {s['hidden']}, {s['layers']} layers, {s['intermediate']} neurons, "
              f"{r['checkpoint_bytes'] / 2**30:.2f} GiB bf16 in {r['shards']} shards; exit {r['exit_code']}"
              + (f" (OOM kills {r['oom_kills']})" if r.get("oom_kills") else "")]
-    if "baseline_bytes" in r:
+    if "baseline_bytes" in r and r.get("plan"):
         lines.append(f"  baseline {r['baseline_bytes'] / mib:.0f} MiB, cap {r['cap_bytes'] / mib:.0f} MiB "
                      f"({'cgroup' if r['capped'] else 'NOT ENFORCED: no memory cgroup'}), expected peak "
                      f"{r['plan']['peak'] / mib:.0f} MiB ({r['plan']['peak_stage']})")

@@ -2,7 +2,8 @@
 
 Imports and warms up what prepare uses (torch, the Numba kernels), records its baseline (cgroup
 usage, or RSS without a cgroup) before the checkpoint is opened, caps the cgroup at baseline +
-the allowance (cap_share x checkpoint bytes), then runs layout.pipeline.prepare with the same --memory. A sampler
+the allowance (cap_share x checkpoint bytes), then runs layout.pipeline.prepare with --memory = its RSS
+then + the allowance. A sampler
 thread reads RssAnon and the cgroup usage every 0.2 s; the stage is whatever layer pass (or prepare
 step) runs at the time. Writes its figures as JSON.
 
@@ -27,6 +28,8 @@ def bench_params(shape):
     from sparseflash.layout.params import PrepareParams
 
     d = PrepareParams()
+    if not shape.tokens:  # 0: prepare's defaults
+        return d
     return replace(d, profile_tokens=shape.tokens, predictor_tokens=shape.tokens, heldout_tokens=shape.heldout,
                    cett_tokens=min(d.cett_tokens, shape.tokens))
 
@@ -103,6 +106,7 @@ def main(job_file: str) -> None:
     usage = (lambda: cg.usage(group)) if cg else (lambda: _status("VmRSS"))  # noqa: E731
     baseline = usage()
     cap = baseline + job["allowance_bytes"]
+    memory = _status("VmRSS") + job["allowance_bytes"]  # prepare's --memory: its own RSS baseline + the allowance
     if cg:
         cg.set_limit(group, cap)
     shape = Shape(**job["shape"])
@@ -125,12 +129,12 @@ def main(job_file: str) -> None:
             sampler.leave()
             sampler.enter("layout")
 
-    result = {"baseline_bytes": baseline, "cap_bytes": cap, "params": params.__dict__}
+    result = {"baseline_bytes": baseline, "cap_bytes": cap, "memory_arg_bytes": memory, "params": params.__dict__}
     t0, c0 = time.perf_counter(), time.process_time()
     sampler.enter("hash + plan")
     try:
         prepare(job["checkpoint"], BUNDLED / "calibration.txt.zst", BUNDLED / "heldout.txt.zst", job["out"], params,
-                quiet=False, log=log, memory=cap)
+                quiet=False, log=log, memory=memory)
     except Exception as e:  # recorded, then the run ends with a failure code
         result["error"] = f"{type(e).__name__}: {e}"
     sampler.leave()

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparseflash.errors import ArtefactError
-from sparseflash.kernels.bundles import pack_bundles
+from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.kernels import pack_bundles
 from sparseflash.layout import schema
 from sparseflash.layout.format import LayoutWriter
 from sparseflash.layout.layout_weights import LayoutWeights, ResidentStage
 from sparseflash.layout.masks import load_masks, unpack
+from sparseflash.layout.memory_plan import BUNDLE_BLOCK
 from sparseflash.layout.ordering import LayerStats, order_layer
 from sparseflash.layout.params import LayoutParams
 from sparseflash.layout.profile import load_profile
@@ -77,7 +78,7 @@ def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.Pat
 
     n = c.intermediate_size
     n_hot = int(round(p.hot_fraction * n))
-    bundle_bytes = schema.bundle_bytes(c.hidden_size, c.gated, p.dtype)
+    bundle_bytes = _bundle_bytes(c, p.dtype)
     perms, order_report = [], []
     for l in tqdm(range(c.num_layers), desc=f"ordering ({p.order})", disable=quiet, leave=False):
         stats = _layer_stats(profile_dir, l, n, profile["tokens"], p.thresholds)
@@ -93,18 +94,27 @@ def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.Pat
         "hot_fraction": p.hot_fraction,
     }
     return write_layout(model, out_path, perms, n_hot, thresholds, p.dtype, preds, strategy, report, provenance,
-                        p.zstd_level, source_hash, quiet)
+                        p.zstd_level, source_hash, quiet, p.resident)
+
+
+def _bundle_bytes(c, dtype: str) -> int:
+    try:
+        return schema.bundle_bytes(c.hidden_size, c.gated, dtype)
+    except ValueError as e:
+        raise SparseflashError(f"--dtype {dtype}: {e}") from None
 
 
 def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLike, perms: list[np.ndarray], n_hot: int,
                  thresholds: list[float], dtype: str = "f16", predictors: dict | None = None,
                  strategy: str = "threshold", report: dict | None = None, provenance: dict | None = None,
-                 zstd_level: int | None = None, source_hash: str = "", quiet: bool = False) -> ModelHeader:
+                 zstd_level: int | None = None, source_hash: str = "", quiet: bool = False,
+                 resident_dtype: str | None = None) -> ModelHeader:
     """Write a layout file from a model's weights (in memory, or a checkpoint source read a layer at a
     time: at most one layer and a block of bundles in memory), per-layer permutations and thresholds.
 
     ``predictors`` maps ``layer.{l}`` / ``lookahead.{l}`` to layout/predictor.Predictor objects (rows in
-    checkpoint order; they are permuted to stored order here). Returns the header written.
+    checkpoint order; they are permuted to stored order here). ``resident_dtype`` (default: as
+    ``dtype``, f16 for quantized bundles) stores the resident matrices. Returns the header written.
     """
     w = LayoutWeights(model)  # an in-memory model, or a checkpoint source read one layer at a time
     c = w.config
@@ -115,22 +125,34 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),
                                        report)
+    resident_dtype = resident_dtype or ("f16" if dtype in ("q8", "q4") else dtype)
     header = ModelHeader(c.to_dict(), w.tokenizer_json, source_hash, dtype, n_hot, pred_header,
-                         provenance or {})
+                         provenance or {}, resident_dtype)
+    _bundle_bytes(c, dtype)
     writer = LayoutWriter(out_path, header.to_json(), zstd_level=zstd_level)
     stage = ResidentStage(out_path)  # resident tensors wait in files until the writer reads them
 
-    def resident(name: str, t: torch.Tensor) -> None:  # matrices in the storage dtype, vectors in f32
-        tag = "f32" if t.dim() == 1 else dtype
-        writer.add_tensor(name, stage.put(t, tag), tag)
+    def check_columns(name: str, columns: int, tag: str) -> None:
+        if tag in ("q8", "q4") and columns % 32:
+            raise SparseflashError(f"--resident-dtype {tag}: {name} has {columns} columns, not a multiple of 32")
 
-    shape = (c.vocab_size, c.hidden_size)
-    writer.add_tensor(schema.EMBED, stage.put_blocks(w.row_blocks("embed"), shape, dtype), dtype)
+    def resident(name: str, t: torch.Tensor) -> None:  # matrices in the resident dtype, vectors in f32
+        tag = "f32" if t.dim() == 1 else resident_dtype
+        check_columns(name, t.shape[-1], tag)
+        writer.add_tensor(name, stage.put(t, tag), tag, shape=tuple(t.shape))
+
+    def row_blocks(name: str, source_name: str) -> None:  # embedding / head, converted a block of rows at a time
+        shape = (c.vocab_size, c.hidden_size)
+        check_columns(name, shape[1], resident_dtype)
+        writer.add_tensor(name, stage.put_blocks(w.row_blocks(source_name), shape, resident_dtype), resident_dtype,
+                          shape=shape)
+
+    row_blocks(schema.EMBED, "embed")
     resident(schema.FINAL_NORM_W, w.vector("final_norm_w"))
     if w.vector("final_norm_b") is not None:
         resident(schema.FINAL_NORM_B, w.vector("final_norm_b"))
     if not w.tied:
-        writer.add_tensor(schema.LM_HEAD, stage.put_blocks(w.row_blocks("lm_head"), shape, dtype), dtype)
+        row_blocks(schema.LM_HEAD, "lm_head")
     for l in range(c.num_layers):
         layer = w.layer(l)  # read now, dropped after its resident tensors are parked
         perm = perms[l]
@@ -152,7 +174,7 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
                 writer.add_tensor(schema.predictor_tensor(kind, l, part), rows[part].float().numpy(), "f32")
         del layer
 
-        def bundles(l=l, perm=perm, block=4096):  # pulled at write time: the FFN weights are read then
+        def bundles(l=l, perm=perm, block=BUNDLE_BLOCK):  # pulled at write time: the FFN weights are read then
             w_up, w_gate, w_down = w.ffn(l)
             for i in range(0, c.intermediate_size, block):
                 ids = torch.from_numpy(perm[i : i + block].astype(np.int64))

@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparseflash.kernels import quantize
 from sparseflash.layout import schema
 from sparseflash.model.layerwise import HEAD_BLOCK_BYTES
 from sparseflash.model.source import CheckpointSource
 from sparseflash.model.weights import LayerWeights
+
+QUANTIZED = ("q8", "q4")
 
 
 class LayoutWeights:
@@ -79,18 +82,21 @@ class ResidentStage:
         self._count = 0
 
     def put(self, values: torch.Tensor, tag: str) -> np.ndarray:
-        """``values`` in storage dtype ``tag``, parked in a file; the returned array maps it."""
+        """``values`` in storage dtype ``tag``, parked in a file; the returned array maps it (a
+        quantized tensor as its uint8 rows)."""
         return self.put_blocks([values], tuple(values.shape), tag)
 
     def put_blocks(self, blocks, shape: tuple[int, ...], tag: str) -> np.ndarray:
-        """Row blocks (float tensors) of a (rows, ...) tensor, converted and written one at a time."""
+        """Row blocks (float tensors) of a (rows, ...) tensor, converted and written one at a time
+        (q8/q4 quantize along the last axis, so a block of rows quantizes as the whole would)."""
         self._count += 1
         array = None
         row = 0
         for block in blocks:
-            stored = schema.to_storage(block, tag)
+            stored = quantize(block.float().numpy(), tag) if tag in QUANTIZED else schema.to_storage(block, tag)
             if array is None:
-                array = np.lib.format.open_memmap(self.folder / f"{self._count}.npy", "w+", stored.dtype, shape)
+                array = np.lib.format.open_memmap(self.folder / f"{self._count}.npy", "w+", stored.dtype,
+                                                  (shape[0], *stored.shape[1:]))
             array[row : row + len(stored)] = stored
             row += len(stored)
         array.flush()  # written back: the pages are clean, the kernel may drop them

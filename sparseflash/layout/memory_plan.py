@@ -25,21 +25,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from sparseflash.errors import SparseflashError
-from sparseflash.model.layerwise import HEAD_BLOCK_BYTES
+from sparseflash.model.layerwise import HEAD_BLOCK_BYTES, head_block_bytes
 from sparseflash.model.source import CheckpointSource
 from sparseflash.units import fmt_bytes
 
 SLACK = 1.10  # allocator fragmentation and small temporaries
 ORDER_SAMPLE_TOKENS = 8192  # layout/build.py's sample of masks for measuring candidate orders
+BUNDLE_BLOCK = 1024  # neurons packed at a time by layout/build.py
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per stage and component; ``peak`` is the largest stage total (times SLACK) plus the baseline."""
+    """Bytes per stage and component; ``peak`` is the largest stage total (times SLACK) plus the baseline.
+    ``batch``, ``cett_tokens`` and ``spill_bytes`` are the settings the plan was made for (lowered
+    from the parameters' when a --memory limit asked for it; ``lowered`` says what was)."""
 
     baseline: int
     stages: dict[str, dict[str, int]] = field(default_factory=dict)
     spill_bytes: int | None = None  # hidden states per stream above this go to temporary files
+    batch: int = 8  # windows per forward batch
+    cett_tokens: int = 0  # threshold-search sample (tokens)
+    lowered: tuple[str, ...] = ()
 
     def total(self, stage: str) -> int:
         return int(sum(self.stages[stage].values()) * SLACK)
@@ -57,12 +63,14 @@ class MemoryPlan:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.stages[s].items() if v)
         spill = "hidden states in memory" if self.spill_bytes is None else \
             f"hidden states over {fmt_bytes(self.spill_bytes)} per stream in temporary files"
+        low = f"; lowered to fit: {', '.join(self.lowered)}" if self.lowered else ""
         return (f"expected peak memory {fmt_bytes(self.peak)} in the {s} stage: baseline {fmt_bytes(self.baseline)} + "
-                f"({parts}) x {SLACK:.2f}; {spill}")
+                f"({parts}) x {SLACK:.2f}; {spill}; {self.batch} windows a batch{low}")
 
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "peak": self.peak, "peak_stage": self.peak_stage,
-                "spill_bytes": self.spill_bytes, "stages": {s: dict(v) for s, v in self.stages.items()},
+                "spill_bytes": self.spill_bytes, "batch": self.batch, "cett_tokens": self.cett_tokens,
+                "lowered": list(self.lowered), "stages": {s: dict(v) for s, v in self.stages.items()},
                 "stage_totals": {s: self.total(s) for s in self.stages}}
 
 
@@ -73,45 +81,68 @@ def _states(tokens: int, d: int, spill: int | None) -> int:
 
 
 def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_bytes: int | None = None,
-                 ctx: int = 256, batch: int = 8, coact_block_bytes: int = 64 << 20) -> MemoryPlan:
-    """The memory plan of `prepare` (params: layout/params.PrepareParams) on ``source``."""
+                 ctx: int = 256, batch: int = 8, coact_block_bytes: int = 64 << 20,
+                 cett_tokens: int | None = None) -> MemoryPlan:
+    """The memory plan of `prepare` (params: layout/params.PrepareParams) on ``source``, with
+    ``batch`` windows a batch and a threshold sample of ``cett_tokens`` (default: the params')."""
     c = source.config
     d, n = c.hidden_size, c.intermediate_size
     largest = max(source.numel(k) for k in source.tensors if k.startswith("layers."))
-    layer = source.layer_bytes() + largest * 4  # float32 layer + the largest tensor while it is converted
+    layer = source.layer_bytes() + largest * 2  # float32 layer + the largest tensor as read (bf16/f16) while widened
     t_batch = batch * ctx
     per_batch = t_batch * (6 * n + 12 * d) * 4 + 2 * batch * c.num_heads * ctx * ctx * 4
-    head_rows = min(c.vocab_size, max(1, HEAD_BLOCK_BYTES // (4 * d)))
+    head_rows = min(c.vocab_size, max(1, head_block_bytes(batch) // (4 * d)))
     head = 2 * head_rows * d * 4 + 3 * batch * ctx * head_rows * 4  # rows as read and widened, their logits
     common = {"layer": layer, "batch activations": per_batch, "head block": head}
     p = params
-    sample = min(p.cett_tokens, p.profile_tokens)
+    sample = min(p.cett_tokens if cett_tokens is None else cett_tokens, p.profile_tokens)
     held = p.heldout_tokens
     coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
+    layout_head = 2 * min(c.vocab_size, max(1, HEAD_BLOCK_BYTES // (4 * d))) * d * 4
     stages = {
+        # the sample's activations, their nonzero magnitudes (candidates, <= 4M sorted), W_down transposed
         "threshold sample": {**common, "hidden states": _states(sample, d, spill_bytes) + _states(held, d, spill_bytes),
-                             "sample activations": 2 * sample * n * 4 + n * d * 4},
+                             "sample activations": 2 * sample * n * 4 + (32 << 20) + n * d * 4},
         "PPL-p% search": {**common, "hidden states": _states(held, d, spill_bytes)},
         "calibration": {**common, "hidden states": _states(p.profile_tokens, d, spill_bytes),
                         "masks + co-activation": 2 * p.profile_tokens * n // 8 + coact},
         "predictors": {**common, "hidden states": _states(preds_tokens, d, spill_bytes) + 4 * _states(val, d, spill_bytes),
                        "inputs + masks": (preds_tokens + val) * (d * (2 + 4 + 4) + n // 8 + n) + val * n * 16},
         "layout": {"layer": layer, "ordering masks": 3 * min(ORDER_SAMPLE_TOKENS, p.profile_tokens) * n
-                   + 2 * p.profile_tokens * n // 8, "bundle block": 4096 * (3 * d) * 4 * 3},
+                   + 2 * p.profile_tokens * n // 8, "bundle block": BUNDLE_BLOCK * (3 * d) * 4 * 3,
+                   "head block": layout_head},
     }
-    return MemoryPlan(baseline, stages, spill_bytes)
+    return MemoryPlan(baseline, stages, spill_bytes, batch, sample)
+
+
+SPILL_BYTES = 8 << 20  # a stream's hidden states above this go to a file once memory is short
+MIN_CETT_TOKENS = 1024  # the threshold sample is never lowered below this
 
 
 def fit_plan(source: CheckpointSource, params, limit: int | None, baseline: int = 0, **kw) -> MemoryPlan:
-    """The plan for ``params``; with a ``limit`` (bytes), hidden states are spilled to temporary files
-    when that brings the peak under it, and a plan still over it is refused with its numbers."""
+    """The plan for ``params``; with a ``limit`` (bytes) and a plan over it, lowers in turn what
+    costs no accuracy (hidden states to temporary files, then fewer windows a batch: 4, 2, 1), then
+    the threshold-search sample (halved, down to MIN_CETT_TOKENS), and refuses with the numbers
+    when even that is over."""
     plan = plan_prepare(source, params, baseline, **kw)
     if limit is None or plan.peak <= limit:
         return plan
-    spilled = plan_prepare(source, params, baseline, spill_bytes=32 << 20, **kw)
-    if spilled.peak <= limit:
-        return replace(spilled)
-    raise SparseflashError(f"prepare needs about {fmt_bytes(spilled.peak)} even with hidden states in temporary "
-                           f"files, more than --memory {fmt_bytes(limit)}: {spilled.text()}; lower --tokens, "
-                           f"--heldout-tokens or --cett-tokens, or allow more memory")
+    sample = min(params.cett_tokens, params.profile_tokens)
+    tries = [(SPILL_BYTES, 8, sample)] + [(SPILL_BYTES, b, sample) for b in (4, 2, 1)]
+    while sample // 2 >= MIN_CETT_TOKENS:
+        sample //= 2
+        tries.append((SPILL_BYTES, 1, sample))
+    for spill, batch, cett in tries:
+        plan = plan_prepare(source, params, baseline, spill_bytes=spill, batch=batch, cett_tokens=cett, **kw)
+        if plan.peak <= limit:
+            lowered = ["hidden states to temporary files"]
+            if batch != 8:
+                lowered.append(f"{batch} windows a batch")
+            if cett != min(params.cett_tokens, params.profile_tokens):
+                lowered.append(f"threshold sample {cett} tokens")
+            return replace(plan, lowered=tuple(lowered))
+    raise SparseflashError(f"prepare needs about {fmt_bytes(plan.peak)} even with hidden states in temporary "
+                           f"files, 1 window a batch and a {plan.cett_tokens}-token threshold sample, more than "
+                           f"--memory {fmt_bytes(limit)}: {plan.text()}; lower --tokens or --heldout-tokens, or "
+                           f"allow more memory")

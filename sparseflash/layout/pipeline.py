@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from sparseflash.errors import ArtefactError
-from sparseflash.layout.memory_plan import fit_plan
+from sparseflash.layout.memory_plan import MemoryPlan, fit_plan
 from sparseflash.layout.params import BUNDLED_PARAMS, PrepareParams
 from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
 from sparseflash.model.source import open_source
@@ -105,7 +105,7 @@ def prepare(checkpoint: str | os.PathLike | None, corpus: str | os.PathLike, hel
         plan = fit_plan(source, params, memory, baseline=_rss())
         log(f"[prepare] {plan.text()}")
         (out / "memory_plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
-        _prepare_steps(source, corpus, heldout, out, params, record, plan.spill_bytes, quiet, log)
+        _prepare_steps(source, corpus, heldout, out, params, record, plan, quiet, log)
     return artefacts["layout"]
 
 
@@ -116,7 +116,7 @@ def _rss() -> int:
 
 
 def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, record: _Record,
-                   spill_bytes: int | None, quiet, log) -> None:
+                   plan: MemoryPlan, quiet, log) -> None:
     from sparseflash.layout.build import build_layout
     from sparseflash.layout.params import PredictorParams, ProfileParams, TrainParams
     from sparseflash.layout.predictors_build import build_predictors
@@ -128,8 +128,8 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
         log(f"[prepare 1/3] profiling on {params.profile_tokens} tokens ...")
         run_profile(source, calib[: params.profile_tokens], held, out / "profile",
                     ProfileParams(tokens=params.profile_tokens, cett_bound=params.cett, ppl_p=params.ppl_p,
-                                  cett_tokens=params.cett_tokens, ppl_tokens=params.heldout_tokens,
-                                  spill_bytes=spill_bytes),
+                                  cett_tokens=plan.cett_tokens, ppl_tokens=params.heldout_tokens,
+                                  batch=plan.batch, spill_bytes=plan.spill_bytes),
                     record.source_hash, quiet)
         record.done("profile", invalidates=("predictors", "layout"))
     if not record.fresh("predictors", out / "predictors" / "predictors.json"):
@@ -138,7 +138,7 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
                          held, out / "predictors",
                          PredictorParams(tokens=params.predictor_tokens, val_tokens=params.heldout_tokens,
                                          rank=params.rank, train=TrainParams(epochs=params.epochs),
-                                         spill_bytes=spill_bytes),
+                                         batch=plan.batch, spill_bytes=plan.spill_bytes),
                          record.source_hash, quiet)
         record.done("predictors", invalidates=("layout",))
     if not record.fresh("layout", out / "model.sflash"):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout import stats
@@ -33,6 +32,7 @@ from sparseflash.layout.calibration import LayerPass
 from sparseflash.layout.coactivation import coactivation_stats
 from sparseflash.layout.masks import MaskWriter, pack
 from sparseflash.layout.params import ProfileParams
+from sparseflash.layout.pplp import ppl_p_search
 from sparseflash.model.perplexity import windows
 from sparseflash.model.source import CheckpointSource
 
@@ -76,12 +76,15 @@ def _threshold_pass(source, calib, held, p, quiet, out):
     n_sample = min(len(calib), max(1, math.ceil(p.cett_tokens / p.ctx)))
     pick = np.unique(np.linspace(0, len(calib) - 1, n_sample).round().astype(int))
     searches = []
-    with _pass(source, {"sample": calib[pick], "held": held}, p, "threshold sample", quiet, out) as lp:
+    sample = calib[pick]
+    with _pass(source, {"sample": sample, "held": held}, p, "threshold sample", quiet, out) as lp:
         for layer, w in lp.layers():
-            sample: list[torch.Tensor] = []
-            lp.run("sample", layer, w, lambda l, rows, x, a, keep=sample: keep.append(a.clone()))
-            acts = torch.cat(sample)  # (sample tokens, neurons)
-            sample.clear()
+            acts = torch.empty(sample.numel(), source.config.intermediate_size)  # (sample tokens, neurons)
+
+            def keep(l, rows, x, a, acts=acts):
+                acts[rows] = a
+
+            lp.run("sample", layer, w, keep)
             searches.append(stats.CettCurve(acts, w.w_down, p.candidates))
             del acts
             lp.run("held", layer, w)
@@ -89,36 +92,22 @@ def _threshold_pass(source, calib, held, p, quiet, out):
     return searches, dense_nll
 
 
-def _masked_nll(source, held, thresholds, p, quiet, out, desc):
-    """One layer-wise pass over the held-out windows with every FFN masked at ``thresholds``."""
-    tap = NeuronTap.layerwise(source.config.num_layers, thresholds)
-    with _pass(source, {"held": held}, p, desc, quiet, out) as lp:
-        for layer, w in lp.layers():
-            tap.add_layer(layer, w)
-            lp.run("held", layer, w, tap.masking_layer_hook())
-        return lp.nll("held")
 
+def _masked_ppl(source, held, p, quiet, out):
+    """``ppl_at`` of the PPL-p% search: one layer-wise pass over the held-out windows per candidate,
+    every FFN masked at the candidate's thresholds."""
 
-def _ppl_search(source, held, searches, dense_nll, p, quiet, out):
-    """Pass 2: bisection on the common CETT bound; perplexity at bound 0 is the dense one (nothing
-    that is nonzero is masked)."""
-    dense_ppl = math.exp(dense_nll[0] / dense_nll[1])
-    target = dense_ppl * (1 + p.ppl_p / 100)
-    trials = []
-    lo, hi = 0.0, 1.0
-    ppl_lo, ppl_thr = dense_ppl, [s.threshold_for(0.0)[0] for s in searches]
-    trials.append({"bound": 0.0, "ppl": dense_ppl})
-    for step in tqdm(range(p.ppl_steps), desc="PPL-p% search", unit="bound", disable=quiet, leave=False):
-        mid = (lo + hi) / 2
-        thr = [s.threshold_for(mid)[0] for s in searches]
-        total, count = _masked_nll(source, held, thr, p, quiet, out, f"PPL at bound {mid:.4f} ({step + 1}/{p.ppl_steps})")
-        value = math.exp(total / count)
-        trials.append({"bound": mid, "ppl": value})
-        if value <= target:
-            lo, ppl_lo, ppl_thr = mid, value, thr
-        else:
-            hi = mid
-    return dense_ppl, lo, ppl_lo, ppl_thr, trials
+    def ppl_at(thresholds, label):
+        assert thresholds is not None, "the dense perplexity comes from the threshold pass"
+        tap = NeuronTap.layerwise(source.config.num_layers, thresholds)
+        with _pass(source, {"held": held}, p, label, quiet, out) as lp:
+            for layer, w in lp.layers():
+                tap.add_layer(layer, w)
+                lp.run("held", layer, w, tap.masking_layer_hook())
+            total, count = lp.nll("held")
+        return math.exp(total / count)
+
+    return ppl_at
 
 
 def _profile(source, calib, heldout_ids, out, p, source_hash, quiet):
@@ -132,7 +121,10 @@ def _profile(source, calib, heldout_ids, out, p, source_hash, quiet):
     timing["threshold_sample_s"], t = time.perf_counter() - t, time.perf_counter()
     cett_thr = [s.threshold_for(p.cett_bound)[0] for s in searches]
     curve = {str(b): [s.sparsity_at(s.threshold_for(b)[0]) for s in searches] for b in BOUND_GRID}
-    dense_ppl, ppl_bound, ppl_lo, ppl_thr, trials = _ppl_search(source, held, searches, dense_nll, p, quiet, out)
+    found = ppl_p_search(searches, _masked_ppl(source, held, p, quiet, out), p.ppl_p, p.ppl_steps, held.numel(),
+                         math.exp(dense_nll[0] / dense_nll[1]), quiet)
+    ppl_bound, ppl_thr, dense_ppl, ppl_lo, trials = (found.bound, found.thresholds, found.ppl_dense,
+                                                     found.ppl_at_bound, found.trials)
     timing["ppl_search_s"], t = time.perf_counter() - t, time.perf_counter()
     thresholds = {"cett": cett_thr, "ppl": ppl_thr}
     sample_cett = {"cett": [s.threshold_for(p.cett_bound)[1] for s in searches],

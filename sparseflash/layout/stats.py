@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparseflash.layout.schema import active_mask
+from sparseflash.layout.schema import active_mask, neuron_magnitude
 
 REUSE_WINDOWS = (1, 2, 4, 8, 16)
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -33,7 +33,22 @@ def token_cett(a: torch.Tensor, magnitude: torch.Tensor, w_down: torch.Tensor, t
 def threshold_candidates(magnitude: torch.Tensor, count: int = 1000, max_sample: int = 1 << 22,
                          seed: int = 0) -> np.ndarray:
     """Sorted candidate thresholds: 0 followed by ``count`` quantiles of the nonzero magnitudes."""
-    nz = magnitude[magnitude > 0].float()
+    return candidates_from_nonzero(magnitude[magnitude > 0].float(), count, max_sample, seed)
+
+
+def nonzero_magnitudes(a: torch.Tensor, col_norm: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """The nonzero entries of |a| * col_norm (tokens, neurons) in row-major order, built ``rows``
+    tokens at a time (never a full magnitude copy of ``a``)."""
+    parts = []
+    for i in range(0, len(a), rows):
+        m = neuron_magnitude(a[i : i + rows], col_norm)
+        parts.append(m[m > 0].float())
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def candidates_from_nonzero(nz: torch.Tensor, count: int = 1000, max_sample: int = 1 << 22,
+                            seed: int = 0) -> np.ndarray:
+    """``threshold_candidates`` from the nonzero magnitudes themselves (1-D, row-major order)."""
     if nz.numel() == 0:
         return np.zeros(1)
     if nz.numel() > max_sample:
@@ -116,7 +131,7 @@ class CettCurve(_ThresholdSearch):
         a = a.float()
         col_norm = torch.linalg.vector_norm(w_down.float(), dim=0)
         self.tokens, self.neurons = a.shape
-        self.candidates = threshold_candidates(a.abs() * col_norm, candidates)
+        self.candidates = candidates_from_nonzero(nonzero_magnitudes(a, col_norm), candidates)  # as threshold_candidates
         self.curve, self.active = cett_curve(a, w_down, self.candidates, col_norm)
 
     def _cett_at(self, k: int) -> float:

@@ -35,7 +35,13 @@ from sparseflash.model.weights import LayerWeights, ModelWeights
 # hook(layer, rows, ffn_input (tokens, d), activations (tokens, neurons)) -> replacement activations or None;
 # rows: the token rows of the hidden states this batch covers (windows x ctx, in window order)
 LayerHook = Callable[[int, slice, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
-HEAD_BLOCK_BYTES = 64 << 20  # float32 bytes of output-head rows read at a time
+HEAD_BLOCK_BYTES = 64 << 20  # float32 bytes of output-head rows read at a time (at 8 windows a batch)
+
+
+def head_block_bytes(batch: int) -> int:
+    """Float32 bytes of embedding / output-head rows read at a time by a pass of ``batch`` windows a
+    batch: HEAD_BLOCK_BYTES at 8 windows, less with smaller batches (their logits shrink alike)."""
+    return max(1 << 20, HEAD_BLOCK_BYTES * min(batch, 8) // 8)
 
 
 class HiddenStates:
@@ -105,7 +111,7 @@ class LayerwiseModel:
         """Embeddings of token windows ``seqs`` (windows, ctx), read from the checkpoint in row blocks."""
         states = states if states is not None else self.new_states(*seqs.shape)
         vocab, d = self.config.vocab_size, self.config.hidden_size
-        block = max(1, HEAD_BLOCK_BYTES // (4 * d))
+        block = max(1, head_block_bytes(self.batch) // (4 * d))
         used = torch.unique(seqs)
         flat = seqs.reshape(-1)
         rows_out = states.array.reshape(-1, d)  # a view: written in place (memory or file)
@@ -154,14 +160,14 @@ class LayerwiseModel:
     @torch.inference_mode()
     def nll(self, states: HiddenStates, seqs: torch.Tensor) -> tuple[float, int]:
         """(sum of next-token negative log-likelihoods, predicted tokens) of windows ``seqs`` whose
-        final hidden states are ``states``; the head is read in row blocks of HEAD_BLOCK_BYTES."""
+        final hidden states are ``states``; the head is read in row blocks of head_block_bytes(batch)."""
         c, net = self.config, self.net
         norm_w, norm_b = self.source.final_norm()
         windows_, ctx = seqs.shape
         targets = seqs[:, 1:].reshape(-1)
         lse = torch.full((windows_ * (ctx - 1),), -math.inf, dtype=torch.float64)
         picked = torch.zeros(windows_ * (ctx - 1), dtype=torch.float64)
-        block = max(1, HEAD_BLOCK_BYTES // (4 * c.hidden_size))
+        block = max(1, head_block_bytes(self.batch) // (4 * c.hidden_size))
         for start in range(0, c.vocab_size, block):
             stop = min(c.vocab_size, start + block)
             head = self.source.rows(self.source.head_name, start, stop)  # (block, d) float32

@@ -12,8 +12,8 @@ def cmd_layout(args) -> int:
     from sparseflash.layout.build import build_layout
     from sparseflash.model.source import open_source
 
-    params = LayoutParams(order=args.order, dtype=args.dtype, hot_fraction=args.hot_fraction,
-                          thresholds=args.thresholds, zstd_level=args.zstd)
+    params = LayoutParams(order=args.order, dtype=args.dtype, resident_dtype=args.resident_dtype,
+                          hot_fraction=args.hot_fraction, thresholds=args.thresholds, zstd_level=args.zstd)
     with open_source(args.model) as source:
         h = build_layout(source, args.profile, args.out, args.predictors, params, source.content_hash(),
                          quiet=args.json)
@@ -64,7 +64,7 @@ def cmd_prepare(args) -> int:
 
     params = PrepareParams(profile_tokens=args.tokens, predictor_tokens=args.tokens, heldout_tokens=args.heldout_tokens,
                            cett_tokens=args.cett_tokens, rank=args.rank, epochs=args.epochs, order=args.order,
-                           hot_fraction=args.hot_fraction, dtype=args.dtype)
+                           hot_fraction=args.hot_fraction, dtype=args.dtype, resident_dtype=args.resident_dtype)
     memory = None
     if args.memory is not None:
         memory = parse_bytes(args.memory)
@@ -79,7 +79,10 @@ def cmd_prepare(args) -> int:
 
 def _layout_options(p) -> None:
     p.add_argument("--order", choices=ORDERS, default=LayoutParams.order)
-    p.add_argument("--dtype", choices=LAYOUT_DTYPES, default=LayoutParams.dtype)
+    p.add_argument("--dtype", choices=LAYOUT_DTYPES, default=LayoutParams.dtype,
+                   help="FFN bundle storage (q8/q4: 8/4-bit groups of 32 along d, GGUF Q8_0/Q4_0 arithmetic)")
+    p.add_argument("--resident-dtype", choices=LAYOUT_DTYPES, default=LayoutParams.resident_dtype,
+                   help="attention, embeddings and head (default: as --dtype, f16 when that is quantized)")
     p.add_argument("--hot-fraction", type=float, default=LayoutParams.hot_fraction,
                    help="share of neurons pinned resident per layer")
 
