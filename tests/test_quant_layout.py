@@ -99,7 +99,7 @@ def test_quantized_golden_bytes(tmp_path):
 def _corrupt_scale_layout(tmp_path, where: str):
     """A q8 layout whose first neuron's up-part scale (or wq's first row scale) is NaN, written with a
     matching digest and crc: what a writer bug would produce."""
-    from sparseflash.layout import build
+    from sparseflash.layout import build, layout_weights
 
     nan = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
     if where == "bundle":
@@ -111,21 +111,21 @@ def _corrupt_scale_layout(tmp_path, where: str):
             return rows
         build.pack_bundles = bad_pack
     else:
-        real = build.quantize
+        real = layout_weights.quantize  # resident tensors are quantized as they are staged
 
         def bad_quantize(values, storage):
             rows = real(values, storage).copy()
             if values.shape == (64, 64):
                 rows[0, :2] = nan
             return rows
-        build.quantize = bad_quantize
+        layout_weights.quantize = bad_quantize
     try:
         return tiny_layout(tmp_path, "nemotron-tied", dtype="q8", n_hot=0, resident_dtype="q8")[1]
     finally:
         if where == "bundle":
             build.pack_bundles = real
         else:
-            build.quantize = real
+            layout_weights.quantize = real
 
 
 def test_non_finite_quantized_data_with_valid_checksums_is_refused(tmp_path):

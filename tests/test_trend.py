@@ -14,6 +14,7 @@ from sparseflash.eval.trend import TrendParams, measure_checkpoint, tokens_from_
 from sparseflash.layout.profile import ProfileParams, run_profile
 from sparseflash.model.loader import open_dense
 from sparseflash.model.perplexity import windows
+from sparseflash.model.source import open_source
 from sparseflash.model.text import corpus_ids
 from sparseflash.tools.cli import main
 
@@ -101,8 +102,9 @@ def test_ratio_agrees_with_profile(series, tmp_path):
     model = open_dense(series[-1])
     ids = corpus_ids(HELDOUT, model.tokenizer, 2048)
     calib, heldout = ids[:1024], ids[1024:1536]
-    prof = run_profile(model, calib, heldout, tmp_path / "prof",
-                       ProfileParams(tokens=1024, ctx=64, cett_tokens=1024, ppl_tokens=512, ppl_steps=4), quiet=True)
+    with open_source(series[-1]) as source:
+        prof = run_profile(source, calib, heldout, tmp_path / "prof",
+                           ProfileParams(tokens=1024, ctx=64, cett_tokens=1024, ppl_tokens=512, ppl_steps=4), quiet=True)
     got = measure_checkpoint(model, windows(calib, 64, 1024), heldout,
                              TrendParams(tokens=1024, ctx=64, ppl_tokens=512, ppl_steps=4))
     assert got["ppl_bound"] == prof["ppl_bound"]

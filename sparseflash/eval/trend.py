@@ -37,6 +37,7 @@ from sparseflash.layout.pplp import in_memory_ppl, ppl_p_search
 from sparseflash.model.config import ModelConfig, config_from_hf
 from sparseflash.model.loader import DenseModel, model_summary, open_dense
 from sparseflash.model.perplexity import windows
+from sparseflash.model.source import open_source
 from sparseflash.model.text import corpus_ids
 from sparseflash.model.tokenizer import TextTokenizer
 
@@ -165,7 +166,7 @@ def measure_checkpoint(model: DenseModel, calib: torch.Tensor, heldout_ids: list
     hook["fn"] = None
     searches = []
     for layer in range(c.num_layers):
-        searches.append(stats.CettSearch(torch.cat(sample[layer]), model.weights.layers[layer].w_down, p.candidates))
+        searches.append(stats.CettCurve(torch.cat(sample[layer]), model.weights.layers[layer].w_down, p.candidates))
         sample[layer] = None
     cett_thr = [s.threshold_for(p.cett_bound)[0] for s in searches]
     ppl_at, tokens = in_memory_ppl(net, lambda h: hook.__setitem__("fn", h), tap.masking_hook, heldout_ids, p.ctx,
@@ -243,8 +244,9 @@ def run_trend(paths: list[str | os.PathLike], corpus: str | os.PathLike, out_dir
 
     checkpoints = []
     for e in tqdm(entries, desc="checkpoints", disable=quiet, leave=False):
+        with open_source(e.path) as source:
+            sizes = model_summary(source)
         model = open_dense(e.path)
-        sizes = model_summary(model.config, model.weights)
         embed = model.config.vocab_size * model.config.hidden_size * (1 if sizes["tied_embeddings"] else 2)
         row = {"path": str(e.path), "tokens_trained": e.tokens_trained, "activation": model.config.activation,
                "layers_count": model.config.num_layers, "hidden_size": model.config.hidden_size,

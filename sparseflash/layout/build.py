@@ -178,8 +178,8 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
             w_up, w_gate, w_down = w.ffn(l)
             for i in range(0, c.intermediate_size, block):
                 ids = torch.from_numpy(perm[i : i + block].astype(np.int64))
-                gate = w_gate[ids].numpy() if c.gated else None
-                yield pack_bundles(w_up[ids].numpy(), w_down[:, ids].numpy(), gate, dtype=dtype)
+                gate = w_gate[ids].float().numpy() if c.gated else None  # widened a block at a time
+                yield pack_bundles(w_up[ids].float().numpy(), w_down[:, ids].float().numpy(), gate, dtype=dtype)
 
         writer.add_ffn_layer(d_model=c.hidden_size, n_neurons=c.intermediate_size, gated=c.gated, dtype=dtype,
                              bundle_bytes=header.bundle_bytes, permutation=schema.permutation_tensor(l),

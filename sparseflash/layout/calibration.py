@@ -6,7 +6,7 @@ each with an FFN hook that takes from the layer what the stage needs (activation
 FFN inputs) or changes the activations (masking), lets the stage finish the layer (a threshold
 search, statistics, a predictor), and drops the weights before the next layer is read.
 
-    one layer (float32) + every stream's hidden states + one batch's activations  = peak memory
+    one layer (as stored, one tensor widened) + every stream's hidden states + one batch's activations  = peak
 
 Hidden states are float32 (the same numbers as the in-memory forward): in memory, or in a
 temporary memory-mapped file once a stream's states exceed ``spill_bytes`` (see docs/prepare.md).
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
-from sparseflash.model.layerwise import HiddenStates, LayerHook, LayerwiseModel
+from sparseflash.model.layerwise import HiddenStates, LayerHook, LayerwiseModel, WidenedLayer
 from sparseflash.model.source import CheckpointSource
 from sparseflash.model.weights import LayerWeights
 
@@ -51,12 +51,13 @@ class LayerPass:
             raise
         self.layer_index = -1
 
-    def layers(self) -> Iterator[tuple[int, LayerWeights]]:
-        """Each layer's weights in turn (float32, read now; dropped when the next is read)."""
+    def layers(self) -> Iterator[tuple[int, WidenedLayer]]:
+        """Each layer's weights in turn (read now, held as stored, widened to float32 field by field
+        as they are used; dropped before the next layer is read)."""
         for i in range(self.source.config.num_layers):
             self.layer_index = i
             self.bar.set_postfix_str(f"layer {i + 1}/{self.source.config.num_layers}", refresh=False)
-            w = self.source.layer(i)
+            w = WidenedLayer(self.source.layer(i, dtype=None))
             yield i, w
             del w
 

@@ -20,11 +20,11 @@ import torch
 
 from sparseflash.kernels import quantize
 from sparseflash.layout import schema
-from sparseflash.model.layerwise import HEAD_BLOCK_BYTES
 from sparseflash.model.source import CheckpointSource
 from sparseflash.model.weights import LayerWeights
 
 QUANTIZED = ("q8", "q4")
+ROW_BLOCK_BYTES = 16 << 20  # float32 bytes of embedding / head rows converted at a time
 
 
 class LayoutWeights:
@@ -55,22 +55,25 @@ class LayoutWeights:
             yield getattr(self.model.weights, name)
             return
         vocab, d = self.config.vocab_size, self.config.hidden_size
-        rows = max(1, HEAD_BLOCK_BYTES // (4 * d))
+        rows = max(1, ROW_BLOCK_BYTES // (4 * d))
         stored = self.source.head_name if name == "lm_head" else name
         for start in range(0, vocab, rows):
             yield self.source.rows(stored, start, min(vocab, start + rows))
 
     def layer(self, i: int) -> LayerWeights:
-        return self.source.layer(i) if self.source is not None else self.model.weights.layers[i]
+        """Layer i's weights: from a source in their stored dtype (the writer converts them to the
+        layout's storage, exactly as from float32)."""
+        return self.source.layer(i, dtype=None) if self.source is not None else self.model.weights.layers[i]
 
     def ffn(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(w_up, w_gate or None, w_down) of layer i; read again from a source (only these tensors)."""
+        """(w_up, w_gate or None, w_down) of layer i; read again from a source (only these tensors,
+        in their stored dtype: the writer widens a block of neurons at a time)."""
         if self.source is None:
             w = self.model.weights.layers[i]
             return w.w_up, w.w_gate, w.w_down
         gate = f"layers.{i}.w_gate"
-        return (self.source.tensor(f"layers.{i}.w_up"), self.source.tensor(gate) if self.source.has(gate) else None,
-                self.source.tensor(f"layers.{i}.w_down"))
+        read = lambda name: self.source.tensor(name, dtype=None)  # noqa: E731
+        return (read(f"layers.{i}.w_up"), read(gate) if self.source.has(gate) else None, read(f"layers.{i}.w_down"))
 
 
 class ResidentStage:

@@ -2,21 +2,24 @@
 
 Every stage reads the checkpoint one layer at a time (calibration.LayerPass), so its peak is
 
-    baseline + one layer in float32 (+ its largest tensor as read) + the hidden states of the
-    windows it moves (unless spilled to a file) + what it keeps of a layer (its working set)
+    baseline + one layer as stored + two of its tensors widened to float32 + the hidden states of
+    the windows it moves (unless spilled to a file) + what it keeps of a layer (its working set)
 
 where the working set is, per stage (B = bytes per value: activations float32 4, inputs float16 2):
-- threshold sample: the sample's activations and their magnitudes (2 x sample tokens x neurons x 4),
-  W_down transposed for the CETT sweep (neurons x d x 4);
+- threshold sample: the sample's activations and their nonzero magnitudes (2 x sample tokens x
+  neurons x 4), 32 MiB for sorting the candidates' sample, W_down transposed for the CETT sweep
+  (neurons x d x 4);
 - PPL-p% search: a batch's activations only;
 - calibration: packed masks of both threshold sets (2 x tokens x neurons / 8) and a block of
   co-activation rows (the whole int32 n x n table when it is kept, n <= 4,096);
 - predictors: the layer's FFN inputs (float16 and float32) and masks (packed and unpacked), for the
   training and held-out tokens, the previous layer's inputs, the held-out scores (float32 and
   int64 ranks, tokens x neurons);
-- layout: the ordering's mask sample (8,192 tokens x neurons x 3 bytes), a block of bundles.
+- layout: the ordering's mask sample (8,192 tokens x neurons x 3 bytes), a block of bundles
+  (BUNDLE_BLOCK neurons), a block of embedding / head rows (ROW_BLOCK_BYTES as read and converted).
 A batch's activations (batch x ctx x (6 neurons + 12 d) x 4 plus attention scores) and the
-output-head block (HEAD_BLOCK_BYTES plus its logits) come on top of every stage. docs/prepare.md
+output-head block (layerwise.head_block_bytes(batch) as read and widened, plus its logits) come on
+top of every pass. docs/prepare.md
 has the same formula with worked figures; bench/bench_prepare.py measures it.
 """
 
@@ -25,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from sparseflash.errors import SparseflashError
-from sparseflash.model.layerwise import HEAD_BLOCK_BYTES, head_block_bytes
+from sparseflash.layout.layout_weights import ROW_BLOCK_BYTES
+from sparseflash.model.layerwise import head_block_bytes
 from sparseflash.model.source import CheckpointSource
 from sparseflash.units import fmt_bytes
 
@@ -88,7 +92,7 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     c = source.config
     d, n = c.hidden_size, c.intermediate_size
     largest = max(source.numel(k) for k in source.tensors if k.startswith("layers."))
-    layer = source.layer_bytes() + largest * 2  # float32 layer + the largest tensor as read (bf16/f16) while widened
+    layer = source.stored_layer_bytes() + 2 * largest * 4  # the layer as stored + two tensors widened to float32
     t_batch = batch * ctx
     per_batch = t_batch * (6 * n + 12 * d) * 4 + 2 * batch * c.num_heads * ctx * ctx * 4
     head_rows = min(c.vocab_size, max(1, head_block_bytes(batch) // (4 * d)))
@@ -99,7 +103,7 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     held = p.heldout_tokens
     coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
-    layout_head = 2 * min(c.vocab_size, max(1, HEAD_BLOCK_BYTES // (4 * d))) * d * 4
+    layout_head = 2 * min(c.vocab_size, max(1, ROW_BLOCK_BYTES // (4 * d))) * d * 4
     stages = {
         # the sample's activations, their nonzero magnitudes (candidates, <= 4M sorted), W_down transposed
         "threshold sample": {**common, "hidden states": _states(sample, d, spill_bytes) + _states(held, d, spill_bytes),
@@ -122,21 +126,21 @@ MIN_CETT_TOKENS = 1024  # the threshold sample is never lowered below this
 
 def fit_plan(source: CheckpointSource, params, limit: int | None, baseline: int = 0, **kw) -> MemoryPlan:
     """The plan for ``params``; with a ``limit`` (bytes) and a plan over it, lowers in turn what
-    costs no accuracy (hidden states to temporary files, then fewer windows a batch: 4, 2, 1), then
+    costs no accuracy (fewer windows a batch: 4, 2, 1; then hidden states to temporary files), then
     the threshold-search sample (halved, down to MIN_CETT_TOKENS), and refuses with the numbers
     when even that is over."""
     plan = plan_prepare(source, params, baseline, **kw)
     if limit is None or plan.peak <= limit:
         return plan
     sample = min(params.cett_tokens, params.profile_tokens)
-    tries = [(SPILL_BYTES, 8, sample)] + [(SPILL_BYTES, b, sample) for b in (4, 2, 1)]
+    tries = [(None, b, sample) for b in (4, 2, 1)] + [(SPILL_BYTES, b, sample) for b in (8, 4, 2, 1)]
     while sample // 2 >= MIN_CETT_TOKENS:
         sample //= 2
         tries.append((SPILL_BYTES, 1, sample))
     for spill, batch, cett in tries:
         plan = plan_prepare(source, params, baseline, spill_bytes=spill, batch=batch, cett_tokens=cett, **kw)
         if plan.peak <= limit:
-            lowered = ["hidden states to temporary files"]
+            lowered = [] if spill is None else ["hidden states to temporary files"]
             if batch != 8:
                 lowered.append(f"{batch} windows a batch")
             if cett != min(params.cett_tokens, params.profile_tokens):

@@ -44,6 +44,20 @@ def head_block_bytes(batch: int) -> int:
     return max(1 << 20, HEAD_BLOCK_BYTES * min(batch, 8) // 8)
 
 
+class WidenedLayer:
+    """A layer's weights held as stored (bf16 / f16 / f32) and widened to float32 each time a field
+    is read: the widened copy lives only while the computation that asked for it runs, so a pass
+    holds the layer at its stored size plus one widened tensor. Widening is exact, so the results are
+    those of a float32 layer."""
+
+    def __init__(self, stored: LayerWeights):
+        self._stored = stored
+
+    def __getattr__(self, name: str):
+        t = getattr(self._stored, name)
+        return t.float() if isinstance(t, torch.Tensor) else t
+
+
 class HiddenStates:
     """The residual stream (windows, ctx, d) float32 of a set of windows: in memory, or in a
     temporary memory-mapped file under ``spill_dir`` (removed by ``close``)."""
