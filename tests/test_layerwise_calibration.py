@@ -37,7 +37,9 @@ def _texts(tokenizer):
     return corpus_ids(calib, tokenizer, PROFILE.tokens), corpus_ids(held, tokenizer, 2048)
 
 
-@pytest.fixture(scope="module", params=["tiny-relu2", "llama-relu", "nemotron"])
+# the bundled model by default; the tiny random families (gated llama ReLU, nemotron ReLU² with biases) are slow
+@pytest.fixture(scope="module", params=["tiny-relu2", pytest.param("llama-relu", marks=pytest.mark.slow),
+                                        pytest.param("nemotron", marks=pytest.mark.slow)])
 def prepared(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     folder = TINY_RELU2 if request.param == "tiny-relu2" else save_hf_model(make_hf_model(request.param), root / "m")

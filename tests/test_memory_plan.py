@@ -1,0 +1,74 @@
+"""prepare's memory bound: the plan it prints, what it lowers under --memory, the refusal, and the
+layer held as stored and widened on use (exact)."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import TINY_RELU2
+
+from sparseflash.errors import SparseflashError
+from sparseflash.layout.memory_plan import MIN_CETT_TOKENS, fit_plan, plan_prepare
+from sparseflash.layout.params import PrepareParams
+from sparseflash.model.layerwise import LayerwiseModel, WidenedLayer
+from sparseflash.model.source import open_source
+from sparseflash.tools.cli import main
+
+PARAMS = PrepareParams(profile_tokens=8192, cett_tokens=4096, heldout_tokens=1024, predictor_tokens=8192)
+BASE = 200 << 20
+
+
+def test_the_plan_adds_up_and_names_its_peak_stage():
+    with open_source(TINY_RELU2) as source:
+        plan = plan_prepare(source, PARAMS, baseline=BASE)
+        c = source.config
+    assert plan.peak == BASE + max(plan.total(s) for s in plan.stages)
+    assert plan.total(plan.peak_stage) >= sum(plan.stages[plan.peak_stage].values())
+    sample = plan.stages["threshold sample"]["sample activations"]
+    assert sample >= 2 * 4096 * c.intermediate_size * 4  # the sample's activations and their magnitudes
+    assert plan.batch == 8 and plan.lowered == ()
+    assert "expected peak memory" in plan.text() and plan.to_dict()["peak"] == plan.peak
+
+
+def test_a_limit_lowers_the_batch_then_spills_then_the_sample():
+    with open_source(TINY_RELU2) as source:
+        full = plan_prepare(source, PARAMS, baseline=BASE)
+        assert fit_plan(source, PARAMS, full.peak, baseline=BASE) == full  # fits: nothing lowered
+        smaller = fit_plan(source, PARAMS, full.peak - 1, baseline=BASE)
+        assert smaller.peak < full.peak and smaller.batch < 8 and smaller.lowered
+        big = PrepareParams(profile_tokens=65536, cett_tokens=65536, heldout_tokens=1024, predictor_tokens=8192)
+        floor = plan_prepare(source, big, baseline=BASE, spill_bytes=8 << 20, batch=1, cett_tokens=MIN_CETT_TOKENS)
+        last = fit_plan(source, big, floor.peak, baseline=BASE)
+        assert last.peak <= floor.peak and last.batch == 1 and last.spill_bytes is not None
+        assert MIN_CETT_TOKENS <= last.cett_tokens < 65536 and any("threshold sample" in s for s in last.lowered)
+        with pytest.raises(SparseflashError, match=r"prepare needs about .* more than --memory"):
+            fit_plan(source, big, floor.peak - 1, baseline=BASE)
+
+
+def test_prepare_refuses_a_memory_limit_it_cannot_meet_before_reading_weights(tmp_path, capsys):
+    texts = TINY_RELU2 / "calibration.txt.zst"
+    code = main(["prepare", "-m", str(TINY_RELU2), "--corpus", str(texts), "--memory", "64MB", "-o", str(tmp_path / "p"),
+                 "--tokens", "2048"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "prepare needs about" in err and "--memory 61.04 MiB" in err and "Traceback" not in err
+    assert not (tmp_path / "p" / "profile").exists()
+
+
+def test_a_widened_bf16_layer_computes_what_the_float32_layer_computes(tmp_path):
+    folder = tmp_path / "bf16"
+    folder.mkdir()
+    for f in TINY_RELU2.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, folder / f.name)
+        elif f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    with open_source(folder) as source:
+        model = LayerwiseModel(source, batch=2)
+        cos, sin = model._rope(32)
+        h = torch.randn(2, 32, source.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        stored = source.layer(1, dtype=None)
+        assert stored.w_up.dtype == torch.bfloat16
+        widened = model.block(1, WidenedLayer(stored), h, cos, sin)
+        eager = model.block(1, source.layer(1), h, cos, sin)
+    assert np.array_equal(widened.numpy(), eager.numpy())
