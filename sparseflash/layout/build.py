@@ -80,7 +80,7 @@ def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.Pat
     n_hot = int(round(p.hot_fraction * n))
     bundle_bytes = _bundle_bytes(c, p.dtype)
     perms, order_report = [], []
-    for l in tqdm(range(c.num_layers), desc=f"ordering ({p.order})", disable=quiet, leave=False):
+    for l in tqdm(range(c.num_layers), desc=f"ordering ({p.order})", unit="layer", disable=quiet, leave=False):
         stats = _layer_stats(profile_dir, l, n, profile["tokens"], p.thresholds)
         perm, rep = order_layer(p.order, stats, n_hot, bundle_bytes)
         perms.append(perm.astype(np.int32))

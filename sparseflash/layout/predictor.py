@@ -74,10 +74,12 @@ def default_rank(d: int, neurons: int, ffn_values: int, share: float = 0.025) ->
 
 
 def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: TrainParams = TrainParams(),
-                    x_val: torch.Tensor | None = None, mask_val: torch.Tensor | None = None) -> tuple[Predictor, dict]:
+                    x_val: torch.Tensor | None = None, mask_val: torch.Tensor | None = None,
+                    progress=None) -> tuple[Predictor, dict]:
     """Fit a predictor on inputs x (tokens, d) and active masks (tokens, neurons) bool.
 
-    Returns the predictor (topk/cut left at defaults) and a log with the loss per epoch.
+    Returns the predictor (topk/cut left at defaults) and a log with the loss per epoch;
+    ``progress(epoch, epochs)`` is called after each epoch.
     """
     g = torch.Generator().manual_seed(params.seed)
     d, n = x.shape[1], mask.shape[1]
@@ -99,7 +101,7 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
         return F.binary_cross_entropy_with_logits(z, mb.float(), pos_weight=pos_weight)
 
     with torch.enable_grad():
-        for _ in range(params.epochs):
+        for epoch in range(params.epochs):
             order = torch.randperm(len(x), generator=g)
             total = 0.0
             for i in range(0, len(x), params.batch):
@@ -114,6 +116,8 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
             if x_val is not None:
                 with torch.no_grad():
                     log["val_loss"].append(float(loss_fn(x_val.float(), mask_val)))
+            if progress is not None:
+                progress(epoch + 1, params.epochs)
     pred = Predictor(w1.detach(), b1.detach(), w2.detach(), b2.detach())
     return pred, log
 

@@ -78,11 +78,12 @@ def load_predictors(folder: str | os.PathLike) -> tuple[dict[str, Predictor], di
     return preds, meta
 
 
-def _fit_layer(x, mask, rank, p: PredictorParams, x_val, mask_val):
-    """Train on the fit slice, tune k and the cut on the tune slice, measure on held-out tokens."""
+def _fit_layer(x, mask, rank, p: PredictorParams, x_val, mask_val, progress=None):
+    """Train on the fit slice, tune k and the cut on the tune slice, measure on held-out tokens;
+    ``progress(epoch, epochs)`` after each training epoch."""
     n_tune = max(1, int(len(x) * p.tune_share))
     fit_x, fit_m, tune_x, tune_m = x[:-n_tune], mask[:-n_tune], x[-n_tune:], mask[-n_tune:]
-    pred, log = train_predictor(fit_x, fit_m, rank, p.train)
+    pred, log = train_predictor(fit_x, fit_m, rank, p.train, progress=progress)
     mean_active = float(fit_m.sum(1).float().mean())  # active neurons per token (no (tokens, n) float copy)
     pred.topk = min(pred.neurons, max(1, math.ceil(p.topk_factor * mean_active)))
     pred.cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
@@ -176,11 +177,15 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             del rec, rec_val
             t = time.perf_counter()
             lp.bar.set_postfix_str(f"layer {l + 1}/{c.num_layers}: training")
-            pred, metrics = _fit_layer(x, mask, ranks[l], p, x_val, mask_val)
+            def epochs(e, total, l=l, what="training"):  # the bar's postfix moves with the epochs
+                lp.bar.set_postfix_str(f"layer {l + 1}/{c.num_layers}: {what} epoch {e}/{total}")
+
+            pred, metrics = _fit_layer(x, mask, ranks[l], p, x_val, mask_val, epochs)
             preds[f"layer.{l}"] = pred
             curves.append(_recall_curve(pred, x_val, mask_val))
             if p.lookahead and l > 0:
-                ahead, m_ahead = _fit_layer(prev[0], mask, ranks[l], p, prev[1], mask_val)
+                ahead, m_ahead = _fit_layer(prev[0], mask, ranks[l], p, prev[1], mask_val,
+                                            lambda e, total: epochs(e, total, what="look-ahead"))
                 preds[f"lookahead.{l}"] = ahead
                 metrics["lookahead"] = {k: m_ahead[k] for k in ("topk", "cut", "recall_topk", "sparsity_topk",
                                                                 "recall_threshold", "sparsity_threshold")}

@@ -85,6 +85,7 @@ def _threshold_pass(source, calib, held, p, quiet, out):
                 acts[rows] = a
 
             lp.run("sample", layer, w, keep)
+            lp.bar.set_postfix_str(f"layer {layer + 1}/{source.config.num_layers}: CETT curve")
             searches.append(stats.CettCurve(acts, w.w_down, p.candidates))
             del acts
             lp.run("held", layer, w)
