@@ -47,6 +47,7 @@ class Sampler(threading.Thread):
     def __init__(self, usage):
         super().__init__(daemon=True)
         self.usage, self.stage, self.stop = usage, "start", False
+        self.partial = None  # a file for the peaks so far (written every 15 s)
         self.peaks: dict[str, dict] = {}
         self.order: list[str] = []
         self._lock = threading.Lock()
@@ -75,9 +76,17 @@ class Sampler(threading.Thread):
                 p["anon"], p["cgroup"] = max(p["anon"], anon), max(p["cgroup"], cg)
 
     def run(self):
+        last = time.perf_counter()
         while not self.stop:
             self.sample()
             time.sleep(0.2)
+            if self.partial is not None and time.perf_counter() - last > 15:  # figures so far, if the run is cut short
+                last = time.perf_counter()
+                with self._lock:
+                    peaks = {s: {k: v for k, v in p.items() if k != "since"} for s, p in self.peaks.items()}
+                tmp = f"{self.partial}.tmp"
+                Path(tmp).write_text(json.dumps({"stage": self.stage, "peaks": peaks, "at": time.time()}, indent=1))
+                os.replace(tmp, self.partial)
 
 
 def main(job_file: str) -> None:
@@ -112,6 +121,7 @@ def main(job_file: str) -> None:
     shape = Shape(**job["shape"])
     params = bench_params(shape)
     sampler = Sampler(usage)
+    sampler.partial = f"{job['result']}.partial"
     sampler.start()
 
     original_init = calibration.LayerPass.__init__

@@ -35,7 +35,8 @@ def heldout_ids():
 
 def test_prepare_writes_everything_once(prepared):
     out, path, logs = prepared
-    assert len(logs) == 3 and path.exists()
+    assert len(logs) == 4 and path.exists()
+    assert logs[0].startswith("[prepare] expected peak memory")  # the bound, printed before any step
     assert (out / "profile" / "profile.json").exists() and (out / "predictors" / "predictors.json").exists()
     again = []
     calib, held = bundled_texts()
