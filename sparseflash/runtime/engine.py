@@ -22,7 +22,7 @@ from sparseflash.runtime.budget import MemoryPlan
 from sparseflash.runtime.cache import NeuronCache
 from sparseflash.runtime.compute import SparseCompute, count_active
 from sparseflash.runtime.fetcher import Fetch, HostFetcher
-from sparseflash.runtime.planner import LayerPlan, plan_layer, plan_prefetch
+from sparseflash.runtime.planner import LayerPlan, plan_layer, plan_prefetch, plan_prefetch_free
 from sparseflash.runtime.policy import Policy
 from sparseflash.runtime.predict import Predictors
 
@@ -40,17 +40,41 @@ class TokenStats:
     requests: int = 0
     io_wait_s: float = 0.0
     predictor_s: float = 0.0
-    ffn_s: float = 0.0
-    attention_s: float = 0.0
+    ffn_s: float = 0.0  # the sparse kernel (compute step)
+    attention_s: float = 0.0  # attention, norms and embedding: the time between FFN calls
+    head_s: float = 0.0  # final norm and LM head: from the last FFN to the end of the step
+    token_s: float = 0.0  # wall time of the whole forward step (Transformer.forward)
     per_layer_predicted: list = field(default_factory=list)
+    # per layer, in order: [attention_s, predict_s, io_wait_s, compute_s, other_s, read_bytes, prefetch_bytes];
+    # other_s is the FFN step's bookkeeping (planning, cache index, hand-offs). The spans add up:
+    # sum(attention + predict + io_wait + compute + other) + head_s == token_s (docs/runtime.md)
+    timeline: list = field(default_factory=list)
+    read_spans: list = field(default_factory=list)  # (start, end) perf_counter stamps of every read that landed
+
+    @property
+    def read_busy_s(self) -> float:
+        """Wall time during which at least one of the step's reads was in flight (union of spans)."""
+        busy, reach = 0.0, float("-inf")
+        for a, b in sorted(self.read_spans):
+            if b > reach:
+                busy += b - max(a, reach)
+                reach = b
+        return busy
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "read_spans"}
+        out["read_busy_s"] = self.read_busy_s
+        return out
+
+    TIMELINE_FIELDS = ("attention_s", "predict_s", "io_wait_s", "compute_s", "other_s", "read_bytes",
+                       "prefetch_bytes")
 
     def add_read(self, result, seconds: float) -> None:
         self.bytes_read += result.bytes
         self.requests += result.requests
         self.io_wait_s += seconds
+        if result.requests:
+            self.read_spans.append((result.start, result.end))
 
 
 class StreamingFFN:
@@ -66,6 +90,8 @@ class StreamingFFN:
         self._current = TokenStats()
         self._prefetch: dict[int, Fetch] = {}  # layer -> its look-ahead read in flight
         self._last_t = time.perf_counter()
+        self._step_t: float | None = None  # start of the forward step in progress (begin_step)
+        self._ahead_bytes = 0  # bundle bytes of the look-ahead read the current layer started
 
     @property
     def strategy(self) -> str:
@@ -81,11 +107,29 @@ class StreamingFFN:
             if r.n_hot:
                 self.fetcher.fill(l, np.arange(r.n_hot), self.caches[l].reserve(r.n_hot), pinned=True)
 
+    # -- the forward step (called by Transformer.forward) -----------------------------------------
+    def begin_step(self, tokens: int) -> None:
+        """A forward step over ``tokens`` positions starts: a new TokenStats."""
+        self._step_t = self._last_t = time.perf_counter()
+        self._begin_token(tokens)
+
+    def end_step(self) -> None:
+        """The step's logits are computed: close its timeline."""
+        t = time.perf_counter()
+        if self._step_t is not None:
+            self._current.head_s = t - self._last_t
+            self._current.token_s = t - self._step_t
+        self._step_t = None
+
     # -- the per-layer loop ---------------------------------------------------------------------
     def __call__(self, l: int, x: torch.Tensor) -> torch.Tensor:
         t_start = time.perf_counter()
-        s = self._begin_token(x.shape[0]) if l == 0 else self._current
-        s.attention_s += t_start - self._last_t  # everything since the previous layer's FFN
+        if l == 0 and self._step_t is None:  # called without begin_step (a bare FFN caller)
+            self._begin_token(x.shape[0])
+            self._last_t = t_start
+        s = self._current
+        before = (t_start - self._last_t, s.predictor_s, s.io_wait_s, s.ffn_s, s.bytes_read)
+        s.attention_s += before[0]  # everything since the previous layer's FFN (or the step start)
         cache = self.caches[l]
         self._finish_prefetch(l, s)  # 1. this layer's look-ahead read (started during layer l-1) lands
         positions = self._predict(l, x, s)  # 2. predicted active set, as stored positions
@@ -96,11 +140,18 @@ class StreamingFFN:
         cache.touch(plan.hit_slots)
         x = x.float().contiguous()
         y = torch.zeros((x.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)
-        if plan.fits:  # 5. read the misses, then one kernel call over hits and misses
+        if plan.fits and self.on_gpu:  # 5. read the misses, then one kernel call over hits and misses
             new = cache.reserve(len(plan.missing), protect=plan.hit_slots)
             self._read(l, plan.missing, new, s)
             cache.touch(new)
             self._compute(l, x, np.concatenate([plan.hit_slots, new]), y, s)
+        elif plan.fits:  # 5. (host) the misses are read while the hits compute; then the misses compute
+            new = cache.reserve(len(plan.missing), protect=plan.hit_slots)
+            fetch = self.fetcher.start(l, plan.missing, new) if len(plan.missing) else None
+            self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
+            if fetch is not None:
+                self._land(fetch, s)
+                self._compute(l, x, new, y, s)
         else:  # 5'. more neurons than the cache holds: accumulate the output over batches
             self._compute_in_batches(l, x, plan, y, s)
         ahead = self._prefetch.get(l + 1)
@@ -109,7 +160,16 @@ class StreamingFFN:
         if self.b_down[l] is not None:
             y = y + self.b_down[l]
         self._last_t = time.perf_counter()
+        self._record_layer(l, s, self._last_t - t_start, before)
         return y
+
+    def _record_layer(self, l: int, s: TokenStats, span: float, before: tuple) -> None:
+        """Append layer l's row to the token's timeline (TokenStats.TIMELINE_FIELDS)."""
+        attention, predict, io, compute = (before[0], s.predictor_s - before[1], s.io_wait_s - before[2],
+                                           s.ffn_s - before[3])
+        ahead_bytes, self._ahead_bytes = self._ahead_bytes, 0
+        s.timeline.append([attention, predict, io, compute, span - predict - io - compute, s.bytes_read - before[4],
+                           ahead_bytes])
 
     # -- the steps ------------------------------------------------------------------------------
     def _begin_token(self, tokens: int) -> TokenStats:
@@ -139,15 +199,21 @@ class StreamingFFN:
         return positions
 
     def _start_prefetch(self, nxt: int, x: torch.Tensor, s: TokenStats) -> None:
-        ahead = self.predictors.lookahead.get(nxt)
-        if ahead is None or nxt in self._prefetch:
+        if nxt >= len(self.regions) or nxt in self._prefetch:
             return
         t = time.perf_counter()
         cache = self.caches[nxt]
-        missing = plan_prefetch(cache, ahead.predict(x, self.strategy, self.policy.margin), self.policy.min_slots,
-                                self.fetcher.prefetch_limit())
+        if self.strategy == "all":  # the whole next layer is needed: read what is missing into free slots
+            missing = plan_prefetch_free(cache, self.fetcher.prefetch_limit())
+        else:
+            ahead = self.predictors.lookahead.get(nxt)
+            if ahead is None:
+                return
+            missing = plan_prefetch(cache, ahead.predict(x, self.strategy, self.policy.margin), self.policy.min_slots,
+                                    self.fetcher.prefetch_limit())
         if len(missing):
             self._prefetch[nxt] = self.fetcher.start(nxt, missing, cache.reserve(len(missing)))
+            self._ahead_bytes = len(missing) * self.regions[nxt].bundle_bytes
         s.predictor_s += time.perf_counter() - t
 
     def _finish_prefetch(self, l: int, s: TokenStats) -> None:
@@ -171,20 +237,67 @@ class StreamingFFN:
         s.ffn_s += time.perf_counter() - t
 
     def _compute_in_batches(self, l: int, x: torch.Tensor, plan: LayerPlan, y: torch.Tensor, s: TokenStats) -> None:
-        """The hits first, then the misses in batches of every unpinned slot, oldest evicted first."""
+        """The hits first, then the misses in batches that reuse every unpinned slot, oldest first. On the
+        host, batches are half the unpinned slots and the next batch is read while the current one
+        computes; every bundle is still read once per step."""
         cache = self.caches[l]
-        self._compute(l, x, plan.hit_slots, y, s)
         unpinned = int((~cache.pinned).sum())
-        for i in range(0, len(plan.missing), unpinned):
-            part = plan.missing[i : i + unpinned]
+        pipelined = not self.on_gpu and unpinned >= 2
+        step = unpinned // 2 if pipelined else unpinned
+        parts = [plan.missing[i : i + step] for i in range(0, len(plan.missing), step)]
+        fetch = None
+        if pipelined and self._room_for(l, len(parts[0]), plan.hit_slots):  # the first read overlaps the hits
+            fetch = self._start_batch(l, parts[0], plan.hit_slots)
+        self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
+        if pipelined and fetch is None:  # it needs the hits' slots: start it once they are computed
+            fetch = self._start_batch(l, parts[0], plan.hit_slots[:0])
+        for k, part in enumerate(parts):
+            if pipelined:
+                self._land(fetch, s)
+                new = fetch.slots
+                # the next batch's read runs while this one computes
+                fetch = self._start_batch(l, parts[k + 1], new) if k + 1 < len(parts) else None
+            else:
+                new = self._reserve_batch(l, part, plan.hit_slots[:0])
+                self._read(l, part, new, s)
+                cache.touch(new)
+            self._guarded(fetch, self._compute, l, x, new, y, s)
+
+    def _reserve_batch(self, l: int, part: np.ndarray, protect: np.ndarray) -> np.ndarray:
+        """Slots for a batch of misses: free ones, then the oldest unpinned ones not in ``protect``
+        (within one step every cached neuron was used by it, so the window cannot protect them)."""
+        cache = self.caches[l]
+        need = len(part) - cache.free_count()
+        if need > 0:
             victims = np.nonzero((cache.position_of >= 0) & ~cache.pinned)[0]
-            need = len(part) - cache.free_count()
-            if need > 0:
-                cache.evict(victims[np.argsort(cache.last_use[victims], kind="stable")][:need])
-            new = cache.reserve(len(part))
-            self._read(l, part, new, s)
-            cache.touch(new)
-            self._compute(l, x, new, y, s)
+            if len(protect):
+                victims = victims[~np.isin(victims, protect)]
+            cache.evict(victims[np.argsort(cache.last_use[victims], kind="stable")][:need])
+        return cache.reserve(len(part))
+
+    def _room_for(self, l: int, count: int, protect: np.ndarray) -> bool:
+        cache = self.caches[l]
+        held = (cache.position_of >= 0) & ~cache.pinned
+        return cache.free_count() + int(held.sum()) - int(held[protect].sum()) >= count
+
+    def _start_batch(self, l: int, part: np.ndarray, protect: np.ndarray) -> Fetch:
+        return self.fetcher.start(l, part, self._reserve_batch(l, part, protect))
+
+    def _guarded(self, fetch: Fetch | None, fn, *args) -> None:
+        """fn(*args) while ``fetch`` is in flight: if fn fails, the read is abandoned (its slots freed)."""
+        try:
+            fn(*args)
+        except BaseException:
+            if fetch is not None:
+                self.fetcher.abandon(fetch)
+            raise
+
+    def _land(self, fetch: Fetch, s: TokenStats) -> None:
+        """Wait for a read this step started and commit its slots (counted as I/O wait)."""
+        t = time.perf_counter()
+        result = self.fetcher.finish(fetch)
+        s.add_read(result, time.perf_counter() - t)
+        self.caches[fetch.layer].touch(fetch.slots)
 
     def close(self) -> None:
         for fetch in self._prefetch.values():
