@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from sparseflash.layout import stats
-from sparseflash.layout.coactivation import _pair_kernel, accumulate_coactivation, coactivation_stats
+from sparseflash.layout.coactivation import (
+    _pair_kernel,
+    accumulate_coactivation,
+    active_lists,
+    coactivation_stats,
+)
 from sparseflash.layout.masks import MaskWriter, load_masks, pack, unpack
 
 
@@ -144,8 +149,12 @@ def test_coactivation_stats_by_row_blocks_equal_the_full_table(path, block_rows,
 
 def test_pair_kernel_handles_empty_rows():
     counts = np.zeros((10, 10), dtype=np.int64)
-    _pair_kernel()(pack(np.zeros((3, 10), bool)), 10, counts, 0, 10)
-    assert counts.sum() == 0
+    mask = np.zeros((3, 10), bool)
+    mask[1, [2, 7]] = True
+    indptr, indices = active_lists(pack(mask), 10)
+    assert indptr.tolist() == [0, 0, 2, 2] and indices.tolist() == [2, 7]
+    _pair_kernel()(indptr, indices, counts, 0, 10)
+    assert counts.sum() == 4 and counts[2, 7] == counts[7, 2] == counts[2, 2] == 1
 
 
 def test_coactivation_gap_equals_direct_loops():

@@ -1,8 +1,8 @@
 """Co-activation counts C[i, j] (tokens where neurons i and j are both active) from packed masks.
 
-Two ways, chosen per block by estimated cost: a Numba loop over active pairs (cost ~ sum |A_t|^2,
-best when few neurons fire) or an int8 matrix product of the 0/1 masks (exact int32 sums; cost ~
-tokens * rows * n / GEMM speed).
+Two ways, chosen by estimated cost: a Numba loop over active pairs (each token's active neurons
+listed once, ``active_lists``; cost ~ sum |A_t|^2, best when few neurons fire) or an int8 matrix
+product of the 0/1 masks (exact int32 sums; cost ~ tokens * rows * n / GEMM speed).
 
 ``coactivation_stats`` never holds more than a block of rows of C: it counts rows [r0, r1) against
 every neuron, takes each row's top-k partners and its share of the co-activation gap, and moves
@@ -29,27 +29,31 @@ def _pair_kernel():
     from numba import njit
 
     @njit(cache=True)
-    def accumulate(packed, n, counts, r0, r1):
-        idx = np.empty(n, dtype=np.int64)
-        for t in range(packed.shape[0]):
-            k = 0
-            for b in range(packed.shape[1]):
-                byte = packed[t, b]
-                bit = 0
-                while byte:
-                    if byte & 1:
-                        idx[k] = b * 8 + bit
-                        k += 1
-                    byte >>= 1
-                    bit += 1
-            for x in range(k):
-                row = idx[x]
-                if row < r0 or row >= r1:
-                    continue
-                for y in range(k):
-                    counts[row - r0, idx[y]] += 1
+    def accumulate(indptr, indices, counts, r0, r1):
+        for t in range(len(indptr) - 1):
+            start, stop = indptr[t], indptr[t + 1]
+            first = start + np.searchsorted(indices[start:stop], r0)  # indices ascend within a token
+            for x in range(first, stop):
+                row = indices[x]
+                if row >= r1:
+                    break
+                for y in range(start, stop):
+                    counts[row - r0, indices[y]] += 1
 
     return accumulate
+
+
+def active_lists(packed: np.ndarray, n: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Packed masks (tokens, ceil(n/8)) as per-token active-neuron lists: (indptr (tokens + 1,)
+    int64, indices int32 ascending within each token)."""
+    sizes = popcount_rows(packed)
+    indptr = np.zeros(len(packed) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=indptr[1:])
+    indices = np.empty(int(indptr[-1]), dtype=np.int32)
+    for i in range(0, len(packed), chunk):
+        m = np.unpackbits(packed[i : i + chunk], axis=1, count=n, bitorder="little")
+        indices[indptr[i] : indptr[min(len(packed), i + chunk)]] = np.nonzero(m)[1]  # row-major: by token, then neuron
+    return indptr, indices
 
 
 def _gemm_rows(packed: np.ndarray, n: int, counts: np.ndarray, r0: int, r1: int) -> None:
@@ -60,32 +64,42 @@ def _gemm_rows(packed: np.ndarray, n: int, counts: np.ndarray, r0: int, r1: int)
         counts += block.numpy().astype(counts.dtype, copy=False)
 
 
-def accumulate_coactivation(packed: np.ndarray, n: int, counts: np.ndarray, r0: int = 0, r1: int | None = None) -> None:
+def _pair_path(packed: np.ndarray, n: int) -> bool:
+    """Whether the pair loop is cheaper than the matrix product for these masks (any block size)."""
+    sizes = popcount_rows(packed).astype(np.float64)
+    return float((sizes**2).sum()) / n * _PAIR_COST_IN_GEMM_OPS < float(len(packed)) * n
+
+
+def accumulate_coactivation(packed: np.ndarray, n: int, counts: np.ndarray, r0: int = 0, r1: int | None = None,
+                            lists: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Add the co-activations of packed masks (tokens, ceil(n/8)) into rows [r0, r1) of C, in place:
-    ``counts`` is (r1 - r0, n) int32/int64."""
+    ``counts`` is (r1 - r0, n) int32/int64. ``lists`` (active_lists of the masks) chooses the pair
+    loop and saves re-reading the bits for each block."""
     r1 = n if r1 is None else r1
     if len(packed) == 0 or r1 <= r0:
         return
-    sizes = popcount_rows(packed).astype(np.float64)
-    pairs = float((sizes**2).sum()) * (r1 - r0) / n  # pairs whose row falls in the block (on average)
-    gemm = float(len(packed)) * (r1 - r0) * n
-    if pairs * _PAIR_COST_IN_GEMM_OPS < gemm:
-        _pair_kernel()(np.ascontiguousarray(packed), n, counts, r0, r1)
+    if lists is None and _pair_path(packed, n):
+        lists = active_lists(packed, n)
+    if lists is not None:
+        _pair_kernel()(lists[0], lists[1], counts, r0, r1)
     else:
         _gemm_rows(packed, n, counts, r0, r1)
 
 
 def top_neighbors_rows(counts: np.ndarray, k: int, r0: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """For rows r0.. of C (``counts`` holds them) each neuron's k most co-activated partners (by
-    count, itself excluded) and those counts, (rows, k) each."""
-    c = counts.astype(np.int64, copy=True)
-    rows = np.arange(len(c))
-    c[rows, rows + r0] = -1
-    k = min(k, c.shape[1] - 1)
-    idx = np.argpartition(-c, kth=k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(c), 0), dtype=np.int64)
-    vals = np.take_along_axis(c, idx, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, axis=1).astype(np.int32), np.take_along_axis(vals, order, axis=1)
+    count, the lower index first among equal counts, itself excluded) and those counts, (rows, k) each."""
+    n = counts.shape[1]
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((len(counts), 0), dtype=np.int32), np.zeros((len(counts), 0), dtype=np.int64)
+    # one distinct key per entry: count first, then the lower index (ties among equal counts, which
+    # are most entries, would make the partition slow and its order arbitrary)
+    key = counts.astype(np.int64) * n + (n - 1 - np.arange(n, dtype=np.int64))
+    rows = np.arange(len(counts))
+    key[rows, rows + r0] = -1  # itself excluded
+    idx = torch.topk(torch.from_numpy(key), k, dim=1, sorted=True).indices.numpy()  # keys distinct: one answer
+    return idx.astype(np.int32), np.take_along_axis(counts, idx, axis=1).astype(np.int64)
 
 
 @dataclass
@@ -101,8 +115,9 @@ def coactivation_stats(packed: np.ndarray, n: int, k: int, keep_full: bool = Fal
     """Neighbour lists and co-activation gap of packed masks (tokens, ceil(n/8)), a block of rows of
     C at a time (``block_bytes`` bounds a block and its temporaries); ``keep_full`` also returns C."""
     full = np.zeros((n, n), dtype=np.int32) if keep_full else None
+    lists = active_lists(packed, n) if len(packed) and _pair_path(packed, n) else None  # read the bits once
     if keep_full:
-        accumulate_coactivation(packed, n, full)
+        accumulate_coactivation(packed, n, full, lists=lists)
     rows = max(1, min(n, block_bytes // (24 * n)))  # int32 counts + int64 and float64 temporaries
     nb_idx = np.zeros((n, min(k, n - 1)), dtype=np.int32)
     nb_cnt = np.zeros((n, min(k, n - 1)), dtype=np.int64)
@@ -113,15 +128,14 @@ def coactivation_stats(packed: np.ndarray, n: int, k: int, keep_full: bool = Fal
             counts = full[r0:r1]
         else:
             counts = np.zeros((r1 - r0, n), dtype=np.int32)
-            accumulate_coactivation(packed, n, counts, r0, r1)
+            accumulate_coactivation(packed, n, counts, r0, r1, lists)
         nb_idx[r0:r1], nb_cnt[r0:r1] = top_neighbors_rows(counts, k, r0)
         diag = counts[np.arange(r1 - r0), np.arange(r0, r1)].astype(np.float64)
         live = np.nonzero(diag > 0)[0]
-        if len(live) and n > 1:
-            p = counts[live].astype(np.float64) / diag[live, None]
-            p[np.arange(len(live)), live + r0] = np.nan
-            top_sum += float(np.nanmax(p, axis=1).sum())
-            p_sum += float(np.nansum(p))
+        if len(live) and n > 1:  # P(j | i) = C_ij / C_ii over j != i: its max is the top neighbour's
+            top_sum += float((nb_cnt[r0 + live, 0] / diag[live]).sum())
+            others = counts[live].sum(axis=1, dtype=np.int64) - diag[live]
+            p_sum += float((others / diag[live]).sum())
             p_count += len(live) * (n - 1)
             live_rows += len(live)
     gap = top_sum / live_rows - p_sum / p_count if live_rows else 0.0

@@ -209,11 +209,10 @@ def hot_cdf(frequency: np.ndarray, points: int = 101) -> np.ndarray:
 
 
 def top_neighbors(counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each neuron its k most co-activated partners (by count) and those counts, (n, k) each."""
+    """For each neuron its k most co-activated partners (by count, the lower index first among equal
+    counts) and those counts, (n, k) each. The reference for coactivation.top_neighbors_rows."""
     c = counts.astype(np.int64, copy=True)
     np.fill_diagonal(c, -1)
-    k = min(k, c.shape[0] - 1)
-    idx = np.argpartition(-c, kth=k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(c), 0), dtype=np.int64)
-    vals = np.take_along_axis(c, idx, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, axis=1).astype(np.int32), np.take_along_axis(vals, order, axis=1)
+    k = max(0, min(k, c.shape[0] - 1))
+    idx = np.argsort(-c, axis=1, kind="stable")[:, :k]  # stable: the lower index first among ties
+    return idx.astype(np.int32), np.take_along_axis(c, idx, axis=1)
