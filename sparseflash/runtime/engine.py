@@ -76,10 +76,13 @@ class MemoryPlan:
         return self.resident + self.predictors + self.hot + self.cache + self.index + self.io_buffers
 
 
-def plan_memory(lm: LayoutModel, policy: Policy, predictor_bytes: int, io_buffer_total: int) -> MemoryPlan:
-    """Split the budget: resident tensors, predictors, hot region, I/O buffers, then neuron cache slots."""
+def plan_memory(lm: LayoutModel, policy: Policy, predictor_bytes: int, io_buffer_total: int,
+                extra_resident: int = 0) -> MemoryPlan:
+    """Split the budget: resident tensors, predictors, hot region, I/O buffers, then neuron cache slots.
+    ``extra_resident``: bytes held beside the layout's tensors (compression plugins), counted as resident."""
     regions = lm.file.layers
     resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in lm.weights.named().values()}.values())
+    resident += extra_resident  # compression plugins (model/plugin.py)
     bb = regions[0].bundle_bytes
     n = regions[0].n_neurons
     layers = len(regions)
@@ -107,7 +110,7 @@ class StreamingFFN:
     """FFN callable (layer, x) -> y that streams bundles under the policy's budget."""
 
     def __init__(self, lm: LayoutModel, policy: Policy, device: DeviceModel | None = None, backend: str = "cpu",
-                 reader_factory=BundleReader):
+                 reader_factory=BundleReader, extra_resident_bytes: int = 0):
         from sparseflash.kernels import get_backend
 
         self.lm, self.policy = lm, policy
@@ -131,7 +134,8 @@ class StreamingFFN:
             staging_rows = int(np.clip(2 * policy.io_buffer_bytes // r0.bundle_bytes, 16, r0.n_neurons))
             staging = staging_nbytes(staging_rows, r0.bundle_bytes)
         try:
-            self.memory = plan_memory(lm, policy, pred_bytes, self.reader.buffer_total_bytes + staging)
+            self.memory = plan_memory(lm, policy, pred_bytes, self.reader.buffer_total_bytes + staging,
+                                      extra_resident_bytes)  # compression plugins' bytes
         except BudgetError:
             self.reader.close()
             raise

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import resource
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sparseflash.model.generate import GenerationResult, Sampling, generate
+from sparseflash.model.plugin import CompressionPlugin, load_plugin
 from sparseflash.model.transformer import Transformer
 from sparseflash.runtime.engine import StreamingFFN, TokenStats
 from sparseflash.runtime.iomodel import DeviceModel
@@ -29,6 +31,7 @@ class StreamedModel:
     layout: LayoutModel
     engine: StreamingFFN
     transformer: Transformer
+    plugins: list[CompressionPlugin] = field(default_factory=list)  # resident, counted in the budget
 
     @property
     def tokenizer(self):
@@ -39,11 +42,25 @@ class StreamedModel:
         self.layout.close()
 
 
+def layout_plugins(lm: LayoutModel, paths: Sequence[str | os.PathLike]) -> list[CompressionPlugin]:
+    """Load compression plugins for a layout, refusing any made from another checkpoint."""
+    source = lm.header.get("source_hash") or ""
+    if paths and not source:
+        from sparseflash.model.plugin import PluginError
+
+        raise PluginError(f"{lm.path}: the layout records no source checkpoint hash, so plugins cannot be checked "
+                          "against it; rebuild it with `sparseflash prepare` or `sparseflash layout`")
+    return [load_plugin(p, source, lm.config.num_layers, lm.config.hidden_size) for p in paths]
+
+
 def open_streamed(path: str | os.PathLike, budget: str | int, verify: bool = False, backend: str = "cpu",
-                  disk: DeviceModel | None = None, **policy) -> StreamedModel:
-    """A transformer whose FFNs stream from ``path`` under ``budget`` (bytes, '2GiB' or '40%')."""
+                  disk: DeviceModel | None = None, plugins: Sequence[str | os.PathLike] = (),
+                  **policy) -> StreamedModel:
+    """A transformer whose FFNs stream from ``path`` under ``budget`` (bytes, '2GiB' or '40%');
+    ``plugins`` (files) are loaded, checked against the layout's source and counted as resident."""
     lm = open_layout(path, verify=verify)
     try:
+        loaded = layout_plugins(lm, plugins)
         if disk is None:
             from sparseflash.runtime.diskprobe import device_model_for
 
@@ -54,11 +71,15 @@ def open_streamed(path: str | os.PathLike, budget: str | int, verify: bool = Fal
             budget_bytes = 0
         else:
             budget_bytes = budget if isinstance(budget, int) else parse_budget(budget, layout_weight_bytes(lm))
-        engine = StreamingFFN(lm, Policy(budget_bytes=budget_bytes, **policy), disk, backend)
+        engine = StreamingFFN(lm, Policy(budget_bytes=budget_bytes, **policy), disk, backend,
+                              extra_resident_bytes=sum(p.nbytes for p in loaded))
     except BaseException:
         lm.close()
         raise
-    return StreamedModel(lm, engine, Transformer(lm.config, lm.weights, engine))
+    transformer = Transformer(lm.config, lm.weights, engine)
+    for p in loaded:
+        p.to(transformer.device)
+    return StreamedModel(lm, engine, transformer, loaded)
 
 
 def peak_rss_bytes() -> int:
@@ -87,6 +108,7 @@ def summarize(stats: list[TokenStats], model: StreamedModel, result: GenerationR
         "ffn_s": total("ffn_s"),
         "attention_s": total("attention_s"),
         "budget_bytes": model.engine.memory.budget,
+        "plugin_bytes": sum(p.nbytes for p in model.plugins),
         "memory_plan": {k: getattr(model.engine.memory, k) for k in
                         ("resident", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "minimum")},
         "direct_io": model.engine.reader.direct,
@@ -102,10 +124,12 @@ def summarize(stats: list[TokenStats], model: StreamedModel, result: GenerationR
 
 
 def stream_generate(model: StreamedModel, prompt: list[int], n: int, sampling: Sampling = Sampling(),
-                    stop_at_eos: bool = True, stats_file: str | None = None) -> tuple[GenerationResult, dict]:
-    """Generate with the streamed engine; returns the result and the run's summary."""
+                    stop_at_eos: bool = True, stats_file: str | None = None,
+                    plugin: CompressionPlugin | None = None) -> tuple[GenerationResult, dict]:
+    """Generate with the streamed engine (``plugin``: compress the prompt); returns the result and the
+    run's summary."""
     model.engine.stats.clear()
-    result = generate(model.transformer, prompt, n, sampling, stop_at_eos)
+    result = generate(model.transformer, prompt, n, sampling, stop_at_eos, plugin=plugin)
     summary = summarize(model.engine.stats, model, result)
     if stats_file:
         tmp = f"{stats_file}.tmp-{os.getpid()}"

@@ -22,18 +22,43 @@ def cmd_run(args) -> int:
         return _run_streamed(args, sampling, args.model)
     if args.budget is not None:
         return _run_streamed(args, sampling, _prepared_layout(args.model, quiet=args.json))
+    from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
     from sparseflash.model.generate import generate
     from sparseflash.model.loader import open_dense
+    from sparseflash.model.plugin import choose_plugin, load_plugin
 
     model = open_dense(args.model)
     tok = model.tokenizer
     prompt = tok.encode(args.prompt)
-    result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
+    paths, looked_in = _plugin_files(args, args.model or default_model_dir())
+    source = checkpoint_hash(args.model or default_model_dir()) if paths else ""
+    plugins = [load_plugin(p, source, model.config.num_layers, model.config.hidden_size) for p in paths]
+    plugin = choose_plugin(args.compress, plugins, len(prompt), looked_in)
+    result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos,
+                      plugin=plugin)
     import resource
 
     _print_result(args, tok, prompt, result,
                   {"engine": "dense", "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
     return 0
+
+
+def _plugin_files(args, *model_paths) -> tuple[list[str], str]:
+    """(plugin files a run loads, where they were looked for): --plugin files, else with --compress
+    the ``plugins/`` folders of the model paths (model/plugin.py:plugin_dir)."""
+    from sparseflash.model.plugin import find_plugins, plugin_dir
+
+    off = args.compress is None or str(args.compress).lower() in ("none", "1")
+    if args.plugin:
+        if args.compress is None:
+            from sparseflash.errors import SparseflashError
+
+            raise SparseflashError("--plugin needs --compress K (a ratio) or --compress auto")
+        return list(args.plugin), ""
+    if off:
+        return [], ""
+    folders = [plugin_dir(p) for p in model_paths if p is not None]
+    return [f for p in model_paths if p is not None for f in find_plugins(p)], " or ".join(folders)
 
 
 def _prepared_layout(model_path, quiet: bool) -> str:
@@ -54,16 +79,22 @@ def _prepared_layout(model_path, quiet: bool) -> str:
 
 def _run_streamed(args, sampling, layout_path) -> int:
     from sparseflash.errors import SparseflashError
+    from sparseflash.model.checkpoint import default_model_dir
+    from sparseflash.model.plugin import choose_plugin
     from sparseflash.runtime.session import open_streamed, stream_generate
 
     if args.budget is None:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
+    checkpoint = None if _is_layout(args.model) else (args.model or default_model_dir())
+    paths, looked_in = _plugin_files(args, layout_path, checkpoint)
     model = open_streamed(layout_path, args.budget, verify=args.verify, window=args.window, io=args.io,
                           io_threads=args.io_threads, eviction=args.eviction, strategy=args.strategy,
-                          lookahead=not args.no_lookahead, device=args.device)
+                          lookahead=not args.no_lookahead, device=args.device, plugins=paths)
     try:
         prompt = model.tokenizer.encode(args.prompt)
-        result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats)
+        plugin = choose_plugin(args.compress, model.plugins, len(prompt), looked_in)
+        result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats,
+                                          plugin)
     finally:
         model.close()
     _print_result(args, model.tokenizer, prompt, result, {"engine": "streamed", **summary})
@@ -87,10 +118,18 @@ def _print_result(args, tok, prompt, result, extra: dict) -> None:
             "decode_tokens_per_s": result.decode_tokens_per_s,
             "prefill_ms": result.prefill_s * 1e3,
             "stopped_at_eos": result.stopped_at_eos,
+            "compression": result.compression,
             **extra,
         }))
         return
     print(args.prompt + text)
+    if result.compression is not None:
+        c = result.compression
+        print(f"[prompt compressed x{c['ratio']} after layer {c['layer']}: {c['prompt_positions']} -> "
+              f"{c['compressed_positions']} positions in later layers]", file=sys.stderr)
+    elif args.compress is not None and str(args.compress).lower() == "auto":
+        print(f"[--compress auto: no plugin chosen for a {len(prompt)}-token prompt (rule: docs/plugins.md)]",
+              file=sys.stderr)
     print(f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s "
           f"(decode {result.decode_tokens_per_s:.1f} tokens/s, prefill {result.prefill_s * 1e3:.0f} ms), "
           f"{extra['engine']}]", file=sys.stderr)
@@ -161,6 +200,10 @@ def register(sub) -> None:
     r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
     r.add_argument("--verify", action="store_true", help="verify the layout's checksums before running")
     r.add_argument("--stats", default=None, help="save per-token statistics to this JSON file")
+    r.add_argument("--compress", default=None, metavar="K|auto",
+                   help="compress the prompt with a plugin of ratio K, or pick one by prompt length (auto); "
+                        "plugins come from --plugin or plugins/ beside the layout or in the checkpoint")
+    r.add_argument("--plugin", nargs="+", default=None, metavar="P", help="compression plugin files")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("info", help="architecture, sizes and FFN bytes per layer")

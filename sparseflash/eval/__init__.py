@@ -1,0 +1,1 @@
+"""Evaluation: reports measured over the other stages; may import model/, layout/, runtime/."""

@@ -1,0 +1,213 @@
+"""Compression plugins side by side: one row per ratio (1 = no plugin) on held-out text.
+
+Per ratio: prefill FLOPs (counted by torch's FlopCounterMode, attention included) and wall time,
+FFN bytes the streamed engine reads during prefill (with a layout), KV-cache bytes after prefill,
+continuation perplexity and its rise over ratio 1, greedy agreement with the uncompressed run, and
+the plugin's parameters as a share of the model's. docs/plugins.md defines every column.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sparseflash.layout.plugin_train import continuation_score, eval_windows, open_reference
+from sparseflash.model.generate import Sampling, generate, new_generation_cache
+from sparseflash.model.plugin import CompressionPlugin
+from sparseflash.model.transformer import Transformer
+
+# Variator (Xiao et al., EMNLP Findings 2023), T5-base, 7 datasets: computation saved, extra
+# parameters, quality drop.
+VARIATOR = {"flops_saved": 0.53, "param_share": 0.009, "quality_drop": "< 2%"}
+
+
+@dataclass(frozen=True)
+class PluginEvalParams:
+    """Window shape and sample sizes (tokens, windows)."""
+
+    prompt_tokens: int = 256
+    continuation_tokens: int = 64
+    windows: int = 32  # held-out windows for perplexity and agreement
+    stream_windows: int = 8  # of those, prefilled through the streamed engine (with a layout)
+    budget: str = "25%ffn"  # the streamed engine's budget
+    batch: int = 8
+
+
+def prefill_flops(model: Transformer, prompt: torch.Tensor, plugin: CompressionPlugin | None) -> int:
+    """FLOPs of one prefill of ``prompt`` (1, tokens), logits of the last position only."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(q, k, v, *args, out_shape=None, **kwargs):  # CPU attention is not in torch's registry
+        return sdpa_flop_count(q, k, v)
+
+    aten = torch.ops.aten
+    counter = FlopCounterMode(display=False, custom_mapping={
+        aten.scaled_dot_product_attention: sdpa, aten._scaled_dot_product_flash_attention_for_cpu: sdpa})
+    cache = new_generation_cache(model, prompt.shape[1], prompt.shape[1], plugin=plugin)
+    with counter:
+        model(prompt, cache=cache, start=0, last_only=True, plugin=plugin)
+    return int(counter.get_total_flops())
+
+
+def _prefill_timed(model: Transformer, seqs: torch.Tensor, prompt: int, plugin) -> tuple[float, int, int]:
+    """(median prefill seconds, KV bytes filled, KV bytes allocated for prompt + continuation)."""
+    times, cache = [], None
+    for i in range(len(seqs) + 1):  # the first prefill warms up and is not timed
+        cache = new_generation_cache(model, prompt, seqs.shape[1], plugin=plugin)
+        t = time.perf_counter()
+        model(seqs[i % len(seqs), None, :prompt], cache=cache, start=0, last_only=True, plugin=plugin)
+        if i:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), cache.used_nbytes, cache.nbytes
+
+
+def _greedy_agreement(model, seqs, prompt, cont, plugin, reference: list[list[int]] | None) -> tuple[float, list]:
+    """Share of greedily generated tokens equal to the uncompressed run's, position by position."""
+    runs = [generate(model, s[:prompt].tolist(), cont, Sampling(greedy=True), stop_at_eos=False, plugin=plugin).tokens
+            for s in seqs]
+    if reference is None:
+        return 1.0, runs
+    same = sum(a == b for run, ref in zip(runs, reference) for a, b in zip(run, ref))
+    return same / sum(len(r) for r in reference), runs
+
+
+def streamed_prefill_bytes(layout: str, plugin_path: str | None, seqs: torch.Tensor, prompt: int,
+                           budget: str) -> dict:
+    """Mean FFN bytes read and neurons computed during a streamed prefill, each from a cold neuron
+    cache (hot region only: ``reuse=False``), so that every prompt reads its own per-layer union."""
+    from sparseflash.runtime.session import open_streamed
+
+    model = open_streamed(layout, budget, plugins=[plugin_path] if plugin_path else [], reuse=False)
+    try:
+        plugin = model.plugins[0] if model.plugins else None
+        read, neurons = [], []
+        for s in seqs:
+            model.engine.stats.clear()
+            cache = new_generation_cache(model.transformer, prompt, prompt, plugin=plugin)
+            model.transformer(s[None, :prompt], cache=cache, start=0, last_only=True, plugin=plugin)
+            read.append(model.engine.stats[0].bytes_read)
+            neurons.append(model.engine.stats[0].predicted)
+        return {"prefill_ffn_bytes": statistics.mean(read), "prefill_neurons": statistics.mean(neurons),
+                "budget_bytes": model.engine.memory.budget, "plugin_bytes": sum(p.nbytes for p in model.plugins)}
+    finally:
+        model.close()
+
+
+def evaluate_plugins(model_path, plugin_paths: list[str], corpus, params: PluginEvalParams = PluginEvalParams(),
+                     layout: str | None = None, quiet: bool = False) -> dict:
+    """The table: one row per ratio (1 first), measured on ``corpus`` windows of prompt + continuation."""
+    from sparseflash.model.text import corpus_ids
+
+    p = params
+    ref = open_reference(model_path)
+    layout = layout or ref.layout_path
+    try:
+        plugins = sorted(zip(ref.load_plugins(plugin_paths), plugin_paths), key=lambda pp: pp[0].ratio)
+        length = p.prompt_tokens + p.continuation_tokens
+        seqs = eval_windows(corpus_ids(corpus, ref.tokenizer, p.windows * length + 1), length, p.windows)
+        model = ref.transformer
+        bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(plugins) + 1, unit="ratio", desc="plugins eval", leave=False)
+        rows, base, base_runs = [], None, None
+        for plugin, path in [(None, None), *plugins]:
+            row = _measure(model, seqs, p, plugin, path, layout, ref.parameters,
+                           None if base is None else base["_score"].logprobs)
+            score = row.pop("_score")
+            agreement, runs = _greedy_agreement(model, seqs, p.prompt_tokens, p.continuation_tokens, plugin, base_runs)
+            if base is None:
+                base, base_runs = row | {"_score": score}, runs
+            row["greedy_agreement"] = agreement
+            row["top1_agreement"] = float((score.argmax == base["_score"].argmax).float().mean())
+            row["ppl_rise"] = row["continuation_ppl"] / base["continuation_ppl"] - 1
+            row["prefill_flops_saved"] = 1 - row["prefill_flops"] / base["prefill_flops"]
+            row["kv_bytes_saved"] = 1 - row["kv_bytes"] / base["kv_bytes"]
+            if row.get("prefill_ffn_bytes") is not None:
+                row["prefill_ffn_bytes_saved"] = 1 - row["prefill_ffn_bytes"] / max(base["prefill_ffn_bytes"], 1)
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        kept = min((r["uncompressed_tokens"] for r in rows[1:]), default=16)
+        cut = _truncation_baseline(model, seqs, p, kept, base["_score"], base_runs)
+    finally:
+        if ref.close is not None:
+            ref.close()
+    return {"settings": {**asdict(p), "corpus": str(corpus), "windows": len(seqs), "layout": layout,
+                         "model_parameters": ref.parameters, "threads": torch.get_num_threads()},
+            "rows": rows, "truncated": cut, "variator": VARIATOR}
+
+
+def _truncation_baseline(model, seqs, p: PluginEvalParams, kept: int, base, base_runs) -> dict:
+    """Quality when the prompt is cut to its last ``kept`` tokens (what the uncompressed tail alone
+    gives): the floor a plugin must beat."""
+    short = seqs[:, p.prompt_tokens - kept :]
+    score = continuation_score(model, short, kept, None, p.batch, reference=base.logprobs)
+    agreement, _ = _greedy_agreement(model, short, kept, p.continuation_tokens, None, base_runs)
+    return {"kept_tokens": kept, "continuation_ppl": score.ppl, "ppl_rise": score.ppl / base.ppl - 1,
+            "kl_to_uncompressed": score.kl, "greedy_agreement": agreement,
+            "top1_agreement": float((score.argmax == base.argmax).float().mean())}
+
+
+def _measure(model, seqs, p: PluginEvalParams, plugin, path, layout, model_params, reference) -> dict:
+    prompt = p.prompt_tokens
+    seconds, kv_used, kv_alloc = _prefill_timed(model, seqs, prompt, plugin)
+    score = continuation_score(model, seqs, prompt, plugin, p.batch, reference, keep_logprobs=plugin is None)
+    row = {
+        "ratio": 1 if plugin is None else plugin.ratio,
+        "layer": None if plugin is None else plugin.layer,
+        "tail": None if plugin is None else plugin.tail,
+        "plugin": path,
+        "prompt_positions_after": prompt if plugin is None else prompt - plugin.groups(prompt) * (plugin.ratio - 1),
+        "uncompressed_tokens": prompt if plugin is None else prompt - plugin.groups(prompt) * plugin.ratio,
+        "prefill_flops": prefill_flops(model, seqs[:1, :prompt], plugin),
+        "prefill_ms": seconds * 1e3,
+        "kv_bytes": kv_used,
+        "kv_bytes_allocated": kv_alloc,
+        "continuation_ppl": score.ppl,
+        "continuation_tokens": score.tokens,
+        "kl_to_uncompressed": 0.0 if plugin is None else score.kl,
+        "plugin_params": 0 if plugin is None else plugin.param_count,
+        "plugin_param_share": 0.0 if plugin is None else plugin.param_count / model_params,
+        "prefill_ffn_bytes": None,
+        "_score": score,
+    }
+    if layout is not None:
+        row.update(streamed_prefill_bytes(layout, path, seqs[: p.stream_windows], prompt, p.budget))
+    return row
+
+
+def save_plot(result: dict, path: str) -> None:
+    """PNG: prefill FLOPs and FFN bytes saved, and perplexity rise, against the ratio."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    ratios = [r["ratio"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ratios, [100 * r["prefill_flops_saved"] for r in rows], "o-", label="prefill FLOPs saved")
+    if all(r.get("prefill_ffn_bytes_saved") is not None for r in rows[1:]) and len(rows) > 1:
+        ax[0].plot(ratios, [100 * r.get("prefill_ffn_bytes_saved", 0.0) for r in rows], "s-",
+                   label="streamed prefill FFN bytes saved")
+    ax[0].axhline(100 * VARIATOR["flops_saved"], ls="--", c="gray", label="Variator: 53% FLOPs saved")
+    ax[0].set(xlabel="ratio", ylabel="%", xscale="log", xticks=ratios, xticklabels=ratios)
+    ax[0].legend(fontsize=7)
+    ax[1].plot(ratios, [100 * r["ppl_rise"] for r in rows], "o-", label="continuation perplexity rise")
+    ax[1].axhline(2.0, ls="--", c="gray", label="2% (target, Variator's drop bound)")
+    ax[1].set(xlabel="ratio", ylabel="%", xscale="log", xticks=ratios, xticklabels=ratios)
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
