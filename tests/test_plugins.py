@@ -181,3 +181,14 @@ def test_auto_picks_the_largest_ratio_within_the_bound_for_the_prompt_length():
     assert select_plugin(plugins, 300, bound=0.10) is x8
     assert select_plugin([x8], 300) is None
     assert select_plugin([_with_quality(2, {128: 0.0})], 100) is None  # nothing measured that short
+    short = _with_quality(2, {32: 0.0})
+    assert select_plugin([short], 40) is None and select_plugin([short], 40, min_prompt=32) is short
+
+
+def test_group_positions_follow_the_rotary_rule_and_the_causal_rule():
+    last, mean = (random_plugin(4, 16, tail=3, rope=r) for r in ("last", "mean"))
+    assert last.groups(11) == 2 and last.groups(6) == 0
+    rope, key_pos = last.positions(2, 11)
+    assert rope.tolist() == [3, 7, 8, 9, 10] and key_pos.tolist() == [3, 7, 8, 9, 10]
+    rope, key_pos = mean.positions(2, 11)
+    assert rope.tolist() == [1.5, 5.5, 8, 9, 10] and key_pos.tolist() == [3, 7, 8, 9, 10]

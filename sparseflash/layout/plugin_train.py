@@ -40,8 +40,8 @@ class PluginTrainParams:
     continuation_tokens: int = 64
     steps: int = 150
     batch: int = 8
-    lr: float = 3e-3
-    pool_windows: int = 96  # training windows whose teacher distributions are computed once
+    lr: float = 3e-2
+    pool_windows: int = 192  # training windows whose teacher distributions are computed once
     prompt_buckets: int = 4  # prompt lengths evenly spaced in [min, longest]
     heldout_share: float = 0.1  # the corpus's last share: validation and stored quality only
     quality_prompts: tuple[int, ...] = (64, 128, 256)  # prompt lengths whose ppl rise is stored
@@ -125,7 +125,7 @@ def distill_loss(model: Transformer, plugin: CompressionPlugin, seqs: torch.Tens
 @dataclass
 class TeacherPool:
     """Training windows in buckets of equal prompt length, with their teacher log-probabilities
-    (float16: about 0.5 MiB per window of 64 continuation tokens over a 4096-token vocabulary)."""
+    (float16: 0.5 MiB per window of 64 continuation tokens over a 4096-token vocabulary)."""
 
     prompts: list[int]
     seqs: list[torch.Tensor]  # per bucket (windows, prompt + continuation)

@@ -121,7 +121,7 @@ def register(sub) -> None:
     t.add_argument("--continuation-tokens", type=int, default=64)
     t.add_argument("--steps", type=int, default=150)
     t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--lr", type=float, default=3e-2)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("-o", "--output", required=True, help="plugin file (name it *.plugin.safetensors)")
