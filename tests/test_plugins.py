@@ -5,7 +5,13 @@ import torch
 from tiny_models import make_hf_model, save_hf_model
 
 from sparseflash.model.checkpoint import checkpoint_hash
-from sparseflash.model.generate import Sampling, continuation_logits, decode_one, generate, new_generation_cache
+from sparseflash.model.generate import (
+    Sampling,
+    continuation_logits,
+    decode_one,
+    generate,
+    new_generation_cache,
+)
 from sparseflash.model.loader import open_dense
 from sparseflash.model.plugin import (
     CompressionPlugin,
@@ -62,8 +68,7 @@ def test_one_call_over_prompt_and_continuation_equals_prefill_then_cached_contin
     plugin = random_plugin(3, model.config.hidden_size, tail=5)
     ids = _ids(50, batch=2)
     cached, cache = continuation_logits(tf, ids, 38, plugin)
-    one = tf(ids[:, :-1], plugin=plugin) if False else tf.differentiable_forward(ids[:, :-1], plugin=plugin,
-                                                                                  groups=plugin.groups(38))
+    one = tf.differentiable_forward(ids[:, :-1], plugin=plugin, groups=plugin.groups(38))
     assert plugin.groups(38) == 11 and one.shape[1] == 49 - 11 * 2
     assert (one[:, -12:] - cached).abs().max().item() <= 1e-4
     assert [cache.shift[i] for i in range(2)] == [0, 22]

@@ -126,7 +126,8 @@ def test_train_distils_with_the_model_frozen_and_eval_measures_every_ratio(tiny,
     result = json.loads(capsys.readouterr().out)
     plain, packed = result["rows"]
     for key in ("ratio", "prefill_flops_saved", "continuation_ppl", "ppl_rise", "greedy_agreement",
-                "plugin_param_share", "prefill_ffn_bytes", "kv_bytes", "prefill_ms"):
+                "plugin_param_share", "prefill_ffn_bytes", "prefill_neurons", "kv_bytes", "prefill_ms",
+                "kl_to_uncompressed", "greedy_prefix_tokens", "top1_agreement"):
         assert key in packed
     assert (plain["ratio"], packed["ratio"]) == (1, 4)
     assert plain["prefill_flops_saved"] == 0 and plain["greedy_agreement"] == 1.0 and plain["ppl_rise"] == 0
@@ -136,6 +137,10 @@ def test_train_distils_with_the_model_frozen_and_eval_measures_every_ratio(tiny,
     assert packed["prefill_ffn_bytes"] <= plain["prefill_ffn_bytes"]
     assert json.loads((tmp_path / "t.json").read_text())["rows"][1]["ratio"] == 4
     assert (tmp_path / "t.png").stat().st_size > 1000
+    from sparseflash.tools.cmd_plugins import format_table
+
+    table = format_table(result)
+    assert "| 4 | 0 | 19 |" in table and "prompt cut to its last 4 tokens" in table and "Variator" in table
 
 
 def _bundled():

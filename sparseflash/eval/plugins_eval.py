@@ -64,20 +64,25 @@ def _prefill_timed(model: Transformer, seqs: torch.Tensor, prompt: int, plugin) 
     return statistics.median(times), cache.used_nbytes, cache.nbytes
 
 
-def _greedy_agreement(model, seqs, prompt, cont, plugin, reference: list[list[int]] | None) -> tuple[float, list]:
-    """Share of greedily generated tokens equal to the uncompressed run's, position by position."""
+def _greedy_agreement(model, seqs, prompt, cont, plugin, reference: list[list[int]] | None
+                      ) -> tuple[float, float, list]:
+    """(share of greedily generated tokens equal to the uncompressed run's, position by position;
+    mean count of leading tokens equal to it; the runs)."""
     runs = [generate(model, s[:prompt].tolist(), cont, Sampling(greedy=True), stop_at_eos=False, plugin=plugin).tokens
             for s in seqs]
     if reference is None:
-        return 1.0, runs
+        return 1.0, float(cont), runs
     same = sum(a == b for run, ref in zip(runs, reference) for a, b in zip(run, ref))
-    return same / sum(len(r) for r in reference), runs
+    prefix = [next((i for i, (a, b) in enumerate(zip(run, ref)) if a != b), len(ref)) for run, ref in zip(runs, reference)]
+    return same / sum(len(r) for r in reference), statistics.mean(prefix), runs
 
 
 def streamed_prefill_bytes(layout: str, plugin_path: str | None, seqs: torch.Tensor, prompt: int,
                            budget: str) -> dict:
-    """Mean FFN bytes read and neurons computed during a streamed prefill, each from a cold neuron
-    cache (hot region only: ``reuse=False``), so that every prompt reads its own per-layer union."""
+    """Mean FFN bytes read and neurons computed (the per-layer unions of predicted neurons, summed
+    over layers) during a streamed prefill, each from a cold neuron cache (hot region only:
+    ``reuse=False``), so that every prompt reads its own unions. Bytes are what the reader reads:
+    whole blocks, with small gaps between wanted bundles merged into one request."""
     from sparseflash.runtime.session import open_streamed
 
     model = open_streamed(layout, budget, plugins=[plugin_path] if plugin_path else [], reuse=False)
@@ -119,16 +124,19 @@ def evaluate_plugins(model_path, plugin_paths: list[str], corpus, params: Plugin
             row = _measure(model, seqs, p, plugin, path, layout, ref.parameters,
                            None if base is None else base["_score"].logprobs)
             score = row.pop("_score")
-            agreement, runs = _greedy_agreement(model, seqs, p.prompt_tokens, p.continuation_tokens, plugin, base_runs)
+            agreement, prefix, runs = _greedy_agreement(model, seqs, p.prompt_tokens, p.continuation_tokens, plugin,
+                                                        base_runs)
             if base is None:
                 base, base_runs = row | {"_score": score}, runs
             row["greedy_agreement"] = agreement
+            row["greedy_prefix_tokens"] = prefix
             row["top1_agreement"] = float((score.argmax == base["_score"].argmax).float().mean())
             row["ppl_rise"] = row["continuation_ppl"] / base["continuation_ppl"] - 1
             row["prefill_flops_saved"] = 1 - row["prefill_flops"] / base["prefill_flops"]
             row["kv_bytes_saved"] = 1 - row["kv_bytes"] / base["kv_bytes"]
             if row.get("prefill_ffn_bytes") is not None:
                 row["prefill_ffn_bytes_saved"] = 1 - row["prefill_ffn_bytes"] / max(base["prefill_ffn_bytes"], 1)
+                row["prefill_neurons_saved"] = 1 - row["prefill_neurons"] / max(base["prefill_neurons"], 1)
             rows.append(row)
             if bar is not None:
                 bar.update(1)
@@ -149,9 +157,9 @@ def _truncation_baseline(model, seqs, p: PluginEvalParams, kept: int, base, base
     gives): the floor a plugin must beat."""
     short = seqs[:, p.prompt_tokens - kept :]
     score = continuation_score(model, short, kept, None, p.batch, reference=base.logprobs)
-    agreement, _ = _greedy_agreement(model, short, kept, p.continuation_tokens, None, base_runs)
+    agreement, prefix, _ = _greedy_agreement(model, short, kept, p.continuation_tokens, None, base_runs)
     return {"kept_tokens": kept, "continuation_ppl": score.ppl, "ppl_rise": score.ppl / base.ppl - 1,
-            "kl_to_uncompressed": score.kl, "greedy_agreement": agreement,
+            "kl_to_uncompressed": score.kl, "greedy_agreement": agreement, "greedy_prefix_tokens": prefix,
             "top1_agreement": float((score.argmax == base.argmax).float().mean())}
 
 
@@ -163,6 +171,7 @@ def _measure(model, seqs, p: PluginEvalParams, plugin, path, layout, model_param
         "ratio": 1 if plugin is None else plugin.ratio,
         "layer": None if plugin is None else plugin.layer,
         "tail": None if plugin is None else plugin.tail,
+        "rope": None if plugin is None else plugin.spec.rope,
         "plugin": path,
         "prompt_positions_after": prompt if plugin is None else prompt - plugin.groups(prompt) * (plugin.ratio - 1),
         "uncompressed_tokens": prompt if plugin is None else prompt - plugin.groups(prompt) * plugin.ratio,

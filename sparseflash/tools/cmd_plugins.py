@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from sparseflash.tools.format import fmt_bytes
 
@@ -34,7 +33,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
+
     from sparseflash.eval.plugins_eval import PluginEvalParams, evaluate_plugins, save_plot
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     params = PluginEvalParams(prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
                               windows=args.windows, stream_windows=args.stream_windows, budget=args.budget)
@@ -60,22 +64,25 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     lines = [f"{s['windows']} windows of {s['prompt_tokens']} prompt + {s['continuation_tokens']} continuation "
              f"tokens from {s['corpus']}",
-             "| ratio | layer | positions | prefill GFLOP | FLOPs saved | prefill ms | streamed prefill FFN read "
-             "| KV bytes | cont. ppl | ppl rise | KL | greedy agree | top-1 agree | plugin params |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ratio | layer | positions | prefill GFLOP | FLOPs saved | prefill ms | streamed prefill neurons "
+             "| streamed prefill FFN read | KV bytes | cont. ppl | ppl rise | KL | greedy agree (prefix) | top-1 agree "
+             "| plugin params |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        ffn = "-" if r.get("prefill_ffn_bytes") is None else (
-            f"{fmt_bytes(r['prefill_ffn_bytes'])} ({-100 * r.get('prefill_ffn_bytes_saved', 0.0):+.0f}%)")
+        ffn = neurons = "-"
+        if r.get("prefill_ffn_bytes") is not None:
+            ffn = f"{fmt_bytes(r['prefill_ffn_bytes'])} ({-100 * r.get('prefill_ffn_bytes_saved', 0.0):+.0f}%)"
+            neurons = f"{r['prefill_neurons']:.0f} ({-100 * r.get('prefill_neurons_saved', 0.0):+.0f}%)"
         lines.append(
             f"| {r['ratio']} | {'-' if r['layer'] is None else r['layer']} | {r['prompt_positions_after']} | "
-            f"{r['prefill_flops'] / 1e9:.3f} | {100 * r['prefill_flops_saved']:.1f}% | {r['prefill_ms']:.1f} | {ffn} | "
+            f"{r['prefill_flops'] / 1e9:.3f} | {100 * r['prefill_flops_saved']:.1f}% | {r['prefill_ms']:.1f} | {neurons} | {ffn} | "
             f"{fmt_bytes(r['kv_bytes'])} ({-100 * r['kv_bytes_saved']:+.0f}%) | {r['continuation_ppl']:.3f} | "
-            f"{100 * r['ppl_rise']:+.2f}% | {r['kl_to_uncompressed']:.4f} | {100 * r['greedy_agreement']:.1f}% | {100 * r['top1_agreement']:.1f}% | "
+            f"{100 * r['ppl_rise']:+.2f}% | {r['kl_to_uncompressed']:.4f} | {100 * r['greedy_agreement']:.1f}% ({r['greedy_prefix_tokens']:.1f}) | {100 * r['top1_agreement']:.1f}% | "
             f"{r['plugin_params']:,} ({100 * r['plugin_param_share']:.2f}%) |")
     t = result["truncated"]
     lines.append(f"prompt cut to its last {t['kept_tokens']} tokens (no plugin): cont. ppl {t['continuation_ppl']:.3f} "
                  f"({100 * t['ppl_rise']:+.2f}%), KL {t['kl_to_uncompressed']:.4f}, greedy agreement "
-                 f"{100 * t['greedy_agreement']:.1f}%, top-1 agreement {100 * t['top1_agreement']:.1f}%")
+                 f"{100 * t['greedy_agreement']:.1f}% ({t['greedy_prefix_tokens']:.1f}), top-1 agreement {100 * t['top1_agreement']:.1f}%")
     v = result["variator"]
     lines.append(f"Variator (T5-base, reported): {100 * v['flops_saved']:.0f}% computation saved, "
                  f"{100 * v['param_share']:.1f}% extra parameters, quality drop {v['quality_drop']}")
@@ -138,6 +145,7 @@ def register(sub) -> None:
     e.add_argument("--continuation-tokens", type=int, default=64)
     e.add_argument("--windows", type=int, default=32)
     e.add_argument("--stream-windows", type=int, default=8)
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     e.add_argument("-o", "--output", default=None, help="save the result as JSON")
     e.add_argument("--plot", default=None, help="save a PNG plot")
     e.add_argument("--json", action="store_true")
@@ -147,7 +155,3 @@ def register(sub) -> None:
     i.add_argument("plugin")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
-
-
-if __name__ == "__main__":
-    sys.exit("use: sparseflash plugins ...")
