@@ -34,7 +34,7 @@ class PluginTrainParams:
     layer: int = 0
     tail: int = 16
     rank: int = 32
-    rope: str = "last"
+    rope: str = "mean"
     prompt_tokens: int = 256  # longest training prompt
     min_prompt_tokens: int = 128  # each step draws its prompt length from [min, longest]
     continuation_tokens: int = 64

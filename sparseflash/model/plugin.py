@@ -45,7 +45,7 @@ class PluginSpec:
     hidden_size: int
     tail: int = 16  # at least this many last prompt tokens stay uncompressed
     rank: int = 32  # bottleneck width of the residual MLP
-    rope: str = "last"  # rotary position of a compressed vector, one of ROPE_RULES
+    rope: str = "mean"  # rotary position of a compressed vector, one of ROPE_RULES
     source_hash: str = ""  # checkpoint_hash of the model it was trained on
 
     def check(self, where: str = "plugin") -> None:

@@ -48,15 +48,14 @@ def _plugin_files(args, *model_paths) -> tuple[list[str], str]:
     the ``plugins/`` folders of the model paths (model/plugin.py:plugin_dir)."""
     from sparseflash.model.plugin import find_plugins, plugin_dir
 
-    off = args.compress is None or str(args.compress).lower() in ("none", "1")
-    if args.plugin:
-        if args.compress is None:
-            from sparseflash.errors import SparseflashError
+    if args.plugin and args.compress is None:
+        from sparseflash.errors import SparseflashError
 
-            raise SparseflashError("--plugin needs --compress K (a ratio) or --compress auto")
-        return list(args.plugin), ""
-    if off:
+        raise SparseflashError("--plugin needs --compress K (a ratio) or --compress auto")
+    if args.compress is None or str(args.compress).lower() in ("none", "1"):
         return [], ""
+    if args.plugin:
+        return list(args.plugin), ""
     folders = [plugin_dir(p) for p in model_paths if p is not None]
     return [f for p in model_paths if p is not None for f in find_plugins(p)], " or ".join(folders)
 

@@ -121,7 +121,7 @@ def register(sub) -> None:
     t.add_argument("--layer", type=int, default=0, help="compress after this layer (0-based)")
     t.add_argument("--tail", type=int, default=16, help="last prompt tokens kept uncompressed (at least)")
     t.add_argument("--rank", type=int, default=32, help="bottleneck width of the plugin's MLP")
-    t.add_argument("--rope", choices=["last", "mean"], default="last",
+    t.add_argument("--rope", choices=["last", "mean"], default="mean",
                    help="rotary position of a compressed vector: its group's last token's or the mean")
     t.add_argument("--prompt-tokens", type=int, default=256, help="longest training prompt")
     t.add_argument("--min-prompt-tokens", type=int, default=128, help="shortest training prompt")
