@@ -22,9 +22,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparseflash.layout.predictor import TrainParams
-from sparseflash.layout.predictors_build import PredictorParams
-from sparseflash.layout.profile import ProfileParams
+from sparseflash.layout.params import PredictorParams, ProfileParams, TrainParams
 
 
 @dataclass(frozen=True)
@@ -97,6 +95,7 @@ def prepare_random(checkpoint: str | os.PathLike, corpus: str | os.PathLike, hel
     """profile -> predictors -> layout of ``checkpoint`` in ``out_dir`` with the CETT thresholds;
     a step is redone only when its parameters or the checkpoint changed. Returns the layout path."""
     from sparseflash.layout.build import build_layout
+    from sparseflash.layout.params import LayoutParams
     from sparseflash.layout.predictors_build import build_predictors
     from sparseflash.layout.profile import load_profile, run_profile
     from sparseflash.model.checkpoint import checkpoint_hash
@@ -129,8 +128,8 @@ def prepare_random(checkpoint: str | os.PathLike, corpus: str | os.PathLike, hel
             build_predictors(model, load_profile(out / "profile"), out / "profile", calib[: PREDICTORS.tokens], held,
                              out / "predictors", PREDICTORS, source, quiet=True)
         else:
-            build_layout(model, out / "profile", layout_path, out / "predictors", source_hash=source, quiet=True,
-                         **LAYOUT)
+            build_layout(model, out / "profile", layout_path, out / "predictors", LayoutParams(**LAYOUT),
+                         source_hash=source, quiet=True)
         record[step] = steps[step]
         tmp = record_path.with_name(f".{record_path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=1))

@@ -62,27 +62,28 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def _layout_facts(layout: Path, prompts_max_len: int, tokens: int) -> dict:
     """Sizes the caller needs to map a cap to a budget: weights, FFN, the engine's minimum, KV bytes."""
+    from sparseflash.runtime.budget import plan_memory
+    from sparseflash.runtime.build import resident_bytes
     from sparseflash.runtime.diskprobe import device_model_for
-    from sparseflash.runtime.engine import plan_memory
     from sparseflash.runtime.iomodel import DeviceModel
     from sparseflash.runtime.layout_model import open_layout
-    from sparseflash.runtime.policy import Policy
+    from sparseflash.runtime.policy import Budget, Policy
     from sparseflash.runtime.predict import load_predictors
-    from sparseflash.runtime.session import ffn_bytes, layout_weight_bytes
     from sparseflash.runtime.streamer import BundleReader
 
     device = device_model_for(layout)  # probed once per file system and cached, so never in a measured run
     lm = open_layout(layout)
     try:
         c = lm.config
-        _, pred, ahead = load_predictors(lm.file, lm.header, c.num_layers, None)
-        pred_bytes = sum(p.nbytes for p in pred.values()) + sum(p.nbytes for p in ahead.values())
+        policy = Policy(Budget(nbytes=1 << 60), **STREAM_POLICY)
+        pred_bytes = load_predictors(lm.file, lm.header, policy.strategy, policy.lookahead).nbytes
         reader = BundleReader(str(layout), list(lm.file.layers), DeviceModel(), "direct",
                               STREAM_POLICY["io_threads"], STREAM_POLICY["io_buffer_bytes"])
         io_total = reader.buffer_total_bytes
         reader.close()
-        plan = plan_memory(lm, Policy(budget_bytes=1 << 60, **STREAM_POLICY), pred_bytes, io_total)
-        weight, ffn = layout_weight_bytes(lm), ffn_bytes(lm)
+        plan = plan_memory(lm.file.layers, resident_bytes(lm.weights), pred_bytes, io_total, policy.budget,
+                           policy.min_slots)
+        weight, ffn = lm.weight_bytes, lm.ffn_bytes
         kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * (prompts_max_len + tokens)  # f32 KVCache
         return {"layout_weight_bytes": weight, "ffn_bytes": ffn, "resident_bytes": plan.resident,
                 "predictor_bytes": pred_bytes, "hot_bytes": plan.hot, "io_buffer_bytes": io_total,
@@ -256,7 +257,7 @@ def _open_engine(config: str, job: dict, result: dict):
     result["memory_plan"] = {k: getattr(streamed.engine.memory, k) for k in
                              ("budget", "resident", "predictors", "hot", "cache", "index", "io_buffers",
                               "slots_per_layer", "minimum")}
-    result["direct_io"] = streamed.engine.reader.direct
+    result["direct_io"] = streamed.engine.fetcher.reader.direct
     result["strategy"] = streamed.engine.strategy
 
     def run_streamed(prompt):

@@ -14,3 +14,42 @@ if "SPARSEFLASH_CACHE" not in os.environ:
     import tempfile
 
     os.environ["SPARSEFLASH_CACHE"] = tempfile.mkdtemp(prefix="sparseflash-test-cache-")
+
+
+# ---- sample .sflash files for the format's corruption tests (test_layout_format_corrupt/_fuzz.py) ----
+
+import pytest  # noqa: E402
+
+
+class _Blob(bytes):
+    """File bytes that print as their size (hypothesis shows fixture values on failure)."""
+
+    def __repr__(self):
+        return f"<{len(self)} bytes>"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("corrupt")
+
+
+@pytest.fixture(scope="module")
+def raw_blob(workdir):
+    from test_layout_format_samples import build_sample
+
+    return _Blob(open(build_sample(workdir / "raw.sflash").path, "rb").read())
+
+
+@pytest.fixture(scope="module")
+def zstd_blob(workdir):
+    from test_layout_format_samples import build_sample
+
+    return _Blob(open(build_sample(workdir / "zstd.sflash", zstd_level=3).path, "rb").read())
+
+
+@pytest.fixture(scope="module")
+def golden_blob(workdir):
+    from test_layout_format_samples import build_golden
+
+    build_golden(workdir / "golden.sflash")
+    return _Blob(open(workdir / "golden.sflash", "rb").read())

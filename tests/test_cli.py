@@ -40,7 +40,6 @@ def test_info_json(capsys):
     assert info["ffn_bytes_per_layer"]["f16"] == 2 * 256 * 1024 * 2
 
 
-@pytest.mark.skipif(not EVAL_CORPUS.exists(), reason="shared corpus not present")
 def test_eval_ppl_json(capsys):
     code, out, _ = run_cli(capsys, "eval-ppl", "--text", str(EVAL_CORPUS), "--tokens", "1024", "--json")
     r = json.loads(out)

@@ -90,3 +90,58 @@ def test_cuda_keeps_bundles_and_output_on_the_device():
                                                 gate_bias=layer.gate_bias, up_bias=layer.up_bias)
     assert y is out
     assert rel_err(out.copy_to_host(), y_ref) <= 1e-5
+
+
+# Quantized bundles: gated and not, both storages, with and without biases.
+QUANT_CASES = [
+    ("relu2", "q8", 1, False),
+    ("reglu", "q8", 2, True),
+    ("swiglu", "q4", 1, True),
+    ("gelu", "q4", 2, False),
+]
+
+
+@pytest.mark.parametrize(("kind", "storage", "batch", "biases"), QUANT_CASES)
+def test_cuda_quantized_matches_dequantize_first_reference(kind, storage, batch, biases):
+    layer = random_layer(64, 40, kind, storage, biases=biases, seed=batch)
+
+    y_err, acts_err = compare(layer, batch, share=0.5)
+
+    assert y_err <= 1e-5
+    assert acts_err <= 1e-4
+
+
+def test_cuda_keeps_quantized_bundles_and_output_on_the_device():
+    from numba import cuda
+
+    layer = random_layer(32, 24, "relu2glu", "q4", biases=True)
+    x = np.random.default_rng(0).standard_normal((1, 32), dtype=np.float32)
+    slots = random_active_set(24, 0.5)
+    out = cuda.device_array((1, 32), dtype=np.float32)
+
+    y = get_backend("cuda").sparse_ffn(x, cuda.to_device(layer.bundles), slots, "relu2glu", storage="q4",
+                                       gate_bias=layer.gate_bias, up_bias=layer.up_bias, out=out)
+
+    y_ref = get_backend("reference").sparse_ffn(x, layer.bundles, slots, "relu2glu", storage="q4",
+                                                gate_bias=layer.gate_bias, up_bias=layer.up_bias)
+    assert y is out
+    assert rel_err(out.copy_to_host(), y_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("storage", ["q8", "q4"])
+def test_cuda_quant_linear_matches_dequantize_then_matmul(storage):
+    from numba import cuda
+
+    from sparseflash.kernels import quantize
+
+    rng = np.random.default_rng(1)
+    w = quantize(rng.standard_normal((5, 64), dtype=np.float32), storage)
+    x = rng.standard_normal((2, 64), dtype=np.float32)
+    out = cuda.device_array((2, 5), dtype=np.float32)
+
+    y_host = get_backend("cuda").quant_linear(x, w, storage)
+    y_dev = get_backend("cuda").quant_linear(x, cuda.to_device(w), storage, out=out)
+
+    y_ref = get_backend("reference").quant_linear(x, w, storage)
+    assert y_host.shape == (2, 5) and rel_err(y_host, y_ref) <= 1e-5
+    assert y_dev is out and rel_err(out.copy_to_host(), y_ref) <= 1e-5

@@ -26,7 +26,7 @@ from sparseflash.layout.format import (
 def _one_layer_writer(path, bundles, n_neurons=40, header=None, **kwargs) -> LayoutWriter:
     writer = LayoutWriter(path, header or {"model": "t"}, **kwargs)
     writer.add_tensor("perm", np.arange(n_neurons, dtype=np.int32))
-    writer.add_ffn_layer(d_model=4, n_neurons=n_neurons, gated=False, dtype="f32", permutation="perm",
+    writer.add_ffn_layer(d_model=4, n_neurons=n_neurons, gated=False, dtype="f32", bundle_bytes=32, permutation="perm",
                          bundles=bundles, chunk_neurons=4)
     return writer
 
@@ -84,7 +84,7 @@ def blocks():
 
 writer = LayoutWriter(target, {"model": "t"})
 writer.add_tensor("perm", np.arange(4000, dtype=np.int32))
-writer.add_ffn_layer(d_model=4, n_neurons=4000, gated=False, dtype="f32", permutation="perm",
+writer.add_ffn_layer(d_model=4, n_neurons=4000, gated=False, dtype="f32", bundle_bytes=32, permutation="perm",
                      bundles=blocks(), chunk_neurons=4)
 writer.write()
 """
@@ -138,7 +138,7 @@ def test_plan_places_tensors_and_regions_on_their_alignments(tmp_path):
     for i, n in enumerate([3, 17, 1, 64]):
         writer.add_tensor(f"t{i}", np.zeros(n, dtype=np.uint8))
     writer.add_tensor("perm", np.arange(37, dtype=np.int32))
-    writer.add_ffn_layer(d_model=8, n_neurons=37, gated=True, dtype="f32", permutation="perm",
+    writer.add_ffn_layer(d_model=8, n_neurons=37, gated=True, dtype="f32", bundle_bytes=96, permutation="perm",
                          bundles=np.zeros((37, 24), np.float32))
     plan = writer.plan()
     assert list(plan.tensor_offsets.values()) == [128, 192, 256, 320, 384]
@@ -157,7 +157,7 @@ def test_big_endian_inputs_are_stored_little_endian(tmp_path):
 
 
 def _add(writer, **changes):
-    spec = dict(d_model=4, n_neurons=40, gated=False, dtype="f32", permutation="perm",
+    spec = dict(d_model=4, n_neurons=40, gated=False, dtype="f32", bundle_bytes=32, permutation="perm",
                 bundles=np.zeros((40, 8), np.float32))
     spec.update(changes)
     writer.add_ffn_layer(**spec)
@@ -176,6 +176,8 @@ BAD_INPUTS = {  # id: (action on a writer with an i32 "perm" of 40, text the err
     "n_hot above n_neurons": (lambda w: _add(w, n_hot=41), "n_hot"),
     "threshold NaN": (lambda w: _add(w, threshold=float("nan")), "threshold"),
     "storage dtype i32": (lambda w: _add(w, dtype="i32"), "dtype"),
+    "bundle_bytes not a multiple of the itemsize": (lambda w: _add(w, bundle_bytes=30), "bundle_bytes"),
+    "bundle_bytes 0": (lambda w: _add(w, bundle_bytes=0), "bundle_bytes"),
     "chunk_neurons 0": (lambda w: _add(w, chunk_neurons=0), "chunk_neurons"),
     "d_model a float": (lambda w: _add(w, d_model=4.0), "d_model"),
     "bf16 tensor that is not uint16": (lambda w: w.add_tensor("h", np.zeros(3, np.float16), "bf16"), "dtype"),

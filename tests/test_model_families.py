@@ -82,7 +82,6 @@ def test_yarn_old_layout_matches(tmp_path):
     assert (Transformer(ckpt.config, ckpt.weights)(ids) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.skipif(not TINY_RELU2.exists(), reason="shared tiny-relu2 not present")
 def test_tiny_relu2_greedy_continuation_matches_transformers():
     import transformers
 

@@ -61,7 +61,9 @@ def test_plugins_are_counted_in_the_memory_budget(tiny):
     with_plugin = open_streamed(layout, "150%", strategy="all", plugins=[plugin_file])
     try:
         extra = with_plugin.plugins[0].nbytes
-        assert extra > 0 and with_plugin.engine.memory.resident == plain.engine.memory.resident + extra
+        assert extra > 0 and with_plugin.engine.memory.plugins == extra
+        assert with_plugin.engine.memory.resident == plain.engine.memory.resident
+        assert with_plugin.engine.memory.total == plain.engine.memory.total + extra
         assert with_plugin.engine.memory.total <= with_plugin.engine.memory.budget
     finally:
         plain.close()
@@ -137,7 +139,7 @@ def test_train_distils_with_the_model_frozen_and_eval_measures_every_ratio(tiny,
     assert packed["prefill_ffn_bytes"] <= plain["prefill_ffn_bytes"]
     assert json.loads((tmp_path / "t.json").read_text())["rows"][1]["ratio"] == 4
     assert (tmp_path / "t.png").stat().st_size > 1000
-    from sparseflash.tools.cmd_plugins import format_table
+    from sparseflash.eval.plugins_eval import format_table
 
     table = format_table(result)
     assert "| 4 | 0 | 19 |" in table and "prompt cut to its last 4 tokens" in table and "Variator" in table

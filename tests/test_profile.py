@@ -8,8 +8,6 @@ from tiny_models import EVAL_CORPUS, TINY_RELU2
 
 from sparseflash.tools.cli import main
 
-pytestmark = pytest.mark.skipif(not EVAL_CORPUS.exists(), reason="shared corpus not present")
-
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):

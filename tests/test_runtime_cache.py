@@ -11,64 +11,103 @@ NEURONS, CAPACITY = 40, 12
 
 ops = st.lists(st.one_of(
     st.tuples(st.just("need"), st.lists(st.integers(0, NEURONS - 1), min_size=0, max_size=CAPACITY, unique=True)),
+    # small sets from a few neurons: many hits (use counts differ) and partial evictions (the order matters)
+    st.tuples(st.just("need"), st.lists(st.integers(0, 19), min_size=1, max_size=5, unique=True)),
     st.tuples(st.just("tick"), st.just([])),
     st.tuples(st.just("evict_one"), st.just([])),
 ), max_size=60)
 
 
-@settings(max_examples=150, deadline=None)
+class ReferenceCache:
+    """What the cache should hold, from the policies' definitions alone (no slots, no shared code):
+    per held neuron its last use, use count and predictor score."""
+
+    def __init__(self, window: int, policy: str, pinned: set[int]):
+        self.window, self.policy, self.step = window, policy, 0
+        self.pinned = set(pinned)
+        self.held = {p: {"last": 0, "uses": 0, "score": 0.0} for p in pinned}
+
+    def key(self, p):
+        h = self.held[p]
+        return {"lfu": (h["uses"], h["last"]), "predicted": (h["score"], h["last"])}.get(self.policy, (h["last"],))
+
+    def evictable(self, protect=()):
+        return [p for p, h in self.held.items() if p not in self.pinned and p not in protect
+                and h["last"] <= self.step - self.window]
+
+    def tick(self):
+        self.step += 1
+        if self.policy == "window":
+            for p in [p for p, h in self.held.items() if p not in self.pinned and h["last"] < self.step - self.window]:
+                del self.held[p]
+
+    def check_victims(self, victims: set[int], candidates: list[int], count: int):
+        """``victims`` is a valid choice of ``count`` among ``candidates``: the lowest keys (ties either way)."""
+        assert len(victims) == count and victims <= set(candidates)
+        if victims:
+            worst = max(self.key(p) for p in victims)
+            assert all(p in victims for p in candidates if self.key(p) < worst)
+
+
+@settings(max_examples=300, deadline=None)
 @given(ops, st.integers(0, 3), st.sampled_from(["lru", "lfu", "predicted", "window"]), st.integers(0, 3))
-def test_cache_matches_a_simple_model(operations, window, policy, pinned):
+def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned):
     cache = NeuronCache(NEURONS, CAPACITY, 2, np.float32, window=window, policy=policy)
     scores = np.random.default_rng(len(operations)).standard_normal(NEURONS).astype(np.float32)
-    model = {}  # position -> slot content
     hot = cache.reserve(pinned)
     cache.slots[hot, 0] = np.arange(pinned)
     cache.commit(hot, np.arange(pinned), pinned=True)
-    for p in range(pinned):
-        model[p] = p
+    ref = ReferenceCache(window, policy, set(range(pinned)))
+    held = lambda: set(np.nonzero(cache.slot_of >= 0)[0].tolist())  # noqa: E731
     for op, arg in operations:
         if op == "tick":
             cache.tick()
-            if policy == "window":  # neurons outside the window leave at once
-                for p in [p for p in model if cache.slot_of[p] < 0]:
-                    model.pop(p)
+            ref.tick()
         elif op == "evict_one":
+            candidates = ref.evictable()
             victims = cache.evictable()
-            if len(victims):
-                model.pop(int(cache.position_of[victims[0]]))
+            assert sorted(cache.position_of[victims].tolist()) == sorted(candidates)
+            if candidates:
+                before = held()
                 cache.evict(victims[:1])
+                gone = before - held()
+                ref.check_victims(gone, candidates, 1)
+                for p in gone:
+                    del ref.held[p]
         else:
             positions = np.array(arg, dtype=np.int64)
             cache.note_scores(scores)
-            slots = cache.lookup(positions)
-            hit = slots[slots >= 0]
-            cache.touch(hit)
-            missing = positions[slots < 0]
-            room = cache.free_count() + len(cache.evictable(protect=hit))
-            if len(missing) > room:
+            for p, h in ref.held.items():
+                h["score"] = float(scores[p])
+            hits = [int(p) for p in positions if int(p) in ref.held]
+            for p in hits:
+                ref.held[p]["last"] = ref.step
+                ref.held[p]["uses"] += 1
+            cache.touch(cache.lookup(np.array(hits, dtype=np.int64)))
+            missing = positions[cache.lookup(positions) < 0]
+            assert sorted(missing.tolist()) == sorted(set(arg) - set(hits))
+            candidates = ref.evictable(protect=set(hits))
+            free = CAPACITY - len(ref.held)
+            if len(missing) > free + len(candidates):
                 with pytest.raises(MemoryError):
-                    cache.reserve(len(missing), protect=hit)
+                    cache.reserve(len(missing), protect=cache.lookup(np.array(hits, dtype=np.int64)))
                 continue
-            before = {int(p): int(cache.slot_of[p]) for p in model}
-            new = cache.reserve(len(missing), protect=hit)
-            for p, s in before.items():  # evicted ones leave the model
-                if cache.slot_of[p] != s:
-                    model.pop(p)
+            before = held()
+            new = cache.reserve(len(missing), protect=cache.lookup(np.array(hits, dtype=np.int64)))
+            ref.check_victims(before - held(), candidates, max(0, len(missing) - free))
+            for p in before - held():
+                del ref.held[p]
             cache.slots[new, 0] = missing
             cache.commit(new, missing)
             cache.touch(new)
-            for p in missing:
-                model[int(p)] = int(p)
+            for p in missing.tolist():
+                ref.held[p] = {"last": ref.step, "uses": 1, "score": 0.0}
             for p in positions:  # everything needed is now cached and holds its own bytes
                 assert cache.slots[cache.slot_of[p], 0] == p
-            for p in range(pinned):
-                assert cache.slot_of[p] >= 0  # pinned neurons are never evicted
         cache.check()
-        assert cache.used <= CAPACITY
-        assert set(np.nonzero(cache.slot_of >= 0)[0].tolist()) == set(model)
-        for p, v in model.items():
-            assert cache.slots[cache.slot_of[p], 0] == v
+        assert held() == set(ref.held)  # same neurons as the reference, pinned ones included
+        for p in held():
+            assert cache.slots[cache.slot_of[p], 0] == p
 
 
 def test_window_protects_recent_neurons():

@@ -54,12 +54,12 @@ def test_gpu_cache_engine_equals_dense_under_evictions(tmp_path):
     probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096, device="cuda")
     minimum = probe.engine.memory.minimum
     probe.close()
-    from sparseflash.runtime.engine import INDEX_BYTES_PER_SLOT
+    from sparseflash.runtime.budget import INDEX_BYTES_PER_SLOT
 
     model = open_streamed(path, minimum + 2 * 24 * (512 + INDEX_BYTES_PER_SLOT), strategy="all", io_buffer_bytes=4096,
                           device="cuda")
     try:
-        gpu = model.engine.gpu
+        gpu = model.engine.fetcher.gpu
         assert model.engine.on_gpu and model.engine.caches[0].slots.size == 0  # bundles only on the device
         out = _run(model, ids)
         assert (out - ref).abs().max().item() <= 1e-4
@@ -82,7 +82,7 @@ def test_staging_ring_is_counted_in_the_budget(tmp_path):
     gpu = open_streamed(path, cpu.engine.memory.budget, strategy="all", io_buffer_bytes=4096, device="cuda")
     try:
         e = gpu.engine
-        assert e.memory.io_buffers == e.reader.buffer_total_bytes + e.gpu.staging_nbytes
+        assert e.memory.io_buffers == e.fetcher.reader.buffer_total_bytes + e.fetcher.gpu.staging_nbytes
         assert e.memory.total <= e.memory.budget
         assert e.memory.slots_per_layer < cpu.engine.memory.slots_per_layer  # staging came out of the cache
     finally:
@@ -150,8 +150,8 @@ def test_predicted_gpu_engine_with_deferred_copies_equals_cpu_engine(tmp_path, m
     model = open_streamed(path, "30%ffn", device="cuda", **kw)
     try:
         out = _run(model, ids, prompt=4)
-        gpu = model.engine.gpu
-        assert gpu.deferred > 0 and model.engine.lookahead  # copies really were deferred; look-ahead ran
+        gpu = model.engine.fetcher.gpu
+        assert gpu.deferred > 0 and model.engine.predictors.lookahead  # copies really were deferred; look-ahead ran
         assert (out - ref).abs().max().item() <= 1e-3
         assert [s.predicted for s in model.engine.stats] == [s.predicted for s in cpu_stats]
         assert sum(s.hits for s in model.engine.stats) > 0
@@ -164,9 +164,10 @@ def test_predicted_gpu_engine_with_deferred_copies_equals_cpu_engine(tmp_path, m
 
 @needs_cuda
 def test_gpu_engine_stays_consistent_after_eio_mid_read(tmp_path):
-    from sparseflash.runtime.engine import StreamingFFN
+    from sparseflash.runtime.build import build_engine
+    from sparseflash.runtime.iomodel import DeviceModel
     from sparseflash.runtime.layout_model import open_layout
-    from sparseflash.runtime.policy import Policy
+    from sparseflash.runtime.policy import Budget, Policy
     from sparseflash.runtime.streamer import BundleReader, StreamError
 
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", n_hot=4)
@@ -181,13 +182,13 @@ def test_gpu_engine_stays_consistent_after_eio_mid_read(tmp_path):
             return os.preadv(fd, bufs, offset)
         return BundleReader(*args, preadv=preadv, **kw)
 
-    policy = Policy(budget_bytes=1 << 30, strategy="all", lookahead=False, device="cuda", io_buffer_bytes=4096)
-    eng = StreamingFFN(lm, policy, reader_factory=factory)
+    policy = Policy(Budget(nbytes=1 << 30), strategy="all", lookahead=False, device="cuda", io_buffer_bytes=4096)
+    eng, _ = build_engine(lm, policy, DeviceModel(), reader_factory=factory)
     try:
         calls["fail_after"] = calls["n"] + 2  # a few chunks go through, then the disk fails
         with pytest.raises(StreamError):
             eng(0, torch.randn(1, lm.config.hidden_size))
-        assert eng.gpu.free_buffers() == len(eng.gpu.ring)  # every staging buffer came back
+        assert eng.fetcher.gpu.free_buffers() == len(eng.fetcher.gpu.ring)  # every staging buffer came back
         for cache in eng.caches:
             cache.check()
         calls["fail_after"] = None
@@ -222,7 +223,7 @@ def test_resident_tensors_live_on_the_gpu(tmp_path):
     model = open_streamed(path, "50%ffn", strategy="all", device="cuda")
     try:
         assert model.transformer.device.type == "cuda"
-        assert all(t.is_cuda for t in model.layout.weights.named().values())
+        assert all(t.is_cuda for t in model.transformer.weights.named().values())
         out = _run(model, ids)
         assert (out - ref).abs().max().item() <= 1e-4
         from sparseflash.model.generate import Sampling

@@ -6,7 +6,7 @@ import torch
 from layouts import tiny_layout
 
 from sparseflash.model.transformer import KVCache, Transformer
-from sparseflash.runtime.engine import BudgetError
+from sparseflash.runtime.budget import BudgetError
 from sparseflash.runtime.session import open_streamed
 from sparseflash.tools.cli import main
 
@@ -19,25 +19,57 @@ def _teacher_forced(model, ids, prefill=6):
 
 
 @pytest.mark.parametrize("family", ["nemotron", "llama-silu"])
-def test_all_neurons_streamed_equals_dense_under_evictions(family, tmp_path):
+def test_all_neurons_streamed_equals_dense_at_the_minimum_budget(family, tmp_path):
     dense, path = tiny_layout(tmp_path, family, dtype="f32")
     ids = torch.randint(0, 4096, (1, 30), generator=torch.Generator().manual_seed(0))
     ref = Transformer(dense.config, dense.weights)(ids)
     probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096)
     minimum = probe.engine.memory.minimum
     probe.close()
-    # room for 24 neurons per layer beyond the hot ones: far fewer than the 160 each token needs
-    model = open_streamed(path, minimum + 8 * 2 * (24 - 16) * 64 * 4 * 2, strategy="all", io_buffer_bytes=4096)
+    model = open_streamed(path, minimum, strategy="all", io_buffer_bytes=4096)
     try:
+        # the smallest cache the engine accepts, far below the 160 neurons every token needs
+        assert model.engine.memory.slots_per_layer == model.engine.policy.min_slots
         out = _teacher_forced(model.transformer, ids)
         assert (out - ref).abs().max().item() <= 1e-4
-        assert model.engine.memory.total <= model.engine.policy.budget_bytes
         assert sum(s.bytes_read for s in model.engine.stats) > 0
         for cache in model.engine.caches:
             cache.check()
             assert cache.capacity < dense.config.intermediate_size
     finally:
         model.close()
+    with pytest.raises(BudgetError, match="below the minimum"):
+        open_streamed(path, minimum - 1, strategy="all", io_buffer_bytes=4096)
+
+
+@pytest.mark.parametrize("budget", ["25%ffn", "60%ffn", "3MB", "150%"])
+def test_what_the_engine_allocates_is_what_the_plan_says(tmp_path, budget):
+    dense, path = tiny_layout(tmp_path, "llama-silu", dtype="f16", n_hot=8)
+    model = open_streamed(path, budget, strategy="all", io_buffer_bytes=4096)
+    try:
+        plan, engine = model.engine.memory, model.engine
+        assert plan.total <= plan.budget
+        assert sum(c.slots.nbytes for c in engine.caches) == plan.hot + plan.cache  # bundle bytes held
+        assert engine.fetcher.reader.buffer_total_bytes == plan.io_buffers
+        weights = {id(t): t for t in model.transformer.weights.named().values()}
+        assert sum(t.numel() * t.element_size() for t in weights.values()) == plan.resident
+        if budget.endswith("%ffn"):  # hot region + cache = that share of the FFN bytes, to a slot
+            share = float(budget[:-4]) / 100
+            row = sum(r.bundle_bytes for r in engine.regions)  # one more slot in every layer
+            assert share * model.layout.ffn_bytes - row < plan.hot + plan.cache <= share * model.layout.ffn_bytes
+    finally:
+        model.close()
+
+
+def test_a_bigger_budget_never_gives_a_smaller_cache(tmp_path):
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", n_hot=8)
+    slots = []
+    for share in ("20%ffn", "40%ffn", "60%ffn", "80%ffn", "100%ffn"):
+        model = open_streamed(path, share, strategy="all", io_buffer_bytes=4096)
+        slots.append(model.engine.memory.slots_per_layer)
+        model.close()
+    assert slots == sorted(slots) and slots[0] < slots[-1]
+    assert slots[-1] == 160 - 8  # the whole layer fits: every neuron has a slot
 
 
 def test_f16_layout_is_close_to_dense(tmp_path):
@@ -105,3 +137,24 @@ def test_predicted_engine_reads_only_predicted_bundles(tmp_path):
         assert np.all([c.used == 10 for c in model.engine.caches])
     finally:
         model.close()
+
+
+def test_memory_plan_of_layers_that_differ():
+    from types import SimpleNamespace
+
+    from sparseflash.runtime.budget import plan_memory
+    from sparseflash.runtime.policy import Budget
+
+    regions = [SimpleNamespace(n_neurons=n, n_hot=h, bundle_bytes=bb)
+               for n, h, bb in ((100, 10, 512), (400, 0, 2048), (60, 30, 128))]
+    previous = -1
+    for nbytes in range(200_000, 2_000_000, 50_000):
+        plan = plan_memory(regions, 1000, 500, 4096, Budget(nbytes=nbytes), min_slots=4)
+        assert plan.total <= nbytes
+        # what the caches hold: every layer's hot region and the same number of extra slots, each its own size
+        held = sum((r.n_hot + plan.slots_per_layer) * r.bundle_bytes for r in regions)
+        assert plan.hot + plan.cache == held
+        assert plan.slots_per_layer <= 30  # the third layer has only 30 neurons beyond its hot region
+        assert plan.slots_per_layer >= previous
+        previous = plan.slots_per_layer
+    assert previous == 30

@@ -90,9 +90,9 @@ def test_eio_is_reported_with_file_and_offset(layout):
 def test_engine_cache_stays_consistent_after_eio(tmp_path):
     import torch
 
-    from sparseflash.runtime.engine import StreamingFFN
+    from sparseflash.runtime.build import build_engine
     from sparseflash.runtime.layout_model import open_layout
-    from sparseflash.runtime.policy import Policy
+    from sparseflash.runtime.policy import Budget, Policy
 
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", n_hot=4)
     lm = open_layout(path)
@@ -105,7 +105,8 @@ def test_engine_cache_stays_consistent_after_eio(tmp_path):
             return os.preadv(fd, bufs, offset)
         return BundleReader(*args, preadv=preadv, **kw)
 
-    eng = StreamingFFN(lm, Policy(budget_bytes=1 << 30, strategy="all", lookahead=False), reader_factory=factory)
+    policy = Policy(Budget(nbytes=1 << 30), strategy="all", lookahead=False)
+    eng, _ = build_engine(lm, policy, DeviceModel(), reader_factory=factory)
     try:
         fail["on"] = True
         with pytest.raises(StreamError):

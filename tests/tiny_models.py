@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TINY_RELU2 = SHARED / "models" / "tiny-relu2"
-EVAL_CORPUS = SHARED / "corpus" / "pydocs-eval.txt.zst"
-BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "sparseflash" / "models" / "tiny-relu2" / "tokenizer.json"
+# The trained model bundled in the package, and its held-out text (the same model as ../shared/models/tiny-relu2,
+# so these tests run wherever the package is installed)
+TINY_RELU2 = Path(__file__).resolve().parents[1] / "sparseflash" / "models" / "tiny-relu2"
+EVAL_CORPUS = TINY_RELU2 / "heldout.txt.zst"
+BUNDLED_TOKENIZER = TINY_RELU2 / "tokenizer.json"
 
 VOCAB = 4096  # matches the bundled tokenizer so the folders are complete checkpoints
 

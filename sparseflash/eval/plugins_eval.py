@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sparseflash.layout.plugin_train import continuation_score, eval_windows, open_reference
+from sparseflash.layout.plugin_train import ReferenceModel, continuation_score, eval_windows, open_reference
 from sparseflash.model.generate import Sampling, generate, new_generation_cache
 from sparseflash.model.plugin import CompressionPlugin
 from sparseflash.model.transformer import Transformer
+from sparseflash.units import fmt_bytes
 
 # Variator (Xiao et al., EMNLP Findings 2023), T5-base, 7 datasets: computation saved, extra
 # parameters, quality drop.
@@ -34,6 +35,21 @@ class PluginEvalParams:
     stream_windows: int = 8  # of those, prefilled through the streamed engine (with a layout)
     budget: str = "25%ffn"  # the streamed engine's budget
     batch: int = 8
+
+
+def open_measured(model_path) -> ReferenceModel:
+    """The model a table is measured on: a checkpoint (layout/plugin_train.py:open_reference), or a
+    .sflash layout with every FFN bundle loaded (its resident weights as stored, f16 or quantized),
+    whose header gives the source checkpoint hash."""
+    if model_path is None or not str(model_path).endswith(".sflash"):
+        return open_reference(model_path)
+    from sparseflash.model.loader import model_summary
+    from sparseflash.runtime.layout_model import open_layout
+
+    lm = open_layout(model_path, with_ffn=True)
+    params = model_summary(lm.config, lm.weights)["parameters"]
+    return ReferenceModel(Transformer(lm.config, lm.weights), lm.tokenizer, lm.header.source_hash, params,
+                          str(model_path), lm.close)
 
 
 def prefill_flops(model: Transformer, prompt: torch.Tensor, plugin: CompressionPlugin | None) -> int:
@@ -107,7 +123,7 @@ def evaluate_plugins(model_path, plugin_paths: list[str], corpus, params: Plugin
     from sparseflash.model.text import corpus_ids
 
     p = params
-    ref = open_reference(model_path)
+    ref = open_measured(model_path)
     layout = layout or ref.layout_path
     try:
         plugins = sorted(zip(ref.load_plugins(plugin_paths), plugin_paths), key=lambda pp: pp[0].ratio)
@@ -190,6 +206,36 @@ def _measure(model, seqs, p: PluginEvalParams, plugin, path, layout, model_param
     if layout is not None:
         row.update(streamed_prefill_bytes(layout, path, seqs[: p.stream_windows], prompt, p.budget))
     return row
+
+
+def format_table(result: dict) -> str:
+    """The eval table as text, with Variator's figures underneath."""
+    s = result["settings"]
+    lines = [f"{s['windows']} windows of {s['prompt_tokens']} prompt + {s['continuation_tokens']} continuation "
+             f"tokens from {s['corpus']}",
+             "| ratio | layer | positions | prefill GFLOP | FLOPs saved | prefill ms | streamed prefill neurons "
+             "| streamed prefill FFN read | KV bytes | cont. ppl | ppl rise | KL | greedy agree (prefix) | top-1 agree "
+             "| plugin params |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        ffn = neurons = "-"
+        if r.get("prefill_ffn_bytes") is not None:
+            ffn = f"{fmt_bytes(r['prefill_ffn_bytes'])} ({-100 * r.get('prefill_ffn_bytes_saved', 0.0):+.0f}%)"
+            neurons = f"{r['prefill_neurons']:.0f} ({-100 * r.get('prefill_neurons_saved', 0.0):+.0f}%)"
+        lines.append(
+            f"| {r['ratio']} | {'-' if r['layer'] is None else r['layer']} | {r['prompt_positions_after']} | "
+            f"{r['prefill_flops'] / 1e9:.3f} | {100 * r['prefill_flops_saved']:.1f}% | {r['prefill_ms']:.1f} | {neurons} | {ffn} | "
+            f"{fmt_bytes(r['kv_bytes'])} ({-100 * r['kv_bytes_saved']:+.0f}%) | {r['continuation_ppl']:.3f} | "
+            f"{100 * r['ppl_rise']:+.2f}% | {r['kl_to_uncompressed']:.4f} | {100 * r['greedy_agreement']:.1f}% ({r['greedy_prefix_tokens']:.1f}) | {100 * r['top1_agreement']:.1f}% | "
+            f"{r['plugin_params']:,} ({100 * r['plugin_param_share']:.2f}%) |")
+    t = result["truncated"]
+    lines.append(f"prompt cut to its last {t['kept_tokens']} tokens (no plugin): cont. ppl {t['continuation_ppl']:.3f} "
+                 f"({100 * t['ppl_rise']:+.2f}%), KL {t['kl_to_uncompressed']:.4f}, greedy agreement "
+                 f"{100 * t['greedy_agreement']:.1f}% ({t['greedy_prefix_tokens']:.1f}), top-1 agreement {100 * t['top1_agreement']:.1f}%")
+    v = result["variator"]
+    lines.append(f"Variator (T5-base, reported): {100 * v['flops_saved']:.0f}% computation saved, "
+                 f"{100 * v['param_share']:.1f}% extra parameters, quality drop {v['quality_drop']}")
+    return "\n".join(lines)
 
 
 def save_plot(result: dict, path: str) -> None:

@@ -4,6 +4,10 @@ check_call() validates shapes, dtypes, storage and slot range up front and retur
 FFNCall with normalised views: x as (batch, d) float32, slots as int64, and out /
 activations_out reshaped to 2-D. Numba device arrays (anything with copy_to_host) are
 accepted for bundles, biases, x and out; their shape and dtype are checked, not copied.
+
+Float bundles give d as bundle_len / parts. Quantized bundles (uint8, storage "q8" / "q4")
+take d from x, and bundle_len must be exactly bundles.bundle_nbytes(d, gated, storage).
+Their scales are not read here (see bundles.check_quantized).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from sparseflash.kernels.bundles import bundle_nbytes
 from sparseflash.kernels.errors import KernelInputError
 from sparseflash.kernels.kinds import FFNKind, ffn_kind
+from sparseflash.kernels.quant import QUANT_STORAGES, check_group_multiple, check_matrix_shape
 from sparseflash.kernels.storage import resolve_storage
 
 
@@ -64,6 +70,23 @@ def _reshape(a: Any, shape: tuple[int, ...]) -> Any:
     return a.reshape(shape) if tuple(a.shape) != shape else a
 
 
+def _hidden_size(x: Any, blen: int, kind: FFNKind, storage: str) -> int:
+    """d of a call: bundle_len / parts for float bundles; from x for quantized ones (checked against blen)."""
+    if storage not in QUANT_STORAGES:
+        if blen % kind.parts:
+            raise KernelInputError(f"bundle_len {blen} is not a multiple of {kind.parts} for kind {kind.name}")
+        return blen // kind.parts
+    if len(x.shape) not in (1, 2):
+        raise KernelInputError(f"x must be float32 (batch, d) or (d,), got {x.dtype} {tuple(x.shape)}")
+    d = x.shape[-1]
+    check_group_multiple(d)
+    expected = bundle_nbytes(d, kind.gated, storage)
+    if blen != expected:
+        raise KernelInputError(f"{storage} bundles for d={d}, kind {kind.name} must be {expected} bytes long, "
+                               f"got bundle_len {blen}")
+    return d
+
+
 def check_call(
     x: Any,
     bundles: Any,
@@ -85,11 +108,8 @@ def check_call(
         raise KernelInputError("bundles must be C-contiguous (each bundle one contiguous row)")
     storage = resolve_storage(bundles, storage)
     n_slots, blen = bundles.shape
-    if blen % kind.parts:
-        raise KernelInputError(f"bundle_len {blen} is not a multiple of {kind.parts} for kind {kind.name}")
-    d = blen // kind.parts
-
     x = _host(x)
+    d = _hidden_size(x, blen, kind, storage)
     squeeze = len(x.shape) == 1
     if np.dtype(x.dtype) != np.float32 or len(x.shape) not in (1, 2) or x.shape[-1] != d or 0 in x.shape:
         raise KernelInputError(f"x must be float32 (batch, {d}) or ({d},), got {x.dtype} {tuple(x.shape)}")
@@ -123,3 +143,45 @@ def check_call(
 def finish(call: FFNCall, y: Any) -> Any:
     """Shape the (batch, d) result like x: (d,) when x was 1-D."""
     return y.reshape(call.d) if call.squeeze else y
+
+
+class LinearCall(NamedTuple):
+    """A validated quant_linear call: x (batch, k) float32, w (rows, part_nbytes(k)) uint8."""
+
+    x: Any
+    w: Any
+    storage: str
+    out: Any  # (batch, rows) float32 view of the caller's out, or None
+    squeeze: bool  # x was (k,): return (rows,)
+    caller_out: Any  # the caller's out as given ((rows,) for 1-D x), returned as is
+
+
+def check_linear(x: Any, w: Any, storage: str, out: Any = None) -> LinearCall:
+    """Validate one quant_linear call; raise KernelInputError naming the bad argument. Scales are not read."""
+    if storage not in QUANT_STORAGES:
+        raise KernelInputError(f"quant_linear storage must be one of {QUANT_STORAGES}, got {storage!r}")
+    x, w = _host(x), _host(w)
+    if np.dtype(x.dtype) != np.float32 or len(x.shape) not in (1, 2) or 0 in x.shape:
+        raise KernelInputError(f"x must be float32 (batch, k) or (k,), got {x.dtype} {tuple(x.shape)}")
+    k = x.shape[-1]
+    check_group_multiple(k, "k (x's last axis)")
+    check_matrix_shape(w, k, storage)
+    if isinstance(w, np.ndarray) and not w.flags.c_contiguous:
+        raise KernelInputError("w must be C-contiguous (each row one contiguous part)")
+    squeeze = len(x.shape) == 1
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+    x = _reshape(x, (1, k)) if squeeze else x
+    caller_out = out
+    if out is not None:
+        rows = w.shape[0]
+        caller_out = _check_f32("out", out, (rows,) if squeeze else (x.shape[0], rows))
+        out = _reshape(caller_out, (x.shape[0], rows))
+    return LinearCall(x, w, storage, out, squeeze, caller_out)
+
+
+def finish_linear(call: LinearCall, y: Any) -> Any:
+    """The caller's out if given, else the (batch, rows) result shaped like x: (rows,) when x was 1-D."""
+    if call.caller_out is not None:
+        return call.caller_out
+    return y.reshape(y.shape[1]) if call.squeeze else y

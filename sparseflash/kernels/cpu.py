@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,9 +33,11 @@ import numba
 import numpy as np
 from numba import njit
 
+from sparseflash.kernels.bundles import pack_bundles
 from sparseflash.kernels.contract import check_call, finish
 from sparseflash.kernels.halfbits import kernel_view, to_f32
-from sparseflash.kernels.storage import STORAGES, from_f32
+from sparseflash.kernels.quant import QUANT_STORAGES
+from sparseflash.kernels.storage import STORAGES
 
 # Let LLVM reorder the float32 sums so dot products vectorise; NaN/inf semantics are kept.
 _FASTMATH = {"reassoc", "contract"}
@@ -165,24 +168,14 @@ def _helper_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _run(common: tuple, k: int, y: np.ndarray) -> None:
-    """Compute y for k active neurons, split into chunks that the threads take on demand.
+def run_chunks(work: Callable[[int], None], n_chunks: int, threads: int) -> None:
+    """Call work(c) once for each c in range(n_chunks), on `threads` threads (the caller's one included).
 
-    common: _neuron_range's arguments up to acts; y (batch, d) float32 receives the sum.
-    Each chunk has its own partial output, summed in chunk order, so the result does not
-    depend on which thread ran which chunk.
+    Threads take chunk numbers on demand, so a core that is busy elsewhere simply takes fewer.
+    work must be thread-safe (a nogil kernel writing its own output); its exceptions propagate.
     """
-    threads = max(1, min(_threads(), k // _MIN_NEURONS_PER_THREAD))
-    if threads == 1:
-        _neuron_range(*common, 0, k, y)
-        return
-    size = -(-k // (threads * _CHUNKS_PER_THREAD))
-    size = max(_MIN_NEURONS_PER_THREAD // 2, (size + 3) // 4 * 4)  # whole groups of four neurons
-    bounds = list(range(0, k, size)) + [k]
-    partial = np.empty((len(bounds) - 2, *y.shape), dtype=np.float32)  # (chunks after the first, batch, d)
-    outputs = [y, *partial]
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for c in range(len(bounds) - 1):
+    for c in range(n_chunks):
         todo.put(c)
 
     def drain() -> None:
@@ -191,12 +184,45 @@ def _run(common: tuple, k: int, y: np.ndarray) -> None:
                 c = todo.get_nowait()
             except queue.Empty:
                 return
-            _neuron_range(*common, bounds[c], bounds[c + 1], outputs[c])
+            work(c)
 
-    helpers = [_helper_pool().submit(drain) for _ in range(threads - 1)]
-    drain()  # the calling thread works too
+    helpers = [_helper_pool().submit(drain) for _ in range(min(threads, n_chunks) - 1)]
+    drain()
     for helper in helpers:
         helper.result()
+
+
+def chunk_bounds(k: int, threads: int) -> list[int]:
+    """Edges of the chunks [b[c], b[c + 1]) that k neurons (or rows) are cut into for `threads` threads.
+
+    _CHUNKS_PER_THREAD chunks per thread, whole groups of four, at least _MIN_NEURONS_PER_THREAD / 2 each.
+    """
+    size = -(-k // (threads * _CHUNKS_PER_THREAD))
+    size = max(_MIN_NEURONS_PER_THREAD // 2, (size + 3) // 4 * 4)
+    return list(range(0, k, size)) + [k]
+
+
+def thread_count(k: int) -> int:
+    """Threads worth using for k neurons (or rows): _threads(), but each with >= _MIN_NEURONS_PER_THREAD."""
+    return max(1, min(_threads(), k // _MIN_NEURONS_PER_THREAD))
+
+
+def run_neurons(kernel: Callable[..., None], common: tuple, k: int, y: np.ndarray) -> None:
+    """Compute y for k active neurons with a range kernel, split into chunks that the threads take on demand.
+
+    kernel(*common, lo, hi, y_part) computes active neurons [lo, hi) into y_part (batch, d),
+    overwriting it (_neuron_range, or cpu_quant's). y (batch, d) float32 receives the sum.
+    Each chunk has its own partial output, summed in chunk order, so the result does not
+    depend on which thread ran which chunk.
+    """
+    threads = thread_count(k)
+    if threads == 1:
+        kernel(*common, 0, k, y)
+        return
+    bounds = chunk_bounds(k, threads)
+    partial = np.empty((len(bounds) - 2, *y.shape), dtype=np.float32)  # (chunks after the first, batch, d)
+    outputs = [y, *partial]
+    run_chunks(lambda c: kernel(*common, bounds[c], bounds[c + 1], outputs[c]), len(bounds) - 1, threads)
     for part in partial:
         y += part
 
@@ -204,6 +230,21 @@ def _run(common: tuple, k: int, y: np.ndarray) -> None:
 def _writable(a: np.ndarray) -> np.ndarray:
     # a readonly small input would compile another kernel variant; copying it is cheaper
     return a if a.flags.writeable else a.copy()
+
+
+def call_buffers(call):
+    """(y, activations, gate bias, up bias) for a validated call: the caller's arrays where given, new
+    ones otherwise (y zeroed when no slot is active), biases as writable views or empty arrays."""
+    y = call.out if call.out is not None else np.empty((call.batch, call.d), dtype=np.float32)
+    if call.slots.size == 0:
+        y[...] = 0.0
+    acts = call.activations_out
+    if acts is None:
+        acts = np.empty((call.batch, call.slots.size), dtype=np.float32)
+    no_bias = np.zeros(0, dtype=np.float32)
+    gate_bias = no_bias if call.gate_bias is None else _writable(call.gate_bias)
+    up_bias = no_bias if call.up_bias is None else _writable(call.up_bias)
+    return y, acts, gate_bias, up_bias
 
 
 def sparse_ffn(
@@ -220,36 +261,46 @@ def sparse_ffn(
 ) -> np.ndarray:
     """y (batch, d) float32 for the active slots; see sparseflash.kernels.sparse_ffn for the contract.
 
-    Host numpy arrays only. bundles stay as stored (f32, f16, or bf16 bits) and are not copied.
+    Host numpy arrays only. bundles stay as stored (f32, f16, bf16 bits, or q8 / q4 bytes, decoded
+    in the loops by cpu_quant) and are not copied.
     """
     call = check_call(x, bundles, active_slots, kind, storage=storage, gate_bias=gate_bias,
                       up_bias=up_bias, out=out, activations_out=activations_out)
-    y = call.out if call.out is not None else np.empty((call.batch, call.d), dtype=np.float32)
-    k = call.slots.size
-    if k == 0:
-        y[...] = 0.0
+    if call.storage in QUANT_STORAGES:
+        from sparseflash.kernels import cpu_quant  # imports this module
+
+        return cpu_quant.sparse_ffn(call)
+    y, acts, gate_bias, up_bias = call_buffers(call)
+    if call.slots.size == 0:
         return finish(call, y)
-    acts = call.activations_out
-    if acts is None:
-        acts = np.empty((call.batch, k), dtype=np.float32)
-    no_bias = np.zeros(0, dtype=np.float32)
-    gate_bias = no_bias if call.gate_bias is None else _writable(call.gate_bias)
-    up_bias = no_bias if call.up_bias is None else _writable(call.up_bias)
     common = (_writable(call.x), kernel_view(call.bundles, call.storage), _writable(call.slots),
               call.kind.activation_code, call.kind.gated, gate_bias, up_bias, acts)
-    _run(common, k, y)
+    run_neurons(_neuron_range, common, call.slots.size, y)
     return finish(call, y)
+
+
+def quant_linear(x: Any, w: Any, storage: str, *, out: Any = None) -> np.ndarray:
+    """x (batch, k) @ W.T for a q8 / q4 matrix w (rows, part_nbytes(k)) uint8; float32 (batch, rows).
+
+    W is decoded row by row inside the loops (cpu_quant), never as a whole; see
+    sparseflash.kernels.quant_linear for the contract.
+    """
+    from sparseflash.kernels import cpu_quant
+
+    return cpu_quant.quant_linear(x, w, storage, out=out)
 
 
 def warmup(storages: tuple[str, ...] = STORAGES, readonly: bool = False) -> None:
     """Compile (or load from the disk cache) the kernel for each storage; takes seconds the first time.
 
     readonly=True also compiles the variants for readonly bundle matrices (np.memmap mode "r").
+    Quantized storages also compile quant_linear (and its readonly variant with readonly=True).
     """
-    d = 4
+    d = 32  # quantized storages need a multiple of 32
     x = np.ones((1, d), dtype=np.float32)
     for storage in storages:
-        bundles = from_f32(np.ones((2, 3 * d), dtype=np.float32), storage)
+        w = np.ones((2, d), dtype=np.float32)
+        bundles = pack_bundles(w, w.T, w, dtype=storage)
         variants = [bundles]
         if readonly:
             frozen = bundles.copy()
@@ -257,3 +308,7 @@ def warmup(storages: tuple[str, ...] = STORAGES, readonly: bool = False) -> None
             variants.append(frozen)
         for b in variants:
             sparse_ffn(x, b, np.array([1]), "reglu", storage=storage)
+            if storage in QUANT_STORAGES:
+                matrix = np.ascontiguousarray(b[:, : b.shape[1] // 3])  # one part per row: a (2, d) matrix
+                matrix.flags.writeable = b.flags.writeable
+                quant_linear(x, matrix, storage)

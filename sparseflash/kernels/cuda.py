@@ -11,6 +11,10 @@ gathered on the host and copied (k * bundle_len elements); keep the neuron cache
 device (pass a device array) to avoid even that. Result: a device array if `out` is one,
 otherwise a numpy array. Runs under Numba's simulator (NUMBA_ENABLE_CUDASIM=1, set before
 numba is imported). numba.cuda is imported on first use, never at package import.
+
+Quantized bundles (q8 / q4) run cuda_quant_kernels' variant of the same kernel, reading the
+bytes through an int8/uint8 and a float16 view of the same device memory. quant_linear(x, w)
+is x @ W.T for a quantized matrix: one block per row of W, reduced in shared memory.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from sparseflash.kernels.contract import check_call, finish, is_device_array
+from sparseflash.kernels.bundles import pack_bundles
+from sparseflash.kernels.contract import check_call, check_linear, finish, finish_linear, is_device_array
 from sparseflash.kernels.errors import BackendUnavailableError
-from sparseflash.kernels.storage import STORAGES, from_f32
+from sparseflash.kernels.quant import QUANT_STORAGES
+from sparseflash.kernels.storage import STORAGES
 
 UNAVAILABLE = "cuda back end: numba.cuda finds no GPU (for tests set NUMBA_ENABLE_CUDASIM=1 before importing numba)"
 GROUP = 8  # neurons per block
@@ -51,9 +57,28 @@ def _block_threads(d: int) -> int:
 @functools.cache
 def _kernel(storage: str, threads: int):
     """The compiled-on-first-launch kernel for one storage and block size."""
+    if storage in QUANT_STORAGES:
+        from sparseflash.kernels import cuda_quant_kernels  # imports numba.cuda
+
+        return cuda_quant_kernels.build_sparse_kernel(storage, threads, group=GROUP, tokens=TOKENS)
     from sparseflash.kernels import cuda_kernels  # imports numba.cuda
 
     return cuda_kernels.build_kernel(storage, threads, group=GROUP, tokens=TOKENS)
+
+
+@functools.cache
+def _linear_kernel(storage: str, threads: int):
+    from sparseflash.kernels import cuda_quant_kernels
+
+    return cuda_quant_kernels.build_linear_kernel(storage, threads)
+
+
+_VALUE_VIEW = {"q8": np.int8, "q4": np.uint8}
+
+
+def _quant_views(rows: Any, storage: str) -> tuple[Any, Any]:
+    """(values, float16 scales) views of quantized rows already on the device; no copy."""
+    return rows.view(_VALUE_VIEW[storage]), rows.view(np.float16)
 
 
 def _to_device(cuda, a: Any, stream: Any = 0) -> Any:
@@ -103,7 +128,9 @@ def sparse_ffn(
     acts_dev = _to_device(cuda, np.zeros((batch, max(k, 1)), dtype=np.float32) if acts is None else acts, stream)
     if k:
         kernel = _kernel(call.storage, _block_threads(d))
-        args = (_to_device(cuda, call.x, stream), _to_device(cuda, rows, stream), cuda.to_device(slots, stream=stream),
+        rows = _to_device(cuda, rows, stream)
+        weights = _quant_views(rows, call.storage) if call.storage in QUANT_STORAGES else (rows,)
+        args = (_to_device(cuda, call.x, stream), *weights, cuda.to_device(slots, stream=stream),
                 call.kind.activation_code, call.kind.gated,
                 _to_device(cuda, unused if gate_bias is None else gate_bias, stream),
                 _to_device(cuda, unused if up_bias is None else up_bias, stream),
@@ -115,16 +142,48 @@ def sparse_ffn(
     if acts is not None and not is_device_array(acts):
         acts_dev.copy_to_host(acts, stream=stream)
         host_results = True
-    if call.out is None:
+    return finish(call, _results(call.out, y, host_results, stream))
+
+
+def _results(out: Any, y: Any, host_results: bool, stream: Any) -> Any:
+    """What a call returns: y copied to the host (to `out` if it is a host array) or `out` on the device.
+
+    Waits for the stream when anything goes to the host (host_results: something already did).
+    """
+    if out is None:
         y_host = y.copy_to_host(stream=stream)
         _wait(stream)
-        return finish(call, y_host)
-    if not is_device_array(call.out):
-        y.copy_to_host(call.out, stream=stream)
+        return y_host
+    if not is_device_array(out):
+        y.copy_to_host(out, stream=stream)
         host_results = True
     if host_results:
         _wait(stream)
-    return finish(call, call.out)
+    return out
+
+
+def quant_linear(x: Any, w: Any, storage: str, *, out: Any = None, stream: Any = 0) -> Any:
+    """float32 (batch, rows) = x (batch, k) @ W.T for W quantized (rows, part_nbytes(k)) uint8, on the GPU.
+
+    w may be a numpy array (copied whole to the device on each call) or a device array (keep
+    resident weights there). Like sparse_ffn: a device `out` is returned without waiting, host
+    results are waited for. See sparseflash.kernels.quant_linear for the contract.
+    """
+    call = check_linear(x, w, storage, out)
+    if not is_available():
+        raise BackendUnavailableError(UNAVAILABLE)
+    cuda = _cuda()
+    batch, rows = call.x.shape[0], call.w.shape[0]
+    if is_device_array(call.out):
+        y = call.out
+    else:
+        y = cuda.device_array((batch, rows), dtype=np.float32, stream=stream)
+    if rows:
+        threads = _block_threads(call.x.shape[1] // 2)
+        kernel = _linear_kernel(storage, threads)
+        kernel[rows, threads, stream](_to_device(cuda, call.x, stream),
+                                      *_quant_views(_to_device(cuda, call.w, stream), storage), y)
+    return finish_linear(call, _results(call.out, y, False, stream))
 
 
 def _wait(stream: Any) -> None:
@@ -135,7 +194,12 @@ def _wait(stream: Any) -> None:
 
 
 def warmup(storages: tuple[str, ...] = STORAGES, d: int = 128) -> None:
-    """Compile the kernel for each storage at hidden size d (d >= 128 shares one block size)."""
+    """Compile the kernels for each storage at hidden size d (d >= 128 shares one block size; q8/q4:
+    d a multiple of 32, and quant_linear too)."""
     for storage in storages:
-        bundles = from_f32(np.ones((1, 3 * d), dtype=np.float32), storage)
+        w = np.ones((1, d), dtype=np.float32)
+        bundles = pack_bundles(w, w.T, w, dtype=storage)
         sparse_ffn(np.ones(d, dtype=np.float32), bundles, np.array([0]), "reglu", storage=storage)
+        if storage in QUANT_STORAGES:
+            quant_linear(np.ones(d, dtype=np.float32), np.ascontiguousarray(bundles[:, : bundles.shape[1] // 3]),
+                         storage)

@@ -11,6 +11,32 @@ import math
 from numba import cuda, float32, int32
 
 
+@cuda.jit(device=True)
+def activate(z, code):
+    """Activation `code` (the index in kinds.ACTIVATIONS) of z, float32."""
+    if code == 0 or code == 1:
+        r = z if (z > 0 or z != z) else float32(0.0)
+        return r * r if code == 0 else r
+    if code == 2:
+        return z / (float32(1.0) + math.exp(-z))
+    if code == 3:
+        return float32(0.5) * z * (float32(1.0) + math.erf(z * float32(0.7071067811865476)))
+    inner = float32(0.7978845608028654) * (z + float32(0.044715) * z * z * z)
+    return float32(0.5) * z * (float32(1.0) + math.tanh(inner))
+
+
+@cuda.jit(device=True)
+def neuron_activation(z_up, z_gate, s, code, gated, gate_bias, up_bias, has_gb, has_ub):
+    """a of slot s from its raw dot products (z_gate unused when not gated), biases added."""
+    if has_ub:
+        z_up += up_bias[s]
+    if not gated:
+        return activate(z_up, code)
+    if has_gb:
+        z_gate += gate_bias[s]
+    return activate(z_gate, code) * z_up
+
+
 def build_kernel(storage: str, threads: int, group: int, tokens: int):
     """Kernel for one storage ("f32", "f16", "bf16") and block size; it compiles on first launch.
 
@@ -35,19 +61,6 @@ def build_kernel(storage: str, threads: int, group: int, tokens: int):
         @cuda.jit(device=True)
         def decode(v):
             return float32(v)
-
-    @cuda.jit(device=True)
-    def activate(z, code):
-        # codes follow kinds.ACTIVATIONS
-        if code == 0 or code == 1:
-            r = z if (z > 0 or z != z) else float32(0.0)
-            return r * r if code == 0 else r
-        if code == 2:
-            return z / (float32(1.0) + math.exp(-z))
-        if code == 3:
-            return float32(0.5) * z * (float32(1.0) + math.erf(z * float32(0.7071067811865476)))
-        inner = float32(0.7978845608028654) * (z + float32(0.044715) * z * z * z)
-        return float32(0.5) * z * (float32(1.0) + math.tanh(inner))
 
     @cuda.jit
     def sparse_ffn_kernel(x, bundles, slots, act_code, gated, gate_bias, up_bias, has_gb, has_ub,
@@ -86,17 +99,8 @@ def build_kernel(storage: str, threads: int, group: int, tokens: int):
                 step //= 2
             # 3. thread g turns neuron g's sums into its activation
             if tid < group and first + tid < k:
-                s = slots[first + tid]
-                z = red[1, tid, 0]
-                if has_ub:
-                    z += up_bias[s]
-                if gated:
-                    zg = red[0, tid, 0]
-                    if has_gb:
-                        zg += gate_bias[s]
-                    a = activate(zg, act_code) * z
-                else:
-                    a = activate(z, act_code)
+                a = neuron_activation(red[1, tid, 0], red[0, tid, 0], slots[first + tid], act_code, gated,
+                                      gate_bias, up_bias, has_gb, has_ub)
                 a_tile[tid, t] = a
                 acts[t0 + t, first + tid] = a
             cuda.syncthreads()

@@ -3,8 +3,9 @@
 dense_ffn() runs the whole layer from full weights (W_up / W_gate (n, d), W_down (d, n)),
 the way a dense model would. sparse_ffn() here is the "dense" back end: the same signature
 as the sparse back ends, computed as a full matmul over every slot of the bundle matrix with
-the inactive neurons masked out. It converts the whole matrix to float32 on every call, so it
-is a second oracle for tests, not a fast path. torch is imported on first use.
+the inactive neurons masked out. It converts (or dequantizes) the whole matrix to float32 on
+every call, so it is a second oracle for tests, not a fast path; so is its quant_linear. torch
+is imported on first use.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from sparseflash.kernels.contract import check_call, finish
+from sparseflash.kernels.bundles import decode_bundles
+from sparseflash.kernels.contract import check_call, check_linear, finish, finish_linear
 from sparseflash.kernels.kinds import FFNKind, ffn_kind
+from sparseflash.kernels.quant import QUANT_STORAGES, dequantize
 
 
 def activate(z: Any, activation: str) -> Any:
@@ -68,11 +71,13 @@ def dense_ffn(
         return a @ w_down.T  # (batch, d)
 
 
-def _f32_tensor(rows: np.ndarray, storage: str) -> Any:
+def _f32_tensor(rows: np.ndarray, storage: str, parts: int) -> Any:
     import torch
 
     if storage == "bf16":  # torch reads the raw bits as bfloat16 directly
         return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16).float()
+    if storage in QUANT_STORAGES:
+        return torch.from_numpy(decode_bundles(rows, parts=parts, storage=storage))
     return torch.from_numpy(rows).float()
 
 
@@ -94,7 +99,7 @@ def sparse_ffn(
     call = check_call(x, bundles, active_slots, kind, storage=storage, gate_bias=gate_bias,
                       up_bias=up_bias, out=out, activations_out=activations_out)
     d = call.d
-    weights = _f32_tensor(np.asarray(call.bundles), call.storage)  # (slots, bundle_len)
+    weights = _f32_tensor(np.asarray(call.bundles), call.storage, call.kind.parts)  # (slots, parts * d)
     x_t = torch.from_numpy(call.x)
     with torch.inference_mode():
         up = x_t @ weights[:, -2 * d : -d].T  # (batch, slots)
@@ -116,6 +121,19 @@ def sparse_ffn(
     result = call.out if call.out is not None else np.empty((call.batch, d), dtype=np.float32)
     result[...] = y.numpy()
     return finish(call, result)
+
+
+def quant_linear(x: Any, w: Any, storage: str, *, out: Any = None) -> np.ndarray:
+    """x @ W.T with W dequantized whole to float32 and a torch matmul; float32 (batch, rows)."""
+    import torch
+
+    call = check_linear(x, w, storage, out)
+    weights = torch.from_numpy(dequantize(np.asarray(call.w), call.storage))  # (rows, k) float32
+    with torch.inference_mode():
+        y = (torch.from_numpy(call.x) @ weights.T).numpy()
+    result = call.out if call.out is not None else np.empty_like(y)
+    result[...] = y
+    return finish_linear(call, result)
 
 
 def warmup() -> None:

@@ -42,3 +42,25 @@ def to_f32(typingctx, value):
     else:
         return None
     return types.float32(value), codegen
+
+
+@intrinsic
+def q4_pair(typingctx, byte):
+    """(value i, value i + 16) of a q4 group from its byte i (uint8): the low and high nibble minus 8, float32.
+
+    Computed in 8-bit integers then converted, so a loop over bytes vectorises 16 or more lanes wide
+    (numba's own integer arithmetic would widen to int64 first).
+    """
+    if byte != types.uint8:
+        return None
+    sig = types.UniTuple(types.float32, 2)(byte)
+
+    def codegen(context, builder, sig, args):
+        f32, i8 = ir.FloatType(), ir.IntType(8)
+        low = builder.and_(args[0], ir.Constant(i8, 15))
+        high = builder.lshr(args[0], ir.Constant(i8, 4))
+        eight = ir.Constant(f32, 8.0)
+        values = (builder.fsub(builder.uitofp(low, f32), eight), builder.fsub(builder.uitofp(high, f32), eight))
+        return context.make_tuple(builder, sig.return_type, values)
+
+    return sig, codegen

@@ -1,4 +1,7 @@
-"""Reference back end: plain numpy, float64 accumulation. The oracle every fast path is tested against."""
+"""Reference back end: plain numpy, float64 accumulation. The oracle every fast path is tested against.
+
+Quantized weights (q8 / q4) are dequantized first (exactly, to float32), then used like float ones.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from sparseflash.kernels.contract import check_call, finish
+from sparseflash.kernels.bundles import decode_bundles
+from sparseflash.kernels.contract import check_call, check_linear, finish, finish_linear
 from sparseflash.kernels.kinds import FFNKind
-from sparseflash.kernels.storage import to_f32
+from sparseflash.kernels.quant import check_scales, dequantize
 
 _CHUNK = 512  # neurons decoded at a time: bounds the float64 copy to ~CHUNK * bundle_len * 8 bytes
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -69,7 +73,9 @@ def sparse_ffn(
     y = np.zeros((call.batch, d), dtype=np.float64)
     for lo in range(0, call.slots.size, _CHUNK):
         chunk = call.slots[lo : lo + _CHUNK]
-        rows = to_f32(call.bundles[chunk], call.storage).astype(np.float64)  # (chunk, bundle_len)
+        rows = decode_bundles(call.bundles[chunk], parts=call.kind.parts, storage=call.storage,
+                              row_ids=chunk)  # (chunk, parts * d) float32
+        rows = rows.astype(np.float64)
         gate_b = None if call.gate_bias is None else call.gate_bias[chunk].astype(np.float64)
         up_b = None if call.up_bias is None else call.up_bias[chunk].astype(np.float64)
         a = neuron_activations(x64, rows, call.kind, gate_b, up_b)  # (batch, chunk)
@@ -82,6 +88,22 @@ def sparse_ffn(
     result = call.out if call.out is not None else np.empty((call.batch, d), dtype=np.float32)
     result[...] = y
     return finish(call, result)
+
+
+def quant_linear(x: Any, w: Any, storage: str, *, out: Any = None) -> np.ndarray:
+    """x @ W.T in float64 from W dequantized (a chunk of rows at a time); result float32 (batch, rows).
+
+    Raises KernelInputError on bad shapes or storage, and on a non-finite scale in w.
+    """
+    call = check_linear(x, w, storage, out)
+    x64 = call.x.astype(np.float64)
+    rows = call.w.shape[0]
+    y = call.out if call.out is not None else np.empty((call.x.shape[0], rows), dtype=np.float32)
+    check_scales(call.w, call.storage)
+    for lo in range(0, rows, _CHUNK):
+        w64 = dequantize(call.w[lo : lo + _CHUNK], call.storage, check=False).astype(np.float64)  # (chunk, k)
+        y[:, lo : lo + _CHUNK] = x64 @ w64.T
+    return finish_linear(call, y)
 
 
 def warmup() -> None:

@@ -8,11 +8,14 @@ JSON index. Spec: docs/layout-format.md. This module only gathers the public nam
 - format_index.py   index JSON encoding and the structural validator
 - format_reader.py  LayoutFile (open, validate, read tensors and bundles, verify)
 - format_writer.py  LayoutWriter (declare, plan, write atomically)
+- format_extents.py which aligned blocks hold a set of neurons (reads, their cost without a disk)
+
+What the tensors and bundles of a *model* layout mean is layout/schema.py, on top of this.
 
 It imports nothing else from sparseflash.
 """
 
-from .format_reader import LayoutFile, VerifyReport
+from .format_reader import LayoutFile, VerifyReport, check_digests
 from .format_spec import (
     ALIGNMENT,
     CODECS,
@@ -28,8 +31,10 @@ from .format_spec import (
     MAX_NEURONS,
     MAX_TENSORS,
     PREAMBLE_SIZE,
+    QUANT_TYPES,
     STORAGE_DTYPES,
     TENSOR_ALIGNMENT,
+    TENSOR_TYPES,
     VERSION,
     Chunk,
     ChunkTable,
@@ -40,15 +45,18 @@ from .format_spec import (
     LayoutVersionError,
     Preamble,
     TensorEntry,
-    bundle_len,
+    itemsize,
+    numpy_dtype,
+    record_digests,
+    tensor_nbytes,
 )
 from .format_writer import LayoutPlan, LayoutWriter, is_temp_name, temp_path_for
 
 __all__ = [
     "ALIGNMENT", "CODECS", "DEFAULT_CHUNK_BYTES", "DTYPES", "MAGIC", "MAX_D_MODEL", "MAX_HEADER_BYTES",
     "MAX_INDEX_BYTES", "MAX_LAYERS", "MAX_NAME_BYTES", "MAX_NDIM", "MAX_NEURONS", "MAX_TENSORS",
-    "PREAMBLE_SIZE", "STORAGE_DTYPES", "TENSOR_ALIGNMENT", "VERSION",
+    "PREAMBLE_SIZE", "QUANT_TYPES", "STORAGE_DTYPES", "TENSOR_ALIGNMENT", "TENSOR_TYPES", "VERSION",
     "Chunk", "ChunkTable", "FfnLayer", "LayoutChecksumError", "LayoutError", "LayoutFile", "LayoutPlan",
     "LayoutTruncatedError", "LayoutVersionError", "LayoutWriter", "Preamble", "TensorEntry", "VerifyReport",
-    "bundle_len", "is_temp_name", "temp_path_for",
+    "check_digests", "is_temp_name", "itemsize", "numpy_dtype", "record_digests", "temp_path_for", "tensor_nbytes",
 ]

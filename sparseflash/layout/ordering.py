@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparseflash.runtime.iomodel import mask_read_cost
-
-ORDERS = ("coact", "frequency", "identity")
+from sparseflash.layout.format_extents import mask_read_cost
+from sparseflash.layout.params import ORDERS
 
 
 @dataclass(frozen=True)

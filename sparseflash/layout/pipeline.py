@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from sparseflash.errors import ArtefactError
+from sparseflash.layout.params import BUNDLED_PARAMS, PrepareParams
 from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
 from sparseflash.model.loader import open_dense
 from sparseflash.model.text import corpus_ids
@@ -21,28 +22,26 @@ BUNDLED_CALIBRATION = "calibration.txt.zst"
 BUNDLED_HELDOUT = "heldout.txt.zst"
 
 
-@dataclass(frozen=True)
-class PrepareParams:
-    profile_tokens: int = 32768
-    cett_tokens: int = 8192  # tokens sampled for the threshold search
-    heldout_tokens: int = 4096  # for the PPL-p% search and predictor validation
-    ppl_p: float = 1.0
-    cett: float = 0.2
-    predictor_tokens: int = 32768
-    rank: int = 0  # 0: from the size share (2.5% of FFN values)
-    epochs: int = 30
-    order: str = "coact"
-    hot_fraction: float = 0.1
-    dtype: str = "f16"
-
-
-# The bundled model is small enough that 2.5% of its FFN leaves rank 10, which misses half the active
-# neurons; rank 32 (8% of its FFN values) reaches the quality target, see docs/figures.md.
-BUNDLED_PARAMS = PrepareParams(rank=32, epochs=20, predictor_tokens=24576, profile_tokens=24576)
-
-
 def cache_root() -> Path:
+    """Where prepared layouts (and device models) are cached: $SPARSEFLASH_CACHE or ~/.cache/sparseflash."""
     return Path(os.environ.get("SPARSEFLASH_CACHE", Path.home() / ".cache" / "sparseflash"))
+
+
+def prepared_dir(checkpoint: str | os.PathLike) -> Path:
+    """The cache directory `prepare` uses for ``checkpoint``: its folder name and content hash."""
+    return cache_root() / f"{os.path.basename(os.path.normpath(checkpoint))}-{checkpoint_hash(checkpoint)}"
+
+
+def prepared_layout(checkpoint: str | os.PathLike | None, quiet: bool = False, log=print) -> Path:
+    """The layout to stream ``checkpoint`` from: the bundled model prepares its own on first use;
+    another checkpoint needs `sparseflash prepare` first."""
+    if checkpoint is None:
+        return prepare_bundled(quiet=quiet, log=log)
+    path = prepared_dir(checkpoint) / "model.sflash"
+    if not path.exists():
+        raise ArtefactError(f"{checkpoint}: no prepared layout; run `sparseflash prepare -m {checkpoint} --corpus "
+                            f"TEXT` first, or pass -m MODEL.sflash")
+    return path
 
 
 def bundled_texts() -> tuple[Path, Path]:
@@ -63,9 +62,9 @@ def prepare(checkpoint: str | os.PathLike | None, corpus: str | os.PathLike, hel
             log=print) -> Path:
     """Make (or reuse) the layout of ``checkpoint`` in ``out_dir``; returns the layout path."""
     from sparseflash.layout.build import build_layout
-    from sparseflash.layout.predictor import TrainParams
-    from sparseflash.layout.predictors_build import PredictorParams, build_predictors
-    from sparseflash.layout.profile import ProfileParams, load_profile, run_profile
+    from sparseflash.layout.params import PredictorParams, ProfileParams, TrainParams
+    from sparseflash.layout.predictors_build import build_predictors
+    from sparseflash.layout.profile import load_profile, run_profile
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +111,8 @@ def prepare(checkpoint: str | os.PathLike | None, corpus: str | os.PathLike, hel
         record.pop("layout", None)
     if not fresh("layout", layout_path):
         log(f"[prepare 3/3] writing the {params.order}-ordered layout ...")
-        build_layout(model, out / "profile", layout_path, out / "predictors", params.order, params.dtype,
-                     params.hot_fraction, source_hash=source, quiet=quiet)
+        build_layout(model, out / "profile", layout_path, out / "predictors", params.layout_params(),
+                     source_hash=source, quiet=quiet)
         done("layout")
     return layout_path
 

@@ -21,32 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from sparseflash.errors import SparseflashError
+from sparseflash.layout.params import PluginTrainParams
 from sparseflash.model.generate import continuation_logits
 from sparseflash.model.plugin import CompressionPlugin, PluginSpec
 from sparseflash.model.transformer import Transformer
-
-
-@dataclass(frozen=True)
-class PluginTrainParams:
-    """Plugin shape and training schedule. Lengths in tokens."""
-
-    ratio: int
-    layer: int = 0
-    tail: int = 16
-    rank: int = 32
-    rope: str = "mean"
-    prompt_tokens: int = 256  # longest training prompt
-    min_prompt_tokens: int = 128  # each step draws its prompt length from [min, longest]
-    continuation_tokens: int = 64
-    steps: int = 150
-    batch: int = 8
-    lr: float = 3e-2
-    pool_windows: int = 192  # training windows whose teacher distributions are computed once
-    prompt_buckets: int = 4  # prompt lengths evenly spaced in [min, longest]
-    heldout_share: float = 0.1  # the corpus's last share: validation and stored quality only
-    quality_prompts: tuple[int, ...] = (64, 128, 256)  # prompt lengths whose ppl rise is stored
-    quality_windows: int = 16  # held-out windows per prompt length
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -245,13 +223,13 @@ def train_plugin(model: Transformer, ids: list[int], p: PluginTrainParams, sourc
 
 @dataclass
 class ReferenceModel:
-    """A dense model to train or measure plugins on: -m as a checkpoint folder, .gguf or .sflash."""
+    """A dense model to train or measure plugins on, with its source checkpoint hash."""
 
     transformer: Transformer
     tokenizer: object
     source_hash: str
     parameters: int  # the model's parameter count (tied head counted once)
-    layout_path: str | None = None  # set when -m was a layout
+    layout_path: str | None = None  # set when the model was opened from a layout (eval/plugins_eval.py)
     close: object = None  # callable that releases a layout's file, or None
 
     def load_plugins(self, paths) -> list[CompressionPlugin]:
@@ -262,19 +240,15 @@ class ReferenceModel:
 
 
 def open_reference(model_path) -> ReferenceModel:
-    """Open ``model_path`` (None: the bundled model) densely, with its source checkpoint hash."""
-    from sparseflash.model.loader import model_summary
+    """Open the checkpoint ``model_path`` (a folder or .gguf; None: the bundled model) densely, with
+    its content hash. Plugins are trained on the checkpoint: a layout made from it records the same
+    hash, so the plugin fits the layout too."""
+    from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
+    from sparseflash.model.loader import model_summary, open_dense
 
     if model_path is not None and str(model_path).endswith(".sflash"):
-        from sparseflash.runtime.layout_model import open_layout
-
-        lm = open_layout(model_path, with_ffn=True)
-        params = model_summary(lm.config, lm.weights)["parameters"]
-        return ReferenceModel(Transformer(lm.config, lm.weights), lm.tokenizer, lm.header.get("source_hash") or "",
-                              params, str(model_path), lm.close)
-    from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
-    from sparseflash.model.loader import open_dense
-
+        raise SparseflashError(f"{model_path}: plugins are trained on the checkpoint the layout was made from "
+                               "(-m its folder or .gguf); the plugin then fits the layout as well")
     model = open_dense(model_path)
     return ReferenceModel(model.transformer(), model.tokenizer, checkpoint_hash(model_path or default_model_dir()),
                           model_summary(model.config, model.weights)["parameters"])
@@ -286,13 +260,6 @@ def train_plugin_file(model_path, corpus, p: PluginTrainParams, out, quiet: bool
     from sparseflash.model.text import corpus_ids
 
     ref = open_reference(model_path)
-    try:
-        if not ref.source_hash:
-            raise SparseflashError(f"{model_path}: the layout records no source checkpoint hash; train on the "
-                                   "checkpoint instead")
-        plugin = train_plugin(ref.transformer, corpus_ids(corpus, ref.tokenizer), p, ref.source_hash, quiet)
-    finally:
-        if ref.close is not None:
-            ref.close()
+    plugin = train_plugin(ref.transformer, corpus_ids(corpus, ref.tokenizer), p, ref.source_hash, quiet)
     save_plugin(plugin, out)
     return plugin

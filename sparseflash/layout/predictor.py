@@ -1,4 +1,5 @@
-"""Per-layer activation predictors: score = sigmoid(W2 · relu(W1 · x + b1) + b2), W1 of rank r.
+"""Per-layer activation predictors: score = sigmoid(W2 · relu(W1 · x + b1) + b2), W1 of rank r
+(the forward is layout/schema.py:predictor_logits, which the runtime applies to the stored tensors).
 
 x is the FFN input (after the norm) of the layer the predictor serves, or of the previous layer for
 a look-ahead predictor. Trained with class-weighted binary cross-entropy on recorded
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sparseflash.layout.params import TrainParams
+from sparseflash.layout.schema import predictor_logits
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Predictor:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, neurons) pre-sigmoid scores for inputs x (tokens, d)."""
-        return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
+        return predictor_logits(x, self.w1, self.b1, self.w2, self.b2)
 
     def predict_topk(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """(tokens, neurons) bool: the k highest-scoring neurons per token."""
@@ -69,16 +73,6 @@ def default_rank(d: int, neurons: int, ffn_values: int, share: float = 0.025) ->
     return max(1, math.floor(share * ffn_values / (d + neurons)))
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    epochs: int = 30
-    batch: int = 512
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    max_pos_weight: float = 30.0  # cap on the positive-class weight of the BCE
-    seed: int = 0
-
-
 def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: TrainParams = TrainParams(),
                     x_val: torch.Tensor | None = None, mask_val: torch.Tensor | None = None) -> tuple[Predictor, dict]:
     """Fit a predictor on inputs x (tokens, d) and active masks (tokens, neurons) bool.
@@ -101,7 +95,7 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
     log = {"train_loss": [], "val_loss": [], "pos_weight": float(pos_weight)}
 
     def loss_fn(xb, mb):
-        z = F.linear(F.relu(F.linear(xb, w1, b1)), w2, b2)
+        z = predictor_logits(xb, w1, b1, w2, b2)
         return F.binary_cross_entropy_with_logits(z, mb.float(), pos_weight=pos_weight)
 
     with torch.enable_grad():

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +20,17 @@ import torch
 from tqdm import tqdm
 
 from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
+from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
     Predictor,
-    TrainParams,
     default_rank,
     recall_and_sparsity,
     train_predictor,
     tune_cut,
 )
 from sparseflash.layout.recording import record
-from sparseflash.layout.stats import active_mask
-from sparseflash.model.ffn import DenseFFN
 from sparseflash.model.loader import DenseModel
 from sparseflash.model.perplexity import perplexity, windows
 from sparseflash.model.transformer import Transformer
@@ -40,21 +38,6 @@ from sparseflash.model.transformer import Transformer
 PREDICTORS_VERSION = 1
 WEIGHTS_FILE = "predictors.safetensors"
 REPORT_FILE = "predictors.json"
-
-
-@dataclass(frozen=True)
-class PredictorParams:
-    tokens: int = 40_960  # training tokens
-    val_tokens: int = 8192  # held-out tokens for every reported figure
-    ctx: int = 256
-    thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
-    size_share: float = 0.025  # all predictors / FFN values, sets the default rank
-    rank: int | tuple[int, ...] = 0  # 0: from size_share; a tuple gives each layer its own rank
-    topk_factor: float = 2.0  # top-k strategy predicts this many times the mean active count
-    target_recall: float = 0.99  # the threshold strategy's cut is tuned for this recall
-    tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
-    lookahead: bool = True
-    train: TrainParams = TrainParams()
 
 
 def _save_weights(path: Path, preds: dict[str, Predictor], meta: dict) -> None:
@@ -165,15 +148,14 @@ def _build(model, thresholds, train, val, out, p, source_hash, profile, quiet):
     shutil.rmtree(out / "record")
 
     # quality: every FFN computes only the chosen neurons (exact values for those it computes)
-    col_norms = [torch.linalg.vector_norm(w.w_down, dim=0) for w in model.weights.layers]
+    tap = NeuronTap(model.weights, thresholds)
     val_ids = val.reshape(-1).tolist()
 
     def ppl_with(choose):
-        ffn = DenseFFN(model.weights.layers, c.activation, c.gated, hook=lambda l, x, a: a * choose(l, x, a))
-        return perplexity(Transformer(c, model.weights, ffn), val_ids, ctx=p.ctx).ppl
+        return perplexity(tap.transformer(c, lambda l, x, a: a * choose(l, x, a)), val_ids, ctx=p.ctx).ppl
 
     ppl = {"dense": perplexity(Transformer(c, model.weights), val_ids, ctx=p.ctx).ppl,
-           "oracle": ppl_with(lambda l, x, a: active_mask(a.abs() * col_norms[l], thresholds[l])),
+           "oracle": ppl_with(lambda l, x, a: tap.active(l, a)),
            "predicted_topk": ppl_with(lambda l, x, a: preds[f"layer.{l}"].predict_topk(x)),
            "predicted_threshold": ppl_with(lambda l, x, a: preds[f"layer.{l}"].predict_threshold(x))}
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
@@ -234,3 +216,35 @@ def _plot(path: Path, report: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def report_brief(report: dict) -> dict:
+    """The report without its bulky parts (what `predictors --json` prints)."""
+    return {k: v for k, v in report.items() if k not in ("recall_curves", "threshold_values")}
+
+
+def report_text(r: dict, out_dir: str) -> str:
+    """A predictor report as a few lines."""
+    m, p = r["mean"], r["ppl"]
+    lines = [f"predictors -> {out_dir} (rank {m['rank']:.0f}, {r['size_share']:.2%} of FFN values; "
+             f"trained in {r['train_seconds']:.1f} s on {r['train_tokens']} tokens)",
+             f"  held-out ({r['val_tokens']} tokens), true sparsity {m['true_sparsity']:.1%}",
+             f"  top-k:     recall {m['recall_topk']:.4f}, prediction sparsity {m['sparsity_topk']:.1%}",
+             f"  threshold: recall {m['recall_threshold']:.4f}, prediction sparsity {m['sparsity_threshold']:.1%}"]
+    if r["lookahead_mean"]:
+        a = r["lookahead_mean"]
+        lines.append(f"  look-ahead: top-k recall {a['recall_topk']:.4f} at {a['sparsity_topk']:.1%}, "
+                     f"threshold recall {a['recall_threshold']:.4f} at {a['sparsity_threshold']:.1%}")
+    lines.append(f"  perplexity: dense {p['dense']:.3f}, oracle {p['oracle']:.3f}, predicted top-k "
+                 f"{p['predicted_topk']:.3f}, predicted threshold {p['predicted_threshold']:.3f} "
+                 f"(runtime default: {r['strategy']}, {r['predicted_over_true']:.2f}x the true active count)")
+    return "\n".join(lines)
+
+
+def parse_ranks(text: str) -> int | tuple[int, ...]:
+    """'32' -> 32; '16,32,32' -> one rank per layer."""
+    try:
+        ranks = tuple(int(r) for r in str(text).split(","))
+    except ValueError:
+        raise SparseflashError(f"--rank {text!r}: give one integer or one per layer, comma-separated") from None
+    return ranks[0] if len(ranks) == 1 else ranks

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,32 +25,20 @@ from tqdm import tqdm
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout import stats
+from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.coactivation import accumulate_coactivation
 from sparseflash.layout.masks import MaskWriter, pack, read_masks
-from sparseflash.model.ffn import DenseFFN
+from sparseflash.layout.params import ProfileParams
+from sparseflash.layout.pplp import ppl_p_search
 from sparseflash.model.loader import DenseModel
-from sparseflash.model.perplexity import perplexity, windows
-from sparseflash.model.transformer import Transformer
+from sparseflash.model.perplexity import windows
 
 PROFILE_VERSION = 1
 MASK_SETS = ("cett", "ppl")  # thresholds at the analysis CETT bound; thresholds of the PPL-p% search
 FULL_COACT_MAX_NEURONS = 4096  # above this only top-k neighbour lists are stored
 NEIGHBORS = 64
 BOUND_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
-
-
-@dataclass(frozen=True)
-class ProfileParams:
-    tokens: int = 50_000  # calibration tokens
-    ctx: int = 256  # window length (tokens)
-    cett_bound: float = 0.2
-    ppl_p: float = 1.0  # percent perplexity rise allowed
-    cett_tokens: int = 16384  # tokens sampled for the threshold search
-    ppl_tokens: int = 8192  # held-out tokens for the PPL-p% search
-    candidates: int = 1000  # magnitude quantiles tried as thresholds
-    ppl_steps: int = 10  # bisection steps on the common CETT bound
-    batch: int = 8  # windows per forward pass
 
 
 class _Recorder:
@@ -62,13 +49,6 @@ class _Recorder:
 
     def __call__(self, layer, x, a):
         return self.fn(layer, x, a) if self.fn is not None else None
-
-
-def _masking_hook(thresholds: list[float], col_norms: list[torch.Tensor]):
-    def hook(layer, x, a):
-        return a * stats.active_mask(a.abs() * col_norms[layer], thresholds[layer])
-
-    return hook
 
 
 def _progress(total, desc, quiet):
@@ -102,10 +82,9 @@ def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
     c = model.config
     t_start = time.perf_counter()
     recorder = _Recorder()
-    ffn = DenseFFN(model.weights.layers, c.activation, c.gated, hook=recorder)
-    net = Transformer(c, model.weights, ffn)
+    tap = NeuronTap(model.weights)
+    net = tap.transformer(c, recorder)
     w_down = [layer.w_down for layer in model.weights.layers]
-    col_norms = [torch.linalg.vector_norm(w, dim=0) for w in w_down]
     n = c.intermediate_size
 
     # pass 1: sample windows spread over the calibration set
@@ -126,30 +105,10 @@ def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
     curve = {str(b): [s.sparsity_at(s.threshold_for(b)[0]) for s in searches] for b in BOUND_GRID}
 
     # pass 2: PPL-p% search on held-out text
-    recorder.fn = None
-    ppl_tokens = min(len(heldout_ids) // p.ctx * p.ctx, p.ppl_tokens)
-    dense_ppl = perplexity(net, heldout_ids, ctx=p.ctx, max_tokens=ppl_tokens).ppl
-    target = dense_ppl * (1 + p.ppl_p / 100)
-    trials = []
-
-    def ppl_at(bound):
-        thr = [s.threshold_for(bound)[0] for s in searches]
-        recorder.fn = _masking_hook(thr, col_norms)
-        value = perplexity(net, heldout_ids, ctx=p.ctx, max_tokens=ppl_tokens).ppl
-        recorder.fn = None
-        trials.append({"bound": bound, "ppl": value})
-        return value, thr
-
-    lo, hi = 0.0, 1.0
-    ppl_lo, ppl_thr = ppl_at(0.0)
-    for _ in tqdm(range(p.ppl_steps), desc="PPL-p% search", disable=quiet, leave=False):
-        mid = (lo + hi) / 2
-        value, thr = ppl_at(mid)
-        if value <= target:
-            lo, ppl_lo, ppl_thr = mid, value, thr
-        else:
-            hi = mid
-    ppl_bound = lo
+    found = ppl_p_search(net, lambda hook: setattr(recorder, "fn", hook), searches, tap.masking_hook, heldout_ids,
+                         p.ppl_p, p.ctx, p.ppl_tokens, p.ppl_steps, quiet)
+    ppl_bound, ppl_thr, dense_ppl, ppl_lo = found.bound, found.thresholds, found.ppl_dense, found.ppl_at_bound
+    ppl_tokens, trials = found.tokens, found.trials
     thresholds = {"cett": cett_thr, "ppl": ppl_thr}
 
     # pass 3: all calibration tokens -> masks, frequencies, sparsity, CETT at both threshold sets
@@ -160,7 +119,7 @@ def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
     zeros = np.zeros(c.num_layers)
 
     def observe(layer, x, a):
-        mag = a.abs() * col_norms[layer]
+        mag = tap.magnitude(layer, a)
         y_norm = torch.linalg.vector_norm(a @ w_down[layer].T, dim=-1)
         zeros[layer] += float((a == 0).sum())
         for s in MASK_SETS:
@@ -225,7 +184,7 @@ def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
                 entry["exact_zero_share"] = float(zeros[layer]) / (tokens * n)
             else:
                 entry["ppl"] = block
-        arrays["col_norm"] = col_norms[layer].numpy()
+        arrays["col_norm"] = tap.down_norms[layer].numpy()
         np.savez_compressed(out / f"layer_{layer:03d}.npz", **arrays)
         layers.append(entry)
 
@@ -277,3 +236,29 @@ def load_profile(path: str | os.PathLike) -> dict:
     if prof.get("version") != PROFILE_VERSION:
         raise ArtefactError(f"{file}: profile version {prof.get('version')!r}, expected {PROFILE_VERSION}; re-run profile")
     return prof
+
+
+BRIEF_KEYS = ("sparsity", "cett_bound", "mean_cett", "ppl_p", "ppl_p_sparsity", "ppl_bound", "ppl_dense", "ppl_at_bound",
+              "tokens", "exact_zero_share", "reuse", "coact_gap", "hot10_share", "seconds")
+BRIEF_LAYER_KEYS = ("threshold", "sparsity", "mean_cett", "reuse", "coact_gap", "hot10_share", "activation_ratio")
+
+
+def profile_brief(summary: dict) -> dict:
+    """The headline figures of a profile summary (what `profile --json` prints)."""
+    out = {k: summary[k] for k in BRIEF_KEYS}
+    out["layers"] = [{k: e[k] for k in BRIEF_LAYER_KEYS} for e in summary["layers"]]
+    return out
+
+
+def profile_text(summary: dict, source: str, out_dir: str) -> str:
+    """A profile summary as a few lines."""
+    s = summary
+    return "\n".join([
+        f"profile of {source} on {s['tokens']} tokens -> {out_dir}",
+        f"  sparsity at CETT {s['cett_bound']}: {s['sparsity']:.1%} (mean CETT {s['mean_cett']:.3f}; "
+        f"exact zeros {s['exact_zero_share']:.1%})",
+        f"  PPL+{s['ppl_p']}% sparsity: {s['ppl_p_sparsity']:.1%} at CETT bound {s['ppl_bound']:.4f} "
+        f"(ppl {s['ppl_dense']:.3f} -> {s['ppl_at_bound']:.3f})",
+        "  reuse ratio: " + ", ".join(f"k={k}: {v:.3f}" for k, v in s["reuse"].items()),
+        f"  co-activation gap {s['coact_gap']:.3f}; 10% hottest neurons cover {s['hot10_share']:.1%} of activations",
+        f"  {s['seconds']:.1f} s"])

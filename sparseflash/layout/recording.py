@@ -13,11 +13,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.masks import pack, packed_width, unpack
-from sparseflash.layout.stats import active_mask
-from sparseflash.model.ffn import DenseFFN
 from sparseflash.model.loader import DenseModel
-from sparseflash.model.transformer import Transformer
 
 
 class Recording:
@@ -45,16 +43,16 @@ def record(model: DenseModel, seqs: torch.Tensor, thresholds: list[float], folde
           for l in range(c.num_layers)]
     masks = [np.lib.format.open_memmap(folder / f"mask_L{l}.npy", "w+", np.uint8,
                                        (tokens, packed_width(c.intermediate_size))) for l in range(c.num_layers)]
-    col_norms = [torch.linalg.vector_norm(w.w_down, dim=0) for w in model.weights.layers]
+    tap = NeuronTap(model.weights, thresholds)
     pos = [0]
 
     def hook(layer, x, a):
         rows = slice(pos[0], pos[0] + len(x))
         xs[layer][rows] = x.numpy().astype(np.float16)
-        masks[layer][rows] = pack(active_mask(a.abs() * col_norms[layer], thresholds[layer]).numpy())
+        masks[layer][rows] = pack(tap.active(layer, a).numpy())
         return None
 
-    net = Transformer(c, model.weights, DenseFFN(model.weights.layers, c.activation, c.gated, hook))
+    net = tap.transformer(c, hook)
     bar = tqdm(total=tokens, desc=desc, unit="tok", disable=quiet, leave=False)
     for i in range(0, len(seqs), batch):
         chunk = seqs[i : i + batch]

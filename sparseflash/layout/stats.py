@@ -1,9 +1,8 @@
 """Activation statistics of one FFN layer, as the ReLU² Wins / Sparsing Law papers define them.
 
 Pure functions over numpy/torch arrays; the profiler feeds them batches. Conventions:
-- magnitude of neuron i for a token: |a_i| * ||W_down[:, i]||_2;
-- neuron i is active when magnitude >= threshold and a_i != 0 (an exactly-zero neuron contributes
-  nothing, so it is never active, even at threshold 0);
+- magnitude of neuron i for a token: |a_i| * ||W_down[:, i]||_2, and "active" (magnitude >=
+  threshold and > 0), both as layout/schema.py defines them;
 - masks are bit-packed along neurons with ``np.packbits(..., bitorder="little")``.
 """
 
@@ -12,13 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sparseflash.layout.schema import active_mask
+
 REUSE_WINDOWS = (1, 2, 4, 8, 16)
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def active_mask(magnitude: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(tokens, neurons) bool: magnitude >= threshold and > 0."""
-    return (magnitude >= threshold) & (magnitude > 0)
 
 
 def token_cett(a: torch.Tensor, magnitude: torch.Tensor, w_down: torch.Tensor, threshold: float,

@@ -55,9 +55,6 @@ class Checkpoint:
     weights: ModelWeights
     tokenizer_path: Path
 
-    def content_hash(self) -> str:
-        return checkpoint_hash(self.path)
-
 
 def _read_json(path: Path, what: str) -> dict:
     try:
@@ -72,7 +69,7 @@ def _read_json(path: Path, what: str) -> dict:
     return out
 
 
-def _shard_files(folder: Path) -> list[Path]:
+def shard_files(folder: Path) -> list[Path]:
     index = folder / SAFETENSORS_INDEX
     if index.exists():
         weight_map = _read_json(index, "safetensors index").get("weight_map")
@@ -116,7 +113,7 @@ def checkpoint_hash(folder: str | os.PathLike) -> str:
         return gguf_hash(folder)
     folder = Path(folder)
     h = hashlib.sha256()
-    for path in [folder / "config.json", *_shard_files(folder)]:
+    for path in [folder / "config.json", *shard_files(folder)]:
         h.update(path.name.encode())
         with open(path, "rb") as f:
             while chunk := f.read(1 << 22):
@@ -135,7 +132,7 @@ def load_checkpoint(folder: str | os.PathLike | None = None, dtype: torch.dtype 
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.exists():
         raise CheckpointError(f"{folder}: tokenizer.json not found (sparseflash needs the HF fast-tokenizer file)")
-    raw = _load_tensors(_shard_files(folder))
+    raw = _load_tensors(shard_files(folder))
     weights = weights_from_hf(config, raw, dtype, source=str(folder))
     return Checkpoint(path=folder, config=config, weights=weights, tokenizer_path=tokenizer_path)
 

@@ -59,6 +59,35 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
+    def __post_init__(self):
+        """Refuse values no model has: a config read from a file is checked here, once."""
+        def bad(name, problem):
+            raise UnsupportedModelError(f"model config: {name} {problem} (got {getattr(self, name)!r})")
+
+        if self.arch not in ARCHITECTURES:
+            bad("arch", f"must be one of {', '.join(sorted(ARCHITECTURES))}")
+        if self.activation not in set(ACTIVATIONS.values()):
+            bad("activation", f"must be one of {', '.join(sorted(set(ACTIVATIONS.values())))}")
+        if self.norm not in ("layernorm1p", "rmsnorm"):
+            bad("norm", "must be layernorm1p or rmsnorm")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, "must be a positive integer")
+        for name in ("gated", "tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
+        for name in ("norm_eps", "rope_theta", "partial_rotary_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                bad(name, "must be a finite positive number")
+        if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("rope_type", "default") not in ROPE_TYPES:
+            bad("rope_scaling", f"must be an object with rope_type in {', '.join(ROPE_TYPES)}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            bad("sliding_window", "must be null or a positive integer")
+
     @property
     def ffn_kind(self) -> str:
         """Kernel name of the FFN: relu2, relu, reglu, relu2glu, swiglu, geglu, geglu_tanh, ..."""
@@ -88,8 +117,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """The config as to_dict() wrote it; a missing, unknown or ill-typed field is an UnsupportedModelError."""
+        if not isinstance(d, dict):
+            raise UnsupportedModelError(f"model config must be an object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UnsupportedModelError(f"model config has an unknown field {unknown[0]!r} (a newer sparseflash?)")
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise UnsupportedModelError(f"model config lacks the field {missing[0]!r}")
+        return cls(**d)
 
 
 def _rope_from_hf(cfg: dict) -> tuple[float, float, dict]:

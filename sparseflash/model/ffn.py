@@ -11,11 +11,26 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sparseflash.kernels.dense import activate  # one definition of the activations for torch code
 from sparseflash.model.weights import LayerWeights
 
 # hook(layer, ffn_input (tokens, d), activations (tokens, neurons)) -> replacement activations or None
 ActivationHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation function by name, as the checkpoint defines it. The kernels keep their own
+    definition (kernels/dense.py): this reference is what their results are checked against."""
+    if activation == "relu2":
+        return F.relu(z).square()
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def neuron_activations(layer: LayerWeights, x: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:

@@ -51,6 +51,17 @@ class GenerationResult:
         steps = len(self.tokens) - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
 
+    def to_dict(self, text: str) -> dict:
+        """What `run --json` reports of a generation (``text``: the decoded continuation)."""
+        return {"text": text, "tokens": self.tokens, "prompt_tokens": len(self.prompt_tokens),
+                "tokens_per_s": self.tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "prefill_ms": self.prefill_s * 1e3, "stopped_at_eos": self.stopped_at_eos,
+                "compression": self.compression}
+
+    def speed_line(self, engine: str) -> str:
+        return (f"[{len(self.tokens)} tokens, {self.tokens_per_s:.1f} tokens/s (decode {self.decode_tokens_per_s:.1f} "
+                f"tokens/s, prefill {self.prefill_s * 1e3:.0f} ms), {engine}]")
+
 
 def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """Pick the next id from logits (vocab,)."""

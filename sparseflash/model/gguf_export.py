@@ -57,20 +57,27 @@ class _Source:
     content_hash: str
 
 
-def _load_source(source: str | os.PathLike) -> _Source:
+def _read_tokenizer(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: tokenizer.json not found") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: tokenizer.json is not UTF-8 text") from None
+
+
+def _load_source(source: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> _Source:
     source = Path(source)
+    override = _read_tokenizer(Path(tokenizer)) if tokenizer is not None else None
     if source.suffix == ".gguf":
         from sparseflash.model.gguf_import import gguf_hash, load_gguf
 
-        g = load_gguf(source)
+        g = load_gguf(source, tokenizer_json=override)
         return _Source(g.config, g.weights, g.tokenizer_json, source.stem, gguf_hash(source))
     from sparseflash.model.checkpoint import checkpoint_hash, load_checkpoint
 
     ckpt = load_checkpoint(source)
-    try:
-        text = ckpt.tokenizer_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{ckpt.tokenizer_path}: tokenizer.json is not UTF-8 text") from None
+    text = override if override is not None else _read_tokenizer(ckpt.tokenizer_path)
     return _Source(ckpt.config, ckpt.weights, text, ckpt.path.resolve().name, checkpoint_hash(ckpt.path))
 
 
@@ -158,10 +165,13 @@ def _write_metadata(w, c: ModelConfig, arch: GGUFArch, vocab: GGMLVocab, src: _S
     w.add_string(KEY_SOURCE_HASH, src.content_hash)
 
 
-def export_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32") -> ExportResult:
+def export_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32",
+                tokenizer: str | os.PathLike | None = None) -> ExportResult:
     """Write ``source`` (HF checkpoint folder or .gguf) to ``out`` as GGUF for llama.cpp.
 
     ``dtype`` (f32, f16, bf16) applies to matrices; norm weights and biases are written as f32.
+    ``tokenizer`` (a tokenizer.json) replaces the source's tokenizer. A quantized GGUF source is
+    written dequantized (at ``dtype``).
     Raises UnsupportedModelError for what llama.cpp's nemotron/arcee/llama cannot express.
     """
     from gguf import GGUFWriter
@@ -171,7 +181,7 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     out = Path(out)
     if not out.parent.is_dir():
         raise SparseflashError(f"{out.parent}: output folder does not exist")
-    src = _load_source(source)
+    src = _load_source(source, tokenizer)
     present = {f for layer in src.weights.layers for f in layer.named()}
     arch = check_exportable(src.config, present)
     vocab = ggml_vocab(src.tokenizer_json, src.config.vocab_size, str(source))

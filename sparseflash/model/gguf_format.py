@@ -123,15 +123,23 @@ def _tensor_nbytes(name: str, ggml_type: int, shape: tuple[int, ...], cur: _Curs
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        kind = GGMLQuantizationType(ggml_type)
+        block, type_size = GGML_QUANT_SIZES[kind]
     except (ValueError, KeyError):
         raise cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
     if shape[0] % block:
-        raise cur.fail(f"tensor {name!r} has a first dimension of {shape[0]}, not a multiple of its block size {block}")
+        raise cur.fail(f"tensor {name!r} ({kind.name}) has rows of {shape[0]} values, not a whole number of "
+                       f"{kind.name} blocks of {block}")
     n = 1
     for d in shape:
         n *= d
     return n // block * type_size
+
+
+def _type_name(ggml_type: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(ggml_type).name
 
 
 def check_gguf_file(path: str | os.PathLike) -> GGUFLayout:
@@ -223,8 +231,9 @@ def _walk_header(cur: _Cursor) -> GGUFLayout:
         if offset % alignment:
             raise cur.fail(f"tensor {name!r} starts at data offset {offset}, not a multiple of the alignment {alignment}")
         if offset + nbytes > data_size:
-            raise GGUFFormatError(f"{path}: tensor {name!r} ({nbytes} bytes at data offset {offset}) extends past "
-                                  f"the end of the file ({max(data_size, 0)} data bytes); the file is truncated")
+            raise GGUFFormatError(f"{path}: tensor {name!r} ({_type_name(ggml_type)}, {nbytes} bytes at data offset "
+                                  f"{offset}) extends past the end of the file ({max(data_size, 0)} data bytes); "
+                                  f"the file is truncated")
         extents.append(TensorExtent(name, ggml_type, shape, data_offset + offset, nbytes))
     ordered = sorted(extents, key=lambda t: t.start)
     for a, b in zip(ordered, ordered[1:]):

@@ -1,8 +1,9 @@
-"""Load a .gguf file (nemotron, arcee, llama; f32/f16/bf16 tensors) as canonical float32 weights.
+"""Load a .gguf file (nemotron, arcee, llama) as canonical float32 weights.
 
 The result is what the HF loader gives for the checkpoint the GGUF was made from: the same
-ModelConfig, the same ModelWeights and the same tokenizer. The file's structure is checked by
-``check_gguf_file`` first, so gguf.GGUFReader only ever parses a well-formed header.
+ModelConfig, the same ModelWeights and the same tokenizer. Tensors come one at a time through
+``GGUFTensors`` (gguf_tensors.py), which checks the file's structure first and dequantizes any
+type gguf-py implements (F32/F16/BF16, Q4_0 ... Q8_0, the K-quants, IQ*, TQ*) to float32.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch
 from sparseflash.errors import CheckpointError, UnsupportedModelError
 from sparseflash.model.checkpoint import HF_LAYER_NAMES, weights_from_hf
 from sparseflash.model.config import ROPE_TYPES, ModelConfig
-from sparseflash.model.gguf_format import GGUFFormatError, check_gguf_file
 from sparseflash.model.gguf_mapping import (
     GGUF_LAYER_NAMES,
     GGUF_TOP_NAMES,
@@ -34,13 +34,13 @@ from sparseflash.model.gguf_mapping import (
     gguf_arch,
     llama3_rope_factors,
 )
+from sparseflash.model.gguf_tensors import GGUFTensors
 from sparseflash.model.gguf_tokenizer import tokenizer_json_from_ggml
 from sparseflash.model.weights import ModelWeights
 
 KEY_TOKENIZER_JSON = "tokenizer.huggingface.json"
 HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm_w": "model.norm.weight",
                 "final_norm_b": "model.norm.bias", "lm_head": "lm_head.weight"}
-LOADABLE_TYPES = {"F32", "F16", "BF16"}
 _INT_TYPES = {"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64"}
 _FLOAT_TYPES = {"FLOAT32", "FLOAT64"}
 _REQUIRED = object()
@@ -113,25 +113,6 @@ def gguf_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def _open_reader(path: Path):
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(path, "r")
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as e:
-        # check_gguf_file has already passed, so this is a case it does not model
-        raise GGUFFormatError(f"{path}: cannot parse GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-def _to_torch(tensor) -> torch.Tensor:
-    """A float32 copy of a GGUF tensor, in torch order (GGUFReader has already reversed the dims)."""
-    kind = tensor.tensor_type.name
-    if kind == "BF16":
-        raw = np.array(tensor.data).view(np.int16)  # GGUFReader exposes bf16 as bytes
-        return torch.from_numpy(raw).view(torch.bfloat16).float()
-    return torch.from_numpy(np.array(tensor.data, dtype=np.float32))
-
-
 def _rotary_factor(rot: int, head_dim: int) -> float:
     """partial_rotary_factor with int(head_dim * factor) == rot despite float rounding."""
     factor = rot / head_dim
@@ -170,7 +151,7 @@ def _rope_scaling(meta: _Metadata, prefix: str) -> dict:
     raise UnsupportedModelError(f"{meta.path}: RoPE scaling {kind!r} is not supported (supported: none, linear, yarn)")
 
 
-def _config(meta: _Metadata, arch_name: str, arch: GGUFArch, tensors: dict) -> ModelConfig:
+def _config(meta: _Metadata, arch_name: str, arch: GGUFArch, tensors: GGUFTensors) -> ModelConfig:
     p = f"{arch_name}."
     hidden = meta.int(p + "embedding_length")
     heads = meta.int(p + "attention.head_count")
@@ -187,7 +168,7 @@ def _config(meta: _Metadata, arch_name: str, arch: GGUFArch, tensors: dict) -> M
         raise CheckpointError(f"{meta.path}: block_count {layers} exceeds the {len(tensors)} tensors in the file")
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{meta.path}: tensor 'token_embd.weight' is missing")
-    vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF order: (hidden, vocab)
+    vocab = tensors.info("token_embd.weight").shape[0]  # torch order: (vocab, hidden)
     if meta.int(p + "vocab_size", vocab) != vocab:
         raise CheckpointError(f"{meta.path}: {p}vocab_size disagrees with token_embd.weight ({vocab} rows)")
     eos = meta.int("tokenizer.ggml.eos_token_id", None, minimum=0)
@@ -242,37 +223,30 @@ def _canonical_name(name: str, arch: GGUFArch, layers: int) -> tuple[str, int | 
     return (field, None) if field else None
 
 
-def _refuse_quantized(tensors: dict, path: Path) -> None:
-    bad = [(name, t.tensor_type.name) for name, t in tensors.items() if t.tensor_type.name not in LOADABLE_TYPES]
-    if bad:
-        name, kind = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UnsupportedModelError(
-            f"{path}: tensor {name!r} has type {kind}{more}; sparseflash reads only F32, F16 and BF16 GGUF "
-            f"tensors (convert the checkpoint without quantization)")
-
-
-def _weights(tensors: dict, config: ModelConfig, arch: GGUFArch, path: Path) -> tuple[ModelWeights, ModelConfig]:
-    """Canonical weights, and the config with tie_word_embeddings set from the data.
+def _weights(tensors: GGUFTensors, config: ModelConfig, arch: GGUFArch, path: Path) -> tuple[ModelWeights, ModelConfig]:
+    """Canonical float32 weights (read tensor by tensor), and the config with tie_word_embeddings set from the data.
 
     llama.cpp's nemotron always needs output.weight, so a tied model is written with a copy of
     token_embd; an output head equal to the embedding is therefore read back as tied.
     """
     raw: dict[str, torch.Tensor] = {}
     unknown = []
-    for name, tensor in tensors.items():
+    fields = {}
+    for name in tensors.names():
         if name == ROPE_FREQS:
             continue
         where = _canonical_name(name, arch, config.num_layers)
         if where is None:
             unknown.append(name)
-            continue
-        field, i = where
-        hf = HF_TOP_NAMES[field] if i is None else f"model.layers.{i}.{HF_LAYER_NAMES[field]}"
-        raw[hf] = from_gguf_tensor(arch, config, field, _to_torch(tensor))
+        else:
+            fields[name] = where
     if unknown:
         raise UnsupportedModelError(f"{path}: tensors llama.cpp's {config.arch} architecture does not have: "
                                     f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+    tensors.check_types(fields)  # an unreadable type fails before any data is read
+    for name, (field, i) in fields.items():
+        hf = HF_TOP_NAMES[field] if i is None else f"model.layers.{i}.{HF_LAYER_NAMES[field]}"
+        raw[hf] = from_gguf_tensor(arch, config, field, tensors.load(name))
     head = raw.pop(HF_TOP_NAMES["lm_head"], None)
     tied = head is None or torch.equal(head, raw.get(HF_TOP_NAMES["embed"], head))
     if not tied:
@@ -314,22 +288,26 @@ def _tokenizer_json(meta: _Metadata) -> tuple[str, bool]:
     return text, True
 
 
-def load_gguf(path: str | os.PathLike) -> GGUFModel:
-    """Load a GGUF file into a ModelConfig, canonical float32 weights and tokenizer.json text."""
+def load_gguf(path: str | os.PathLike, tokenizer_json: str | None = None) -> GGUFModel:
+    """Load a GGUF file into a ModelConfig, canonical float32 weights and tokenizer.json text.
+
+    Tensors of any type gguf-py dequantizes are read one at a time and converted to float32.
+    ``tokenizer_json`` (tokenizer.json text) replaces the GGUF's own tokenizer, which is then not read.
+    """
     path = Path(path)
-    check_gguf_file(path)
-    reader = _open_reader(path)
-    meta = _Metadata(reader.fields, path)
+    tensors = GGUFTensors(path)
+    meta = _Metadata(tensors.reader.fields, path)
     arch_name = meta.str("general.architecture")
     arch = gguf_arch(arch_name)
-    tensors = {t.name: t for t in reader.tensors}
-    _refuse_quantized(tensors, path)
     config = _config(meta, arch_name, arch, tensors)
     _check_config(config, path)
+    if tokenizer_json is None:  # before the weights: an unknown tokenizer fails fast
+        tokenizer_json, rebuilt = _tokenizer_json(meta)
+    else:
+        rebuilt = False
     weights, config = _weights(tensors, config, arch, path)
     if ROPE_FREQS in tensors:
-        _check_rope_freqs(_to_torch(tensors[ROPE_FREQS]), config, path)
-    tokenizer_json, rebuilt = _tokenizer_json(meta)
+        _check_rope_freqs(tensors.load(ROPE_FREQS), config, path)
     return GGUFModel(path, config, weights, tokenizer_json, rebuilt)
 
 

@@ -3,8 +3,9 @@
 Export writes both the original tokenizer.json (the standard ``tokenizer.huggingface.json`` key,
 which sparseflash reads back verbatim) and the ``gpt2`` (byte-level BPE) vocabulary that
 llama.cpp needs: tokens, token types, merges, pre-tokenizer name, special token ids.
-Import of a GGUF without the JSON rebuilds a byte-level BPE tokenizer from that vocabulary.
-Only byte-level BPE tokenizers (GPT-2 and Llama-3 pre-tokenization) can go either way.
+Import of a GGUF without the JSON rebuilds a byte-level BPE tokenizer from that vocabulary, with
+the pre-tokenizer its ``tokenizer.ggml.pre`` name stands for (gguf_pretok: every byte-level name
+llama.cpp knows). Export finds that name from the tokenizer.json's pre-tokenizer.
 """
 
 from __future__ import annotations
@@ -13,18 +14,10 @@ import json
 from dataclasses import dataclass
 
 from sparseflash.errors import CheckpointError, UnsupportedModelError
+from sparseflash.model.gguf_pretok import NOT_REBUILDABLE, PRE_TOKENIZERS, pre_tokenizer_name
 
 # llama.cpp token types (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-# the Llama-3 pre-tokenizer split, as in Meta's tokenizer.json and llama.cpp's "llama-bpe"
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_GPT2, PRE_LLAMA3 = "gpt-2", "llama-bpe"
-LLAMA3_NAMES = (PRE_LLAMA3, "llama3", "llama-v3")
-
-
 @dataclass
 class GGMLVocab:
     """The ``tokenizer.ggml.*`` values for a byte-level BPE ("gpt2") vocabulary."""
@@ -36,21 +29,6 @@ class GGMLVocab:
     add_bos: bool
 
 
-def _pre_tokenizer_name(spec: dict | None) -> str | None:
-    if not isinstance(spec, dict):
-        return None
-    if spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
-        return PRE_GPT2
-    steps = spec.get("pretokenizers") if spec.get("type") == "Sequence" else None
-    if isinstance(steps, list) and len(steps) == 2:
-        split, byte_level = steps
-        pattern = (split.get("pattern") or {}).get("Regex") if isinstance(split, dict) else None
-        if (split.get("type") == "Split" and pattern == LLAMA3_PATTERN and isinstance(byte_level, dict)
-                and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)):
-            return PRE_LLAMA3
-    return None
-
-
 def _adds_bos(post: dict | None) -> bool:
     if not isinstance(post, dict):
         return False
@@ -58,6 +36,13 @@ def _adds_bos(post: dict | None) -> bool:
         return any(_adds_bos(p) for p in post.get("processors") or [])
     single = post.get("single") if post.get("type") == "TemplateProcessing" else None
     return bool(single) and isinstance(single[0], dict) and "SpecialToken" in single[0]
+
+
+def _describe(spec) -> str:
+    if not isinstance(spec, dict):
+        return "none"
+    steps = spec.get("pretokenizers") if spec.get("type") == "Sequence" else [spec]
+    return " + ".join(str(s.get("type")) if isinstance(s, dict) else "?" for s in steps or [])
 
 
 def ggml_vocab(tokenizer_json: str, vocab_size: int, source: str) -> GGMLVocab:
@@ -68,12 +53,18 @@ def ggml_vocab(tokenizer_json: str, vocab_size: int, source: str) -> GGMLVocab:
         vocab, merges = model["vocab"], model["merges"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{source}: tokenizer.json is not a BPE tokenizer file") from None
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise UnsupportedModelError(
-            f"{source}: only byte-level BPE tokenizers (GPT-2 or Llama-3 pre-tokenization) can be written as "
-            f"llama.cpp's gpt2 vocabulary; this one is {model.get('type')} with pre-tokenizer "
-            f"{(spec.get('pre_tokenizer') or {}).get('type')}")
+            f"{source}: only byte-level BPE tokenizers can be written as llama.cpp's gpt2 vocabulary; this one is "
+            f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}")
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise UnsupportedModelError(f"{source}: the tokenizer's {normalizer} normalizer has no llama.cpp equivalent")
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"), bool(model.get("ignore_merges")))
+    if pre is None:
+        raise UnsupportedModelError(
+            f"{source}: the tokenizer's pre-tokenizer ({_describe(spec.get('pre_tokenizer'))}) is none of those "
+            f"llama.cpp knows by a tokenizer.ggml.pre name, so llama.cpp would tokenize differently")
     tokens: list[str | None] = [None] * vocab_size
     types = [UNUSED] * vocab_size
     entries = [(text, idx, NORMAL) for text, idx in vocab.items()]
@@ -90,17 +81,22 @@ def ggml_vocab(tokenizer_json: str, vocab_size: int, source: str) -> GGMLVocab:
 
 def tokenizer_json_from_ggml(model: str, pre: str | None, tokens: list[str], token_types: list[int],
                              merges: list[str], bos_id: int | None, add_bos: bool, source: str) -> str:
-    """Rebuild a HF tokenizer.json (text) from a GGUF ``gpt2`` vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    """Rebuild a HF tokenizer.json (text) from a GGUF ``gpt2`` vocabulary and pre-tokenizer name.
+
+    A missing name means llama.cpp's ``default``, as llama.cpp reads it.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     if model != "gpt2":
         raise UnsupportedModelError(
             f"{source}: tokenizer model {model!r} cannot be rebuilt (only 'gpt2' byte-level BPE); "
-            f"re-export the GGUF with the tokenizer.huggingface.json key")
-    pre = pre or PRE_GPT2
-    if pre not in (PRE_GPT2, *LLAMA3_NAMES):
-        raise UnsupportedModelError(
-            f"{source}: pre-tokenizer {pre!r} cannot be rebuilt (supported: {PRE_GPT2}, {', '.join(LLAMA3_NAMES)})")
+            f"pass --tokenizer tokenizer.json")
+    pre = pre or "default"
+    if pre not in PRE_TOKENIZERS:
+        why = "is not byte-level BPE as sparseflash rebuilds it" if pre in NOT_REBUILDABLE else "is unknown"
+        raise UnsupportedModelError(f"{source}: pre-tokenizer {pre!r} {why}; pass --tokenizer tokenizer.json "
+                                    f"(the model's original)")
+    meaning = PRE_TOKENIZERS[pre]
     if len(token_types) != len(tokens):
         raise CheckpointError(f"{source}: {len(token_types)} token types for {len(tokens)} tokens")
     vocab = {text: i for i, text in enumerate(tokens)}
@@ -112,15 +108,7 @@ def tokenizer_json_from_ggml(model: str, pre: str | None, tokens: list[str], tok
         if cut < 0:
             raise CheckpointError(f"{source}: merge {line[:40]!r} is not two tokens separated by a space")
         pairs.append((line[:cut], line[cut + 1 :]))
-    llama3 = pre in LLAMA3_NAMES
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=llama3))
-    if llama3:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=meaning.ignore_merges))
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, k in zip(tokens, token_types) if k == CONTROL])
@@ -129,4 +117,12 @@ def tokenizer_json_from_ggml(model: str, pre: str | None, tokens: list[str], tok
         bos = tokens[bos_id]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
-    return tok.to_str()
+    spec = json.loads(tok.to_str())
+    spec["pre_tokenizer"] = meaning.spec
+    spec["normalizer"] = {"type": "NFC"} if meaning.nfc else None
+    text = json.dumps(spec, ensure_ascii=False)
+    try:
+        Tokenizer.from_str(text)
+    except Exception as e:  # a regex the tokenizers package cannot compile
+        raise UnsupportedModelError(f"{source}: pre-tokenizer {pre!r} cannot be built ({str(e)[:120]})") from None
+    return text

@@ -276,3 +276,42 @@ def choose_plugin(compress: str | None, plugins: list[CompressionPlugin], prompt
         raise PluginError(f"--compress {ratio}: no plugin of ratio {ratio}{where} (ratios found: {have}); train one "
                           f"with `sparseflash plugins train --ratio {ratio}` or name it with --plugin")
     return match[0]
+
+
+def run_plugin_files(compress: str | None, named: list[str] | None,
+                     model_paths: list[str | os.PathLike | None]) -> tuple[list[str], str]:
+    """(plugin files a run loads, where they were looked for) for ``run --compress``: the ``named``
+    files (--plugin), else those in the ``plugins/`` folders of the model paths; none when
+    ``compress`` is off. Naming plugins without ``--compress`` is refused."""
+    if named and compress is None:
+        raise PluginError("--plugin needs --compress K (a ratio) or --compress auto")
+    if compress is None or str(compress).lower() in ("none", "1"):
+        return [], ""
+    if named:
+        return list(named), ""
+    paths = [p for p in model_paths if p is not None]
+    return [f for p in paths for f in find_plugins(p)], " or ".join(plugin_dir(p) for p in paths)
+
+
+def dense_run_plugin(compress: str | None, named: list[str] | None, model_path: str | os.PathLike | None,
+                     num_layers: int, hidden_size: int, prompt_tokens: int) -> CompressionPlugin | None:
+    """The plugin a dense run of the checkpoint at ``model_path`` (None: the bundled one) uses for a
+    prompt of ``prompt_tokens``, every candidate checked against the checkpoint's hash."""
+    from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
+
+    path = model_path if model_path is not None else default_model_dir()
+    files, looked_in = run_plugin_files(compress, named, [path])
+    source = checkpoint_hash(path) if files else ""
+    plugins = [load_plugin(f, source, num_layers, hidden_size) for f in files]
+    return choose_plugin(compress, plugins, prompt_tokens, looked_in)
+
+
+def compression_note(compression: dict | None, compress: str | None, prompt_tokens: int) -> str | None:
+    """The line ``run`` prints about compression (None when there is nothing to say)."""
+    if compression is not None:
+        c = compression
+        return (f"[prompt compressed x{c['ratio']} after layer {c['layer']}: {c['prompt_positions']} -> "
+                f"{c['compressed_positions']} positions in later layers]")
+    if compress is not None and str(compress).lower() == "auto":
+        return f"[--compress auto: no plugin chosen for a {prompt_tokens}-token prompt (rule: docs/plugins.md)]"
+    return None

@@ -30,6 +30,21 @@ def read_text(path: str | os.PathLike) -> str:
         raise SparseflashError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+def split_corpus(path: str | os.PathLike, tokenizer, first: int, second: int,
+                 second_path: str | os.PathLike | None = None) -> tuple[list[int], list[int]]:
+    """Two disjoint token runs: ``first`` tokens of ``path`` and ``second`` tokens after them, or the
+    first ``second`` tokens of ``second_path`` when given (held-out text of its own). Refuses a text
+    too short to give ``first`` tokens."""
+    if second_path is not None:
+        a, b = corpus_ids(path, tokenizer, first)[:first], corpus_ids(second_path, tokenizer, second)[:second]
+    else:
+        ids = corpus_ids(path, tokenizer, first + second)
+        a, b = ids[:first], ids[first : first + second]
+    if len(a) < first:
+        raise SparseflashError(f"{path}: has {len(a)} tokens, fewer than the {first} asked for")
+    return a, b
+
+
 def corpus_ids(path: str | os.PathLike, tokenizer, max_tokens: int | None = None) -> list[int]:
     """Token ids of a text file, at least ``max_tokens`` of them when the text has that many.
 

@@ -81,9 +81,13 @@ class KVCache:
         return sum(max(0, self.length - s) for s in self.shift) * per_slot
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T + b in float32 activations; half-precision weights (as a layout may hold them) are
-    applied in their own dtype."""
+    applied in their own dtype. ``w`` may also be a packed matrix with ``linear(x)`` (a layout's
+    quantized resident weights, runtime/quant_weights.py)."""
+    if not isinstance(w, torch.Tensor):
+        out = w.linear(x)
+        return out if b is None else out + b
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
     out = F.linear(x.to(w.dtype), w).float()
@@ -213,7 +217,8 @@ class Transformer:
             raise ValueError("start > 0 needs a KV cache")
         if cache is not None and cache.device != self.device:
             raise SparseflashError(f"KV cache on {cache.device}, model on {self.device}: make it with new_cache()")
-        h = F.embedding(tokens.to(self.device), self.weights.embed).float()
+        tokens, w = tokens.to(self.device), self.weights
+        h = (F.embedding(tokens, w.embed) if isinstance(w.embed, torch.Tensor) else w.embed.rows(tokens)).float()
         if plugin is not None:
             if start != 0:
                 raise SparseflashError("a compression plugin applies to a prefill at position 0")
@@ -230,7 +235,6 @@ class Transformer:
             cache.length = end
         if last_only or keep_last is not None:
             h = h[:, -1:] if last_only else h[:, h.shape[1] - keep_last :]
-        w = self.weights
         return linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head).cpu()
 
     def _layers(self, h: torch.Tensor, layers: range, cos, sin, cache: KVCache | None, slot_and_mask) -> torch.Tensor:

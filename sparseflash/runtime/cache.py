@@ -1,7 +1,8 @@
 """Neuron cache of one layer: preallocated bundle slots, O(1) insert and delete.
 
 ``slots`` (capacity, bundle_len) holds bundles in the storage dtype; ``slot_of[position]`` and
-``position_of[slot]`` keep the index in step; free slots are a stack. Pinned slots (the hot region)
+``position_of[slot]`` keep the index in step; free slots are a stack. ``down_norm[slot]`` is the
+norm of the slot's down column (set when it is filled), which turns activations into magnitudes. Pinned slots (the hot region)
 are never evicted. Eviction picks victims among unprotected slots: a neuron used within the last
 ``window`` tokens is protected; beyond it the policy is
 - ``lru``: oldest last use first;
@@ -34,6 +35,7 @@ class NeuronCache:
         self.uses = np.zeros(capacity, dtype=np.int64)
         self.pinned = np.zeros(capacity, dtype=bool)
         self.score = np.zeros(capacity, dtype=np.float32)  # predictor score (policy "predicted")
+        self.down_norm = np.zeros(capacity, dtype=np.float32)  # ||down_i|| of the bundle in each slot
         self._free = list(range(capacity - 1, -1, -1))  # stack: pop() gives the lowest free slot
         self.window, self.policy = window, policy
         self.step = 0  # token counter, advanced by tick()

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sparseflash.runtime.iomodel import BLOCK, DeviceModel
+from sparseflash.errors import SparseflashError
+from sparseflash.layout.format_extents import BLOCK
+from sparseflash.runtime.iomodel import DeviceModel
 
 SIZES = (4096, 16384, 65536, 262144, 1048576)
 
@@ -83,11 +85,11 @@ def device_model_for(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
     directory = Path(path).resolve().parent
     cache_dir = Path(cache_dir or os.environ.get("SPARSEFLASH_CACHE", Path.home() / ".cache" / "sparseflash"))
     cache_file = cache_dir / f"device-{os.stat(directory).st_dev}.json"
-    try:
-        d = json.loads(cache_file.read_text())
-        return DeviceModel(float(d["latency_s"]), float(d["bandwidth_bps"]), d.get("source", str(cache_file)))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    if cache_file.exists():
+        try:
+            return DeviceModel.from_file(cache_file)
+        except SparseflashError:
+            pass  # a damaged cache entry is measured again and replaced
     model, rows = probe_disk(directory)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

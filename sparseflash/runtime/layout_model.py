@@ -1,8 +1,12 @@
-"""Open a .sflash layout file: config, tokenizer and resident weights, as the runtime sees them.
+"""Open a .sflash model layout: header, config, tokenizer and resident weights, as the runtime sees them.
 
-FFN neurons stay in stored order (the layout's permutation), which computes the same function as
-checkpoint order; ``with_ffn=True`` also loads every bundle (a dense in-memory model, used as the
-reference the streamed engine is checked against and to record true active sets).
+The container is checked by layout/format (LayoutFile.open), the model contract by layout/schema
+(read_header, check_layout), the config values by model/config; with ``verify`` (the default)
+every resident tensor's checksum is checked as it is loaded and its values must be finite. Every
+failure is one ArtefactError line naming the file and what to rerun. FFN neurons stay in stored order (the
+layout's permutation), which computes the same function as checkpoint order; ``with_ffn=True``
+also loads every bundle (a dense in-memory model, the reference the streamed engine is checked
+against, and what reports use to record true active sets).
 """
 
 from __future__ import annotations
@@ -13,94 +17,106 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparseflash.errors import ArtefactError
-from sparseflash.layout.format import LayoutError, LayoutFile
+from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.kernels import KernelInputError, check_quantized_matrix, decode_bundles
+from sparseflash.layout import schema
+from sparseflash.layout.format import QUANT_TYPES, LayoutError, LayoutFile
+from sparseflash.layout.schema import ModelHeader, SchemaError
 from sparseflash.model.config import ModelConfig
 from sparseflash.model.tokenizer import TextTokenizer
 from sparseflash.model.weights import LayerWeights, ModelWeights
-
-LAYOUT_KIND = "sparseflash-layout"
-ATTENTION_FIELDS = ("attn_norm_w", "attn_norm_b", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo",
-                    "ffn_norm_w", "ffn_norm_b", "b_down", "b_up", "b_gate")
+from sparseflash.runtime.quant_weights import QuantMatrix
 
 
-def tensor_f32(f: LayoutFile, name: str) -> torch.Tensor:
-    """A resident tensor as float32 (bf16 bits widened)."""
+def resident_tensor(f: LayoutFile, name: str, verify: bool = True):
+    """A resident tensor as the runtime holds it: f32 and f16 as stored (torch computes with f16
+    weights on the CPU at about f32 speed, in half the memory); bf16 widened to f32 (CPU bf16
+    matmul is very slow here); q8/q4 kept as their bytes (QuantMatrix). With ``verify``, its crc32
+    is checked and its values (or quantization scales) must be finite."""
     entry = f.tensors[name]
-    arr = f.tensor(name)
-    if entry.dtype == "bf16":
-        return torch.from_numpy(arr.astype(np.uint32) << 16).view(torch.float32)
-    return torch.from_numpy(np.asarray(arr, dtype=np.float32))
-
-
-def tensor_for_compute(f: LayoutFile, name: str) -> torch.Tensor:
-    """A resident tensor as the runtime holds it: f16 stays f16 (torch computes with it on the CPU at
-    about f32 speed, in half the memory); bf16 is widened to f32 (CPU bf16 matmul is very slow here)."""
-    if f.tensors[name].dtype == "f16":
-        return torch.from_numpy(np.asarray(f.tensor(name)))
-    return tensor_f32(f, name)
-
-
-def bundles_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bf16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32)
+    raw = f.tensor(name, verify=verify)
+    if entry.dtype in QUANT_TYPES:
+        if verify:
+            try:
+                check_quantized_matrix(raw, entry.shape[-1], entry.dtype)
+            except KernelInputError as e:
+                raise SchemaError(f.path, f"tensor {name!r}", f"{e}; {schema.REBUILD}") from None
+        return QuantMatrix(raw, entry.shape, entry.dtype)
+    values = schema.to_float32(raw, "bf16") if entry.dtype == "bf16" else np.asarray(raw)
+    if verify and values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise SchemaError(f.path, f"tensor {name!r}", f"holds {int((~np.isfinite(values)).sum())} non-finite "
+                          f"values; {schema.REBUILD}")
+    return torch.from_numpy(values)
 
 
 @dataclass
 class LayoutModel:
     path: str
     file: LayoutFile
-    header: dict
+    header: ModelHeader
     config: ModelConfig
     tokenizer: TextTokenizer
     weights: ModelWeights  # FFN weights present only with with_ffn=True
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights as stored (resident tensors + FFN regions)."""
+        return sum(t.nbytes for t in self.file.tensors.values()) + sum(r.length for r in self.file.layers)
+
+    @property
+    def ffn_bytes(self) -> int:
+        """Bytes of every FFN bundle of every layer (what dense streaming reads per token)."""
+        return sum(r.n_neurons * r.bundle_bytes for r in self.file.layers)
 
     def close(self) -> None:
         self.file.close()
 
 
-def open_layout(path: str | os.PathLike, with_ffn: bool = False, verify: bool = False) -> LayoutModel:
-    """Open and validate a layout file; load resident weights (and all FFN bundles if asked)."""
+def open_layout(path: str | os.PathLike, with_ffn: bool = False, verify: bool = True) -> LayoutModel:
+    """Open and validate a layout file; load resident weights, checked (``verify``), and all FFN
+    bundles if asked (``with_ffn``, checked against their digests when verifying)."""
     try:
-        f = LayoutFile.open(path, verify=verify)
+        f = LayoutFile.open(path)
     except FileNotFoundError:
-        raise ArtefactError(f"{path}: layout file not found; run `sparseflash layout` first") from None
+        raise ArtefactError(f"{path}: layout file not found; run `sparseflash prepare` first") from None
     except LayoutError as e:
         raise ArtefactError(str(e)) from None
-    header = f.header
-    if header.get("kind") != LAYOUT_KIND:
-        f.close()
-        raise ArtefactError(f"{path}: header.kind is {header.get('kind')!r}, not a sparseflash model layout")
     try:
-        config = ModelConfig.from_dict(header["model"])
-        tokenizer = TextTokenizer.from_json(header["tokenizer_json"], f"{path} tokenizer")
-    except (KeyError, TypeError) as e:
+        header = schema.read_header(path, f.header)
+        schema.check_layout(path, header, f.tensors, f.layers)
+        config = ModelConfig.from_dict(header.model)
+        tokenizer = TextTokenizer.from_json(header.tokenizer_json, f"{path} tokenizer")
+        weights = _weights(f, config, with_ffn, verify)
+    except (LayoutError, SparseflashError) as e:
         f.close()
-        raise ArtefactError(f"{path}: header lacks or mangles {e}") from None
-    if len(f.layers) != config.num_layers:
+        raise ArtefactError(str(e) if isinstance(e, LayoutError) else f"{path}: {e}") from None
+    except BaseException:
         f.close()
-        raise ArtefactError(f"{path}: {len(f.layers)} FFN regions for a {config.num_layers}-layer model")
+        raise
+    return LayoutModel(str(path), f, header, config, tokenizer, weights)
+
+
+def _weights(f: LayoutFile, config: ModelConfig, with_ffn: bool, verify: bool) -> ModelWeights:
     names = set(f.tensor_names)
 
     def get(name):
-        return tensor_for_compute(f, name) if name in names else None
+        return resident_tensor(f, name, verify) if name in names else None
 
     layers = []
     for l in range(config.num_layers):
-        fields = {k: get(f"layers.{l}.{k}") for k in ATTENTION_FIELDS}
+        fields = {k: get(schema.layer_tensor(l, k)) for k in (*schema.LAYER_FIELDS, *schema.NEURON_BIAS_FIELDS)}
         if with_ffn:
             region = f.layers[l]
-            rows = bundles_f32(f.read_bundles(l, start=0, count=region.n_neurons), region.dtype)
+            rows = decode_bundles(f.read_bundles(l, start=0, count=region.n_neurons, verify=verify),
+                                  parts=len(schema.bundle_parts(config.gated)), storage=region.dtype)
             d = config.hidden_size
-            parts = [torch.from_numpy(np.ascontiguousarray(rows[:, i * d : (i + 1) * d])) for i in range(rows.shape[1] // d)]
-            if config.gated:
-                fields["w_gate"], fields["w_up"], down = parts
-            else:
-                fields["w_up"], down = parts
-            fields["w_down"] = down.T.contiguous()
+            parts = dict(zip(schema.bundle_parts(config.gated),
+                             (torch.from_numpy(np.ascontiguousarray(rows[:, i * d : (i + 1) * d]))
+                              for i in range(rows.shape[1] // d))))
+            fields["w_up"], fields["w_gate"] = parts["up"], parts.get("gate")
+            fields["w_down"] = parts["down"].T.contiguous()
         layers.append(LayerWeights(**fields))
-    embed = get("embed")
-    weights = ModelWeights(embed=embed, layers=layers, final_norm_w=get("final_norm_w"),
-                           final_norm_b=get("final_norm_b"), lm_head=get("lm_head") if "lm_head" in names else embed)
-    return LayoutModel(str(path), f, header, config, tokenizer, weights)
+    embed = get(schema.EMBED)
+    return ModelWeights(embed=embed, layers=layers, final_norm_w=get(schema.FINAL_NORM_W),
+                        final_norm_b=get(schema.FINAL_NORM_B),
+                        lm_head=get(schema.LM_HEAD) if schema.LM_HEAD in names else embed)

@@ -8,46 +8,62 @@ from dataclasses import dataclass
 from sparseflash.errors import SparseflashError
 
 EVICTION_POLICIES = ("lru", "lfu", "predicted", "window")
-DEFAULT_EVICTION = "predicted"  # fewest bytes in io-report on the bundled model (docs/runtime.md)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+BUDGET_FORMS = "bytes (2GiB, 500MB), a share of the model's weight bytes (40%) or of its FFN bytes (25%ffn)"
 
 
-def parse_budget(text: str, model_weight_bytes: int) -> int:
-    """'2GiB', '500MB', '123456' (bytes) or '40%' (of the model's weight bytes) -> bytes."""
-    s = str(text).strip().lower()
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[a-z]*)", s)
-    if s.endswith("%ffn"):
-        raise SparseflashError("internal: parse '%ffn' budgets with parse_ffn_share")
-    if not m or (m.group(2) not in _UNITS and m.group(2) != "%"):
-        raise SparseflashError(f"--budget {text!r} is not a size: use bytes (e.g. 2GiB, 500MB) or a share (40%)")
-    value = float(m.group(1))
-    if m.group(2) == "%":
-        if not 0 < value <= 1000:
-            raise SparseflashError(f"--budget {text!r}: a share must be in (0, 1000]%")
-        return int(model_weight_bytes * value / 100)
-    return int(value * _UNITS[m.group(2)])
+@dataclass(frozen=True)
+class Budget:
+    """A hard bound on the weight bytes held: either ``nbytes``, or ``ffn_share``, meaning the fixed
+    parts (resident tensors, predictors, index, I/O buffers) plus hot region and neuron cache
+    bundles equal to that share of the FFN bytes (docs/runtime.md)."""
 
+    nbytes: int | None = None
+    ffn_share: float | None = None
 
-def parse_ffn_share(text: str) -> float | None:
-    """'25%ffn' -> 0.25 (hot region + neuron cache = 25% of the FFN bytes); None for other budgets."""
-    s = str(text).strip().lower()
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%ffn", s)
-    if not m:
-        return None
-    share = float(m.group(1)) / 100
-    if not 0 < share <= 1:
-        raise SparseflashError(f"--budget {text!r}: the FFN share must be in (0, 100]%ffn")
-    return share
+    def __post_init__(self):
+        if (self.nbytes is None) == (self.ffn_share is None):
+            raise SparseflashError("a budget is either bytes or an FFN share, not both or neither")
+        if self.nbytes is not None and (isinstance(self.nbytes, bool) or not isinstance(self.nbytes, int)
+                                        or self.nbytes < 1):
+            raise SparseflashError(f"--budget must be a positive number of bytes, got {self.nbytes!r}")
+        if self.ffn_share is not None and not 0 < self.ffn_share <= 1:
+            raise SparseflashError(f"--budget: the FFN share must be in (0, 100]%ffn, got {self.ffn_share:.2%}")
+
+    @classmethod
+    def parse(cls, text: str | int, model_weight_bytes: int) -> Budget:
+        """'2GiB', '500MB', '123456' (bytes), '40%' (of the model's weight bytes) or '25%ffn'."""
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls(nbytes=text)
+        s = str(text).strip().lower()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%ffn", s)
+        if m:
+            return cls(ffn_share=float(m.group(1)) / 100)
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[a-z]*)", s)
+        if not m or (m.group(2) not in _UNITS and m.group(2) != "%"):
+            raise SparseflashError(f"--budget {text!r} is not a size: use {BUDGET_FORMS}")
+        value = float(m.group(1))
+        if m.group(2) == "%":
+            if not 0 < value <= 1000:
+                raise SparseflashError(f"--budget {text!r}: a share must be in (0, 1000]%")
+            return cls(nbytes=max(1, int(model_weight_bytes * value / 100)))
+        if value <= 0 or int(value * _UNITS[m.group(2)]) < 1:
+            raise SparseflashError(f"--budget {text!r} must be at least one byte")
+        return cls(nbytes=int(value * _UNITS[m.group(2)]))
+
+    def describe(self) -> str:
+        return f"FFN share {self.ffn_share:.0%}" if self.ffn_share is not None else f"budget {self.nbytes} bytes"
 
 
 @dataclass(frozen=True)
 class Policy:
-    """Numbers that decide memory use and I/O. Sizes in bytes, windows in tokens."""
+    """Numbers that decide memory use and I/O. Sizes in bytes, windows in tokens. The CLI takes its
+    defaults from here."""
 
-    budget_bytes: int
+    budget: Budget
     window: int = 4  # neurons used in the last `window` tokens are protected from eviction
-    eviction: str = DEFAULT_EVICTION  # beyond the window: lru | lfu | predicted | window
+    eviction: str = "predicted"  # beyond the window: lru | lfu | predicted | window (fewest bytes: docs/runtime.md)
     io: str = "direct"  # direct (O_DIRECT) | buffered (page cache dropped after each read)
     io_threads: int = 4
     io_buffer_bytes: int = 1 << 20  # per thread; counted in the budget
@@ -56,10 +72,12 @@ class Policy:
     margin: float = 0.0  # predictor safety margin: top-k grows by (1 + margin), the cut drops by margin
     min_slots: int = 16  # smallest neuron cache per layer that the engine accepts
     reuse: bool = True  # False: forget every unpinned neuron at each token (the no-cache baseline)
-    ffn_share: float | None = None  # if set, the budget is the fixed part plus this share of the FFN bytes
     device: str = "cpu"  # where the neuron cache and the sparse FFN live: cpu | cuda
+    verify: bool = True  # check every bundle read (digest, finite values) and resident tensors at load
 
     def __post_init__(self):
+        if not isinstance(self.budget, Budget):
+            raise SparseflashError(f"internal: Policy.budget must be a Budget, got {type(self.budget).__name__}")
         if self.eviction not in EVICTION_POLICIES:
             raise SparseflashError(f"--eviction must be one of {', '.join(EVICTION_POLICIES)}")
         if self.io not in ("direct", "buffered"):
@@ -68,3 +86,6 @@ class Policy:
             raise SparseflashError("--device must be cpu or cuda")
         if self.window < 0 or self.io_threads < 1:
             raise SparseflashError("--window must be >= 0 and --io-threads >= 1")
+
+
+DEFAULT_EVICTION = Policy.eviction

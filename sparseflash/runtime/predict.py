@@ -1,35 +1,47 @@
 """Active-set prediction at run time, from the predictor tensors stored in the layout file.
 
-Scores are sigmoid(W2 · relu(W1 · x + b1) + b2) with W2/b2 rows in stored neuron order, so the
-predicted ids are stored positions directly. Strategies: ``topk`` (the layer's k per token),
-``threshold`` (logit above the layer's cut), ``all`` (every neuron: no predictor).
+Scores are the stored predictor's logits (layout/schema.py:predictor_logits) with W2/b2 rows in
+stored neuron order, so the predicted ids are stored positions directly. Strategies: ``topk``
+(the layer's k per token), ``threshold`` (logit above the layer's cut), ``all`` (every neuron:
+no predictor).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.layout import schema
+from sparseflash.layout.format import LayoutFile
+from sparseflash.layout.schema import ModelHeader, PredictorSpec
 
-STRATEGIES = ("topk", "threshold", "all")
+STRATEGIES = (*schema.STRATEGIES, "all")
 
 
+@dataclass(frozen=True)
 class LayerPredictor:
-    def __init__(self, w1, b1, w2, b2, topk: int, cut: float):
-        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
-        self.topk, self.cut = topk, cut
+    """One layer's stored predictor (tensors on one device) and its decision rule."""
+
+    w1: torch.Tensor  # (rank, d)
+    b1: torch.Tensor  # (rank,)
+    w2: torch.Tensor  # (neurons, rank), rows in stored order
+    b2: torch.Tensor  # (neurons,)
+    topk: int
+    cut: float
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w1, self.b1, self.w2, self.b2))
 
-    def to(self, device: torch.device | str) -> None:
-        self.w1, self.b1, self.w2, self.b2 = (t.to(device) for t in (self.w1, self.b1, self.w2, self.b2))
+    def to(self, device: torch.device | str) -> LayerPredictor:
+        """The same predictor with its tensors on ``device`` (a new object)."""
+        return LayerPredictor(*(t.to(device) for t in (self.w1, self.b1, self.w2, self.b2)), self.topk, self.cut)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
+        return schema.predictor_logits(x, self.w1, self.b1, self.w2, self.b2)
 
     def predict(self, x: torch.Tensor, strategy: str, margin: float = 0.0, scores: bool = False):
         """Sorted stored positions predicted active for any token of x (tokens, d); with ``scores``,
@@ -37,8 +49,7 @@ class LayerPredictor:
         z = self.logits(x)
         if strategy == "topk":
             k = min(z.shape[1], int(np.ceil(self.topk * (1 + margin))))
-            idx = torch.topk(z, k, dim=1).indices
-            positions = np.unique(idx.cpu().numpy())
+            positions = np.unique(torch.topk(z, k, dim=1).indices.cpu().numpy())
         else:
             positions = np.nonzero((z > self.cut - margin).any(dim=0).cpu().numpy())[0]
         if scores:
@@ -46,28 +57,45 @@ class LayerPredictor:
         return positions
 
 
-def load_predictors(layout_file, header: dict, num_layers: int, strategy: str | None):
-    """(strategy, {layer: LayerPredictor}, {layer: look-ahead LayerPredictor fed with layer-1's input})."""
-    meta = header.get("predictors")
+@dataclass(frozen=True)
+class Predictors:
+    """The strategy in force, each layer's predictor and the look-ahead ones (fed layer l-1's input)."""
+
+    strategy: str
+    own: dict[int, LayerPredictor]
+    lookahead: dict[int, LayerPredictor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in (*self.own.values(), *self.lookahead.values()))
+
+    def to(self, device: torch.device | str) -> Predictors:
+        move = lambda d: {l: p.to(device) for l, p in d.items()}  # noqa: E731
+        return Predictors(self.strategy, move(self.own), move(self.lookahead))
+
+
+def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = None,
+                    lookahead: bool = True, verify: bool = True) -> Predictors:
+    """The layout's predictors; ``strategy`` None takes the layout's own (``all`` when it has none).
+    With ``verify``, every predictor tensor's checksum is checked as it is read."""
+    meta = header.predictors
     if strategy is None:
-        strategy = meta["strategy"] if meta else "all"
+        strategy = meta.strategy if meta else "all"
     if strategy not in STRATEGIES:
         raise SparseflashError(f"unknown prediction strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if strategy == "all":
-        return strategy, {}, {}
-    if not meta:
-        raise ArtefactError(f"{layout_file.path}: has no predictors; rebuild it with `sparseflash layout "
-                            "--predictors DIR` or run with --strategy all")
+        return Predictors(strategy, {}, {})
+    if meta is None:
+        raise ArtefactError(f"{f.path}: has no predictors; rebuild it with `sparseflash prepare` (or `sparseflash "
+                            "layout --predictors DIR`), or run with --strategy all")
 
-    def get(name):
-        return torch.from_numpy(np.asarray(layout_file.tensor(name), dtype=np.float32))
+    def load(kind: str, layer: int, spec: PredictorSpec) -> LayerPredictor:
+        parts = (torch.from_numpy(np.asarray(f.tensor(schema.predictor_tensor(kind, layer, part), verify=verify),
+                                             dtype=np.float32))
+                 for part in schema.PREDICTOR_PARTS)
+        return LayerPredictor(*parts, spec.topk, spec.cut)
 
-    own, ahead = {}, {}
-    for l in range(num_layers):
-        m = meta["layers"][l]
-        own[l] = LayerPredictor(*(get(f"pred.layer.{l}.{k}") for k in ("w1", "b1", "w2", "b2")), m["topk"], m["cut"])
-        la = meta["lookahead"][l] if meta.get("lookahead") else None
-        if la is not None and f"pred.lookahead.{l}.w1" in layout_file.tensors:
-            ahead[l] = LayerPredictor(*(get(f"pred.lookahead.{l}.{k}") for k in ("w1", "b1", "w2", "b2")),
-                                      la["topk"], la["cut"])
-    return strategy, own, ahead
+    own = {l: load("layer", l, spec) for l, spec in enumerate(meta.layers)}
+    ahead = {l: load("lookahead", l, spec) for l, spec in enumerate(meta.lookahead)
+             if spec is not None and lookahead}
+    return Predictors(strategy, own, ahead)

@@ -19,9 +19,10 @@ from sparseflash.tools import (
     cmd_predictors,
     cmd_profile,
     cmd_stream,
+    cmd_trend,
 )
 
-COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf, cmd_predictors, cmd_layout, cmd_stream, cmd_plugins]
+COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf, cmd_predictors, cmd_layout, cmd_stream, cmd_trend, cmd_plugins]
 
 
 def build_parser() -> argparse.ArgumentParser:

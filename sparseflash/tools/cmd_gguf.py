@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from sparseflash.tools.format import fmt_bytes
+from sparseflash.units import fmt_bytes
 
 
 def cmd_export_gguf(args) -> int:
     from sparseflash.model.gguf_export import export_gguf
 
-    r = export_gguf(args.model, args.output, args.dtype)
+    r = export_gguf(args.model, args.output, args.dtype, args.tokenizer)
     if args.json:
         print(json.dumps({"path": str(r.path), "arch": r.arch, "dtype": r.dtype, "tensors": r.tensors,
                           "bytes": r.nbytes, "tokenizer_pre": r.tokenizer_pre}))
@@ -26,5 +26,7 @@ def register(sub) -> None:
     e.add_argument("-o", "--output", required=True, help="the .gguf file to write (replaced atomically)")
     e.add_argument("--dtype", choices=("f32", "f16", "bf16"), default="f32",
                    help="type of the matrices; norms and biases stay f32 (default: f32)")
+    e.add_argument("--tokenizer", default=None, metavar="TOKENIZER_JSON",
+                   help="use this tokenizer.json instead of the source's own")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_export_gguf)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 
-from sparseflash.tools.format import fmt_bytes
+from sparseflash.layout.params import PluginTrainParams as P
+from sparseflash.units import fmt_bytes
 
 
 def cmd_train(args) -> int:
     import torch
 
-    from sparseflash.layout.plugin_train import PluginTrainParams, train_plugin_file
+    from sparseflash.layout.plugin_train import train_plugin_file
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = PluginTrainParams(ratio=args.ratio, layer=args.layer, tail=args.tail, rank=args.rank, rope=args.rope,
+    params = P(ratio=args.ratio, layer=args.layer, tail=args.tail, rank=args.rank, rope=args.rope,
                                prompt_tokens=args.prompt_tokens, min_prompt_tokens=args.min_prompt_tokens,
                                continuation_tokens=args.continuation_tokens, steps=args.steps, batch=args.batch,
                                lr=args.lr, seed=args.seed)
@@ -35,7 +36,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from sparseflash.eval.plugins_eval import PluginEvalParams, evaluate_plugins, save_plot
+    from sparseflash.eval.plugins_eval import PluginEvalParams, evaluate_plugins, format_table, save_plot
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,36 +58,6 @@ def cmd_eval(args) -> int:
         return 0
     print(format_table(result))
     return 0
-
-
-def format_table(result: dict) -> str:
-    """The eval table as text, with Variator's figures underneath."""
-    s = result["settings"]
-    lines = [f"{s['windows']} windows of {s['prompt_tokens']} prompt + {s['continuation_tokens']} continuation "
-             f"tokens from {s['corpus']}",
-             "| ratio | layer | positions | prefill GFLOP | FLOPs saved | prefill ms | streamed prefill neurons "
-             "| streamed prefill FFN read | KV bytes | cont. ppl | ppl rise | KL | greedy agree (prefix) | top-1 agree "
-             "| plugin params |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        ffn = neurons = "-"
-        if r.get("prefill_ffn_bytes") is not None:
-            ffn = f"{fmt_bytes(r['prefill_ffn_bytes'])} ({-100 * r.get('prefill_ffn_bytes_saved', 0.0):+.0f}%)"
-            neurons = f"{r['prefill_neurons']:.0f} ({-100 * r.get('prefill_neurons_saved', 0.0):+.0f}%)"
-        lines.append(
-            f"| {r['ratio']} | {'-' if r['layer'] is None else r['layer']} | {r['prompt_positions_after']} | "
-            f"{r['prefill_flops'] / 1e9:.3f} | {100 * r['prefill_flops_saved']:.1f}% | {r['prefill_ms']:.1f} | {neurons} | {ffn} | "
-            f"{fmt_bytes(r['kv_bytes'])} ({-100 * r['kv_bytes_saved']:+.0f}%) | {r['continuation_ppl']:.3f} | "
-            f"{100 * r['ppl_rise']:+.2f}% | {r['kl_to_uncompressed']:.4f} | {100 * r['greedy_agreement']:.1f}% ({r['greedy_prefix_tokens']:.1f}) | {100 * r['top1_agreement']:.1f}% | "
-            f"{r['plugin_params']:,} ({100 * r['plugin_param_share']:.2f}%) |")
-    t = result["truncated"]
-    lines.append(f"prompt cut to its last {t['kept_tokens']} tokens (no plugin): cont. ppl {t['continuation_ppl']:.3f} "
-                 f"({100 * t['ppl_rise']:+.2f}%), KL {t['kl_to_uncompressed']:.4f}, greedy agreement "
-                 f"{100 * t['greedy_agreement']:.1f}% ({t['greedy_prefix_tokens']:.1f}), top-1 agreement {100 * t['top1_agreement']:.1f}%")
-    v = result["variator"]
-    lines.append(f"Variator (T5-base, reported): {100 * v['flops_saved']:.0f}% computation saved, "
-                 f"{100 * v['param_share']:.1f}% extra parameters, quality drop {v['quality_drop']}")
-    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
@@ -118,18 +89,18 @@ def register(sub) -> None:
     model_arg(t)
     t.add_argument("--corpus", required=True, help="training text (plain or .zst); its last 10%% is held out")
     t.add_argument("--ratio", type=int, required=True, help="prompt tokens per compressed vector")
-    t.add_argument("--layer", type=int, default=0, help="compress after this layer (0-based)")
-    t.add_argument("--tail", type=int, default=16, help="last prompt tokens kept uncompressed (at least)")
-    t.add_argument("--rank", type=int, default=32, help="bottleneck width of the plugin's MLP")
-    t.add_argument("--rope", choices=["last", "mean"], default="mean",
+    t.add_argument("--layer", type=int, default=P.layer, help="compress after this layer (0-based)")
+    t.add_argument("--tail", type=int, default=P.tail, help="last prompt tokens kept uncompressed (at least)")
+    t.add_argument("--rank", type=int, default=P.rank, help="bottleneck width of the plugin's MLP")
+    t.add_argument("--rope", choices=["last", "mean"], default=P.rope,
                    help="rotary position of a compressed vector: its group's last token's or the mean")
-    t.add_argument("--prompt-tokens", type=int, default=256, help="longest training prompt")
-    t.add_argument("--min-prompt-tokens", type=int, default=128, help="shortest training prompt")
-    t.add_argument("--continuation-tokens", type=int, default=64)
-    t.add_argument("--steps", type=int, default=150)
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--lr", type=float, default=3e-2)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--prompt-tokens", type=int, default=P.prompt_tokens, help="longest training prompt")
+    t.add_argument("--min-prompt-tokens", type=int, default=P.min_prompt_tokens, help="shortest training prompt")
+    t.add_argument("--continuation-tokens", type=int, default=P.continuation_tokens)
+    t.add_argument("--steps", type=int, default=P.steps)
+    t.add_argument("--batch", type=int, default=P.batch)
+    t.add_argument("--lr", type=float, default=P.lr)
+    t.add_argument("--seed", type=int, default=P.seed)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("-o", "--output", required=True, help="plugin file (name it *.plugin.safetensors)")
     t.add_argument("--json", action="store_true")

@@ -9,14 +9,12 @@ and thresholds. For the file's order the hot region is resident (never read per 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from sparseflash.layout.stats import active_mask
-from sparseflash.model.ffn import DenseFFN
+from sparseflash.layout.activations import NeuronTap
+from sparseflash.layout.format_extents import mask_read_cost
 from sparseflash.model.perplexity import windows
-from sparseflash.model.transformer import Transformer
-from sparseflash.runtime.iomodel import BLOCK, DeviceModel, mask_read_cost
+from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.layout_model import open_layout
 
 
@@ -24,14 +22,13 @@ def true_active_masks(lm, ids: list[int], tokens: int, ctx: int, quiet: bool = T
     """Per layer (tokens, neurons) bool active sets, neurons in stored order, at the layout's thresholds."""
     c = lm.config
     seqs = windows(ids, ctx, tokens)
-    col_norms = [torch.linalg.vector_norm(w.w_down, dim=0) for w in lm.weights.layers]
-    thresholds = [layer.threshold for layer in lm.file.layers]
+    tap = NeuronTap(lm.weights, [layer.threshold for layer in lm.file.layers])
     out = [[] for _ in range(c.num_layers)]
 
     def hook(l, x, a):
-        out[l].append(active_mask(a.abs() * col_norms[l], thresholds[l]).numpy())
+        out[l].append(tap.active(l, a).numpy())
 
-    net = Transformer(c, lm.weights, DenseFFN(lm.weights.layers, c.activation, c.gated, hook))
+    net = tap.transformer(c, hook)
     for i in tqdm(range(0, len(seqs), 8), desc="held-out active sets", disable=quiet, leave=False):
         net(seqs[i : i + 8])
     return [np.concatenate(m) for m in out]
@@ -40,7 +37,7 @@ def true_active_masks(lm, ids: list[int], tokens: int, ctx: int, quiet: bool = T
 def _cost(masks, bundle_bytes, device: DeviceModel) -> dict:
     req, nbytes = [], []
     mreq, mbytes = [], []
-    gap = device.merge_gap_bytes // BLOCK
+    gap = device.merge_gap_blocks
     for m in masks:
         r, b = mask_read_cost(m, bundle_bytes)
         req.append(r)
@@ -68,11 +65,9 @@ def layout_report(path: str, ids: list[int], tokens: int = 8192, ctx: int = 256,
     lm = open_layout(path, with_ffn=True)
     try:
         if device is None:
-            from pathlib import Path
+            from sparseflash.runtime.diskprobe import device_model_for
 
-            from sparseflash.runtime.diskprobe import probe_disk
-
-            device, _ = probe_disk(Path(path).resolve().parent)
+            device = device_model_for(path)
         masks = true_active_masks(lm, ids, tokens, ctx, quiet)
         layers = lm.file.layers
         bundle_bytes = layers[0].bundle_bytes
@@ -93,9 +88,9 @@ def layout_report(path: str, ids: list[int], tokens: int = 8192, ctx: int = 256,
         active = float(np.mean([m.sum(1).mean() for m in masks]))
         report = {
             "layout": str(path),
-            "order": lm.header.get("order"),
+            "order": lm.header.provenance.get("order"),
             "tokens": n_tokens,
-            "hot_fraction": lm.header.get("hot_fraction"),
+            "hot_fraction": lm.header.provenance.get("hot_fraction"),
             "bundle_bytes": bundle_bytes,
             "active_per_layer_per_token": active,
             "device_model": device.to_dict(),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparseflash.runtime.iomodel import BLOCK, plan_extents
+from sparseflash.layout.format_extents import extent_bytes, plan_extents
 
 
 @dataclass
@@ -87,5 +87,5 @@ def simulate(traces: list[list[np.ndarray]], n_hot: list[int], capacity: int, bu
             needed[t] += int((np.asarray(trace[t]) >= n_hot[l]).sum())
             ext = plan_extents(m, bundle_bytes, merge_gap_blocks)
             requests[t] += len(ext)
-            nbytes[t] += int((ext[:, 1] - ext[:, 0]).sum()) * BLOCK
+            nbytes[t] += extent_bytes(ext)
     return SimResult(fetched, needed, requests, nbytes, misses)

@@ -1,4 +1,4 @@
-"""Human-readable numbers for command output."""
+"""Byte sizes as people read them. Imports nothing; every stage may use it."""
 
 
 def fmt_bytes(n: float) -> str:

@@ -20,21 +20,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sparseflash.layout.stats import active_mask
-from sparseflash.model.ffn import DenseFFN
+from sparseflash.eval.simulate import simulate
+from sparseflash.layout.activations import NeuronTap
+from sparseflash.layout.format_extents import extent_bytes, plan_extents
 from sparseflash.model.perplexity import windows
 from sparseflash.model.transformer import Transformer
-from sparseflash.runtime.iomodel import BLOCK, DeviceModel
+from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.layout_model import open_layout
 from sparseflash.runtime.policy import DEFAULT_EVICTION, EVICTION_POLICIES
-from sparseflash.runtime.session import ffn_bytes, open_streamed
-from sparseflash.runtime.simulate import simulate
+from sparseflash.runtime.session import open_streamed
 from sparseflash.runtime.streamer import BundleReader
 
 MODES = ("dense-stream", "sparse", "sparse+window", "oracle")
 
 
-def _quality(logits: torch.Tensor, seqs: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+def quality(logits: torch.Tensor, seqs: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(perplexity, top-1 agreement with ``ref``) of teacher-forced logits (windows, ctx, vocab)."""
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
     agree = (logits[:, :-1].argmax(-1) == ref[:, :-1].argmax(-1)).float().mean()
@@ -44,25 +44,27 @@ def _quality(logits: torch.Tensor, seqs: torch.Tensor, ref: torch.Tensor) -> tup
 def _dense_pass(lm, seqs):
     """Dense logits and, with oracle masking, the oracle's logits and true active trace."""
     c = lm.config
-    col = [torch.linalg.vector_norm(w.w_down, dim=0) for w in lm.weights.layers]
-    thr = [r.threshold for r in lm.file.layers]
+    tap = NeuronTap(lm.weights, [r.threshold for r in lm.file.layers])
     dense = Transformer(c, lm.weights)
     trace = [[] for _ in range(c.num_layers)]
 
     def oracle_hook(l, x, a):
-        m = active_mask(a.abs() * col[l], thr[l])
+        m = tap.active(l, a)
         for row in m.numpy():
             trace[l].append(np.nonzero(row)[0])
         return a * m
 
-    oracle = Transformer(c, lm.weights, DenseFFN(lm.weights.layers, c.activation, c.gated, oracle_hook))
+    oracle = tap.transformer(c, oracle_hook)
     ref = torch.cat([dense(seqs[i : i + 1]) for i in range(len(seqs))])
     orc = torch.cat([oracle(seqs[i : i + 1]) for i in range(len(seqs))])
     return ref, orc, trace
 
 
-def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction: str = DEFAULT_EVICTION):
-    model = open_streamed(path, budget, disk=device, reuse=reuse, lookahead=False, eviction=eviction)
+def streamed_pass(path, budget, seqs: torch.Tensor, device: DeviceModel | None = None, quiet: bool = True,
+                  desc: str = "streamed", **policy):
+    """Teacher-force ``seqs`` (windows, ctx) token by token through the streamed engine, as decoding
+    reads: (logits (windows, ctx, vocab), per-token stats, memory plan, predicted trace, direct I/O)."""
+    model = open_streamed(path, budget, disk=device, **policy)
     model.engine.trace = [[] for _ in range(model.layout.config.num_layers)]
     try:
         model.engine.stats.clear()
@@ -72,9 +74,13 @@ def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction:
             out.append(torch.cat([model.transformer(seqs[w : w + 1, i : i + 1], cache=cache, start=i)
                                   for i in range(seqs.shape[1])], dim=1))
         stats = list(model.engine.stats)
-        return torch.cat(out), stats, model.engine.memory, model.engine.trace, model.engine.reader.direct
+        return torch.cat(out), stats, model.engine.memory, model.engine.trace, model.engine.fetcher.reader.direct
     finally:
         model.close()
+
+
+def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction: str = DEFAULT_EVICTION):
+    return streamed_pass(path, budget, seqs, device, quiet, desc, reuse=reuse, lookahead=False, eviction=eviction)
 
 
 def _row(bytes_tok, requests_tok, hits, looked, io_s_tok, dense_bytes, ppl, top1):
@@ -99,20 +105,25 @@ def _engine_row(stats, n_tok, dense_bytes, ppl=None, top1=None) -> dict:
     return row
 
 
-def _measure_reads(path, regions, device, reads_per_token: list[list[np.ndarray]], quiet, desc) -> float:
-    """Issue the given per-token, per-layer position reads for real; mean seconds per token."""
+def _measure_reads(path, regions, device, reads_per_token: list[list[np.ndarray]], quiet, desc
+                   ) -> tuple[float, float, float]:
+    """Issue the given per-token, per-layer position reads for real, as the engine's reader does;
+    mean (seconds, bytes, requests) per token, as measured by the reader."""
     reader = BundleReader(path, regions, device, "direct", 4)
     try:
         scratch = [np.zeros((r.n_neurons, r.bundle_len), dtype=np.uint16 if r.dtype != "f32" else np.float32)
                    for r in regions]
-        total = 0.0
+        seconds = nbytes = requests = 0
         for per_layer in tqdm(reads_per_token, desc=desc, disable=quiet, leave=False):
             t = time.perf_counter()
             for l, pos in enumerate(per_layer):
                 if len(pos):
-                    reader.read(l, pos, scratch[l], np.arange(len(pos)))
-            total += time.perf_counter() - t
-        return total / max(len(reads_per_token), 1)
+                    result = reader.read(l, pos, scratch[l], np.arange(len(pos)))
+                    nbytes += result.bytes
+                    requests += result.requests
+            seconds += time.perf_counter() - t
+        n = max(len(reads_per_token), 1)
+        return seconds / n, nbytes / n, requests / n
     finally:
         reader.close()
 
@@ -133,13 +144,13 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
         lm = open_layout(path, with_ffn=True)
         try:
             regions = list(lm.file.layers)
-            dense_bytes = ffn_bytes(lm)
+            dense_bytes = lm.ffn_bytes
             ref, orc_logits, oracle_trace = _dense_pass(lm, seqs)
             n_hot = [r.n_hot for r in regions]
-            order = lm.header.get("order")
+            order = lm.header.provenance.get("order")
         finally:
             lm.close()
-        ppl_dense, _ = _quality(ref, seqs, ref)
+        ppl_dense, _ = quality(ref, seqs, ref)
         modes = {}
         n_tok = int(seqs.numel())
 
@@ -147,30 +158,26 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
         engine_runs = {}
         for name, reuse in (("sparse", False), ("sparse+window", True)):
             logits, stats, memory, trace, direct = _engine_pass(path, budget, seqs, reuse, device, quiet, name)
-            modes[name] = _engine_row(stats, n_tok, dense_bytes, *_quality(logits, seqs, ref))
+            modes[name] = _engine_row(stats, n_tok, dense_bytes, *quality(logits, seqs, ref))
             engine_runs[name] = (memory, trace)
         memory, predicted_trace = engine_runs["sparse+window"]
 
-        # dense-stream: every region, every token (time measured on a sample of tokens)
-        sample = min(n_tok, 32)
-        full = [[np.arange(r.n_neurons) for r in regions] for _ in range(sample)]
-        io_s = _measure_reads(path, regions, device, full, quiet, "dense-stream")
-        reader = BundleReader(path, regions, device, "direct", 1)
-        req = sum(len(reader.plan(l, np.arange(r.n_neurons))) for l, r in enumerate(regions))
-        reader.close()
-        modes["dense-stream"] = _row(sum(r.length for r in regions), req, 0, 0, io_s, dense_bytes, ppl_dense, 1.0)
-        modes["dense-stream"]["bytes_per_token"] = float(sum((r.length + BLOCK - 1) // BLOCK * BLOCK for r in regions))
+        # dense-stream: every region, every token (measured on a sample of tokens: each reads the same)
+        full = [[np.arange(r.n_neurons) for r in regions] for _ in range(min(n_tok, 32))]
+        io_s, nbytes, requests = _measure_reads(path, regions, device, full, quiet, "dense-stream")
+        modes["dense-stream"] = _row(nbytes, requests, 0, 0, io_s, dense_bytes, ppl_dense, 1.0)
 
-        # oracle: Belady replay of the true trace in a cache of the engine's size, reads issued for real
+        # oracle: Belady replay of the true trace in a cache of the engine's size, its misses read for real
         bb = regions[0].bundle_bytes
-        sim = simulate(oracle_trace, n_hot, memory.slots_per_layer, bb, "belady", 0, device.merge_gap_bytes // BLOCK)
+        sim = simulate(oracle_trace, n_hot, memory.slots_per_layer, bb, "belady", 0, device.merge_gap_blocks)
         reads = [[sim.misses[l][t] for l in range(len(regions))] for t in range(n_tok)]
-        io_s = _measure_reads(path, regions, device, reads, quiet, "oracle reads")
-        ppl_o, top1_o = _quality(orc_logits, seqs, ref)
+        io_s, nbytes, requests = _measure_reads(path, regions, device, reads, quiet, "oracle reads")
+        ppl_o, top1_o = quality(orc_logits, seqs, ref)
         total_needed = sum(len(p) for layer in oracle_trace for p in layer)
-        modes["oracle"] = _row(sim.bytes.mean(), sim.requests.mean(), total_needed - sim.fetched.sum(), total_needed,
-                               io_s, dense_bytes, ppl_o, top1_o)
+        modes["oracle"] = _row(nbytes, requests, total_needed - sim.fetched.sum(), total_needed, io_s, dense_bytes,
+                               ppl_o, top1_o)
         modes["oracle"]["neurons_fetched_per_token"] = float(sim.fetched.mean())
+        modes["oracle"]["simulated_bytes_per_token"] = float(sim.bytes.mean())
         entry = {"layout": str(path), "order": order, "modes": modes, "ppl_dense": ppl_dense,
                  "budget_bytes": memory.budget, "cache_slots_per_layer": memory.slots_per_layer,
                  "fetched_vs_oracle": (modes["sparse+window"]["neurons_fetched_per_token"]
@@ -201,7 +208,7 @@ def _evictions(path, budget, seqs, device, quiet, default_row, predicted_trace, 
         row = _engine_row(stats, n_tok, dense_bytes)
         out[policy] = {k: row[k] for k in keys}
     sim = simulate(predicted_trace, n_hot, memory.slots_per_layer, regions[0].bundle_bytes, "belady", 0,
-                   device.merge_gap_bytes // BLOCK)
+                   device.merge_gap_blocks)
     total = sum(len(p) for layer in predicted_trace for p in layer)
     out["belady"] = {"bytes_per_token": float(sim.bytes.mean()), "requests_per_token": float(sim.requests.mean()),
                      "hit_rate": float(1 - sim.fetched.sum() / max(total, 1)),
@@ -214,7 +221,7 @@ def _sweeps(predicted, oracle, n_hot, regions, memory, device) -> dict:
     policy and LRU) at the run's cache size; simulated on the recorded traces."""
     bb = regions[0].bundle_bytes
     n = regions[0].n_neurons
-    gap = device.merge_gap_bytes // BLOCK
+    gap = device.merge_gap_blocks
     shares = [0.1, 0.25, 0.5, 0.75, 1.0]
     by_budget = {"ffn_share": shares, "lru": [], "oracle": []}
     for share in shares:
@@ -236,8 +243,6 @@ def _window_only(trace, n_hot, window, bb, gap) -> tuple[float, float]:
     """LLM-in-a-Flash's plain sliding window: keep exactly the neurons used in the last k tokens,
     however many that is. Returns (bytes read per token, mean neurons held per layer): its memory
     is not bounded by the budget, so both are reported."""
-    from sparseflash.runtime.iomodel import plan_extents
-
     total = 0
     held_sum = 0
     tokens = len(trace[0])
@@ -248,12 +253,27 @@ def _window_only(trace, n_hot, window, bb, gap) -> tuple[float, float]:
             held = set().union(*recent) if recent else set()
             held_sum += len(held | need)
             miss = np.array(sorted(need - held), dtype=np.int64)
-            ext = plan_extents(miss, bb, gap)
-            total += int((ext[:, 1] - ext[:, 0]).sum()) * BLOCK
+            total += extent_bytes(plan_extents(miss, bb, gap))
             recent.append(need)
             if len(recent) > window:
                 recent.pop(0)
     return total / tokens, held_sum / (tokens * len(trace))
+
+
+def save_report(report: dict, out_dir: str | Path) -> None:
+    """io_report.json, io_report.md and io_vs_budget.png in ``out_dir``, each written atomically."""
+    import json
+    import os
+
+    from sparseflash.eval.render import io_markdown
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("io_report.json", json.dumps(report, indent=1)), ("io_report.md", io_markdown(report) + "\n")):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    plot_io(report, out / "io_vs_budget.png")
 
 
 def plot_io(report: dict, path: str | Path) -> None:
@@ -282,5 +302,7 @@ def plot_io(report: dict, path: str | Path) -> None:
     axes[1].set(xlabel="window k (tokens)", ylabel="FFN KiB read per token", title="Bytes per token vs window")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    tmp.replace(path)

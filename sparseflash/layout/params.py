@@ -1,0 +1,143 @@
+"""Parameters of the preparation stages (profile, predictors, layout, prepare, compression plugins),
+with their defaults.
+
+This is the one place each default is written: the stages take these dataclasses and the command
+line reads its defaults from them. Importing this module is cheap (no torch), so the CLI can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparseflash.errors import SparseflashError
+
+ORDERS = ("coact", "frequency", "identity")  # neuron orders (layout/ordering.py)
+THRESHOLD_SETS = ("ppl", "cett")  # which profile thresholds define "active"
+LAYOUT_DTYPES = ("f16", "bf16", "f32", "q8", "q4")  # q8/q4: GGUF Q8_0/Q4_0 arithmetic along d (kernels/quant.py)
+
+
+@dataclass(frozen=True)
+class ProfileParams:
+    tokens: int = 50_000  # calibration tokens
+    ctx: int = 256  # window length (tokens)
+    cett_bound: float = 0.2
+    ppl_p: float = 1.0  # percent perplexity rise allowed
+    cett_tokens: int = 16384  # tokens sampled for the threshold search
+    ppl_tokens: int = 8192  # held-out tokens for the PPL-p% search
+    candidates: int = 1000  # magnitude quantiles tried as thresholds
+    ppl_steps: int = 10  # bisection steps on the common CETT bound
+    batch: int = 8  # windows per forward pass
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 30
+    batch: int = 512
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    max_pos_weight: float = 30.0  # cap on the positive-class weight of the BCE
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PredictorParams:
+    tokens: int = 40_960  # training tokens
+    val_tokens: int = 8192  # held-out tokens for every reported figure
+    ctx: int = 256
+    thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
+    size_share: float = 0.025  # all predictors / FFN values, sets the default rank
+    rank: int | tuple[int, ...] = 0  # 0: from size_share; a tuple gives each layer its own rank
+    topk_factor: float = 2.0  # top-k strategy predicts this many times the mean active count
+    target_recall: float = 0.99  # the threshold strategy's cut is tuned for this recall
+    tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
+    lookahead: bool = True
+    train: TrainParams = TrainParams()
+
+
+@dataclass(frozen=True)
+class LayoutParams:
+    """How a layout is made."""
+
+    order: str = "coact"  # coact | frequency | identity (ordering.py)
+    dtype: str = "f16"  # FFN bundle storage
+    resident_dtype: str | None = None  # attention, embeddings, head; None: as dtype, or f16 when dtype is quantized
+    hot_fraction: float = 0.1  # share of each layer's neurons pinned resident (the most frequent)
+    thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
+    zstd_level: int | None = None  # None: FFN chunks raw (streaming needs raw chunks)
+
+    @property
+    def resident(self) -> str:
+        """The storage of resident matrices in force."""
+        if self.resident_dtype is not None:
+            return self.resident_dtype
+        return "f16" if self.dtype in ("q8", "q4") else self.dtype
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise SparseflashError(f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.dtype not in LAYOUT_DTYPES:
+            raise SparseflashError(f"--dtype must be one of {', '.join(LAYOUT_DTYPES)}, got {self.dtype!r}")
+        if self.resident_dtype is not None and self.resident_dtype not in LAYOUT_DTYPES:
+            raise SparseflashError(f"--resident-dtype must be one of {', '.join(LAYOUT_DTYPES)}, "
+                                   f"got {self.resident_dtype!r}")
+        if not 0 <= self.hot_fraction < 1:
+            raise SparseflashError(f"--hot-fraction must be in [0, 1), got {self.hot_fraction}")
+        if self.thresholds not in THRESHOLD_SETS:
+            raise SparseflashError(f"--thresholds must be ppl or cett, got {self.thresholds!r}")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """`prepare`: profile + predictors + layout; each step's parameters are recorded with its output."""
+
+    profile_tokens: int = 32768
+    cett_tokens: int = 8192  # tokens sampled for the threshold search
+    heldout_tokens: int = 4096  # for the PPL-p% search and predictor validation
+    ppl_p: float = ProfileParams.ppl_p
+    cett: float = ProfileParams.cett_bound
+    predictor_tokens: int = 32768
+    rank: int = 0  # 0: from the size share (2.5% of FFN values)
+    epochs: int = TrainParams.epochs
+    order: str = LayoutParams.order
+    hot_fraction: float = LayoutParams.hot_fraction
+    dtype: str = LayoutParams.dtype
+    resident_dtype: str | None = LayoutParams.resident_dtype
+
+    def layout_params(self) -> LayoutParams:
+        return LayoutParams(order=self.order, dtype=self.dtype, resident_dtype=self.resident_dtype,
+                            hot_fraction=self.hot_fraction)
+
+
+# The bundled model is small enough that 2.5% of its FFN leaves rank 10, which misses half the active
+# neurons; rank 32 (8% of its FFN values) reaches the quality target, see docs/figures.md.
+BUNDLED_PARAMS = PrepareParams(rank=32, epochs=20, predictor_tokens=24576, profile_tokens=24576)
+
+
+@dataclass(frozen=True)
+class PluginTrainParams:
+    """`plugins train`: a compression plugin's shape and training schedule (layout/plugin_train.py,
+    docs/plugins.md). Lengths in tokens."""
+
+    ratio: int = 2  # prompt tokens per compressed vector
+    layer: int = 0  # compress after this layer (0-based)
+    tail: int = 16  # last prompt tokens kept uncompressed (at least)
+    rank: int = 32  # bottleneck width of the plugin's MLP
+    rope: str = "mean"  # rotary position of a compressed vector: last | mean (measured lower KL)
+    prompt_tokens: int = 256  # longest training prompt
+    min_prompt_tokens: int = 128  # each step draws its prompt length from [min, longest]
+    continuation_tokens: int = 64
+    steps: int = 150
+    batch: int = 8
+    lr: float = 3e-2
+    pool_windows: int = 192  # training windows whose teacher distributions are computed once
+    prompt_buckets: int = 4  # prompt lengths evenly spaced in [min, longest]
+    heldout_share: float = 0.1  # the corpus's last share: validation and stored quality only
+    quality_prompts: tuple[int, ...] = (64, 128, 256)  # prompt lengths whose ppl rise is stored
+    quality_windows: int = 16  # held-out windows per prompt length
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.ratio < 1 or self.rank < 1 or self.steps < 1 or self.batch < 1 or self.layer < 0 or self.tail < 0:
+            raise SparseflashError("--ratio, --rank, --steps, --batch must be >= 1 and --layer, --tail >= 0")
+        if self.rope not in ("last", "mean"):
+            raise SparseflashError(f"--rope must be last or mean, got {self.rope!r}")

@@ -1,0 +1,165 @@
+"""Filling cache slots with bundles read from the layout file: straight into host slots, or through
+pinned staging buffers into device memory. One interface for both:
+
+- ``fill(layer, positions, slots)``: read now, then commit (demand reads, the hot region);
+- ``start(layer, positions, slots)`` -> Fetch, later ``finish(fetch)``: a read that runs on the I/O
+  threads while the caller computes (the look-ahead prefetch); ``prefetch_limit()`` says how many
+  bundles such a read may take now;
+- ``abandon(fetch)``: wait for it to end and give its slots back (closing with a read in flight).
+
+Slots are committed to the cache index only after their read succeeded: a failed read releases
+its reserved slots and re-raises, so the cache stays consistent. Committing also records each new
+bundle's down-column norm (cache.down_norm), which turns activations into magnitudes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparseflash.kernels import dequantize
+from sparseflash.layout import schema
+from sparseflash.layout.format import QUANT_TYPES
+from sparseflash.runtime.budget import STAGING_BUFFERS
+from sparseflash.runtime.cache import NeuronCache
+from sparseflash.runtime.streamer import BundleReader, ReadResult
+
+
+@dataclass
+class Fetch:
+    """A read in flight into reserved ``slots`` of one layer's cache."""
+
+    layer: int
+    positions: np.ndarray
+    slots: np.ndarray
+    future: Future
+    staging: object = None  # the staging buffer of a device read
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+def down_columns(rows: np.ndarray, d_model: int, storage: str) -> np.ndarray:
+    """float32 (k, d) down columns of bundle rows (k, bundle_len) in ``storage``: the bundle's last part."""
+    if storage in QUANT_TYPES:
+        return dequantize(rows[:, -schema.part_bytes(d_model, storage):], storage, check=False)
+    return schema.to_float32(rows[:, -d_model:], storage)
+
+
+def commit_rows(cache: NeuronCache, slots: np.ndarray, positions: np.ndarray, rows: np.ndarray,
+                picks: np.ndarray, d_model: int, storage: str, pinned: bool = False) -> None:
+    """Mark ``slots`` as holding ``positions`` and record the norms of their down columns, read from
+    ``rows[picks]`` (host bundle rows in the storage dtype)."""
+    cache.commit(slots, positions, pinned)
+    block = max(1, (1 << 20) // (4 * d_model))  # widen at most ~1 MiB of down columns at a time
+    for i in range(0, len(picks), block):
+        down = down_columns(rows[picks[i : i + block]], d_model, storage)
+        cache.down_norm[slots[i : i + block]] = np.linalg.norm(down, axis=1)
+
+
+class HostFetcher:
+    """Reads bundles into the layers' host cache slots."""
+
+    def __init__(self, reader: BundleReader, caches: list[NeuronCache], d_model: int, storage: str):
+        self.reader, self.caches, self.d_model, self.storage = reader, caches, d_model, storage
+
+    def prefetch_limit(self) -> int | None:
+        """Most bundles a look-ahead read may take now (None: no limit beyond the cache's room)."""
+        return None
+
+    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray) -> Fetch:
+        cache = self.caches[layer]
+        return Fetch(layer, positions, slots, self.reader.submit(layer, positions, cache.slots, slots))
+
+    def finish(self, fetch: Fetch, pinned: bool = False) -> ReadResult:
+        cache = self.caches[fetch.layer]
+        try:
+            result = fetch.future.result()
+        except BaseException:
+            cache.release(fetch.slots)
+            raise
+        commit_rows(cache, fetch.slots, fetch.positions, cache.slots, fetch.slots, self.d_model, self.storage, pinned)
+        return result
+
+    def fill(self, layer: int, positions: np.ndarray, slots: np.ndarray, pinned: bool = False) -> ReadResult:
+        return self.finish(self.start(layer, positions, slots), pinned)
+
+    def abandon(self, fetch: Fetch) -> None:
+        """Wait for the read to end (its outcome no longer matters) and release its slots."""
+        wait([fetch.future])
+        self.caches[fetch.layer].release(fetch.slots)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class DeviceFetcher(HostFetcher):
+    """Reads bundles into pinned staging buffers and queues their upload into device cache slots
+    (runtime/gpu.py:DeviceCache). Demand reads go in staging-buffer-sized chunks, two in flight:
+    while one chunk's rows are copied up (asynchronously, on the copy stream) the next is read."""
+
+    def __init__(self, reader: BundleReader, caches: list[NeuronCache], d_model: int, storage: str, device_cache):
+        super().__init__(reader, caches, d_model, storage)
+        self.gpu = device_cache
+
+    def prefetch_limit(self) -> int:
+        # a look-ahead read takes one staging buffer, only while a demand read would still have two
+        return self.gpu.staging_rows if self.gpu.free_buffers() >= STAGING_BUFFERS else 0
+
+    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray) -> Fetch:
+        buf = self.gpu.acquire()
+        try:
+            future = self.reader.submit(layer, positions, buf.host, np.arange(len(positions)))
+        except BaseException:
+            self.gpu.release(buf)
+            raise
+        return Fetch(layer, positions, slots, future, buf)
+
+    def finish(self, fetch: Fetch, pinned: bool = False) -> ReadResult:
+        buf = fetch.staging
+        try:
+            result = fetch.future.result()
+        except BaseException:
+            self.gpu.release(buf)
+            self.caches[fetch.layer].release(fetch.slots)
+            raise
+        n = len(fetch.positions)
+        self.gpu.upload(fetch.layer, buf, n, fetch.slots)  # queued on the copy stream; returns at once
+        commit_rows(self.caches[fetch.layer], fetch.slots, fetch.positions, buf.host, np.arange(n), self.d_model,
+                    self.storage, pinned)
+        self.gpu.release(buf)  # handed out again only once its upload has read it (the buffer's event)
+        return result
+
+    def fill(self, layer: int, positions: np.ndarray, slots: np.ndarray, pinned: bool = False) -> ReadResult:
+        total, step = ReadResult(), self.gpu.staging_rows
+        inflight: list[Fetch] = []
+        started = 0  # positions[:started] are committed, in flight, or released by a failed finish
+        try:
+            for a in range(0, len(positions), step):
+                while inflight and (len(inflight) >= 2 or not self.gpu.free_buffers()):
+                    _add(total, self.finish(inflight.pop(0), pinned))
+                inflight.append(self.start(layer, positions[a : a + step], slots[a : a + step]))
+                started = min(a + step, len(positions))
+            while inflight:
+                _add(total, self.finish(inflight.pop(0), pinned))
+        except BaseException:
+            for fetch in inflight:  # let the other reads end before their buffers and slots are reused
+                self.abandon(fetch)
+            self.caches[layer].release(slots[started:])
+            raise
+        return total
+
+    def abandon(self, fetch: Fetch) -> None:
+        super().abandon(fetch)
+        self.gpu.release(fetch.staging)
+
+    def close(self) -> None:
+        self.gpu.synchronize()
+        super().close()
+
+
+def _add(total: ReadResult, part: ReadResult) -> None:
+    total.requests += part.requests
+    total.bytes += part.bytes
