@@ -55,6 +55,40 @@ def test_streamed_and_dense_runs_with_the_same_plugin_agree(tiny):
         streamed.close()
 
 
+def test_quantized_resident_weights_take_the_compressed_path(tiny, tmp_path):
+    """A q8 layout keeps its attention, embedding and head as packed matrices (QuantMatrix): an
+    identity plugin at ratio 1 still gives the uncompressed logits bit for bit, and a ratio-2 plugin
+    gives the same logits streamed as with the same layout's weights loaded whole."""
+    from sparseflash.model.plugin import CompressionPlugin, PluginSpec
+    from sparseflash.model.transformer import Transformer
+    from sparseflash.runtime.layout_model import open_layout
+    from sparseflash.runtime.quant_weights import QuantMatrix
+
+    folder, model, _, plugin_file = tiny
+    c = model.config
+    perms = [np.arange(c.intermediate_size, dtype=np.int32)] * c.num_layers
+    q8 = tmp_path / "q8.sflash"
+    write_layout(model, q8, perms, 8, [0.0] * c.num_layers, "q8", source_hash=checkpoint_hash(folder), quiet=True,
+                 resident_dtype="q8")
+    identity = CompressionPlugin(PluginSpec(1, 0, c.hidden_size, tail=3)).eval()
+    ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(1))
+    streamed = open_streamed(q8, "150%", strategy="all", plugins=[plugin_file])
+    whole = open_layout(q8, with_ffn=True)
+    try:
+        tf = streamed.transformer
+        assert isinstance(tf.weights.layers[0].wq, QuantMatrix) and isinstance(tf.weights.embed, QuantMatrix)
+        plain, _ = continuation_logits(tf, ids, 30)
+        same, _ = continuation_logits(tf, ids, 30, identity)
+        assert torch.equal(plain, same)
+        plugin = streamed.plugins[0]
+        got, _ = continuation_logits(tf, ids, 30, plugin)
+        want, _ = continuation_logits(Transformer(whole.config, whole.weights), ids, 30, plugin)
+        assert (got - want).abs().max().item() <= 1e-4 and (got - plain).abs().max().item() > 1e-3
+    finally:
+        streamed.close()
+        whole.close()
+
+
 def test_plugins_are_counted_in_the_memory_budget(tiny):
     _, _, layout, plugin_file = tiny
     plain = open_streamed(layout, "150%", strategy="all")
