@@ -2,7 +2,9 @@
 
 The FFN is a pluggable callable ``ffn(layer, x_normed) -> output`` so that profiling can watch
 activations, quality checks can mask them, and the streaming runtime can compute only the neurons
-it has read. Everything else (embeddings, attention, norms, head) is computed here.
+it has read. Everything else (embeddings, attention, norms, head) is computed here. An FFN object
+may also have ``begin_step(tokens)`` and ``end_step()``: they are called when a forward step starts
+and ends (the streaming runtime times each token's layers with them).
 
 A compression plugin (model/plugin.py) may shorten a prompt during prefill: after its layer, each
 group of ``ratio`` prompt tokens becomes one vector, so later layers hold fewer KV slots than
@@ -217,6 +219,9 @@ class Transformer:
             raise ValueError("start > 0 needs a KV cache")
         if cache is not None and cache.device != self.device:
             raise SparseflashError(f"KV cache on {cache.device}, model on {self.device}: make it with new_cache()")
+        begin, end_step = getattr(self.ffn, "begin_step", None), getattr(self.ffn, "end_step", None)
+        if begin is not None:
+            begin(b * t)
         tokens, w = tokens.to(self.device), self.weights
         h = (F.embedding(tokens, w.embed) if isinstance(w.embed, torch.Tensor) else w.embed.rows(tokens)).float()
         if plugin is not None:
@@ -235,7 +240,10 @@ class Transformer:
             cache.length = end
         if last_only or keep_last is not None:
             h = h[:, -1:] if last_only else h[:, h.shape[1] - keep_last :]
-        return linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head).cpu()
+        logits = linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head).cpu()
+        if end_step is not None:
+            end_step()
+        return logits
 
     def _layers(self, h: torch.Tensor, layers: range, cos, sin, cache: KVCache | None, slot_and_mask) -> torch.Tensor:
         """Run ``layers`` on h (batch, tokens, d); ``slot_and_mask(i)`` gives layer i's first KV slot and mask."""

@@ -96,6 +96,9 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
         "predictor_s": total("predictor_s"),
         "ffn_s": total("ffn_s"),
         "attention_s": total("attention_s"),
+        "head_s": total("head_s"),
+        "bookkeeping_s": sum(row[4] for st in stats for row in st.timeline),
+        "step_s": total("token_s"),
         "budget_bytes": engine.memory.budget,
         "plugin_bytes": engine.memory.plugins,
         "memory_plan": {k: getattr(engine.memory, k) for k in
