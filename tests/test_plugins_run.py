@@ -89,6 +89,33 @@ def test_quantized_resident_weights_take_the_compressed_path(tiny, tmp_path):
         whole.close()
 
 
+def _cuda_ready():
+    try:
+        from numba import cuda
+
+        return cuda.is_available()
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="no CUDA GPU and NUMBA_ENABLE_CUDASIM is not set")
+def test_streamed_on_the_device_with_a_plugin_agrees_with_dense(tiny):
+    """--device cuda: the plugin moves with the resident tensors; logits equal the dense run's."""
+    from sparseflash.model.plugin import load_plugin
+
+    folder, model, layout, plugin_file = tiny
+    streamed = open_streamed(layout, "150%", strategy="all", plugins=[plugin_file], device="cuda")
+    try:
+        plugin = streamed.plugins[0]
+        assert next(plugin.parameters()).device == streamed.transformer.device
+        ids = torch.randint(0, 4096, (1, 40), generator=torch.Generator().manual_seed(2))
+        got, _ = continuation_logits(streamed.transformer, ids, 30, plugin)
+        want, _ = continuation_logits(model.transformer(), ids, 30, load_plugin(plugin_file))
+        assert (got - want).abs().max().item() <= 1e-4
+    finally:
+        streamed.close()
+
+
 def test_plugins_are_counted_in_the_memory_budget(tiny):
     _, _, layout, plugin_file = tiny
     plain = open_streamed(layout, "150%", strategy="all")
