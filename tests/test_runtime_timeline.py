@@ -57,3 +57,30 @@ def test_layer_times_add_up_to_the_token_time(tmp_path, strategy):
         assert rows[:, 3].sum() == pytest.approx(s.ffn_s, abs=1e-9)
         assert rows[:, 0].sum() == pytest.approx(s.attention_s, abs=1e-9)
         assert rows[:, 5].sum() == s.bytes_read
+
+
+def test_read_busy_time_is_the_union_of_read_spans():
+    s = TokenStats()
+    s.read_spans = [(0.0, 1.0), (0.5, 2.0), (3.0, 3.5), (3.1, 3.2)]  # overlapping, nested, apart
+    assert s.read_busy_s == pytest.approx(2.5)
+    assert TokenStats().read_busy_s == 0.0
+
+
+def test_run_summary_puts_achieved_bandwidth_next_to_the_device_model(tmp_path):
+    from sparseflash.model.generate import Sampling
+    from sparseflash.runtime.iomodel import DeviceModel
+    from sparseflash.runtime.session import stream_generate
+
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(2), strategy="topk")
+    disk = DeviceModel(latency_s=1e-4, bandwidth_bps=1e9)
+    model = open_streamed(path, "30%ffn", io_buffer_bytes=4096, disk=disk)
+    try:
+        _, summary = stream_generate(model, [1, 2, 3], 8, Sampling(greedy=True), stop_at_eos=False)
+    finally:
+        model.close()
+    assert summary["requests"] > 0 and summary["read_busy_s"] > 0
+    assert summary["read_busy_s"] <= summary["step_s"]
+    assert summary["achieved_gbps"] == pytest.approx(summary["bytes_read"] / summary["read_busy_s"] / 1e9)
+    modelled = summary["requests"] * 1e-4 + summary["bytes_read"] / 1e9
+    assert summary["device_model_gbps"] == pytest.approx(summary["bytes_read"] / modelled / 1e9)
+    assert summary["mean_request_bytes"] == pytest.approx(summary["bytes_read"] / summary["requests"])

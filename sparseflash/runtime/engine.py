@@ -49,9 +49,22 @@ class TokenStats:
     # other_s is the FFN step's bookkeeping (planning, cache index, hand-offs). The spans add up:
     # sum(attention + predict + io_wait + compute + other) + head_s == token_s (docs/runtime.md)
     timeline: list = field(default_factory=list)
+    read_spans: list = field(default_factory=list)  # (start, end) perf_counter stamps of every read that landed
+
+    @property
+    def read_busy_s(self) -> float:
+        """Wall time during which at least one of the step's reads was in flight (union of spans)."""
+        busy, reach = 0.0, float("-inf")
+        for a, b in sorted(self.read_spans):
+            if b > reach:
+                busy += b - max(a, reach)
+                reach = b
+        return busy
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "read_spans"}
+        out["read_busy_s"] = self.read_busy_s
+        return out
 
     TIMELINE_FIELDS = ("attention_s", "predict_s", "io_wait_s", "compute_s", "other_s", "read_bytes",
                        "prefetch_bytes")
@@ -60,6 +73,8 @@ class TokenStats:
         self.bytes_read += result.bytes
         self.requests += result.requests
         self.io_wait_s += seconds
+        if result.requests:
+            self.read_spans.append((result.start, result.end))
 
 
 class StreamingFFN:
