@@ -169,9 +169,9 @@ def test_foreign_or_corrupt_plugin_is_refused_with_one_line(tmp_path):
         assert len(str(e.value).splitlines()) == 1 and str(path) in str(e.value), name
 
 
-def _with_quality(ratio, rises):
+def _with_quality(ratio, rises, kl=0.01):
     p = random_plugin(ratio, 16, tail=4)
-    p.quality = {"ppl_rise": {str(n): r for n, r in rises.items()}}
+    p.quality = {"ppl_rise": {str(n): r for n, r in rises.items()}, "kl": {str(n): kl for n in rises}}
     return p
 
 
@@ -188,6 +188,17 @@ def test_auto_picks_the_largest_ratio_within_the_bound_for_the_prompt_length():
     assert select_plugin([_with_quality(2, {128: 0.0})], 100) is None  # nothing measured that short
     short = _with_quality(2, {32: 0.0})
     assert select_plugin([short], 40) is None and select_plugin([short], 40, min_prompt=32) is short
+
+
+def test_auto_also_bounds_the_change_of_the_model_s_own_continuations():
+    """A plugin within the held-out perplexity bound whose KL to the uncompressed run is large is not picked."""
+    x2 = _with_quality(2, {64: 0.0}, kl=0.0275)  # exp(KL) - 1 = 2.8%
+    x8 = _with_quality(8, {64: -0.015}, kl=0.045)  # held-out perplexity even falls; 4.6% on its own text
+    assert select_plugin([x2, x8], 300) is x2
+    assert select_plugin([x8], 300) is None and select_plugin([x8], 300, self_bound=0.05) is x8
+    unmeasured = random_plugin(4, 16, tail=4)
+    unmeasured.quality = {"ppl_rise": {"64": 0.0}}  # trained before the KL was recorded
+    assert select_plugin([unmeasured], 300) is None
 
 
 def test_group_positions_follow_the_rotary_rule_and_the_causal_rule():

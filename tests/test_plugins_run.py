@@ -156,7 +156,7 @@ def test_run_compress_k_and_auto_find_plugins_beside_the_checkpoint(tiny, tmp_pa
     folder, model, _, _ = tiny
     (folder / "plugins").mkdir(exist_ok=True)
     plugin = random_plugin(2, model.config.hidden_size, tail=4, source=checkpoint_hash(folder))
-    plugin.quality = {"ppl_rise": {"64": 0.004}}
+    plugin.quality = {"ppl_rise": {"64": 0.004}, "kl": {"64": 0.01}}
     save_plugin(plugin, folder / "plugins" / "x2.plugin.safetensors")
     long_prompt = "The os module provides a portable way of using operating system dependent functionality. " * 6
     runs = {}
@@ -182,7 +182,7 @@ def test_train_distils_with_the_model_frozen_and_eval_measures_every_ratio(tiny,
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["training"]["steps"] == 25 and report["training"]["wall_s"] > 0  # (a random model: KL ~ 1e-4)
-    assert set(report["quality"]["ppl_rise"]) == {"64"}  # 128 and 256 do not fit the 128-token context with 16 more
+    assert set(report["quality"]["ppl_rise"]) == set(report["quality"]["kl"]) == {"64"}  # 128 and 256 do not fit the 128-token context with 16 more
     info = json.loads((main(["plugins", "info", str(out), "--json"]), capsys.readouterr().out)[1])
     assert info["source_hash"] == checkpoint_hash(folder) and info["ratio"] == 4
     assert all(torch.equal(v, model.weights.named()[k]) for k, v in before.items())

@@ -131,18 +131,23 @@ def teacher_pool(model: Transformer, train: torch.Tensor, p: PluginTrainParams, 
 
 def heldout_quality(model: Transformer, plugin: CompressionPlugin, heldout: list[int],
                     p: PluginTrainParams) -> dict:
-    """Continuation perplexity with and without the plugin at each of ``p.quality_prompts``."""
-    out = {"continuation_tokens": p.continuation_tokens, "ppl": {}, "ppl_plain": {}, "ppl_rise": {}, "windows": {}}
+    """Continuation perplexity with and without the plugin at each of ``p.quality_prompts``, and the
+    share of continuation positions whose teacher-forced top-1 token equals the uncompressed run's, and
+    the mean KL(uncompressed || compressed) per continuation token (nats)."""
+    out = {"continuation_tokens": p.continuation_tokens, "ppl": {}, "ppl_plain": {}, "ppl_rise": {}, "top1": {},
+           "kl": {}, "windows": {}}
     for prompt in p.quality_prompts:
         fits = prompt + p.continuation_tokens <= model.config.max_position_embeddings
         if not fits or len(heldout) < prompt + p.continuation_tokens or plugin.groups(prompt) == 0:
             continue
         seqs = eval_windows(heldout, prompt + p.continuation_tokens, p.quality_windows)
-        plain = continuation_score(model, seqs, prompt)
-        packed = continuation_score(model, seqs, prompt, plugin)
+        plain = continuation_score(model, seqs, prompt, keep_logprobs=True)
+        packed = continuation_score(model, seqs, prompt, plugin, reference=plain.logprobs)
         out["ppl"][str(prompt)] = packed.ppl
         out["ppl_plain"][str(prompt)] = plain.ppl
         out["ppl_rise"][str(prompt)] = packed.ppl / plain.ppl - 1
+        out["top1"][str(prompt)] = float((packed.argmax == plain.argmax).float().mean())
+        out["kl"][str(prompt)] = packed.kl
         out["windows"][str(prompt)] = len(seqs)
     return out
 
