@@ -62,10 +62,7 @@ def test_all_strategy_reads_each_bundle_once_per_step_within_the_budget(nemotron
             got = np.concatenate(reads)
             assert len(np.unique(got)) == len(got), f"step {step} layer {layer} read a bundle twice"
             assert not np.isin(got, np.arange(engine.regions[layer].n_hot)).any()  # the hot region stays put
-        for step, s in enumerate(engine.stats, start=1):
-            for layer, cache_l in enumerate(engine.caches):  # each step reads exactly what was not cached
-                reads = log.per_step().get((step, layer), [])
-                assert sum(len(r) for r in reads) <= n - engine.regions[layer].n_hot
+            assert len(got) <= n - engine.regions[layer].n_hot
         assert all(p <= c.capacity for p, c in zip(log.peak_used, engine.caches))
         for c in engine.caches:
             c.check()

@@ -162,7 +162,7 @@ class LayerwiseModel:
         """One transformer block on h (batch, ctx, d), exactly as Transformer.forward computes it."""
         c, net = self.config, self.net
         b, t, _ = h.shape
-        h = h + net.attention(i, net.norm(h, w.attn_norm_w, w.attn_norm_b), cos, sin, None, 0, w)
+        h = h + net.attention(i, net.norm(h, w.attn_norm_w, w.attn_norm_b), cos, sin, None, 0, w=w)
         x = net.norm(h, w.ffn_norm_w, w.ffn_norm_b).reshape(b * t, -1)
         a = neuron_activations(w, x, c.activation, c.gated)
         if hook is not None:
