@@ -9,6 +9,7 @@ log-sum-exp, see model/layerwise.py).
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -37,9 +38,13 @@ def _texts(tokenizer):
     return corpus_ids(calib, tokenizer, PROFILE.tokens), corpus_ids(held, tokenizer, 2048)
 
 
-# the bundled model by default; the tiny random families (gated llama ReLU, nemotron ReLU² with biases) are slow
-@pytest.fixture(scope="module", params=["tiny-relu2", pytest.param("llama-relu", marks=pytest.mark.slow),
-                                        pytest.param("nemotron", marks=pytest.mark.slow)])
+# the bundled model by default; the tiny random families (gated llama ReLU, nemotron ReLU² with biases) take
+# minutes: SPARSEFLASH_SLOW=1
+SLOW = pytest.mark.skipif(os.environ.get("SPARSEFLASH_SLOW") != "1", reason="slow (minutes): set SPARSEFLASH_SLOW=1")
+
+
+@pytest.fixture(scope="module", params=["tiny-relu2", pytest.param("llama-relu", marks=[pytest.mark.slow, SLOW]),
+                                        pytest.param("nemotron", marks=[pytest.mark.slow, SLOW])])
 def prepared(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     folder = TINY_RELU2 if request.param == "tiny-relu2" else save_hf_model(make_hf_model(request.param), root / "m")
