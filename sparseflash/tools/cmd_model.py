@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from sparseflash.runtime.policy import EVICTION_POLICIES, Policy
+from sparseflash.paths import input_file, input_model, output_file
+from sparseflash.runtime.policy import EVICTION_POLICIES, Budget, Policy
 
 
 def _is_layout(path) -> bool:
@@ -16,6 +17,11 @@ def cmd_run(args) -> int:
     from sparseflash.model.generate import Sampling
 
     sampling = Sampling(greedy=args.greedy, temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    if args.budget is not None:
+        Budget.check_text(args.budget)
+    _check_inputs(args)
+    if args.stats is not None:
+        output_file(args.stats, "--stats file")
     if _is_layout(args.model) or args.budget is not None:
         return _run_streamed(args, sampling)
     from sparseflash.model.generate import generate
@@ -27,6 +33,14 @@ def cmd_run(args) -> int:
     result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
     _print_result(args, model.tokenizer, result, {"engine": "dense", "peak_rss_bytes": peak_rss_bytes()})
     return 0
+
+
+def _check_inputs(args) -> None:
+    """Refuse, before anything is opened, a model or tokenizer that is not a regular file or a folder
+    of them (a FIFO would block the open)."""
+    input_model(args.model)
+    if getattr(args, "tokenizer", None) is not None:
+        input_file(args.tokenizer, "tokenizer.json")
 
 
 def _run_streamed(args, sampling) -> int:
@@ -66,6 +80,7 @@ def _print_result(args, tok, result, extra: dict) -> None:
 def cmd_info(args) -> int:
     from sparseflash.model.loader import model_summary, open_dense, stored_tensors, summary_text, type_counts
 
+    _check_inputs(args)
     model = open_dense(args.model, args.tokenizer)
     tensors = stored_tensors(args.model)
     s = {**model_summary(model.config, model.weights), "source": str(model.source),
@@ -79,6 +94,7 @@ def cmd_eval_ppl(args) -> int:
     from sparseflash.model.perplexity import perplexity
     from sparseflash.model.text import read_text
 
+    _check_inputs(args)
     model = open_dense(args.model, args.tokenizer)
     ids = model.tokenizer.encode(read_text(args.text))
     r = perplexity(model.transformer(), ids, ctx=args.ctx, max_tokens=args.tokens, progress=not args.json)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from sparseflash.layout.params import ProfileParams
+from sparseflash.paths import input_model, output_dir
 
 
 def cmd_profile(args) -> int:
@@ -13,9 +14,11 @@ def cmd_profile(args) -> int:
     from sparseflash.model.loader import open_dense
     from sparseflash.model.text import split_corpus
 
-    model = open_dense(args.model)
     params = ProfileParams(tokens=args.tokens, ctx=args.ctx, cett_bound=args.cett, ppl_p=args.ppl_p,
                            cett_tokens=args.cett_tokens, ppl_tokens=args.ppl_tokens, ppl_steps=args.ppl_steps)
+    input_model(args.model)
+    output_dir(args.out, "profile folder")
+    model = open_dense(args.model)
     calib, heldout = split_corpus(args.corpus, model.tokenizer, args.tokens, args.ppl_tokens, args.ppl_text)
     s = run_profile(model, calib, heldout, args.out, params, checkpoint_hash(model.source), quiet=args.json)
     print(json.dumps(profile_brief(s)) if args.json else profile_text(s, str(model.source), args.out))
