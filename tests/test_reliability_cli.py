@@ -1,7 +1,12 @@
 """Command-line misuse is one line naming the argument and what it accepts, exit 2; values are checked
 by the dataclasses that own them; NaN/inf never reaches sampling or a printed perplexity."""
 
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,3 +112,24 @@ def test_nan_weights_never_print_perplexity_nan(poisoned):
                                     * 20)
     with pytest.raises(SparseflashError, match=r"windows 0-\d+: the negative log-likelihood is nan"):
         perplexity(poisoned.transformer(), ids, ctx=32)
+
+
+@pytest.mark.skipif(not shutil.which("time") and not os.path.exists("/usr/bin/time"), reason="needs /usr/bin/time")
+def test_run_json_peak_rss_is_what_usr_bin_time_measures():
+    r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, "-m", "sparseflash.tools.cli", "run",
+                        "-n", "8", "--greedy", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    measured = [int(line.split()[1]) * 1024 for line in r.stderr.splitlines() if line.startswith("MAXRSS_KB")][0]
+    reported = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    assert abs(measured - reported) <= 0.02 * measured, (reported / 2**20, measured / 2**20)
+
+
+def test_peak_rss_counts_children_and_is_never_below_ru_maxrss():
+    import resource
+
+    from sparseflash.runtime.rss import peak_rss_bytes
+
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    peak = peak_rss_bytes()
+    assert peak >= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert peak >= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 > 0

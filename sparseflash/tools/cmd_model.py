@@ -26,12 +26,11 @@ def cmd_run(args) -> int:
         return _run_streamed(args, sampling)
     from sparseflash.model.generate import generate
     from sparseflash.model.loader import open_dense
-    from sparseflash.runtime.rss import peak_rss_bytes
 
     model = open_dense(args.model, args.tokenizer)
     prompt = model.tokenizer.encode(args.prompt)
     result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
-    _print_result(args, model.tokenizer, result, {"engine": "dense", "peak_rss_bytes": peak_rss_bytes()})
+    _print_result(args, model.tokenizer, result, {"engine": "dense"})
     return 0
 
 
@@ -62,14 +61,19 @@ def _run_streamed(args, sampling) -> int:
         result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats)
     finally:
         model.close()
-    _print_result(args, model.tokenizer, result, {"engine": "streamed", **summary})
+    extra = {"engine": "streamed", **summary}
+    _print_result(args, model.tokenizer, result, extra)
     if not args.json:
-        print(summary_line(summary), file=sys.stderr)
+        print(summary_line(extra), file=sys.stderr)
     return 0
 
 
 def _print_result(args, tok, result, extra: dict) -> None:
+    """Print the generation; ``extra`` gets the run's peak RSS, measured last (runtime/rss.py)."""
+    from sparseflash.runtime.rss import peak_rss_bytes
+
     text = tok.decode(result.tokens)
+    extra["peak_rss_bytes"] = peak_rss_bytes()
     if args.json:
         print(json.dumps({**result.to_dict(text), **extra}))
         return
