@@ -4,7 +4,10 @@ Each configuration runs in its own subprocess (`sparseflash run --json`), so pea
 configuration. The layout is the bundled model's (prepared on first use) unless --layout is given.
 
     python bench/bench_stream.py [--layout MODEL.sflash --checkpoint DIR] [-n 64] [--budgets 25%ffn,50%ffn,100%ffn]
-                                 [--devices cpu,cuda]
+                                 [--devices cpu,cuda] [--verify both]
+
+``--verify both`` runs every budget with and without the per-read bundle check (`run --no-verify`)
+and prints the check's own throughput (digest + finite check, GB/s) over the layout's bundles.
 
 With ``--devices cpu,cuda`` (on a machine with a GPU) every budget runs on both, side by side; the
 dense row is the in-memory CPU run.
@@ -35,6 +38,24 @@ def baseline_rss() -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600).stdout)
 
 
+def verification_gbps(layout: str) -> float:
+    """Throughput of the reader's per-bundle check (runtime/streamer.py) over all of a layout's bundles."""
+    import time
+
+    import numpy as np
+
+    from sparseflash.layout.format import LayoutFile
+    from sparseflash.runtime.streamer import check_bundles
+
+    with LayoutFile.open(layout) as f:
+        regions = list(f.layers)
+        rows = [f.read_bundles(l.index, start=0, count=l.n_neurons) for l in regions]
+    t = time.perf_counter()
+    for region, r in zip(regions, rows):
+        check_bundles(layout, region, np.arange(len(r)), r)
+    return sum(r.nbytes for r in rows) / (time.perf_counter() - t) / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layout", default=None)
@@ -43,6 +64,8 @@ def main() -> None:
     p.add_argument("--prompt", default="The os module provides")
     p.add_argument("--budgets", default="25%ffn,50%ffn,100%ffn")
     p.add_argument("--devices", default="cpu", help="comma-separated: cpu, cuda")
+    p.add_argument("--verify", choices=["on", "off", "both"], default="on",
+                   help="per-read bundle verification in the streamed rows (both: each budget twice)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     layout = args.layout
@@ -56,14 +79,19 @@ def main() -> None:
     dense["config"] = "dense (in memory)"
     rows.append(dense)
     devices = args.devices.split(",")
+    checks = {"on": [True], "off": [False], "both": [True, False]}[args.verify]
     for budget in args.budgets.split(","):
         for device in devices:
-            r = run_cli(["run", "-m", layout, "--budget", budget, "--device", device, *common])
-            r["config"] = f"streamed {budget}" + (f" {device}" if len(devices) > 1 else "")
-            rows.append(r)
+            for check in checks:
+                r = run_cli(["run", "-m", layout, "--budget", budget, "--device", device, *common,
+                             *([] if check else ["--no-verify"])])
+                r["config"] = (f"streamed {budget}" + (f" {device}" if len(devices) > 1 else "")
+                               + ("" if len(checks) == 1 else (" verified" if check else " --no-verify")))
+                rows.append(r)
     base = baseline_rss()
+    check_gbps = verification_gbps(layout) if args.verify == "both" else None
     if args.json:
-        print(json.dumps({"baseline_rss_bytes": base, "rows": rows}))
+        print(json.dumps({"baseline_rss_bytes": base, "rows": rows, "verification_gbps": check_gbps}))
         return
     mib = 2**20
     print(f"{os.path.basename(layout)}: {args.n} tokens, greedy; baseline RSS (interpreter + torch + numba + "
@@ -79,6 +107,9 @@ def main() -> None:
               f"{(r['hit_rate'] * 100 if streamed else 100):>9.1f}%"
               f"{(r['budget_bytes'] / mib if streamed else float('nan')):>12.1f}"
               f"{r.get('peak_rss_bytes', 0) / mib:>14.0f}{(r.get('peak_rss_bytes', 0) - base) / mib:>12.0f}")
+    if check_gbps is not None:
+        print(f"per-read check (xxh3_64 digest + finite values) over every bundle of the layout: {check_gbps:.2f} GB/s "
+              "on one thread")
     for r in rows:
         if "device_bytes_used" in r:
             print(f"{r['config']}: device memory added by the run {r['device_bytes_used'] / mib:.0f} MiB "

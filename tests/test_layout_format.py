@@ -19,8 +19,8 @@ from sparseflash.layout.format import ALIGNMENT, TENSOR_ALIGNMENT, LayoutFile
 from sparseflash.layout.format_extents import BLOCK, plan_extents
 
 GOLDEN = Path(__file__).parent / "data" / "golden_minimal.sflash.bin"  # *.sflash is git-ignored
-GOLDEN_SIZE = 8703
-GOLDEN_SHA256 = "442b2bd5e25c823e7c18e506853949ba3c87e51c98da008a358065e92e3570f0"
+GOLDEN_SIZE = 8777
+GOLDEN_SHA256 = "6f46518c2dbb501b8ddfe64ce78a679c491c5675415d48a609f8be530489b282"
 
 
 @pytest.fixture(scope="module", params=[None, 3], ids=["raw", "zstd"])
@@ -32,9 +32,10 @@ def test_header_tensors_and_permutations_round_trip(sample):
     with LayoutFile.open(sample.path, verify=True) as layout:
         assert layout.header == sample.header
         assert layout.tensor_names == list(sample.tensors)
-        for name, (tag, array) in sample.tensors.items():
+        for name, (tag, array, *shape) in sample.tensors.items():
             got = layout.tensor(name, verify=True)
             assert layout.tensors[name].dtype == tag
+            assert layout.tensors[name].shape == (tuple(shape[0]) if shape else array.shape)  # logical shape
             assert got.shape == array.shape and got.dtype == array.dtype
             assert got.tobytes() == array.tobytes()
             assert layout.tensors[name].offset % TENSOR_ALIGNMENT == 0
@@ -49,7 +50,7 @@ def test_layer_records_match_declarations(sample):
         for l, spec in zip(layout.layers, sample.layers, strict=True):
             for key, value in spec.items():
                 assert getattr(l, key) == value, key
-            assert l.bundle_len * {"f32": 4, "f16": 2, "bf16": 2}[l.dtype] == l.bundle_bytes
+            assert l.bundle_len * {"f32": 4, "f16": 2, "bf16": 2, "q8": 1, "q4": 1}[l.dtype] == l.bundle_bytes
             assert l.offset % ALIGNMENT == 0
             assert len(l.chunks) == -(-l.n_neurons // l.chunk_neurons)
             assert int(l.chunks.raw_length.sum()) == l.n_neurons * l.bundle_bytes
@@ -130,8 +131,42 @@ def test_verify_report_counts_everything(sample):
         report = layout.verify()
     assert report.ok and report.tensors_checked == len(sample.tensors)
     assert report.chunks_checked == sum(-(-s["n_neurons"] // s["chunk_neurons"]) for s in sample.layers)
-    assert report.bytes_checked == (sum(a.nbytes for _, a in sample.tensors.values())
+    assert report.bytes_checked == (sum(t[1].nbytes for t in sample.tensors.values())
                                     + sum(b.nbytes for b in sample.bundles))
+    assert report.records_checked == sum(s["n_neurons"] for s in sample.layers)
+
+
+def test_every_record_has_its_digest_and_a_changed_record_is_named(sample, tmp_path):
+    """A record rewritten with a matching chunk crc32 (a writer bug, or an edit that fixed the crc)
+    is still caught by its digest, which names the layer and the stored neuron."""
+    import json
+    import zlib
+
+    from test_layout_format_samples import index_of, reassemble
+
+    from sparseflash.layout.format import LayoutChecksumError, record_digests
+
+    with LayoutFile.open(sample.path) as layout:
+        for l, bundles in zip(layout.layers, sample.bundles, strict=True):
+            assert np.array_equal(l.digests, record_digests(bundles))
+        if any(x.compressed for x in layout.layers):
+            return  # the zstd sample; the raw one edits a record below
+        l = layout.layers[1]
+    blob = bytearray(open(sample.path, "rb").read())
+    target = l.offset + 3 * l.bundle_bytes + 1  # stored neuron 3
+    blob[target] ^= 0x40
+    index = index_of(bytes(blob))
+    k = 3 // l.chunk_neurons
+    start = l.offset + k * l.chunk_neurons * l.bundle_bytes
+    index["layers"][l.index]["chunks"]["crc32"][k] = zlib.crc32(blob[start: start + l.chunks.raw_length[k]])
+    bad = tmp_path / "bad.sflash"
+    bad.write_bytes(reassemble(bytes(blob), index=json.dumps(index).encode()))
+    with LayoutFile.open(bad) as layout:
+        with pytest.raises(LayoutChecksumError, match=rf"layers\[{l.index}\].digests\[3\].*stored neuron 3 of layer"):
+            layout.read_bundles(l.index, [0, 3], verify=True)
+        assert layout.read_bundles(l.index, [0, 1], verify=True) is not None  # others are fine
+        report = layout.verify()
+        assert not report.ok and "digests[3]" in str(report.failures[0])
 
 
 def test_writer_is_deterministic(tmp_path):

@@ -223,8 +223,9 @@ def index_bytes(blob: bytes) -> bytes:
 
 PREAMBLE_AND_JSON = {  # id: (blob -> corrupted blob, text the error must contain, error type)
     "wrong magic": (lambda b: with_preamble_bytes(b, 0, b"GGUF\x00\x00\x00\x03"), "preamble.magic", LayoutError),
-    "wrong version": (lambda b: reassemble(b, version=2), "preamble.version", LayoutVersionError),
-    "wrong version, bad crc": (lambda b: b[:8] + b"\x02" + b[9:], "preamble.version", LayoutVersionError),
+    "wrong version": (lambda b: reassemble(b, version=3), "preamble.version", LayoutVersionError),
+    "version 1 (before record digests)": (lambda b: reassemble(b, version=1), "preamble.version", LayoutVersionError),
+    "wrong version, bad crc": (lambda b: b[:8] + b"\x03" + b[9:], "preamble.version", LayoutVersionError),
     "flags set": (lambda b: reassemble(b, flags=1), "preamble.flags", LayoutError),
     "reserved set": (lambda b: with_preamble_bytes(b, 100, b"\x01"), "preamble.reserved", LayoutError),
     "header too long": (lambda b: reassemble(b, header_length=MAX_HEADER_BYTES + 1), "preamble.header_length",

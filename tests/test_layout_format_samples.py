@@ -24,7 +24,7 @@ class Sample:
 
     path: str
     header: dict
-    tensors: dict[str, tuple[str, np.ndarray]]  # name -> (dtype tag, array)
+    tensors: dict[str, tuple]  # name -> (dtype tag, array[, logical shape of a quantized tensor])
     bundles: list[np.ndarray]  # per layer: (n_neurons, bundle_len) in stored order
     permutations: list[np.ndarray]
     layers: list[dict]  # the add_ffn_layer keyword arguments, minus bundles
@@ -47,18 +47,31 @@ def sample_inputs(seed: int = 0) -> tuple[dict, dict, list[dict], list[np.ndarra
         "codes": ("u16", rng.integers(0, 65535, 4).astype(np.uint16)),
         "scale": ("f32", np.array(0.5, dtype=np.float32)),  # 0-d
         "empty": ("f32", np.zeros((0, 3), dtype=np.float32)),  # no bytes at all
+        "digests": ("u32", rng.integers(0, 2**32, 3, dtype=np.uint64).astype(np.uint32)),
+        # quantized: logical shape (3, 64) in groups of 32 -> rows of 2 groups x 34 (q8) / 18 (q4) bytes
+        "wq8": ("q8", rng.integers(0, 256, (3, 68), dtype=np.uint8), (3, 64)),
+        "wq4": ("q4", rng.integers(0, 256, (2, 2, 18), dtype=np.uint8), (2, 2, 32)),
     }
     specs = [  # (d_model, n_neurons, gated, dtype, chunk_neurons, n_hot)
         (8, 37, True, "f32", 5, 4),
         (16, 50, False, "f16", 8, 10),
         (4, 33, True, "bf16", 33, 33),
         (1, 1, False, "bf16", 1, 0),
+        (32, 9, False, "q4", 4, 2),  # records of 2 parts x 18 bytes
+        (32, 5, True, "q8", 2, 0),  # records of 3 parts x 34 bytes
     ]
     layers, bundles = [], []
     for i, (d, n, gated, dtype, chunk_neurons, n_hot) in enumerate(specs):
-        rows = rng.standard_normal((n, (3 if gated else 2) * d))
+        parts = 3 if gated else 2
+        rows = rng.standard_normal((n, parts * d))
         rows[: n // 3] = 0.0  # a compressible stretch, so zstd files mix codecs
-        block = _bf16_bits(rows) if dtype == "bf16" else rows.astype({"f32": np.float32, "f16": np.float16}[dtype])
+        if dtype in ("q8", "q4"):  # records are opaque bytes to the container
+            block = rng.integers(0, 256, (n, parts * d // 32 * (34 if dtype == "q8" else 18)), dtype=np.uint8)
+            block[: n // 3] = 0
+        elif dtype == "bf16":
+            block = _bf16_bits(rows)
+        else:
+            block = rows.astype({"f32": np.float32, "f16": np.float16}[dtype])
         perm = rng.permutation(n).astype(np.int32)
         tensors[f"layers.{i}.ffn.permutation"] = ("i32", perm)
         layers.append(dict(d_model=d, n_neurons=n, gated=gated, dtype=dtype, bundle_bytes=block[0].nbytes,
@@ -74,8 +87,8 @@ def build_sample(path, zstd_level: int | None = None, seed: int = 0, block_rows:
     """Write the standard sample to `path`, feeding bundles in blocks of `block_rows` rows."""
     header, tensors, layers, bundles = sample_inputs(seed)
     writer = LayoutWriter(path, header, zstd_level=zstd_level)
-    for name, (tag, array) in tensors.items():
-        writer.add_tensor(name, array, tag)
+    for name, (tag, array, *shape) in tensors.items():
+        writer.add_tensor(name, array, tag, *shape)
     for spec, block in zip(layers, bundles, strict=True):
         blocks = [block[i: i + block_rows] for i in range(0, len(block), block_rows)]
         writer.add_ffn_layer(bundles=iter(blocks), **spec)

@@ -34,7 +34,7 @@ from sparseflash.runtime.streamer import BundleReader
 MODES = ("dense-stream", "sparse", "sparse+window", "oracle")
 
 
-def _quality(logits: torch.Tensor, seqs: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+def quality(logits: torch.Tensor, seqs: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(perplexity, top-1 agreement with ``ref``) of teacher-forced logits (windows, ctx, vocab)."""
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
     agree = (logits[:, :-1].argmax(-1) == ref[:, :-1].argmax(-1)).float().mean()
@@ -60,8 +60,11 @@ def _dense_pass(lm, seqs):
     return ref, orc, trace
 
 
-def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction: str = DEFAULT_EVICTION):
-    model = open_streamed(path, budget, disk=device, reuse=reuse, lookahead=False, eviction=eviction)
+def streamed_pass(path, budget, seqs: torch.Tensor, device: DeviceModel | None = None, quiet: bool = True,
+                  desc: str = "streamed", **policy):
+    """Teacher-force ``seqs`` (windows, ctx) token by token through the streamed engine, as decoding
+    reads: (logits (windows, ctx, vocab), per-token stats, memory plan, predicted trace, direct I/O)."""
+    model = open_streamed(path, budget, disk=device, **policy)
     model.engine.trace = [[] for _ in range(model.layout.config.num_layers)]
     try:
         model.engine.stats.clear()
@@ -74,6 +77,10 @@ def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction:
         return torch.cat(out), stats, model.engine.memory, model.engine.trace, model.engine.fetcher.reader.direct
     finally:
         model.close()
+
+
+def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction: str = DEFAULT_EVICTION):
+    return streamed_pass(path, budget, seqs, device, quiet, desc, reuse=reuse, lookahead=False, eviction=eviction)
 
 
 def _row(bytes_tok, requests_tok, hits, looked, io_s_tok, dense_bytes, ppl, top1):
@@ -143,7 +150,7 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
             order = lm.header.provenance.get("order")
         finally:
             lm.close()
-        ppl_dense, _ = _quality(ref, seqs, ref)
+        ppl_dense, _ = quality(ref, seqs, ref)
         modes = {}
         n_tok = int(seqs.numel())
 
@@ -151,7 +158,7 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
         engine_runs = {}
         for name, reuse in (("sparse", False), ("sparse+window", True)):
             logits, stats, memory, trace, direct = _engine_pass(path, budget, seqs, reuse, device, quiet, name)
-            modes[name] = _engine_row(stats, n_tok, dense_bytes, *_quality(logits, seqs, ref))
+            modes[name] = _engine_row(stats, n_tok, dense_bytes, *quality(logits, seqs, ref))
             engine_runs[name] = (memory, trace)
         memory, predicted_trace = engine_runs["sparse+window"]
 
@@ -165,7 +172,7 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
         sim = simulate(oracle_trace, n_hot, memory.slots_per_layer, bb, "belady", 0, device.merge_gap_blocks)
         reads = [[sim.misses[l][t] for l in range(len(regions))] for t in range(n_tok)]
         io_s, nbytes, requests = _measure_reads(path, regions, device, reads, quiet, "oracle reads")
-        ppl_o, top1_o = _quality(orc_logits, seqs, ref)
+        ppl_o, top1_o = quality(orc_logits, seqs, ref)
         total_needed = sum(len(p) for layer in oracle_trace for p in layer)
         modes["oracle"] = _row(nbytes, requests, total_needed - sim.fetched.sum(), total_needed, io_s, dense_bytes,
                                ppl_o, top1_o)

@@ -232,6 +232,21 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
+def call_buffers(call):
+    """(y, activations, gate bias, up bias) for a validated call: the caller's arrays where given, new
+    ones otherwise (y zeroed when no slot is active), biases as writable views or empty arrays."""
+    y = call.out if call.out is not None else np.empty((call.batch, call.d), dtype=np.float32)
+    if call.slots.size == 0:
+        y[...] = 0.0
+    acts = call.activations_out
+    if acts is None:
+        acts = np.empty((call.batch, call.slots.size), dtype=np.float32)
+    no_bias = np.zeros(0, dtype=np.float32)
+    gate_bias = no_bias if call.gate_bias is None else _writable(call.gate_bias)
+    up_bias = no_bias if call.up_bias is None else _writable(call.up_bias)
+    return y, acts, gate_bias, up_bias
+
+
 def sparse_ffn(
     x: Any,
     bundles: Any,
@@ -255,20 +270,12 @@ def sparse_ffn(
         from sparseflash.kernels import cpu_quant  # imports this module
 
         return cpu_quant.sparse_ffn(call)
-    y = call.out if call.out is not None else np.empty((call.batch, call.d), dtype=np.float32)
-    k = call.slots.size
-    if k == 0:
-        y[...] = 0.0
+    y, acts, gate_bias, up_bias = call_buffers(call)
+    if call.slots.size == 0:
         return finish(call, y)
-    acts = call.activations_out
-    if acts is None:
-        acts = np.empty((call.batch, k), dtype=np.float32)
-    no_bias = np.zeros(0, dtype=np.float32)
-    gate_bias = no_bias if call.gate_bias is None else _writable(call.gate_bias)
-    up_bias = no_bias if call.up_bias is None else _writable(call.up_bias)
     common = (_writable(call.x), kernel_view(call.bundles, call.storage), _writable(call.slots),
               call.kind.activation_code, call.kind.gated, gate_bias, up_bias, acts)
-    run_neurons(_neuron_range, common, k, y)
+    run_neurons(_neuron_range, common, call.slots.size, y)
     return finish(call, y)
 
 

@@ -31,6 +31,7 @@ from sparseflash.kernels.cpu import (
     _FASTMATH,
     _neuron_activation,
     _writable,
+    call_buffers,
     chunk_bounds,
     run_chunks,
     run_neurons,
@@ -271,17 +272,10 @@ def _views(matrix: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray]:
 
 def sparse_ffn(call: FFNCall) -> Any:
     """y (batch, d) float32 of a validated call on q8 / q4 bundles (cpu.sparse_ffn sends these here)."""
-    y = call.out if call.out is not None else np.empty((call.batch, call.d), dtype=np.float32)
+    y, acts, gate_bias, up_bias = call_buffers(call)
     k = call.slots.size
     if k == 0:
-        y[...] = 0.0
         return finish(call, y)
-    acts = call.activations_out
-    if acts is None:
-        acts = np.empty((call.batch, k), dtype=np.float32)
-    no_bias = np.zeros(0, dtype=np.float32)
-    gate_bias = no_bias if call.gate_bias is None else _writable(call.gate_bias)
-    up_bias = no_bias if call.up_bias is None else _writable(call.up_bias)
     vals, scales = _views(call.bundles, call.storage)
     common = (_writable(call.x), vals, scales, _writable(call.slots), call.kind.activation_code, call.kind.gated,
               gate_bias, up_bias, acts)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparseflash.errors import ArtefactError
-from sparseflash.kernels.bundles import pack_bundles
+from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.kernels import pack_bundles, quantize
 from sparseflash.layout import schema
 from sparseflash.layout.format import LayoutWriter
 from sparseflash.layout.masks import load_masks, unpack
@@ -75,7 +75,7 @@ def build_layout(model: DenseModel, profile_dir: str | os.PathLike, out_path: st
 
     n = c.intermediate_size
     n_hot = int(round(p.hot_fraction * n))
-    bundle_bytes = schema.bundle_bytes(c.hidden_size, c.gated, p.dtype)
+    bundle_bytes = _bundle_bytes(c, p.dtype)
     perms, order_report = [], []
     for l in tqdm(range(c.num_layers), desc=f"ordering ({p.order})", disable=quiet, leave=False):
         stats = _layer_stats(profile_dir, l, n, profile["tokens"], p.thresholds)
@@ -91,17 +91,26 @@ def build_layout(model: DenseModel, profile_dir: str | os.PathLike, out_path: st
         "hot_fraction": p.hot_fraction,
     }
     return write_layout(model, out_path, perms, n_hot, thresholds, p.dtype, preds, strategy, report, provenance,
-                        p.zstd_level, source_hash, quiet)
+                        p.zstd_level, source_hash, quiet, p.resident)
+
+
+def _bundle_bytes(c, dtype: str) -> int:
+    try:
+        return schema.bundle_bytes(c.hidden_size, c.gated, dtype)
+    except ValueError as e:
+        raise SparseflashError(f"--dtype {dtype}: {e}") from None
 
 
 def write_layout(model: DenseModel, out_path: str | os.PathLike, perms: list[np.ndarray], n_hot: int,
                  thresholds: list[float], dtype: str = "f16", predictors: dict | None = None,
                  strategy: str = "threshold", report: dict | None = None, provenance: dict | None = None,
-                 zstd_level: int | None = None, source_hash: str = "", quiet: bool = False) -> ModelHeader:
+                 zstd_level: int | None = None, source_hash: str = "", quiet: bool = False,
+                 resident_dtype: str | None = None) -> ModelHeader:
     """Write a layout file from in-memory weights, per-layer permutations and thresholds.
 
     ``predictors`` maps ``layer.{l}`` / ``lookahead.{l}`` to layout/predictor.Predictor objects (rows in
-    checkpoint order; they are permuted to stored order here). Returns the header written.
+    checkpoint order; they are permuted to stored order here). ``resident_dtype`` (default: as
+    ``dtype``, f16 for quantized bundles) stores the resident matrices. Returns the header written.
     """
     c, w = model.config, model.weights
     predictors = predictors or {}
@@ -111,13 +120,20 @@ def write_layout(model: DenseModel, out_path: str | os.PathLike, perms: list[np.
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),
                                        report)
+    resident_dtype = resident_dtype or ("f16" if dtype in ("q8", "q4") else dtype)
     header = ModelHeader(c.to_dict(), model.tokenizer.to_json(), source_hash, dtype, n_hot, pred_header,
-                         provenance or {})
+                         provenance or {}, resident_dtype)
+    _bundle_bytes(c, dtype)
     writer = LayoutWriter(out_path, header.to_json(), zstd_level=zstd_level)
 
-    def resident(name: str, t: torch.Tensor) -> None:  # matrices in the storage dtype, vectors in f32
-        tag = "f32" if t.dim() == 1 else dtype
-        writer.add_tensor(name, schema.to_storage(t, tag), tag)
+    def resident(name: str, t: torch.Tensor) -> None:  # matrices in the resident dtype, vectors in f32
+        tag = "f32" if t.dim() == 1 else resident_dtype
+        if tag in ("q8", "q4"):
+            if t.shape[-1] % 32:
+                raise SparseflashError(f"--resident-dtype {tag}: {name} has {t.shape[-1]} columns, not a multiple of 32")
+            writer.add_tensor(name, quantize(t.float().numpy(), tag), tag, shape=tuple(t.shape))
+        else:
+            writer.add_tensor(name, schema.to_storage(t, tag), tag)
 
     resident(schema.EMBED, w.embed)
     resident(schema.FINAL_NORM_W, w.final_norm_w)

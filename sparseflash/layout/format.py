@@ -15,7 +15,7 @@ What the tensors and bundles of a *model* layout mean is layout/schema.py, on to
 It imports nothing else from sparseflash.
 """
 
-from .format_reader import LayoutFile, VerifyReport
+from .format_reader import LayoutFile, VerifyReport, check_digests
 from .format_spec import (
     ALIGNMENT,
     CODECS,
@@ -31,8 +31,10 @@ from .format_spec import (
     MAX_NEURONS,
     MAX_TENSORS,
     PREAMBLE_SIZE,
+    QUANT_TYPES,
     STORAGE_DTYPES,
     TENSOR_ALIGNMENT,
+    TENSOR_TYPES,
     VERSION,
     Chunk,
     ChunkTable,
@@ -43,14 +45,18 @@ from .format_spec import (
     LayoutVersionError,
     Preamble,
     TensorEntry,
+    itemsize,
+    numpy_dtype,
+    record_digests,
+    tensor_nbytes,
 )
 from .format_writer import LayoutPlan, LayoutWriter, is_temp_name, temp_path_for
 
 __all__ = [
     "ALIGNMENT", "CODECS", "DEFAULT_CHUNK_BYTES", "DTYPES", "MAGIC", "MAX_D_MODEL", "MAX_HEADER_BYTES",
     "MAX_INDEX_BYTES", "MAX_LAYERS", "MAX_NAME_BYTES", "MAX_NDIM", "MAX_NEURONS", "MAX_TENSORS",
-    "PREAMBLE_SIZE", "STORAGE_DTYPES", "TENSOR_ALIGNMENT", "VERSION",
+    "PREAMBLE_SIZE", "QUANT_TYPES", "STORAGE_DTYPES", "TENSOR_ALIGNMENT", "TENSOR_TYPES", "VERSION",
     "Chunk", "ChunkTable", "FfnLayer", "LayoutChecksumError", "LayoutError", "LayoutFile", "LayoutPlan",
     "LayoutTruncatedError", "LayoutVersionError", "LayoutWriter", "Preamble", "TensorEntry", "VerifyReport",
-    "is_temp_name", "temp_path_for",
+    "check_digests", "is_temp_name", "itemsize", "numpy_dtype", "record_digests", "temp_path_for", "tensor_nbytes",
 ]

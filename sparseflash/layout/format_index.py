@@ -19,7 +19,6 @@ from .format_spec import (
     ALIGNMENT,
     CODEC_NONE,
     CODECS,
-    DTYPES,
     MAX_D_MODEL,
     MAX_I64,
     MAX_LAYERS,
@@ -30,16 +29,20 @@ from .format_spec import (
     PREAMBLE_SIZE,
     STORAGE_DTYPES,
     TENSOR_ALIGNMENT,
+    TENSOR_TYPES,
     ChunkTable,
     FfnLayer,
     LayoutError,
     TensorEntry,
     align_up,
+    itemsize,
+    tensor_nbytes,
 )
 
 TENSOR_KEYS = ("name", "dtype", "shape", "offset", "nbytes", "crc32")
 LAYER_KEYS = ("d_model", "n_neurons", "gated", "dtype", "bundle_bytes", "offset", "length", "n_hot",
-              "threshold", "permutation", "chunk_neurons", "chunks")
+              "threshold", "permutation", "chunk_neurons", "chunks", "digests")
+MAX_U64 = (1 << 64) - 1
 CHUNK_KEYS = ("offset", "stored_length", "raw_length", "crc32", "codec")
 
 
@@ -57,6 +60,7 @@ def encode_index(tensors: list[TensorEntry], layers: list[FfnLayer]) -> bytes:
                 "raw_length": l.chunks.raw_length.tolist(), "crc32": l.chunks.crc32.tolist(),
                 "codec": [CODECS[c] for c in l.chunks.codec.tolist()],
             },
+            "digests": l.digests.tolist(),
         } for l in layers],
     }
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("ascii")
@@ -65,7 +69,7 @@ def encode_index(tensors: list[TensorEntry], layers: list[FfnLayer]) -> bytes:
 def parse_json_object(path: object, field: str, raw: bytes) -> dict:
     """Strict UTF-8 JSON that must be an object; NaN/Infinity and pathological nesting are rejected."""
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise LayoutError(path, field, f"not valid UTF-8 JSON: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(value, dict):
@@ -75,6 +79,16 @@ def parse_json_object(path: object, field: str, raw: bytes) -> dict:
 
 def _reject_constant(name: str):
     raise ValueError(f"non-standard constant {name}")
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all distinct (a repeated key would silently win in json.loads)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {repeated!r}")
+    return out
 
 
 def _first_line(e: BaseException) -> str:
@@ -128,11 +142,11 @@ class _Checker:
             self.fail(field, f"must be one of {', '.join(allowed)}", value)
         return value
 
-    def int_column(self, values: list, field: str, hi: int) -> np.ndarray:
+    def int_column(self, values: list, field: str, hi: int, dtype=np.int64) -> np.ndarray:
         for i, v in enumerate(values):
             if type(v) is not int or not 0 <= v <= hi:
                 self.fail(f"{field}[{i}]", f"must be an integer in [0, {hi}]", v)
-        column = np.array(values, dtype=np.int64)
+        column = np.array(values, dtype=dtype)
         column.flags.writeable = False
         return column
 
@@ -176,17 +190,20 @@ def _decode_tensor(c: _Checker, entry, field: str) -> TensorEntry:
     name = entry["name"]
     if not isinstance(name, str) or not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         c.fail(f"{field}.name", f"must be a non-empty string of at most {MAX_NAME_BYTES} bytes", name)
-    dtype = c.enum(entry["dtype"], f"{field}.dtype", tuple(DTYPES))
+    dtype = c.enum(entry["dtype"], f"{field}.dtype", TENSOR_TYPES)
     shape = tuple(c.int(d, f"{field}.shape[{j}]")
                   for j, d in enumerate(c.list(entry["shape"], f"{field}.shape", limit=MAX_NDIM)))
-    if math.prod(d for d in shape if d) * DTYPES[dtype].itemsize > MAX_I64:  # numpy's limit, even when empty
+    if math.prod(d for d in shape if d) * itemsize(dtype) > MAX_I64:  # numpy's limit, even when empty
         c.fail(f"{field}.shape", "too large for an array (product of non-zero dims * itemsize >= 2**63)",
                list(shape))
     offset = c.offset(entry["offset"], f"{field}.offset", TENSOR_ALIGNMENT)
     nbytes = c.int(entry["nbytes"], f"{field}.nbytes")
-    expected = math.prod(shape) * DTYPES[dtype].itemsize  # exact: Python ints do not overflow
+    expected = tensor_nbytes(dtype, shape)  # exact: Python ints do not overflow
+    if expected is None:
+        c.fail(f"{field}.shape", f"a {dtype} tensor's last dimension must be a multiple of its group size",
+               list(shape))
     if nbytes != expected:
-        c.fail(f"{field}.nbytes", f"must equal prod(shape) * itemsize = {expected}", nbytes)
+        c.fail(f"{field}.nbytes", f"must equal the bytes of its dtype and shape, {expected}", nbytes)
     if offset + nbytes > c.file_size:
         c.fail(f"{field}.nbytes", f"ends past the end of the file ({c.file_size} bytes)", nbytes)
     crc = c.int(entry["crc32"], f"{field}.crc32", 0, 0xFFFFFFFF)
@@ -202,7 +219,7 @@ def _decode_layer(c: _Checker, entry, field: str, index: int, tensors: dict[str,
         c.fail(f"{field}.gated", "must be true or false", gated)
     dtype = c.enum(entry["dtype"], f"{field}.dtype", STORAGE_DTYPES)
     bundle_bytes = c.int(entry["bundle_bytes"], f"{field}.bundle_bytes", 1, c.file_size)
-    if bundle_bytes % DTYPES[dtype].itemsize:
+    if bundle_bytes % itemsize(dtype):
         c.fail(f"{field}.bundle_bytes", f"must be a multiple of the {dtype} itemsize", bundle_bytes)
     offset = c.offset(entry["offset"], f"{field}.offset", ALIGNMENT)
     length = c.int(entry["length"], f"{field}.length", 1, c.file_size)
@@ -221,8 +238,10 @@ def _decode_layer(c: _Checker, entry, field: str, index: int, tensors: dict[str,
     chunk_neurons = c.int(entry["chunk_neurons"], f"{field}.chunk_neurons", 1, n)
     chunks = _decode_chunks(c, entry["chunks"], f"{field}.chunks", n, chunk_neurons, bundle_bytes,
                             offset, length)
+    digests = c.int_column(c.list(entry["digests"], f"{field}.digests", length=n), f"{field}.digests", MAX_U64,
+                           np.uint64)
     return FfnLayer(index, d_model, n, gated, dtype, bundle_bytes, offset, length, n_hot, float(threshold),
-                    perm, chunk_neurons, chunks)
+                    perm, chunk_neurons, chunks, digests)
 
 
 def _decode_chunks(c: _Checker, entry, field: str, n: int, chunk_neurons: int, bundle_bytes: int,

@@ -32,6 +32,7 @@ from .format_spec import (
     Preamble,
     TensorEntry,
     crc32,
+    record_digests,
 )
 
 _VERIFY_BLOCK = 16 * 1024 * 1024  # bytes per read while checksumming a large tensor
@@ -44,6 +45,7 @@ class VerifyReport:
     tensors_checked: int
     chunks_checked: int
     bytes_checked: int  # raw (uncompressed) bytes whose crc32 was computed
+    records_checked: int  # FFN records whose digest was computed
     failures: tuple[LayoutError, ...]
 
     @property
@@ -112,12 +114,13 @@ class LayoutFile:
         return list(self.tensors)
 
     def tensor(self, name: str, verify: bool = False) -> np.ndarray:
-        """A fresh copy of tensor `name` (bf16 as uint16 bits); with `verify`, its crc32 is checked."""
+        """A fresh copy of tensor `name` (bf16 as uint16 bits; q8/q4 as uint8 rows, see
+        TensorEntry.stored_shape); with `verify`, its crc32 is checked."""
         entry = self.tensors[name]
         buf = _pread(self.path, self._fd, entry.offset, entry.nbytes, f"tensor {name!r}")
         if verify and crc32(buf) != entry.crc32:
             raise _tensor_crc_error(self.path, entry, crc32(buf))
-        return np.frombuffer(buf, dtype=entry.numpy_dtype).reshape(entry.shape)
+        return np.frombuffer(buf, dtype=entry.numpy_dtype).reshape(entry.stored_shape)
 
     def permutation(self, layer: int) -> np.ndarray:
         """Read-only int32 array (n_neurons,): stored position -> original neuron id."""
@@ -130,7 +133,8 @@ class LayoutFile:
         """Bundle rows (len(positions) or count, bundle_len) in the storage dtype (bf16 as uint16).
 
         Give stored `positions` (any order, repeats allowed) or a run `start`, `count`. Zstd layers
-        and `verify=True` read whole chunks (checking their crc32 when verifying).
+        and `verify=True` read whole chunks (checking their crc32 and every record's digest when
+        verifying).
         """
         l = self.layers[layer]
         if positions is None:
@@ -150,6 +154,8 @@ class LayoutFile:
             for k in np.unique(chunk_ids).tolist():
                 rows = chunk_ids == k
                 out[rows] = self.read_chunk(layer, k, verify)[positions[rows] - k * l.chunk_neurons]
+            if verify:
+                check_digests(self.path, l, positions, out)
             return out
         breaks = np.flatnonzero(np.diff(positions) != 1) + 1  # runs of consecutive positions
         flat = out.reshape(-1).view(np.uint8)
@@ -186,16 +192,19 @@ class LayoutFile:
             nbytes += entry.nbytes
             if value != entry.crc32:
                 failures.append(_tensor_crc_error(self.path, entry, value))
-        n_chunks = 0
+        n_chunks = n_records = 0
         for l in self.layers:
             for k in range(len(l.chunks)):
                 try:
-                    self.read_chunk(l.index, k, verify=True)
+                    rows = self.read_chunk(l.index, k, verify=True)
+                    first = k * l.chunk_neurons
+                    check_digests(self.path, l, np.arange(first, first + len(rows)), rows)
                 except LayoutChecksumError as e:  # includes zstd frames that do not decode
                     failures.append(e)
                 n_chunks += 1
+                n_records += int(l.chunks.raw_length[k]) // l.bundle_bytes
                 nbytes += int(l.chunks.raw_length[k])
-        return VerifyReport(len(self.tensors), n_chunks, nbytes, tuple(failures))
+        return VerifyReport(len(self.tensors), n_chunks, nbytes, n_records, tuple(failures))
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -210,6 +219,17 @@ class LayoutFile:
 
     def __del__(self):
         self.close()
+
+
+def check_digests(path: object, layer: FfnLayer, positions: np.ndarray, rows: np.ndarray) -> None:
+    """Raise LayoutChecksumError naming the layer and stored position of the first record in
+    ``rows`` (read for stored ``positions``) whose xxh3_64 digest is not the one in the index."""
+    bad = np.flatnonzero(record_digests(rows) != layer.digests[np.asarray(positions)])
+    if len(bad):
+        p = int(np.asarray(positions)[bad[0]])
+        raise LayoutChecksumError(path, f"index.layers[{layer.index}].digests[{p}]",
+                                  f"the bytes of stored neuron {p} of layer {layer.index} are not the ones written "
+                                  f"({len(bad)} of {len(rows)} records read differ)")
 
 
 def _read_preamble(path: str, fd: int, file_size: int) -> Preamble:

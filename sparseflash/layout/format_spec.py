@@ -7,15 +7,17 @@ Imports nothing from the rest of sparseflash.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+import xxhash
 
 MAGIC = b"SFLASH\x00\x01"  # never changes between versions; the version is its own field
-VERSION = 1
+VERSION = 2  # 2: quantized types q8/q4, a digest of every FFN record in the index
 PREAMBLE_SIZE = 128
 ALIGNMENT = 4096  # FFN regions start here, and their padded end is a multiple of it (O_DIRECT reads)
 TENSOR_ALIGNMENT = 64  # resident tensors, the JSON header and the index
@@ -42,8 +44,14 @@ DTYPES: dict[str, np.dtype] = {
     "i64": np.dtype("<i8"),
     "u8": np.dtype("u1"),
     "u16": np.dtype("<u2"),
+    "u32": np.dtype("<u4"),
 }
-STORAGE_DTYPES = ("f32", "f16", "bf16")  # allowed for FFN bundles
+# Quantized types: values in groups along the last dimension, stored as bytes (GGUF Q8_0 / Q4_0
+# arithmetic; the byte layout inside a row is the model contract's, layout/schema.py).
+# Tag -> (values per group, bytes per group).
+QUANT_TYPES: dict[str, tuple[int, int]] = {"q8": (32, 34), "q4": (32, 18)}
+TENSOR_TYPES = (*DTYPES, *QUANT_TYPES)
+STORAGE_DTYPES = ("f32", "f16", "bf16", "q8", "q4")  # allowed for FFN records
 CODECS = ("none", "zstd")  # a chunk's codec; index into this tuple is ChunkTable.codec
 CODEC_NONE, CODEC_ZSTD = 0, 1
 
@@ -78,6 +86,41 @@ class LayoutTruncatedError(LayoutError):
 def _short_repr(value: object, limit: int = 80) -> str:
     text = repr(value)  # repr escapes newlines, so the message stays on one line
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def itemsize(tag: str) -> int:
+    """Bytes per stored element: a quantized type is stored (and read) as bytes."""
+    return 1 if tag in QUANT_TYPES else DTYPES[tag].itemsize
+
+
+def numpy_dtype(tag: str) -> np.dtype:
+    """The numpy dtype a tensor or record of type ``tag`` is read as (uint8 for quantized types)."""
+    return np.dtype("u1") if tag in QUANT_TYPES else DTYPES[tag]
+
+
+def tensor_nbytes(tag: str, shape: tuple[int, ...]) -> int | None:
+    """Bytes of a tensor of logical ``shape``; None when a quantized type cannot have that shape
+    (its last dimension must be a multiple of the group size)."""
+    if tag not in QUANT_TYPES:
+        return math.prod(shape) * DTYPES[tag].itemsize
+    group, group_bytes = QUANT_TYPES[tag]
+    if not shape or shape[-1] % group:
+        return None
+    return math.prod(shape[:-1]) * (shape[-1] // group) * group_bytes
+
+
+def stored_shape(tag: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a tensor is read as: its logical shape, or (..., bytes per row) when quantized."""
+    if tag not in QUANT_TYPES:
+        return tuple(shape)
+    group, group_bytes = QUANT_TYPES[tag]
+    return (*shape[:-1], shape[-1] // group * group_bytes)
+
+
+def record_digests(rows: np.ndarray) -> np.ndarray:
+    """xxh3_64 of each row's bytes (rows: (n, ...) any dtype, C-contiguous per row) as uint64 (n,)."""
+    flat = np.ascontiguousarray(rows).reshape(len(rows), -1).view(np.uint8)
+    return np.fromiter((xxhash.xxh3_64_intdigest(row) for row in flat), dtype=np.uint64, count=len(flat))
 
 
 def align_up(offset: int, alignment: int) -> int:
@@ -121,7 +164,11 @@ class TensorEntry:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
+        return numpy_dtype(self.dtype)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return stored_shape(self.dtype, self.shape)
 
 
 class Chunk(NamedTuple):
@@ -167,15 +214,16 @@ class FfnLayer:
     permutation: str  # name of the int32 tensor: stored position -> original neuron id
     chunk_neurons: int  # neurons per chunk (the last chunk may hold fewer)
     chunks: ChunkTable
+    digests: np.ndarray  # uint64 (n_neurons,): xxh3_64 of each record's raw bytes, stored order
 
     @property
     def bundle_len(self) -> int:
         """Elements of the storage dtype in one neuron's record (what the bytes mean: layout/schema.py)."""
-        return self.bundle_bytes // DTYPES[self.dtype].itemsize
+        return self.bundle_bytes // itemsize(self.dtype)
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
+        return numpy_dtype(self.dtype)
 
     @property
     def compressed(self) -> bool:

@@ -3,13 +3,14 @@
     writer = LayoutWriter("model.sflash", header={"config": {...}}, zstd_level=None)
     writer.add_tensor("embed", embed)                      # (1) declare
     writer.add_tensor("layers.0.perm", perm)
-    writer.add_ffn_layer(d_model=..., n_neurons=..., gated=True, dtype="f16",
+    writer.add_ffn_layer(d_model=..., n_neurons=..., gated=True, dtype="f16", bundle_bytes=...,
                          permutation="layers.0.perm", n_hot=512, bundles=iter_blocks())
     writer.plan()                                          # (2) check, place tensors (optional)
     writer.write(progress=lambda done, total: ...)         # (3) temp file -> fsync -> rename
 
 Bundles are pulled from each layer's iterator one block at a time, cut into chunks and written,
-so a layer is never held twice. The output is a pure function of the inputs (no timestamps).
+so a layer is never held twice; every record's xxh3_64 digest goes to the index. The output is a
+pure function of the inputs (no timestamps).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .format_spec import (
     STORAGE_DTYPES,
     TEMP_INFIX,
     TENSOR_ALIGNMENT,
+    TENSOR_TYPES,
     VERSION,
     ChunkTable,
     FfnLayer,
@@ -52,6 +54,11 @@ from .format_spec import (
     TensorEntry,
     align_up,
     crc32,
+    itemsize,
+    numpy_dtype,
+    record_digests,
+    stored_shape,
+    tensor_nbytes,
 )
 
 Progress = Callable[[int, int], None]  # (raw bytes done, raw bytes total)
@@ -116,7 +123,7 @@ class LayoutWriter:
         if type(chunk_bytes) is not int or chunk_bytes < 1:
             self._fail("chunk_bytes", "must be a positive integer", chunk_bytes)
         self.chunk_bytes, self.zstd_level = chunk_bytes, zstd_level
-        self._tensors: dict[str, tuple[str, np.ndarray]] = {}  # name -> (dtype tag, array)
+        self._tensors: dict[str, tuple[str, np.ndarray, tuple]] = {}  # name -> (dtype tag, array, shape)
         self._layers: list[_LayerDecl] = []
         self._written = False
 
@@ -125,9 +132,12 @@ class LayoutWriter:
 
     # ---- phase 1: declare -------------------------------------------------------------------
 
-    def add_tensor(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
+    def add_tensor(self, name: str, array: np.ndarray, dtype: str | None = None,
+                   shape: tuple[int, ...] | None = None) -> None:
         """Declare a resident tensor. `dtype` defaults from array.dtype; bf16 must be tagged
-        explicitly and passed as uint16 bits. The array is read at write time, not copied now."""
+        explicitly and passed as uint16 bits. A quantized tensor (q8, q4) is passed as its uint8
+        rows with its logical `shape` (last dimension: values per row). The array is read at
+        write time, not copied now."""
         if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
             self._fail("tensor name", f"must be a non-empty string of at most {MAX_NAME_BYTES} bytes", name)
         if name in self._tensors:
@@ -140,10 +150,14 @@ class LayoutWriter:
             dtype = next((tag for tag, dt in DTYPES.items() if tag != "bf16" and dt == little), None)
             if dtype is None:
                 self._fail(f"tensor {name!r}.dtype", f"numpy dtype has no tag in {sorted(DTYPES)}", str(array.dtype))
-        self._check_dtype(f"tensor {name!r}", array, dtype, tuple(DTYPES))
-        if array.ndim > MAX_NDIM:
-            self._fail(f"tensor {name!r}.shape", f"more than {MAX_NDIM} dimensions", array.shape)
-        self._tensors[name] = (dtype, array)
+        self._check_dtype(f"tensor {name!r}", array, dtype, TENSOR_TYPES)
+        shape = tuple(array.shape) if shape is None else tuple(int(d) for d in shape)
+        if len(shape) > MAX_NDIM:
+            self._fail(f"tensor {name!r}.shape", f"more than {MAX_NDIM} dimensions", shape)
+        if tensor_nbytes(dtype, shape) is None or stored_shape(dtype, shape) != array.shape:
+            self._fail(f"tensor {name!r}.shape", f"a {dtype} tensor of shape {list(shape)} is stored as "
+                       f"{list(stored_shape(dtype, shape))}", list(array.shape))
+        self._tensors[name] = (dtype, array, shape)
 
     def add_ffn_layer(self, *, d_model: int, n_neurons: int, gated: bool, dtype: str, bundle_bytes: int,
                       permutation: str, bundles: Iterable[np.ndarray] | np.ndarray, n_hot: int = 0,
@@ -167,7 +181,7 @@ class LayoutWriter:
         if dtype not in STORAGE_DTYPES:
             self._fail(f"{field}.dtype", f"must be one of {', '.join(STORAGE_DTYPES)}", dtype)
         bundle_bytes = self._int(f"{field}.bundle_bytes", bundle_bytes, 1, MAX_I64)
-        if bundle_bytes % DTYPES[dtype].itemsize:
+        if bundle_bytes % itemsize(dtype):
             self._fail(f"{field}.bundle_bytes", f"must be a multiple of the {dtype} itemsize", bundle_bytes)
         n_hot = self._int(f"{field}.n_hot", n_hot, 0, n_neurons)
         if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not math.isfinite(threshold):
@@ -190,8 +204,9 @@ class LayoutWriter:
     def _check_dtype(self, field: str, array: np.ndarray, dtype: str, allowed: tuple[str, ...]) -> None:
         if dtype not in allowed:
             self._fail(f"{field}.dtype", f"must be one of {', '.join(allowed)}", dtype)
-        if array.dtype.newbyteorder("<") != DTYPES[dtype]:
-            self._fail(f"{field}.dtype", f"tag {dtype} needs numpy {DTYPES[dtype]} (bf16 as uint16 bits)",
+        if array.dtype.newbyteorder("<") != numpy_dtype(dtype):
+            self._fail(f"{field}.dtype", f"tag {dtype} needs numpy {numpy_dtype(dtype)} (bf16 as uint16 bits, "
+                       "q8/q4 as uint8 bytes)",
                        str(array.dtype))
 
     # ---- phase 2: plan ----------------------------------------------------------------------
@@ -202,7 +217,7 @@ class LayoutWriter:
             entry = self._tensors.get(l.permutation)
             if entry is None:
                 self._fail(f"layer {i}.permutation", "names no declared tensor", l.permutation)
-            tag, perm = entry
+            tag, perm, _ = entry
             if tag != "i32" or perm.shape != (l.n_neurons,):
                 self._fail(f"layer {i}.permutation", f"tensor must be i32 of shape ({l.n_neurons},)",
                            f"{tag} {perm.shape}")
@@ -210,11 +225,11 @@ class LayoutWriter:
             if perm.min() < 0 or perm.max() >= l.n_neurons or np.bincount(perm, minlength=l.n_neurons).max() != 1:
                 self._fail(f"layer {i}.permutation", f"not a permutation of range({l.n_neurons})", l.permutation)
         offset, offsets = PREAMBLE_SIZE, {}
-        for name, (_, array) in self._tensors.items():
+        for name, (_, array, _) in self._tensors.items():
             offset = align_up(offset, TENSOR_ALIGNMENT)
             offsets[name] = offset
             offset += array.nbytes
-        raw_bytes = sum(a.nbytes for _, a in self._tensors.values())
+        raw_bytes = sum(a.nbytes for _, a, _ in self._tensors.values())
         raw_bytes += sum(l.n_neurons * l.bundle_bytes for l in self._layers)
         return LayoutPlan(offsets, align_up(offset, ALIGNMENT), tuple(l.chunk_neurons for l in self._layers),
                           raw_bytes)
@@ -251,10 +266,10 @@ class LayoutWriter:
     def _write_body(self, out: _Sink, plan: LayoutPlan) -> None:
         out.write(bytes(PREAMBLE_SIZE))  # placeholder; the real preamble goes in last
         tensors = []
-        for name, (tag, array) in self._tensors.items():
+        for name, (tag, array, shape) in self._tensors.items():
             out.pad_to(plan.tensor_offsets[name])
             data = _little_endian_bytes(array, tag)
-            tensors.append(TensorEntry(name, tag, tuple(array.shape), out.offset, data.nbytes, crc32(data)))
+            tensors.append(TensorEntry(name, tag, shape, out.offset, data.nbytes, crc32(data)))
             out.write(data, raw=data.nbytes)
         layers = [self._write_layer(out, i, l) for i, l in enumerate(self._layers)]
 
@@ -278,7 +293,9 @@ class LayoutWriter:
         out.pad_to(align_up(out.offset, ALIGNMENT))
         region_offset = out.offset
         columns: list[list[int]] = [[], [], [], [], []]  # offset, stored, raw, crc, codec
+        digests = []
         for raw in _chunks(self, index, l, bundle_bytes):
+            digests.append(record_digests(np.frombuffer(raw, np.uint8).reshape(-1, bundle_bytes)))
             stored, codec = raw, CODEC_NONE
             if compressor is not None:
                 packed = compressor.compress(raw)
@@ -291,7 +308,7 @@ class LayoutWriter:
         out.pad_to(align_up(out.offset, ALIGNMENT))  # aligned reads of the last neuron stay in the file
         table = ChunkTable(*(np.array(c, dtype=np.int64) for c in columns[:4]), np.array(columns[4], np.uint8))
         return FfnLayer(index, l.d_model, l.n_neurons, l.gated, l.dtype, bundle_bytes, region_offset, length,
-                        l.n_hot, l.threshold, l.permutation, l.chunk_neurons, table)
+                        l.n_hot, l.threshold, l.permutation, l.chunk_neurons, table, np.concatenate(digests))
 
 
 def _chunks(writer: LayoutWriter, index: int, l: _LayerDecl, bundle_bytes: int) -> Iterator[memoryview]:
@@ -304,7 +321,7 @@ def _chunks(writer: LayoutWriter, index: int, l: _LayerDecl, bundle_bytes: int) 
         field = f"layer {index}.bundles"
         block = np.asarray(block)
         writer._check_dtype(field, block, l.dtype, (l.dtype,))
-        row = l.bundle_bytes // DTYPES[l.dtype].itemsize
+        row = l.bundle_bytes // itemsize(l.dtype)
         if block.ndim != 2 or block.shape[1] != row:
             writer._fail(field, f"blocks must have shape (rows, {row})", block.shape)
         view = _little_endian_bytes(block, l.dtype)
@@ -332,7 +349,7 @@ def _chunks(writer: LayoutWriter, index: int, l: _LayerDecl, bundle_bytes: int) 
 
 def _little_endian_bytes(array: np.ndarray, tag: str) -> memoryview:
     """Flat byte view of `array` in the file's byte order (copies only if it must)."""
-    return memoryview(np.ascontiguousarray(array, dtype=DTYPES[tag]).reshape(-1).view(np.uint8))
+    return memoryview(np.ascontiguousarray(array, dtype=numpy_dtype(tag)).reshape(-1).view(np.uint8))
 
 
 class _Sink:

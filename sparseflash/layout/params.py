@@ -13,7 +13,7 @@ from sparseflash.errors import SparseflashError
 
 ORDERS = ("coact", "frequency", "identity")  # neuron orders (layout/ordering.py)
 THRESHOLD_SETS = ("ppl", "cett")  # which profile thresholds define "active"
-LAYOUT_DTYPES = ("f16", "bf16", "f32")
+LAYOUT_DTYPES = ("f16", "bf16", "f32", "q8", "q4")  # q8/q4: GGUF Q8_0/Q4_0 arithmetic along d (kernels/quant.py)
 ZSTD_LEVELS = (1, 22)  # zstd's ordinary levels (python-zstandard's MAX_COMPRESSION_LEVEL is 22)
 
 
@@ -107,16 +107,27 @@ class LayoutParams:
     """How a layout is made."""
 
     order: str = "coact"  # coact | frequency | identity (ordering.py)
-    dtype: str = "f16"  # bundle and resident-matrix storage
+    dtype: str = "f16"  # FFN bundle storage
+    resident_dtype: str | None = None  # attention, embeddings, head; None: as dtype, or f16 when dtype is quantized
     hot_fraction: float = 0.1  # share of each layer's neurons pinned resident (the most frequent)
     thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
     zstd_level: int | None = None  # None: FFN chunks raw (streaming needs raw chunks)
+
+    @property
+    def resident(self) -> str:
+        """The storage of resident matrices in force."""
+        if self.resident_dtype is not None:
+            return self.resident_dtype
+        return "f16" if self.dtype in ("q8", "q4") else self.dtype
 
     def __post_init__(self):
         if self.order not in ORDERS:
             raise SparseflashError(f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.dtype not in LAYOUT_DTYPES:
             raise SparseflashError(f"--dtype must be one of {', '.join(LAYOUT_DTYPES)}, got {self.dtype!r}")
+        if self.resident_dtype is not None and self.resident_dtype not in LAYOUT_DTYPES:
+            raise SparseflashError(f"--resident-dtype must be one of {', '.join(LAYOUT_DTYPES)}, "
+                                   f"got {self.resident_dtype!r}")
         if not 0 <= self.hot_fraction < 1:
             raise SparseflashError(f"--hot-fraction must be in [0, 1), got {self.hot_fraction}")
         if self.thresholds not in THRESHOLD_SETS:
@@ -140,6 +151,7 @@ class PrepareParams:
     order: str = LayoutParams.order
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype
+    resident_dtype: str | None = LayoutParams.resident_dtype
 
     def __post_init__(self):
         for flag, value in (("--tokens", self.profile_tokens), ("cett_tokens", self.cett_tokens),
@@ -152,7 +164,8 @@ class PrepareParams:
         self.layout_params()  # order, hot fraction and dtype checked there
 
     def layout_params(self) -> LayoutParams:
-        return LayoutParams(order=self.order, dtype=self.dtype, hot_fraction=self.hot_fraction)
+        return LayoutParams(order=self.order, dtype=self.dtype, resident_dtype=self.resident_dtype,
+                            hot_fraction=self.hot_fraction)
 
 
 # The bundled model is small enough that 2.5% of its FFN leaves rank 10, which misses half the active

@@ -30,8 +30,9 @@ from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.coactivation import accumulate_coactivation
 from sparseflash.layout.masks import MaskWriter, pack, read_masks
 from sparseflash.layout.params import ProfileParams
+from sparseflash.layout.pplp import ppl_p_search
 from sparseflash.model.loader import DenseModel
-from sparseflash.model.perplexity import perplexity, windows
+from sparseflash.model.perplexity import windows
 
 PROFILE_VERSION = 1
 MASK_SETS = ("cett", "ppl")  # thresholds at the analysis CETT bound; thresholds of the PPL-p% search
@@ -104,30 +105,10 @@ def _profile(model, calib, heldout_ids, out, p, source_hash, quiet):
     curve = {str(b): [s.sparsity_at(s.threshold_for(b)[0]) for s in searches] for b in BOUND_GRID}
 
     # pass 2: PPL-p% search on held-out text
-    recorder.fn = None
-    ppl_tokens = min(len(heldout_ids) // p.ctx * p.ctx, p.ppl_tokens)
-    dense_ppl = perplexity(net, heldout_ids, ctx=p.ctx, max_tokens=ppl_tokens).ppl
-    target = dense_ppl * (1 + p.ppl_p / 100)
-    trials = []
-
-    def ppl_at(bound):
-        thr = [s.threshold_for(bound)[0] for s in searches]
-        recorder.fn = tap.masking_hook(thr)
-        value = perplexity(net, heldout_ids, ctx=p.ctx, max_tokens=ppl_tokens).ppl
-        recorder.fn = None
-        trials.append({"bound": bound, "ppl": value})
-        return value, thr
-
-    lo, hi = 0.0, 1.0
-    ppl_lo, ppl_thr = ppl_at(0.0)
-    for _ in tqdm(range(p.ppl_steps), desc="PPL-p% search", disable=quiet, leave=False):
-        mid = (lo + hi) / 2
-        value, thr = ppl_at(mid)
-        if value <= target:
-            lo, ppl_lo, ppl_thr = mid, value, thr
-        else:
-            hi = mid
-    ppl_bound = lo
+    found = ppl_p_search(net, lambda hook: setattr(recorder, "fn", hook), searches, tap.masking_hook, heldout_ids,
+                         p.ppl_p, p.ctx, p.ppl_tokens, p.ppl_steps, quiet)
+    ppl_bound, ppl_thr, dense_ppl, ppl_lo = found.bound, found.thresholds, found.ppl_dense, found.ppl_at_bound
+    ppl_tokens, trials = found.tokens, found.trials
     thresholds = {"cett": cett_thr, "ppl": ppl_thr}
 
     # pass 3: all calibration tokens -> masks, frequencies, sparsity, CETT at both threshold sets

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .format_spec import DTYPES, STORAGE_DTYPES, FfnLayer, LayoutError, TensorEntry
+from .format_spec import DTYPES, QUANT_TYPES, STORAGE_DTYPES, FfnLayer, LayoutError, TensorEntry
 
 LAYOUT_KIND = "sparseflash-layout"
-SCHEMA_VERSION = 1  # of the header and tensor naming below; bump when either changes meaning
+SCHEMA_VERSION = 2  # of the header and tensor naming below; bump when either changes meaning
+# 2: resident_dtype (resident matrices may be quantized), quantized bundle storage
 STRATEGIES = ("topk", "threshold")  # how stored predictors turn scores into an active set
 REBUILD = "rebuild it with `sparseflash prepare` (or `sparseflash layout`)"
 
@@ -73,9 +74,20 @@ def bundle_len(d_model: int, gated: bool) -> int:
     return len(bundle_parts(gated)) * d_model
 
 
+def part_bytes(d_model: int, dtype: str) -> int:
+    """Bytes of one d-long bundle part (or resident-matrix row) in storage ``dtype``: d values, or
+    for q8/q4 d/32 groups, each a float16 scale then its quantized values (kernels/quant.py)."""
+    if dtype in QUANT_TYPES:
+        group, group_bytes = QUANT_TYPES[dtype]
+        if d_model % group:
+            raise ValueError(f"{dtype} storage needs a hidden size that is a multiple of {group}, got {d_model}")
+        return d_model // group * group_bytes
+    return d_model * DTYPES[dtype].itemsize
+
+
 def bundle_bytes(d_model: int, gated: bool, dtype: str) -> int:
     """Bytes of one neuron's bundle in storage ``dtype``."""
-    return bundle_len(d_model, gated) * DTYPES[dtype].itemsize
+    return len(bundle_parts(gated)) * part_bytes(d_model, dtype)
 
 
 # ---- what "active" means -------------------------------------------------------------------
@@ -161,6 +173,7 @@ class ModelHeader:
     n_hot: int  # hot-region neurons per layer
     predictors: PredictorsHeader | None = None
     provenance: dict = field(default_factory=dict)
+    resident_dtype: str = "f16"  # storage of resident matrices (embeddings, attention, head); vectors are f32
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -175,12 +188,12 @@ class ModelHeader:
     def to_json(self) -> dict:
         return {"kind": LAYOUT_KIND, "schema_version": self.schema_version, "model": self.model,
                 "tokenizer_json": self.tokenizer_json, "source_hash": self.source_hash, "dtype": self.dtype,
-                "n_hot": self.n_hot, "bundle_bytes": self.bundle_bytes,
+                "resident_dtype": self.resident_dtype, "n_hot": self.n_hot, "bundle_bytes": self.bundle_bytes,
                 "predictors": None if self.predictors is None else self.predictors.to_json(),
                 "provenance": self.provenance}
 
 
-HEADER_KEYS = ("kind", "schema_version", "model", "tokenizer_json", "source_hash", "dtype", "n_hot",
+HEADER_KEYS = ("kind", "schema_version", "model", "tokenizer_json", "source_hash", "dtype", "resident_dtype", "n_hot",
                "bundle_bytes", "predictors", "provenance")
 
 
@@ -239,16 +252,21 @@ def read_header(path: object, doc: dict) -> ModelHeader:
             c.fail(f"header.model.{k}", "must be true or false", model.get(k))
     c.str(model.get("norm"), "header.model.norm", NORMS)
     dtype = c.str(doc["dtype"], "header.dtype", STORAGE_DTYPES)
+    resident_dtype = c.str(doc["resident_dtype"], "header.resident_dtype", STORAGE_DTYPES)
     n = model["intermediate_size"]
     n_hot = c.int(doc["n_hot"], "header.n_hot", 0, n)
-    expected = bundle_bytes(model["hidden_size"], model["gated"], dtype)
+    try:
+        expected = bundle_bytes(model["hidden_size"], model["gated"], dtype)
+    except ValueError as e:
+        c.fail("header.dtype", str(e), dtype)
     if doc["bundle_bytes"] != expected:
         c.fail("header.bundle_bytes", f"must be {len(bundle_parts(model['gated']))} * hidden_size * itemsize "
                f"= {expected}", doc["bundle_bytes"])
     predictors = None if doc["predictors"] is None else _read_predictors(c, doc["predictors"], model)
     provenance = c.object(doc["provenance"], "header.provenance")
     return ModelHeader(model, c.str(doc["tokenizer_json"], "header.tokenizer_json"),
-                       c.str(doc["source_hash"], "header.source_hash"), dtype, n_hot, predictors, provenance)
+                       c.str(doc["source_hash"], "header.source_hash"), dtype, n_hot, predictors, provenance,
+                       resident_dtype)
 
 
 def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
@@ -279,15 +297,12 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
 
 # ---- the tensors a header implies ----------------------------------------------------------
 
-MATRIX_DTYPES = STORAGE_DTYPES  # resident matrices keep the layout's storage dtype (or f32)
-
-
 def _tensor_shapes(header: ModelHeader) -> tuple[dict, set[str]]:
     """(name -> (allowed dtype tags, shape) for every tensor a model layout may hold, the required names)."""
     m = header.dims
     d, n, vocab = m["hidden_size"], m["intermediate_size"], m["vocab_size"]
     q_out, kv_out = m["num_heads"] * m["head_dim"], m["num_kv_heads"] * m["head_dim"]
-    vec, mat = ("f32",), MATRIX_DTYPES
+    vec, mat = ("f32",), (header.resident_dtype,)
     layernorm = m["norm"] == "layernorm1p"
     shapes = {EMBED: (mat, (vocab, d)), FINAL_NORM_W: (vec, (d,)), FINAL_NORM_B: (vec, (d,)),
               LM_HEAD: (mat, (vocab, d))}

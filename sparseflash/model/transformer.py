@@ -36,9 +36,13 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T + b in float32 activations; half-precision weights (as a layout may hold them) are
-    applied in their own dtype."""
+    applied in their own dtype. ``w`` may also be a packed matrix with ``linear(x)`` (a layout's
+    quantized resident weights, runtime/quant_weights.py)."""
+    if not isinstance(w, torch.Tensor):
+        out = w.linear(x)
+        return out if b is None else out + b
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
     out = F.linear(x.to(w.dtype), w).float()
@@ -140,7 +144,8 @@ class Transformer:
         if cache is not None and cache.k.device != self.device:
             raise SparseflashError(f"KV cache on {cache.k.device}, model on {self.device}: make it with new_cache()")
         cos, sin = self._rope(torch.arange(start, end, device=self.device))
-        h = F.embedding(tokens.to(self.device), w.embed).float()
+        tokens = tokens.to(self.device)
+        h = (F.embedding(tokens, w.embed) if isinstance(w.embed, torch.Tensor) else w.embed.rows(tokens)).float()
         for i, layer in enumerate(w.layers):
             h = h + self.attention(i, self.norm(h, layer.attn_norm_w, layer.attn_norm_b), cos, sin, cache, start)
             x = self.norm(h, layer.ffn_norm_w, layer.ffn_norm_b)

@@ -1,7 +1,9 @@
 """Model weights in sparseflash's canonical form, independent of where they were loaded from.
 
 Linear weights keep the torch convention (out_features, in_features): ``w_up`` is (neurons, d),
-``w_down`` is (d, neurons). FFN weights may be absent (None) when a runtime streams them.
+``w_down`` is (d, neurons). FFN weights may be absent (None) when a runtime streams them. A
+resident matrix may also be a packed (e.g. quantized) matrix object with ``shape``, ``device``,
+``nbytes``, ``to(device)``, ``linear(x)`` (x @ W.T) and ``rows(ids)`` (an embedding lookup).
 """
 
 from __future__ import annotations

@@ -22,13 +22,13 @@ from sparseflash.runtime.policy import Policy
 from sparseflash.runtime.predict import load_predictors
 from sparseflash.runtime.streamer import BundleReader
 
-STORAGE_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+STORAGE_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "q8": np.uint8, "q4": np.uint8}
 
 
 def resident_bytes(weights: ModelWeights) -> int:
     """Bytes of the resident tensors (a tied head counted once)."""
     unique = {id(t): t for t in weights.named().values()}
-    return sum(t.numel() * t.element_size() for t in unique.values())
+    return sum(t.nbytes for t in unique.values())
 
 
 def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: str = "cpu",
@@ -41,7 +41,7 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
     if any(r.compressed for r in regions):
         raise SparseflashError(f"{lm.path}: FFN regions are zstd-compressed; streaming needs an uncompressed "
                                "layout (rebuild without --zstd)")
-    predictors = load_predictors(lm.file, lm.header, policy.strategy, policy.lookahead)
+    predictors = load_predictors(lm.file, lm.header, policy.strategy, policy.lookahead, policy.verify)
     on_gpu = policy.device == "cuda"
     if on_gpu:
         backend = "cuda"
@@ -49,7 +49,8 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
         kernel = get_backend(backend)
     except Exception as e:  # BackendUnavailableError: no GPU and no simulator
         raise SparseflashError(f"--device {policy.device}: {e}") from None
-    reader = reader_factory(lm.path, list(regions), device, policy.io, policy.io_threads, policy.io_buffer_bytes)
+    reader = reader_factory(lm.path, list(regions), device, policy.io, policy.io_threads, policy.io_buffer_bytes,
+                            verify=policy.verify)
     try:
         rows = staging_rows(regions, policy.io_buffer_bytes) if on_gpu else 0
         staging = staging_nbytes(rows, max(r.bundle_bytes for r in regions)) if on_gpu else 0

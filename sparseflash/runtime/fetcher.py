@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparseflash.kernels import dequantize
 from sparseflash.layout import schema
+from sparseflash.layout.format import QUANT_TYPES
 from sparseflash.runtime.budget import STAGING_BUFFERS
 from sparseflash.runtime.cache import NeuronCache
 from sparseflash.runtime.streamer import BundleReader, ReadResult
@@ -39,14 +41,21 @@ class Fetch:
         return self.future.done()
 
 
+def down_columns(rows: np.ndarray, d_model: int, storage: str) -> np.ndarray:
+    """float32 (k, d) down columns of bundle rows (k, bundle_len) in ``storage``: the bundle's last part."""
+    if storage in QUANT_TYPES:
+        return dequantize(rows[:, -schema.part_bytes(d_model, storage):], storage, check=False)
+    return schema.to_float32(rows[:, -d_model:], storage)
+
+
 def commit_rows(cache: NeuronCache, slots: np.ndarray, positions: np.ndarray, rows: np.ndarray,
                 picks: np.ndarray, d_model: int, storage: str, pinned: bool = False) -> None:
     """Mark ``slots`` as holding ``positions`` and record the norms of their down columns, read from
-    ``rows[picks]`` (host bundle rows in the storage dtype; the down part is the last d_model values)."""
+    ``rows[picks]`` (host bundle rows in the storage dtype)."""
     cache.commit(slots, positions, pinned)
     block = max(1, (1 << 20) // (4 * d_model))  # widen at most ~1 MiB of down columns at a time
     for i in range(0, len(picks), block):
-        down = schema.to_float32(rows[picks[i : i + block], -d_model:], storage)
+        down = down_columns(rows[picks[i : i + block]], d_model, storage)
         cache.down_norm[slots[i : i + block]] = np.linalg.norm(down, axis=1)
 
 

@@ -1,8 +1,9 @@
 """Open a .sflash model layout: header, config, tokenizer and resident weights, as the runtime sees them.
 
 The container is checked by layout/format (LayoutFile.open), the model contract by layout/schema
-(read_header, check_layout), the config values by model/config; every failure is one
-ArtefactError line naming the file and what to rerun. FFN neurons stay in stored order (the
+(read_header, check_layout), the config values by model/config; with ``verify`` (the default)
+every resident tensor's checksum is checked as it is loaded and its values must be finite. Every
+failure is one ArtefactError line naming the file and what to rerun. FFN neurons stay in stored order (the
 layout's permutation), which computes the same function as checkpoint order; ``with_ffn=True``
 also loads every bundle (a dense in-memory model, the reference the streamed engine is checked
 against, and what reports use to record true active sets).
@@ -17,23 +18,35 @@ import numpy as np
 import torch
 
 from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.kernels import KernelInputError, check_quantized_matrix, decode_bundles
 from sparseflash.layout import schema
-from sparseflash.layout.format import LayoutError, LayoutFile
-from sparseflash.layout.schema import ModelHeader
+from sparseflash.layout.format import QUANT_TYPES, LayoutError, LayoutFile
+from sparseflash.layout.schema import ModelHeader, SchemaError
 from sparseflash.model.config import ModelConfig
 from sparseflash.model.tokenizer import TextTokenizer
 from sparseflash.model.weights import LayerWeights, ModelWeights
+from sparseflash.runtime.quant_weights import QuantMatrix
 
 
-def resident_tensor(f: LayoutFile, name: str) -> torch.Tensor:
+def resident_tensor(f: LayoutFile, name: str, verify: bool = True):
     """A resident tensor as the runtime holds it: f32 and f16 as stored (torch computes with f16
     weights on the CPU at about f32 speed, in half the memory); bf16 widened to f32 (CPU bf16
-    matmul is very slow here)."""
+    matmul is very slow here); q8/q4 kept as their bytes (QuantMatrix). With ``verify``, its crc32
+    is checked and its values (or quantization scales) must be finite."""
     entry = f.tensors[name]
-    raw = f.tensor(name)
-    if entry.dtype == "bf16":
-        return torch.from_numpy(schema.to_float32(raw, "bf16"))
-    return torch.from_numpy(np.asarray(raw))
+    raw = f.tensor(name, verify=verify)
+    if entry.dtype in QUANT_TYPES:
+        if verify:
+            try:
+                check_quantized_matrix(raw, entry.shape[-1], entry.dtype)
+            except KernelInputError as e:
+                raise SchemaError(f.path, f"tensor {name!r}", f"{e}; {schema.REBUILD}") from None
+        return QuantMatrix(raw, entry.shape, entry.dtype)
+    values = schema.to_float32(raw, "bf16") if entry.dtype == "bf16" else np.asarray(raw)
+    if verify and values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise SchemaError(f.path, f"tensor {name!r}", f"holds {int((~np.isfinite(values)).sum())} non-finite "
+                          f"values; {schema.REBUILD}")
+    return torch.from_numpy(values)
 
 
 @dataclass
@@ -59,10 +72,11 @@ class LayoutModel:
         self.file.close()
 
 
-def open_layout(path: str | os.PathLike, with_ffn: bool = False, verify: bool = False) -> LayoutModel:
-    """Open and validate a layout file; load resident weights (and all FFN bundles if asked)."""
+def open_layout(path: str | os.PathLike, with_ffn: bool = False, verify: bool = True) -> LayoutModel:
+    """Open and validate a layout file; load resident weights, checked (``verify``), and all FFN
+    bundles if asked (``with_ffn``, checked against their digests when verifying)."""
     try:
-        f = LayoutFile.open(path, verify=verify)
+        f = LayoutFile.open(path)
     except FileNotFoundError:
         raise ArtefactError(f"{path}: layout file not found; run `sparseflash prepare` first") from None
     except LayoutError as e:
@@ -72,7 +86,7 @@ def open_layout(path: str | os.PathLike, with_ffn: bool = False, verify: bool = 
         schema.check_layout(path, header, f.tensors, f.layers)
         config = ModelConfig.from_dict(header.model)
         tokenizer = TextTokenizer.from_json(header.tokenizer_json, f"{path} tokenizer")
-        weights = _weights(f, config, with_ffn)
+        weights = _weights(f, config, with_ffn, verify)
     except (LayoutError, SparseflashError) as e:
         f.close()
         raise ArtefactError(str(e) if isinstance(e, LayoutError) else f"{path}: {e}") from None
@@ -82,18 +96,19 @@ def open_layout(path: str | os.PathLike, with_ffn: bool = False, verify: bool = 
     return LayoutModel(str(path), f, header, config, tokenizer, weights)
 
 
-def _weights(f: LayoutFile, config: ModelConfig, with_ffn: bool) -> ModelWeights:
+def _weights(f: LayoutFile, config: ModelConfig, with_ffn: bool, verify: bool) -> ModelWeights:
     names = set(f.tensor_names)
 
     def get(name):
-        return resident_tensor(f, name) if name in names else None
+        return resident_tensor(f, name, verify) if name in names else None
 
     layers = []
     for l in range(config.num_layers):
         fields = {k: get(schema.layer_tensor(l, k)) for k in (*schema.LAYER_FIELDS, *schema.NEURON_BIAS_FIELDS)}
         if with_ffn:
             region = f.layers[l]
-            rows = schema.to_float32(f.read_bundles(l, start=0, count=region.n_neurons), region.dtype)
+            rows = decode_bundles(f.read_bundles(l, start=0, count=region.n_neurons, verify=verify),
+                                  parts=len(schema.bundle_parts(config.gated)), storage=region.dtype)
             d = config.hidden_size
             parts = dict(zip(schema.bundle_parts(config.gated),
                              (torch.from_numpy(np.ascontiguousarray(rows[:, i * d : (i + 1) * d]))

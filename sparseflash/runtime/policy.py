@@ -79,6 +79,7 @@ class Policy:
     min_slots: int = 16  # smallest neuron cache per layer that the engine accepts
     reuse: bool = True  # False: forget every unpinned neuron at each token (the no-cache baseline)
     device: str = "cpu"  # where the neuron cache and the sparse FFN live: cpu | cuda
+    verify: bool = True  # check every bundle read (digest, finite values) and resident tensors at load
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):

@@ -75,8 +75,9 @@ class Predictors:
 
 
 def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = None,
-                    lookahead: bool = True) -> Predictors:
-    """The layout's predictors; ``strategy`` None takes the layout's own (``all`` when it has none)."""
+                    lookahead: bool = True, verify: bool = True) -> Predictors:
+    """The layout's predictors; ``strategy`` None takes the layout's own (``all`` when it has none).
+    With ``verify``, every predictor tensor's checksum is checked as it is read."""
     meta = header.predictors
     if strategy is None:
         strategy = meta.strategy if meta else "all"
@@ -89,7 +90,8 @@ def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = N
                             "layout --predictors DIR`), or run with --strategy all")
 
     def load(kind: str, layer: int, spec: PredictorSpec) -> LayerPredictor:
-        parts = (torch.from_numpy(np.asarray(f.tensor(schema.predictor_tensor(kind, layer, part)), dtype=np.float32))
+        parts = (torch.from_numpy(np.asarray(f.tensor(schema.predictor_tensor(kind, layer, part), verify=verify),
+                                             dtype=np.float32))
                  for part in schema.PREDICTOR_PARTS)
         return LayerPredictor(*parts, spec.topk, spec.cut)
 

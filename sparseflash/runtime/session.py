@@ -32,11 +32,11 @@ class StreamedModel:
         self.layout.close()
 
 
-def open_streamed(path: str | os.PathLike, budget: str | int | Budget, verify: bool = False, backend: str = "cpu",
+def open_streamed(path: str | os.PathLike, budget: str | int | Budget, backend: str = "cpu",
                   disk: DeviceModel | None = None, **policy) -> StreamedModel:
     """A transformer whose FFNs stream from ``path`` under ``budget`` (bytes, '2GiB', '40%', '25%ffn'
-    or a Budget); ``policy`` holds Policy fields (window, eviction, strategy, ...)."""
-    lm = open_layout(path, verify=verify)
+    or a Budget); ``policy`` holds Policy fields (window, eviction, strategy, verify, ...)."""
+    lm = open_layout(path, verify=policy.get("verify", Policy.verify))
     try:
         if disk is None:
             from sparseflash.runtime.diskprobe import device_model_for

@@ -7,6 +7,10 @@ buffers, from an O_DIRECT descriptor; where the file system refuses O_DIRECT the
 to buffered reads and drops what it read from the page cache, so every read is a disk read.
 Short reads are completed, EINTR is retried, and any other OSError becomes a StreamError naming
 the file and offset; slots of a failed read are never committed, so the cache stays consistent.
+With ``verify`` every bundle read is checked against its digest in the index (and its values, or
+quantization scales, must be finite) before the read is reported done: a bundle changed on disk
+or corrupted on the way is a StreamError naming the layer and the stored neuron, never a wrong
+answer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparseflash.errors import SparseflashError
+from sparseflash.kernels import KernelInputError, check_quantized
+from sparseflash.layout.format import QUANT_TYPES, LayoutError, check_digests
 from sparseflash.layout.format_extents import BLOCK
 from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.planner import plan_reads
@@ -42,8 +48,9 @@ class BundleReader:
     """Reads bundles of the FFN regions of one layout file."""
 
     def __init__(self, path: str, regions: list, device: DeviceModel, io: str = "direct", threads: int = 4,
-                 buffer_bytes: int = 1 << 20, preadv=os.preadv):
+                 buffer_bytes: int = 1 << 20, preadv=os.preadv, verify: bool = False):
         self.path = path
+        self.verify = verify  # check every bundle against its digest (regions must be FfnLayer records)
         self.regions = regions  # FfnLayer records: offset, bundle_bytes
         self.device = device
         largest = max((r.length for r in regions), default=BLOCK)
@@ -158,6 +165,11 @@ class BundleReader:
                 if remaining[0]:
                     return
             errors = [f.exception() for f in futures if f.exception() is not None]
+            if not errors and self.verify:
+                try:
+                    self._check(layer, positions, dest, dest_slots)
+                except StreamError as e:
+                    errors.append(e)
             if errors:
                 result.set_exception(errors[0])
             else:
@@ -169,6 +181,9 @@ class BundleReader:
             f.add_done_callback(done)
         return result
 
+    def _check(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> None:
+        check_bundles(self.path, self.regions[layer], positions, dest[dest_slots])
+
     def read(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> ReadResult:
         return self.submit(layer, positions, dest, dest_slots).result()
 
@@ -178,3 +193,39 @@ class BundleReader:
             if fd is not None:
                 os.close(fd)
         self._buffered_fd = None
+
+
+def check_bundles(path: str, region, positions: np.ndarray, rows: np.ndarray) -> None:
+    """The bundles read for stored ``positions`` of ``region`` (an FfnLayer record), ``rows``, are the
+    ones written (digests) and hold finite values; else a StreamError naming layer and neuron."""
+    try:
+        check_digests(path, region, positions, rows)
+    except LayoutError as e:
+        raise StreamError(f"{e}: the file changed on disk or the disk returned bad data; copy it again or "
+                          "rebuild the layout (`--no-verify` would use these bytes as they are)") from None
+    bad = _first_non_finite(rows, region)
+    if bad is not None:
+        raise StreamError(f"{path}: layer {region.index}, stored neuron {int(positions[bad])}: {_NON_FINITE}")
+
+
+_NON_FINITE = ("holds non-finite weights although its digest matches: the layout was written wrong; rebuild it "
+               "with `sparseflash prepare`")
+
+
+def _first_non_finite(rows: np.ndarray, region) -> int | None:
+    """Index of the first row holding an inf/NaN value (or quantization scale), None if all are finite."""
+    if region.dtype in QUANT_TYPES:
+        try:
+            check_quantized(rows, region.d_model, region.gated, region.dtype)
+        except KernelInputError:
+            for i in range(len(rows)):  # rare: find which row, for the message
+                try:
+                    check_quantized(rows[i : i + 1], region.d_model, region.gated, region.dtype)
+                except KernelInputError:
+                    return i
+        return None
+    if region.dtype == "bf16":  # exponent bits all ones: inf or NaN
+        bad = ((rows & 0x7F80) == 0x7F80).any(axis=1)
+    else:
+        bad = ~np.isfinite(rows).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None

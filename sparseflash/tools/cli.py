@@ -16,9 +16,17 @@ import sys
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.format import LayoutError
-from sparseflash.tools import cmd_gguf, cmd_layout, cmd_model, cmd_predictors, cmd_profile, cmd_stream
+from sparseflash.tools import (
+    cmd_gguf,
+    cmd_layout,
+    cmd_model,
+    cmd_predictors,
+    cmd_profile,
+    cmd_stream,
+    cmd_trend,
+)
 
-COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf, cmd_predictors, cmd_layout, cmd_stream]
+COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf, cmd_predictors, cmd_layout, cmd_stream, cmd_trend]
 
 
 class ArgumentError(SparseflashError):

@@ -22,8 +22,8 @@ def cmd_layout(args) -> int:
     from sparseflash.model.checkpoint import checkpoint_hash
     from sparseflash.model.loader import open_dense
 
-    params = LayoutParams(order=args.order, dtype=args.dtype, hot_fraction=args.hot_fraction,
-                          thresholds=args.thresholds, zstd_level=args.zstd)
+    params = LayoutParams(order=args.order, dtype=args.dtype, resident_dtype=args.resident_dtype,
+                          hot_fraction=args.hot_fraction, thresholds=args.thresholds, zstd_level=args.zstd)
     input_model(args.model)
     input_folder(args.profile, "profile folder", (".json", ".npz", ".npy"), "; run `sparseflash profile` first")
     if args.predictors is not None:
@@ -81,7 +81,8 @@ def cmd_prepare(args) -> int:
     from sparseflash.layout.pipeline import prepare, prepared_dir
 
     params = PrepareParams(profile_tokens=args.tokens, predictor_tokens=args.tokens, heldout_tokens=args.heldout_tokens,
-                           rank=args.rank, order=args.order, hot_fraction=args.hot_fraction, dtype=args.dtype)
+                           rank=args.rank, order=args.order, hot_fraction=args.hot_fraction, dtype=args.dtype,
+                           resident_dtype=args.resident_dtype)
     input_model(args.model)
     out = args.out or str(prepared_dir(args.model))
     output_dir(out, "prepared folder")
@@ -93,7 +94,10 @@ def cmd_prepare(args) -> int:
 
 def _layout_options(p) -> None:
     p.add_argument("--order", choices=ORDERS, default=LayoutParams.order)
-    p.add_argument("--dtype", choices=LAYOUT_DTYPES, default=LayoutParams.dtype)
+    p.add_argument("--dtype", choices=LAYOUT_DTYPES, default=LayoutParams.dtype,
+                   help="FFN bundle storage (q8/q4: 8/4-bit groups of 32 along d, GGUF Q8_0/Q4_0 arithmetic)")
+    p.add_argument("--resident-dtype", choices=LAYOUT_DTYPES, default=LayoutParams.resident_dtype,
+                   help="attention, embeddings and head (default: as --dtype, f16 when that is quantized)")
     p.add_argument("--hot-fraction", type=float, default=LayoutParams.hot_fraction,
                    help="share of neurons pinned resident per layer")
 

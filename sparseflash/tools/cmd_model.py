@@ -53,9 +53,9 @@ def _run_streamed(args, sampling) -> int:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
     path = args.model if _is_layout(args.model) else prepared_layout(
         args.model, quiet=args.json, log=lambda m: print(m, file=sys.stderr))
-    model = open_streamed(path, args.budget, verify=args.verify, window=args.window, io=args.io,
-                          io_threads=args.io_threads, eviction=args.eviction, strategy=args.strategy,
-                          lookahead=not args.no_lookahead, device=args.device)
+    model = open_streamed(path, args.budget, window=args.window, io=args.io, io_threads=args.io_threads,
+                          eviction=args.eviction, strategy=args.strategy, lookahead=not args.no_lookahead,
+                          device=args.device, verify=not args.no_verify)
     try:
         prompt = model.tokenizer.encode(args.prompt)
         result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats)
@@ -143,7 +143,9 @@ def register(sub) -> None:
     r.add_argument("--io", choices=["direct", "buffered"], default=Policy.io)
     r.add_argument("--io-threads", type=int, default=Policy.io_threads)
     r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
-    r.add_argument("--verify", action="store_true", help="verify the layout's checksums before running")
+    r.add_argument("--no-verify", action="store_true",
+                   help="do not check bundles against their digests as they are read, nor resident tensors at load "
+                        "(a few %% faster; bytes changed on disk would then run to wrong tokens)")
     r.add_argument("--stats", default=None, help="save per-token statistics to this JSON file")
     r.set_defaults(func=cmd_run)
 
