@@ -21,6 +21,8 @@ from sparseflash.model.perplexity import perplexity
 
 CORPUS = TINY_RELU2 / "calibration.txt.zst"
 
+TREND = ("-m", TINY_RELU2, TINY_RELU2, TINY_RELU2, "--corpus", CORPUS, "-o", "{tmp}/t")
+
 ARGUMENT_ERRORS = {  # argv: text the one line must hold (the argument, and the accepted form)
     ("run", "-n", "abc"): ("-n/--n-predict", "invalid int value: 'abc'"),
     ("run", "-n"): ("-n/--n-predict", "expected one argument"),
@@ -61,6 +63,11 @@ VALUE_ERRORS = {  # argv: text the line must hold
         "--target-recall must be a number in (0, 1]",
     ("predictors", "--profile", "{tmp}", "--corpus", CORPUS, "-o", "{tmp}/q", "--size-share", "0"):
         "--size-share must be a number in (0, 1]",
+    ("sparsity-trend", *TREND, "--p", "nan"): "--p must be a number in (0, inf), got nan",
+    ("sparsity-trend", *TREND, "--ppl-steps", "-1"): "--ppl-steps must be an integer >= 0",
+    ("sparsity-trend", *TREND, "--ppl-tokens", "0"): "--ppl-tokens must be an integer >= 1",
+    ("sparsity-trend", *TREND, "--ctx", "1"): "--ctx must be an integer >= 2",
+    ("sparsity-trend", *TREND, "--tokens-trained", "-5", "2", "3"): "token count must be > 0, got -5",
 }
 
 

@@ -58,16 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _DASH_VALUE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+_NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # what argparse itself takes as a value (nargs="+" too)
 
 
 def _attach_dash_values(argv: list[str]) -> list[str]:
     """``--budget -5%`` -> ``--budget=-5%``: argparse takes a value that starts with a dash for an
     option unless it is a plain negative number, and would report a missing value instead of the
-    value's own error. Options never start with a dash and a digit, so nothing else changes."""
+    value's own error. Options never start with a dash and a digit, so nothing else changes; a plain
+    negative number is left to argparse, which takes it (also as one of several values)."""
     out: list[str] = []
     for arg in argv:
         if out and out[-1].startswith("-") and "=" not in out[-1] and _DASH_VALUE.match(arg) and \
-                not _DASH_VALUE.match(out[-1]):
+                not _NEGATIVE_NUMBER.fullmatch(arg) and not _DASH_VALUE.match(out[-1]):
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
