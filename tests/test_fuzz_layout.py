@@ -19,13 +19,9 @@ from layouts import tiny_layout
 from test_layout_format_samples import header_bytes_of, index_of, preamble_of, reassemble
 
 RUN = ("run", "-p", "The os module", "-n", "6", "--greedy", "--json", "--budget", "25%ffn", "--strategy", "all")
-# derandomized, so a strict xfail fails the same way every run; no shrinking in CI (a shrink is dozens of runs)
+# derandomized, so a failure fails the same way every run; no shrinking in CI (a shrink is dozens of runs)
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
                 phases=(Phase.explicit, Phase.generate, *((Phase.shrink,) if fuzz_budget.SLOW else ())))
-BUNDLES_UNVERIFIED = ("the streamer does not verify bundle checksums yet (issue 16: per-bundle checksums, the "
-                      "lead's part): a flipped bundle byte streams into the FFN; remove this mark when it lands")
-TENSORS_UNVERIFIED = ("`run` does not verify resident tensors at load yet (issue 16, the lead's part): a flipped "
-                      "weight byte is used as it is; remove this mark when it lands")
 
 
 class Clean:
@@ -129,7 +125,6 @@ def test_a_rewritten_header_or_index_is_never_a_crash(clean, data):
     assert_exit0_or_one_line(code, err)
 
 
-@pytest.mark.xfail(reason=TENSORS_UNVERIFIED, strict=True)
 @settings(max_examples=examples(10), **SETTINGS)
 @given(data=st.data())
 def test_a_flipped_resident_tensor_is_caught(clean, data):
@@ -137,7 +132,6 @@ def test_a_flipped_resident_tensor_is_caught(clean, data):
     assert_same_or_one_line(clean, *clean.run(_flip(clean.blob, offset, bit)))
 
 
-@pytest.mark.xfail(reason=BUNDLES_UNVERIFIED, strict=True)
 @settings(max_examples=examples(10), **SETTINGS)
 @given(data=st.data())
 def test_a_flipped_bundle_is_caught(clean, data):

@@ -1,6 +1,6 @@
 """One flipped byte in each region of a layout: `inspect --verify` exits 2 and lists the failure, and
-`run` never gives other tokens with exit 0. Cases that wait for another part of issue 16 are marked
-xfail (strict) with the owner, so they fail loudly, as a reminder to drop the mark, once that lands."""
+`run` never gives other tokens with exit 0; bundles rewritten during a run and an index that lies
+(duplicate keys, a dtype that is not the stored one) are refused in one line."""
 
 import json
 import os
@@ -18,7 +18,6 @@ from sparseflash.model.tokenizer import TextTokenizer
 
 RUN = ("run", "-p", "The os module", "-n", "6", "--greedy", "--json", "--budget", "25%ffn", "--strategy", "all")
 PROMPT_ID = TextTokenizer.from_file(BUNDLED_TOKENIZER).encode("The os module")[0]
-LEAD = "owner: the lead (issue 16, per-bundle checksums and verification at load); remove the mark when it lands"
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +82,7 @@ def test_inspect_verify_exits_2_and_lists_the_failure(layout, region, tmp_path):
             assert "checksums: FAILED (1 regions)" in out
 
 
-RUN_WAITS_FOR_LEAD = {"embedding", "attention", "norm", "predictor", "hot bundle", "cold bundle"}
-
-
-@pytest.mark.parametrize("region", [pytest.param(r, marks=pytest.mark.xfail(reason=LEAD, strict=True))
-                                    if r in RUN_WAITS_FOR_LEAD else r for r in REGIONS])
+@pytest.mark.parametrize("region", REGIONS)
 def test_run_on_a_flipped_byte_is_exit_2_or_the_same_tokens(layout, region, tmp_path):
     bad = _flipped(layout[0], region, tmp_path)
     strategy = "topk" if region == "predictor" else "all"
@@ -98,7 +93,6 @@ def test_run_on_a_flipped_byte_is_exit_2_or_the_same_tokens(layout, region, tmp_
         assert_one_line_error(code, err, str(bad))
 
 
-@pytest.mark.xfail(reason=LEAD, strict=True)
 def test_bundles_overwritten_while_run_generates_are_caught(layout, tmp_path, monkeypatch):
     import sparseflash.runtime.session as session
 
@@ -131,8 +125,6 @@ def _index_text_edit(path, tmp_path, old: str, new: str):
     return bad
 
 
-@pytest.mark.xfail(reason="owner: the lead (layout/format_index.py): duplicate JSON keys in the index are accepted, "
-                          "the last one wins", strict=True)
 def test_duplicate_keys_in_the_index_are_refused(layout, tmp_path):
     bad = _index_text_edit(layout[0], tmp_path, '"name":"layers.0.wq","dtype":"f16"',
                            '"name":"layers.0.wq","dtype":"f16","dtype":"bf16"')
@@ -140,8 +132,6 @@ def test_duplicate_keys_in_the_index_are_refused(layout, tmp_path):
     assert_one_line_error(code, err, str(bad))
 
 
-@pytest.mark.xfail(reason="owner: the lead (layout/schema.py): a resident matrix stored as bf16 in an f16 layout "
-                          "is accepted", strict=True)
 def test_an_index_dtype_that_lies_is_refused(layout, tmp_path):
     bad = _index_text_edit(layout[0], tmp_path, '"name":"layers.0.wq","dtype":"f16"', '"name":"layers.0.wq","dtype":"bf16"')
     code, _, err = run_cli(*RUN, "-m", bad)
