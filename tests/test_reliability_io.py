@@ -237,3 +237,22 @@ def test_run_with_a_fresh_cache_on_a_read_only_model_store(readonly_dir, layout,
 def test_text_tokenizer_override_still_reads_a_regular_file():
     code, out, err = run_cli("run", "-n", "1", "--greedy", "--tokenizer", BUNDLED_TOKENIZER, "--json")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
+def test_run_whose_cache_file_system_is_full_or_read_only_still_runs(err, layout, tmp_path, monkeypatch):
+    """The device-model cache is the only thing a run writes; a full or read-only cache costs a probe."""
+    import pathlib
+
+    cache = tmp_path / "cache"
+    real = pathlib.Path.write_text
+
+    def write_text(self, *a, **k):
+        if str(self).startswith(str(cache)):
+            raise OSError(err, os.strerror(err), str(self))
+        return real(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    monkeypatch.setenv("SPARSEFLASH_CACHE", str(cache))
+    code, out, stderr = run_cli(*STREAM, "-m", layout, "--json")
+    assert code == 0, stderr
+    assert not any(cache.iterdir())  # no temporary left behind
