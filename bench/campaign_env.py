@@ -25,6 +25,9 @@ def cli_misuse(f: Fixtures, scratch: Path) -> list[Case]:
             *SMALL_PREDICTORS, "-o", str(scratch / "q")]
     layout = ["layout", "-m", str(f.ckpt), "--profile", str(f.profile), "-o", str(scratch / "l.sflash")]
     ppl = ["eval-ppl", "-m", str(f.ckpt), "--text", str(f.heldout), "--tokens", "512"]
+    series = ["sparsity-trend", "-m", *[str(f.ckpt)] * 3, "--corpus", str(f.corpus), "--tokens", "1024",
+              "--ppl-tokens", "512", "-o", str(scratch / "trend")]
+    trend = [*series, "--tokens-trained", "1", "2", "3"]
     cases = {
         "run --top-p 0": ["run", "--top-p", "0"], "run --top-p 1.5": ["run", "--top-p", "1.5"],
         "run --top-p nan": ["run", "--top-p", "nan"], "run --temp nan": ["run", "--temp", "nan"],
@@ -51,6 +54,14 @@ def cli_misuse(f: Fixtures, scratch: Path) -> list[Case]:
         "io-report --budget abc": ["io-report", *lay, "--corpus", str(f.heldout), "--budget", "abc"],
         "layout-report --tokens 0": ["layout-report", str(f.layout), "--corpus", str(f.heldout), "--tokens", "0"],
         "export-gguf --dtype q4": ["export-gguf", "-m", str(f.ckpt), "-o", str(scratch / "x.gguf"), "--dtype", "q4"],
+        "sparsity-trend --p nan": [*trend, "--p", "nan"], "sparsity-trend --ctx 1": [*trend, "--ctx", "1"],
+        "sparsity-trend --ppl-steps -1": [*trend, "--ppl-steps", "-1"],
+        "sparsity-trend --ppl-tokens 0": [*trend, "--ppl-tokens", "0"],
+        "sparsity-trend --tokens-trained -5 2 3": [*series, "--tokens-trained", "-5", "2", "3"],
+        "sparsity-trend --tokens-trained 1 2": [*series, "--tokens-trained", "1", "2"],
+        "sparsity-trend --form bogus": [*trend, "--form", "bogus"],
+        "sparsity-trend -o onto a file": [*trend, "-o", str(f.layout)],
+        "sparsity-trend --corpus a directory": [*trend, "--corpus", str(scratch)],
     }
     return [Case("cli misuse", name, args, "error") for name, args in cases.items()]
 
@@ -192,6 +203,11 @@ def io_faults(f: Fixtures, scratch: Path, mounts: Mounts) -> list[Case]:
         "run on a directory as a layout": [*STREAM, "-m", str(fifo_dir / "dir.sflash")],
         "inspect a directory": ["inspect", str(fifo_dir / "dir.sflash")],
         "eval-ppl on a directory as text": ["eval-ppl", "--text", str(fifo_dir)],
+        "sparsity-trend on a FIFO corpus": ["sparsity-trend", "-m", *[str(f.ckpt)] * 3, "--tokens-trained", "1", "2",
+                                            "3", "--corpus", txt, "-o", str(scratch / "tf")],
+        "sparsity-trend with a FIFO held-out text": ["sparsity-trend", "-m", *[str(f.ckpt)] * 3, "--tokens-trained",
+                                                     "1", "2", "3", "--corpus", heldout, "--ppl-text", txt,
+                                                     "-o", str(scratch / "tf")],
     }
     for name, args in cases.items():
         out.append(Case("i/o faults", name, args, "error", fifos, timeout=30))

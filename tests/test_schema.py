@@ -108,6 +108,7 @@ LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "dtype lies": (_set("dtype", "bf16"), "dtype"),
     "hot count lies": (_set("n_hot", 9), "n_hot"),
     "predictor rank lies": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 5}] * 2), "pred.layer.0.w1"),
+    "predictor top-k 0": (_set("predictors.layers", [{"topk": 0, "cut": 1.0, "rank": 4}] * 2), "topk"),
     "too few predictor entries": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4}]), "predictors.layers"),
     "predictor strategy unknown": (_set("predictors.strategy", "magic"), "strategy"),
     "look-ahead for layer 0": (_set("predictors.lookahead", [{"topk": 8, "cut": 1.0, "rank": 4}, None]), "lookahead[0]"),
