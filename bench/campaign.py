@@ -52,7 +52,8 @@ def run_case(case: Case, env: dict) -> tuple[int | None, str, str, bool, float]:
     if case.unprivileged:
         cmd = UNPRIVILEGED + cmd
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # bytes, decoded below: text=True would turn a progress bar's carriage returns into line ends
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**env, **case.env}, start_new_session=True, preexec_fn=_default_signals)
     signalled = False
     if case.signal_when is not None:
@@ -68,8 +69,12 @@ def run_case(case: Case, env: dict) -> tuple[int | None, str, str, bool, float]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        return None, out, err, signalled, time.perf_counter() - t
-    return proc.returncode, out, err, signalled, time.perf_counter() - t
+        return None, _text(out), _text(err), signalled, time.perf_counter() - t
+    return proc.returncode, _text(out), _text(err), signalled, time.perf_counter() - t
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
 
 
 def tokens_of(stdout: str) -> list[int] | None:
@@ -82,9 +87,11 @@ def tokens_of(stdout: str) -> list[int] | None:
 
 
 def error_lines(stderr: str) -> list[str]:
-    """stderr lines that are not notices (``sparseflash: note: ...``) nor progress-bar redraws."""
-    return [line for line in stderr.splitlines()
-            if line.strip() and not line.startswith("sparseflash: note:") and "\r" not in line]
+    """What a person sees on stderr, less notices (``sparseflash: note: ...``): of each line, the text
+    after its last carriage return (a progress bar redraws itself with ``\r`` and, when it closes,
+    blanks itself the same way), and only lines that are not blank."""
+    seen = (line.split("\r")[-1] for line in stderr.split("\n"))
+    return [line for line in seen if line.strip() and not line.startswith("sparseflash: note:")]
 
 
 def classify(case: Case, rc, out: str, err: str, signalled: bool, ref_tokens) -> str | None:
