@@ -2,7 +2,9 @@
 
 The FFN is a pluggable callable ``ffn(layer, x_normed) -> output`` so that profiling can watch
 activations, quality checks can mask them, and the streaming runtime can compute only the neurons
-it has read. Everything else (embeddings, attention, norms, head) is computed here.
+it has read. Everything else (embeddings, attention, norms, head) is computed here. An FFN object
+may also have ``begin_step(tokens)`` and ``end_step()``: they are called when a forward step starts
+and ends (the streaming runtime times each token's layers with them).
 """
 
 from __future__ import annotations
@@ -143,6 +145,9 @@ class Transformer:
             raise ValueError("start > 0 needs a KV cache")
         if cache is not None and cache.k.device != self.device:
             raise SparseflashError(f"KV cache on {cache.k.device}, model on {self.device}: make it with new_cache()")
+        begin, end_step = getattr(self.ffn, "begin_step", None), getattr(self.ffn, "end_step", None)
+        if begin is not None:
+            begin(b * t)
         cos, sin = self._rope(torch.arange(start, end, device=self.device))
         tokens = tokens.to(self.device)
         h = (F.embedding(tokens, w.embed) if isinstance(w.embed, torch.Tensor) else w.embed.rows(tokens)).float()
@@ -154,6 +159,9 @@ class Transformer:
             cache.length = end
         if last_only:
             h = h[:, -1:]
-        return linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head).cpu()
+        logits = linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head).cpu()
+        if end_step is not None:
+            end_step()
+        return logits
 
     __call__ = forward

@@ -36,7 +36,8 @@ class NeuronCache:
         self.pinned = np.zeros(capacity, dtype=bool)
         self.score = np.zeros(capacity, dtype=np.float32)  # predictor score (policy "predicted")
         self.down_norm = np.zeros(capacity, dtype=np.float32)  # ||down_i|| of the bundle in each slot
-        self._free = list(range(capacity - 1, -1, -1))  # stack: pop() gives the lowest free slot
+        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # stack: the top gives the lowest free slot
+        self._n_free = capacity  # self._free[:self._n_free] are free
         self.window, self.policy = window, policy
         self.step = 0  # token counter, advanced by tick()
 
@@ -46,7 +47,7 @@ class NeuronCache:
 
     @property
     def used(self) -> int:
-        return self.capacity - len(self._free)
+        return self.capacity - self._n_free
 
     def tick(self) -> None:
         """A new token begins (policy "window": neurons that left the window are dropped)."""
@@ -70,7 +71,11 @@ class NeuronCache:
         self.uses[slots] += 1
 
     def free_count(self) -> int:
-        return len(self._free)
+        return self._n_free
+
+    def _push_free(self, slots: np.ndarray) -> None:
+        self._free[self._n_free : self._n_free + len(slots)] = slots
+        self._n_free += len(slots)
 
     def evictable(self, protect: np.ndarray | None = None) -> np.ndarray:
         """Slots that may be evicted now, best victims first."""
@@ -88,33 +93,39 @@ class NeuronCache:
         return cand[order]
 
     def evict(self, slots: np.ndarray) -> None:
-        for s in np.asarray(slots, dtype=np.int64):
-            p = self.position_of[s]
-            if p < 0 or self.pinned[s]:
-                raise ValueError(f"slot {s} is empty or pinned")
-            self.slot_of[p] = -1
-            self.position_of[s] = -1
-            self.last_use[s] = NEVER
-            self.uses[s] = 0
-            self.score[s] = 0.0
-            self._free.append(int(s))
+        slots = np.asarray(slots, dtype=np.int64)
+        if len(slots) == 0:
+            return
+        p = self.position_of[slots]
+        if np.any(p < 0) or np.any(self.pinned[slots]) or len(np.unique(slots)) != len(slots):
+            bad = slots[(p < 0) | self.pinned[slots]]
+            raise ValueError(f"slot {int(bad[0]) if len(bad) else int(slots[0])} is empty, pinned or repeated")
+        self.slot_of[p] = -1
+        self.position_of[slots] = -1
+        self.last_use[slots] = NEVER
+        self.uses[slots] = 0
+        self.score[slots] = 0.0
+        self._push_free(slots)
 
     def reserve(self, count: int, protect: np.ndarray | None = None) -> np.ndarray:
         """Take ``count`` free slots, evicting victims if needed; raises if too few can be freed."""
-        short = count - len(self._free)
+        short = count - self._n_free
         if short > 0:
             victims = self.evictable(protect)
             if len(victims) < short:
                 raise MemoryError(f"cache needs {short} more slots but only {len(victims)} are evictable")
             self.evict(victims[:short])
-        return np.array([self._free.pop() for _ in range(count)], dtype=np.int64)
+        taken = self._free[self._n_free - count : self._n_free][::-1].copy()  # lowest free slots first
+        self._n_free -= count
+        return taken
 
     def release(self, slots: np.ndarray) -> None:
         """Return reserved slots that were not filled (e.g. a failed read)."""
-        for s in np.asarray(slots, dtype=np.int64):
-            if self.position_of[s] >= 0:
-                raise ValueError(f"slot {s} holds neuron {self.position_of[s]}; evict it instead")
-            self._free.append(int(s))
+        slots = np.asarray(slots, dtype=np.int64)
+        held = slots[self.position_of[slots] >= 0]
+        if len(held):
+            raise ValueError(f"slot {held[0]} holds neuron {self.position_of[held[0]]}; evict it instead")
+        self._push_free(slots)
 
     def commit(self, slots: np.ndarray, positions: np.ndarray, pinned: bool = False) -> None:
         """Record that ``slots`` now hold ``positions`` (their bytes were written)."""
@@ -133,5 +144,6 @@ class NeuronCache:
         held = np.nonzero(self.position_of >= 0)[0]
         assert np.array_equal(self.slot_of[self.position_of[held]], held)
         assert (self.slot_of >= 0).sum() == len(held)
-        assert len(set(self._free)) == len(self._free) == self.capacity - len(held)
-        assert not np.any(self.position_of[self._free] >= 0)
+        free = self._free[: self._n_free]
+        assert len(set(free.tolist())) == len(free) == self.capacity - len(held)
+        assert not np.any(self.position_of[free] >= 0)

@@ -40,17 +40,41 @@ class TokenStats:
     requests: int = 0
     io_wait_s: float = 0.0
     predictor_s: float = 0.0
-    ffn_s: float = 0.0
-    attention_s: float = 0.0
+    ffn_s: float = 0.0  # the sparse kernel (compute step)
+    attention_s: float = 0.0  # attention, norms and embedding: the time between FFN calls
+    head_s: float = 0.0  # final norm and LM head: from the last FFN to the end of the step
+    token_s: float = 0.0  # wall time of the whole forward step (Transformer.forward)
     per_layer_predicted: list = field(default_factory=list)
+    # per layer, in order: [attention_s, predict_s, io_wait_s, compute_s, other_s, read_bytes, prefetch_bytes];
+    # other_s is the FFN step's bookkeeping (planning, cache index, hand-offs). The spans add up:
+    # sum(attention + predict + io_wait + compute + other) + head_s == token_s (docs/runtime.md)
+    timeline: list = field(default_factory=list)
+    read_spans: list = field(default_factory=list)  # (start, end) perf_counter stamps of every read that landed
+
+    @property
+    def read_busy_s(self) -> float:
+        """Wall time during which at least one of the step's reads was in flight (union of spans)."""
+        busy, reach = 0.0, float("-inf")
+        for a, b in sorted(self.read_spans):
+            if b > reach:
+                busy += b - max(a, reach)
+                reach = b
+        return busy
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "read_spans"}
+        out["read_busy_s"] = self.read_busy_s
+        return out
+
+    TIMELINE_FIELDS = ("attention_s", "predict_s", "io_wait_s", "compute_s", "other_s", "read_bytes",
+                       "prefetch_bytes")
 
     def add_read(self, result, seconds: float) -> None:
         self.bytes_read += result.bytes
         self.requests += result.requests
         self.io_wait_s += seconds
+        if result.requests:
+            self.read_spans.append((result.start, result.end))
 
 
 class StreamingFFN:
@@ -66,6 +90,7 @@ class StreamingFFN:
         self._current = TokenStats()
         self._prefetch: dict[int, Fetch] = {}  # layer -> its look-ahead read in flight
         self._last_t = time.perf_counter()
+        self._step_t: float | None = None  # start of the forward step in progress (begin_step)
 
     @property
     def strategy(self) -> str:
@@ -81,11 +106,29 @@ class StreamingFFN:
             if r.n_hot:
                 self.fetcher.fill(l, np.arange(r.n_hot), self.caches[l].reserve(r.n_hot), pinned=True)
 
+    # -- the forward step (called by Transformer.forward) -----------------------------------------
+    def begin_step(self, tokens: int) -> None:
+        """A forward step over ``tokens`` positions starts: a new TokenStats."""
+        self._step_t = self._last_t = time.perf_counter()
+        self._begin_token(tokens)
+
+    def end_step(self) -> None:
+        """The step's logits are computed: close its timeline."""
+        t = time.perf_counter()
+        if self._step_t is not None:
+            self._current.head_s = t - self._last_t
+            self._current.token_s = t - self._step_t
+        self._step_t = None
+
     # -- the per-layer loop ---------------------------------------------------------------------
     def __call__(self, l: int, x: torch.Tensor) -> torch.Tensor:
         t_start = time.perf_counter()
-        s = self._begin_token(x.shape[0]) if l == 0 else self._current
-        s.attention_s += t_start - self._last_t  # everything since the previous layer's FFN
+        if l == 0 and self._step_t is None:  # called without begin_step (a bare FFN caller)
+            self._begin_token(x.shape[0])
+            self._last_t = t_start
+        s = self._current
+        before = (t_start - self._last_t, s.predictor_s, s.io_wait_s, s.ffn_s, s.bytes_read)
+        s.attention_s += before[0]  # everything since the previous layer's FFN (or the step start)
         cache = self.caches[l]
         self._finish_prefetch(l, s)  # 1. this layer's look-ahead read (started during layer l-1) lands
         positions = self._predict(l, x, s)  # 2. predicted active set, as stored positions
@@ -109,7 +152,17 @@ class StreamingFFN:
         if self.b_down[l] is not None:
             y = y + self.b_down[l]
         self._last_t = time.perf_counter()
+        self._record_layer(l, s, self._last_t - t_start, before)
         return y
+
+    def _record_layer(self, l: int, s: TokenStats, span: float, before: tuple) -> None:
+        """Append layer l's row to the token's timeline (TokenStats.TIMELINE_FIELDS)."""
+        attention, predict, io, compute = (before[0], s.predictor_s - before[1], s.io_wait_s - before[2],
+                                           s.ffn_s - before[3])
+        ahead = self._prefetch.get(l + 1)
+        ahead_bytes = 0 if ahead is None else len(ahead.positions) * self.regions[l + 1].bundle_bytes
+        s.timeline.append([attention, predict, io, compute, span - predict - io - compute, s.bytes_read - before[4],
+                           ahead_bytes])
 
     # -- the steps ------------------------------------------------------------------------------
     def _begin_token(self, tokens: int) -> TokenStats:

@@ -78,6 +78,10 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
         "predictor_s": total("predictor_s"),
         "ffn_s": total("ffn_s"),
         "attention_s": total("attention_s"),
+        "head_s": total("head_s"),
+        "bookkeeping_s": sum(row[4] for st in stats for row in st.timeline),
+        "step_s": total("token_s"),
+        **read_bandwidth(total("bytes_read"), total("requests"), total("read_busy_s"), engine.fetcher.reader),
         "budget_bytes": engine.memory.budget,
         "memory_plan": {k: getattr(engine.memory, k) for k in
                         ("resident", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "minimum")},
@@ -93,13 +97,25 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
     return out
 
 
+def read_bandwidth(nbytes: int, requests: int, busy_s: float, reader) -> dict:
+    """Achieved read bandwidth next to what the device model says for the same requests: bytes over the
+    time reads were in flight, and bytes over the model's time for the same requests issued one at a
+    time (latency + bytes / bandwidth: the disk probe measures one request in flight, while the reader
+    keeps up to ``io_threads`` in flight). Definitions: docs/figures.md."""
+    model_s = reader.device.read_time(requests, nbytes)
+    return {"read_busy_s": busy_s, "achieved_gbps": nbytes / busy_s / 1e9 if busy_s > 0 else 0.0,
+            "device_model_gbps": nbytes / model_s / 1e9 if model_s > 0 else 0.0,
+            "mean_request_bytes": nbytes / requests if requests else 0.0, "io_threads": reader.threads}
+
+
 def summary_line(summary: dict) -> str:
     """One line of what a streamed run read and held."""
     from sparseflash.units import fmt_bytes
 
     return (f"[streamed: {summary['decode_bytes_per_token'] / 1024:.1f} KiB of FFN read per decoded token = "
             f"{summary['decode_dense_share']:.1%} of dense ({summary['dense_ffn_bytes_per_token'] / 1024:.0f} KiB), "
-            f"{summary['requests']} requests, hit rate {summary['hit_rate']:.1%}, I/O wait "
+            f"{summary['requests']} requests, read {summary['achieved_gbps']:.2f} GB/s (device model "
+            f"{summary['device_model_gbps']:.2f}), hit rate {summary['hit_rate']:.1%}, I/O wait "
             f"{summary['io_wait_s'] * 1e3:.0f} ms, budget {fmt_bytes(summary['budget_bytes'])}, "
             f"peak RSS {fmt_bytes(summary['peak_rss_bytes'])}]")
 

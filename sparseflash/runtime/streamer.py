@@ -42,6 +42,8 @@ class ReadResult:
     requests: int = 0
     bytes: int = 0  # bytes read from the file (aligned, gaps included)
     seconds: float = 0.0  # wall time of the whole read
+    start: float = 0.0  # time.perf_counter() when it was submitted
+    end: float = 0.0  # ... and when its last piece landed
 
 
 class BundleReader:
@@ -173,7 +175,8 @@ class BundleReader:
             if errors:
                 result.set_exception(errors[0])
             else:
-                result.set_result(ReadResult(len(pieces), nbytes, time.perf_counter() - t0))
+                t1 = time.perf_counter()
+                result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1))
 
         if not futures:
             result.set_result(ReadResult())
