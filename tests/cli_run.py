@@ -37,8 +37,10 @@ def run_cli(*args, timeout: float = 60.0) -> tuple[int, str, str]:
 
 
 def error_lines(err: str) -> list[str]:
-    """stderr lines that are not notes (``sparseflash: note: ...``)."""
-    return [line for line in err.splitlines() if line.strip() and not line.startswith("sparseflash: note:")]
+    """The stderr lines a person sees, less notes (``sparseflash: note: ...``): of each line the text after
+    its last carriage return (a progress bar redraws, and blanks, itself with ``\r``), blanks dropped."""
+    seen = (line.split("\r")[-1] for line in err.split("\n"))
+    return [line for line in seen if line.strip() and not line.startswith("sparseflash: note:")]
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> str:
