@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import sparseflash
 
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: the mounts are removed
     categories = [c.strip() for c in args.only.split(",")] if args.only else list(CATEGORIES)
     work = Path(args.work or tempfile.mkdtemp(prefix="sparseflash-campaign-"))
     print(f"package: {Path(sparseflash.__file__).parent}  work: {work}", file=sys.stderr)
