@@ -103,6 +103,7 @@ LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "infinite norm_eps": (_set("model.norm_eps", 1e999), "header"),
     "negative rope theta": (_set("model.rope_theta", -1.0), "rope_theta"),
     "unknown activation": (_set("model.activation", "swish9"), "activation"),
+    "unknown arch": (_set("model.arch", "gpt99"), "arch"),
     "unknown norm": (_set("model.norm", "batchnorm"), "norm"),
     "bundle_bytes lies": (_set("bundle_bytes", 999), "bundle_bytes"),
     "dtype lies": (_set("dtype", "bf16"), "dtype"),
