@@ -1,4 +1,5 @@
-"""Parameters of the preparation stages (profile, predictors, layout, prepare), with their defaults.
+"""Parameters of the preparation stages (profile, predictors, layout, prepare, compression plugins),
+with their defaults.
 
 This is the one place each default is written: the stages take these dataclasses and the command
 line reads its defaults from them. Importing this module is cheap (no torch), so the CLI can.
@@ -171,3 +172,33 @@ class PrepareParams:
 # The bundled model is small enough that 2.5% of its FFN leaves rank 10, which misses half the active
 # neurons; rank 32 (8% of its FFN values) reaches the quality target, see docs/figures.md.
 BUNDLED_PARAMS = PrepareParams(rank=32, epochs=20, predictor_tokens=24576, profile_tokens=24576)
+
+
+@dataclass(frozen=True)
+class PluginTrainParams:
+    """`plugins train`: a compression plugin's shape and training schedule (layout/plugin_train.py,
+    docs/plugins.md). Lengths in tokens."""
+
+    ratio: int = 2  # prompt tokens per compressed vector
+    layer: int = 0  # compress after this layer (0-based)
+    tail: int = 16  # last prompt tokens kept uncompressed (at least)
+    rank: int = 32  # bottleneck width of the plugin's MLP
+    rope: str = "mean"  # rotary position of a compressed vector: last | mean (measured lower KL)
+    prompt_tokens: int = 256  # longest training prompt
+    min_prompt_tokens: int = 128  # each step draws its prompt length from [min, longest]
+    continuation_tokens: int = 64
+    steps: int = 150
+    batch: int = 8
+    lr: float = 3e-2
+    pool_windows: int = 192  # training windows whose teacher distributions are computed once
+    prompt_buckets: int = 4  # prompt lengths evenly spaced in [min, longest]
+    heldout_share: float = 0.1  # the corpus's last share: validation and stored quality only
+    quality_prompts: tuple[int, ...] = (64, 128, 256)  # prompt lengths whose ppl rise is stored
+    quality_windows: int = 16  # held-out windows per prompt length
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.ratio < 1 or self.rank < 1 or self.steps < 1 or self.batch < 1 or self.layer < 0 or self.tail < 0:
+            raise SparseflashError("--ratio, --rank, --steps, --batch must be >= 1 and --layer, --tail >= 0")
+        if self.rope not in ("last", "mean"):
+            raise SparseflashError(f"--rope must be last or mean, got {self.rope!r}")

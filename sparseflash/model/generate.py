@@ -1,4 +1,5 @@
-"""Generation: prefill the prompt, then decode one token at a time (greedy or sampled)."""
+"""Generation: prefill the prompt (optionally compressed by a plugin), then decode one token at a
+time (greedy or sampled)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from sparseflash.errors import SparseflashError
 from sparseflash.model.transformer import KVCache, Transformer
+
+if TYPE_CHECKING:
+    from sparseflash.model.plugin import CompressionPlugin
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class GenerationResult:
     decode_s: float  # time of the decode steps (every generated token after the first)
     stopped_at_eos: bool = False
     per_token_s: list[float] = field(default_factory=list)
+    compression: dict | None = None  # with a plugin: ratio, layer, prompt positions before/after
 
     @property
     def total_s(self) -> float:
@@ -59,7 +65,8 @@ class GenerationResult:
         """What `run --json` reports of a generation (``text``: the decoded continuation)."""
         return {"text": text, "tokens": self.tokens, "prompt_tokens": len(self.prompt_tokens),
                 "tokens_per_s": self.tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s,
-                "prefill_ms": self.prefill_s * 1e3, "stopped_at_eos": self.stopped_at_eos}
+                "prefill_ms": self.prefill_s * 1e3, "stopped_at_eos": self.stopped_at_eos,
+                "compression": self.compression}
 
     def speed_line(self, engine: str) -> str:
         return (f"[{len(self.tokens)} tokens, {self.tokens_per_s:.1f} tokens/s (decode {self.decode_tokens_per_s:.1f} "
@@ -95,9 +102,32 @@ def check_finite_logits(logits: torch.Tensor, step: int) -> None:
                                "`sparseflash inspect --verify` or rebuild it)")
 
 
-def prefill(model: Transformer, cache: KVCache, prompt: list[int]) -> torch.Tensor:
-    """Process the prompt's tokens together; returns the logits of the last position (vocab,)."""
-    return model(torch.tensor([prompt], dtype=torch.long), cache=cache, start=0, last_only=True)[0, -1]
+def prefill(model: Transformer, cache: KVCache, prompt: list[int], plugin: CompressionPlugin | None = None
+            ) -> torch.Tensor:
+    """Process the prompt's tokens together (compressed after the plugin's layer if one is given);
+    returns the logits of the last position (vocab,)."""
+    return model(torch.tensor([prompt], dtype=torch.long), cache=cache, start=0, last_only=True,
+                 plugin=plugin)[0, -1]
+
+
+def new_generation_cache(model: Transformer, prompt_tokens: int, max_len: int, batch: int = 1,
+                         plugin: CompressionPlugin | None = None) -> KVCache:
+    """A KV cache for ``max_len`` positions; with a plugin, the layers after it get only the slots a
+    compressed prompt of ``prompt_tokens`` leaves them."""
+    capacity = None if plugin is None else plugin.kv_capacity(model.config.num_layers, prompt_tokens, max_len)
+    return model.new_cache(max_len, batch, capacity)
+
+
+def continuation_logits(model: Transformer, ids: torch.Tensor, prompt_tokens: int,
+                        plugin: CompressionPlugin | None = None) -> tuple[torch.Tensor, KVCache]:
+    """Prefill ``ids[:, :prompt_tokens]`` (batch, tokens), then feed the rest in one cached step;
+    returns the logits that predict each continuation token (batch, tokens - prompt_tokens, vocab)
+    and the cache."""
+    b, t = ids.shape
+    cache = new_generation_cache(model, prompt_tokens, t, b, plugin)
+    last = model(ids[:, :prompt_tokens], cache=cache, start=0, last_only=True, plugin=plugin)
+    rest = model(ids[:, prompt_tokens:-1], cache=cache, start=prompt_tokens) if t - prompt_tokens > 1 else last[:, :0]
+    return torch.cat((last, rest), dim=1), cache
 
 
 def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
@@ -113,8 +143,9 @@ def generate(
     sampling: Sampling = Sampling(),
     stop_at_eos: bool = True,
     on_token: Callable[[int], None] | None = None,
+    plugin: CompressionPlugin | None = None,
 ) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` ids after ``prompt`` (ids)."""
+    """Generate up to ``max_new_tokens`` ids after ``prompt`` (ids); ``plugin`` compresses the prompt."""
     if not prompt:
         raise SparseflashError("the prompt is empty after tokenisation; give at least one token of text")
     if max_new_tokens < 0:
@@ -126,14 +157,19 @@ def generate(
             f"prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceeds the model's context of {limit}"
         )
     generator = torch.Generator().manual_seed(sampling.seed)
-    cache = model.new_cache(max(total, 1))
+    cache = new_generation_cache(model, len(prompt), max(total, 1), plugin=plugin)
     eos = set(model.config.eos_ids) if stop_at_eos else set()
     out: list[int] = []
     t0 = time.perf_counter()
     if max_new_tokens == 0:
         return GenerationResult(prompt, out, 0.0, 0.0)
-    logits = prefill(model, cache, prompt)
+    logits = prefill(model, cache, prompt, plugin)
     prefill_s = time.perf_counter() - t0
+    compression = None
+    if plugin is not None:
+        g = plugin.groups(len(prompt))
+        compression = {"ratio": plugin.ratio, "layer": plugin.layer, "prompt_positions": len(prompt),
+                       "compressed_positions": len(prompt) - g * (plugin.ratio - 1)}
     per_token = []
     t1 = time.perf_counter()
     stopped = False
@@ -150,4 +186,4 @@ def generate(
         ts = time.perf_counter()
         logits = decode_one(model, cache, token)
         per_token.append(time.perf_counter() - ts)
-    return GenerationResult(prompt, out, prefill_s, time.perf_counter() - t1, stopped, per_token)
+    return GenerationResult(prompt, out, prefill_s, time.perf_counter() - t1, stopped, per_token, compression)

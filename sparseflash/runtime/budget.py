@@ -49,22 +49,24 @@ class MemoryPlan:
     slots_per_layer: int  # neuron cache slots per layer beyond the hot region
     minimum: int  # the smallest budget that can work
     budget: int  # the budget in force (bytes)
+    plugins: int = 0  # compression plugins held beside the resident tensors (model/plugin.py)
 
     @property
     def total(self) -> int:
-        return self.resident + self.predictors + self.hot + self.cache + self.index + self.io_buffers
+        return self.resident + self.plugins + self.predictors + self.hot + self.cache + self.index + self.io_buffers
 
 
 def plan_memory(regions: Sequence[FfnLayer], resident: int, predictors: int, io_buffers: int, budget: Budget,
-                min_slots: int) -> MemoryPlan:
-    """Split ``budget`` (bytes) over the parts; raises BudgetError below the minimum.
+                min_slots: int, plugins: int = 0) -> MemoryPlan:
+    """Split ``budget`` (bytes) over the parts; raises BudgetError below the minimum. ``plugins``:
+    bytes of the compression plugins a run holds, fixed like the resident tensors.
 
     A ``ffn_share`` budget makes hot region + cache bundles that share of all FFN bundle bytes
     (rounded down to whole slots); the fixed parts and the slots' index bytes come on top.
     """
     hot = sum(r.n_hot * r.bundle_bytes for r in regions)
     index = sum(r.n_neurons * INDEX_BYTES_PER_NEURON + r.n_hot * INDEX_BYTES_PER_SLOT for r in regions)
-    fixed = resident + predictors + hot + index + io_buffers
+    fixed = resident + plugins + predictors + hot + index + io_buffers
     slot_row = sum(r.bundle_bytes + INDEX_BYTES_PER_SLOT for r in regions)  # one more slot in every layer
     max_extra = min(r.n_neurons - r.n_hot for r in regions)
     minimum = fixed + min(min_slots, max_extra) * slot_row
@@ -76,8 +78,9 @@ def plan_memory(regions: Sequence[FfnLayer], resident: int, predictors: int, io_
         nbytes = budget.nbytes
     if nbytes < minimum:
         raise BudgetError(f"{budget.describe()} gives {nbytes} bytes, below the minimum of {minimum} bytes "
-                          f"({minimum / 2**20:.1f} MiB: resident {resident}, hot region {hot}, I/O buffers "
-                          f"{io_buffers}, {min(min_slots, max_extra)} cache slots/layer)")
+                          f"({minimum / 2**20:.1f} MiB: resident {resident}, {f'plugins {plugins}, ' if plugins else ''}"
+                          f"hot region {hot}, I/O buffers {io_buffers}, {min(min_slots, max_extra)} cache slots/layer)")
     extra = min(max_extra, (nbytes - fixed) // slot_row)
     return MemoryPlan(resident, predictors, hot, extra * sum(r.bundle_bytes for r in regions),
-                      index + extra * len(regions) * INDEX_BYTES_PER_SLOT, io_buffers, int(extra), minimum, nbytes)
+                      index + extra * len(regions) * INDEX_BYTES_PER_SLOT, io_buffers, int(extra), minimum, nbytes,
+                      plugins)

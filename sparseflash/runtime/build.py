@@ -32,9 +32,10 @@ def resident_bytes(weights: ModelWeights) -> int:
 
 
 def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: str = "cpu",
-                 reader_factory=BundleReader) -> tuple[StreamingFFN, ModelWeights]:
+                 reader_factory=BundleReader, plugin_bytes: int = 0) -> tuple[StreamingFFN, ModelWeights]:
     """(engine, resident weights for the Transformer) for ``lm`` under ``policy``; refuses with a
-    BudgetError when the budget cannot hold the engine's minimum."""
+    BudgetError when the budget cannot hold the engine's minimum. ``plugin_bytes``: compression
+    plugins the run holds, counted in the budget."""
     from sparseflash.kernels import get_backend
 
     regions = lm.file.layers
@@ -55,7 +56,7 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
         rows = staging_rows(regions, policy.io_buffer_bytes) if on_gpu else 0
         staging = staging_nbytes(rows, max(r.bundle_bytes for r in regions)) if on_gpu else 0
         memory = plan_memory(regions, resident_bytes(lm.weights), predictors.nbytes,
-                             reader.buffer_total_bytes + staging, policy.budget, policy.min_slots)
+                             reader.buffer_total_bytes + staging, policy.budget, policy.min_slots, plugin_bytes)
         storage = regions[0].dtype
         if backend == "cpu":
             kernel.warmup((storage,))  # compile (or load) before the first token, not during it

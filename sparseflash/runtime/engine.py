@@ -22,7 +22,7 @@ from sparseflash.runtime.budget import MemoryPlan
 from sparseflash.runtime.cache import NeuronCache
 from sparseflash.runtime.compute import SparseCompute, count_active
 from sparseflash.runtime.fetcher import Fetch, HostFetcher
-from sparseflash.runtime.planner import LayerPlan, plan_layer, plan_prefetch
+from sparseflash.runtime.planner import LayerPlan, plan_layer, plan_prefetch, plan_prefetch_free
 from sparseflash.runtime.policy import Policy
 from sparseflash.runtime.predict import Predictors
 
@@ -91,6 +91,7 @@ class StreamingFFN:
         self._prefetch: dict[int, Fetch] = {}  # layer -> its look-ahead read in flight
         self._last_t = time.perf_counter()
         self._step_t: float | None = None  # start of the forward step in progress (begin_step)
+        self._ahead_bytes = 0  # bundle bytes of the look-ahead read the current layer started
 
     @property
     def strategy(self) -> str:
@@ -139,11 +140,18 @@ class StreamingFFN:
         cache.touch(plan.hit_slots)
         x = x.float().contiguous()
         y = torch.zeros((x.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)
-        if plan.fits:  # 5. read the misses, then one kernel call over hits and misses
+        if plan.fits and self.on_gpu:  # 5. read the misses, then one kernel call over hits and misses
             new = cache.reserve(len(plan.missing), protect=plan.hit_slots)
             self._read(l, plan.missing, new, s)
             cache.touch(new)
             self._compute(l, x, np.concatenate([plan.hit_slots, new]), y, s)
+        elif plan.fits:  # 5. (host) the misses are read while the hits compute; then the misses compute
+            new = cache.reserve(len(plan.missing), protect=plan.hit_slots)
+            fetch = self.fetcher.start(l, plan.missing, new) if len(plan.missing) else None
+            self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
+            if fetch is not None:
+                self._land(fetch, s)
+                self._compute(l, x, new, y, s)
         else:  # 5'. more neurons than the cache holds: accumulate the output over batches
             self._compute_in_batches(l, x, plan, y, s)
         ahead = self._prefetch.get(l + 1)
@@ -159,8 +167,7 @@ class StreamingFFN:
         """Append layer l's row to the token's timeline (TokenStats.TIMELINE_FIELDS)."""
         attention, predict, io, compute = (before[0], s.predictor_s - before[1], s.io_wait_s - before[2],
                                            s.ffn_s - before[3])
-        ahead = self._prefetch.get(l + 1)
-        ahead_bytes = 0 if ahead is None else len(ahead.positions) * self.regions[l + 1].bundle_bytes
+        ahead_bytes, self._ahead_bytes = self._ahead_bytes, 0
         s.timeline.append([attention, predict, io, compute, span - predict - io - compute, s.bytes_read - before[4],
                            ahead_bytes])
 
@@ -192,15 +199,21 @@ class StreamingFFN:
         return positions
 
     def _start_prefetch(self, nxt: int, x: torch.Tensor, s: TokenStats) -> None:
-        ahead = self.predictors.lookahead.get(nxt)
-        if ahead is None or nxt in self._prefetch:
+        if nxt >= len(self.regions) or nxt in self._prefetch:
             return
         t = time.perf_counter()
         cache = self.caches[nxt]
-        missing = plan_prefetch(cache, ahead.predict(x, self.strategy, self.policy.margin), self.policy.min_slots,
-                                self.fetcher.prefetch_limit())
+        if self.strategy == "all":  # the whole next layer is needed: read what is missing into free slots
+            missing = plan_prefetch_free(cache, self.fetcher.prefetch_limit())
+        else:
+            ahead = self.predictors.lookahead.get(nxt)
+            if ahead is None:
+                return
+            missing = plan_prefetch(cache, ahead.predict(x, self.strategy, self.policy.margin), self.policy.min_slots,
+                                    self.fetcher.prefetch_limit())
         if len(missing):
             self._prefetch[nxt] = self.fetcher.start(nxt, missing, cache.reserve(len(missing)))
+            self._ahead_bytes = len(missing) * self.regions[nxt].bundle_bytes
         s.predictor_s += time.perf_counter() - t
 
     def _finish_prefetch(self, l: int, s: TokenStats) -> None:
@@ -224,20 +237,67 @@ class StreamingFFN:
         s.ffn_s += time.perf_counter() - t
 
     def _compute_in_batches(self, l: int, x: torch.Tensor, plan: LayerPlan, y: torch.Tensor, s: TokenStats) -> None:
-        """The hits first, then the misses in batches of every unpinned slot, oldest evicted first."""
+        """The hits first, then the misses in batches that reuse every unpinned slot, oldest first. On the
+        host, batches are half the unpinned slots and the next batch is read while the current one
+        computes; every bundle is still read once per step."""
         cache = self.caches[l]
-        self._compute(l, x, plan.hit_slots, y, s)
         unpinned = int((~cache.pinned).sum())
-        for i in range(0, len(plan.missing), unpinned):
-            part = plan.missing[i : i + unpinned]
+        pipelined = not self.on_gpu and unpinned >= 2
+        step = unpinned // 2 if pipelined else unpinned
+        parts = [plan.missing[i : i + step] for i in range(0, len(plan.missing), step)]
+        fetch = None
+        if pipelined and self._room_for(l, len(parts[0]), plan.hit_slots):  # the first read overlaps the hits
+            fetch = self._start_batch(l, parts[0], plan.hit_slots)
+        self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
+        if pipelined and fetch is None:  # it needs the hits' slots: start it once they are computed
+            fetch = self._start_batch(l, parts[0], plan.hit_slots[:0])
+        for k, part in enumerate(parts):
+            if pipelined:
+                self._land(fetch, s)
+                new = fetch.slots
+                # the next batch's read runs while this one computes
+                fetch = self._start_batch(l, parts[k + 1], new) if k + 1 < len(parts) else None
+            else:
+                new = self._reserve_batch(l, part, plan.hit_slots[:0])
+                self._read(l, part, new, s)
+                cache.touch(new)
+            self._guarded(fetch, self._compute, l, x, new, y, s)
+
+    def _reserve_batch(self, l: int, part: np.ndarray, protect: np.ndarray) -> np.ndarray:
+        """Slots for a batch of misses: free ones, then the oldest unpinned ones not in ``protect``
+        (within one step every cached neuron was used by it, so the window cannot protect them)."""
+        cache = self.caches[l]
+        need = len(part) - cache.free_count()
+        if need > 0:
             victims = np.nonzero((cache.position_of >= 0) & ~cache.pinned)[0]
-            need = len(part) - cache.free_count()
-            if need > 0:
-                cache.evict(victims[np.argsort(cache.last_use[victims], kind="stable")][:need])
-            new = cache.reserve(len(part))
-            self._read(l, part, new, s)
-            cache.touch(new)
-            self._compute(l, x, new, y, s)
+            if len(protect):
+                victims = victims[~np.isin(victims, protect)]
+            cache.evict(victims[np.argsort(cache.last_use[victims], kind="stable")][:need])
+        return cache.reserve(len(part))
+
+    def _room_for(self, l: int, count: int, protect: np.ndarray) -> bool:
+        cache = self.caches[l]
+        held = (cache.position_of >= 0) & ~cache.pinned
+        return cache.free_count() + int(held.sum()) - int(held[protect].sum()) >= count
+
+    def _start_batch(self, l: int, part: np.ndarray, protect: np.ndarray) -> Fetch:
+        return self.fetcher.start(l, part, self._reserve_batch(l, part, protect))
+
+    def _guarded(self, fetch: Fetch | None, fn, *args) -> None:
+        """fn(*args) while ``fetch`` is in flight: if fn fails, the read is abandoned (its slots freed)."""
+        try:
+            fn(*args)
+        except BaseException:
+            if fetch is not None:
+                self.fetcher.abandon(fetch)
+            raise
+
+    def _land(self, fetch: Fetch, s: TokenStats) -> None:
+        """Wait for a read this step started and commit its slots (counted as I/O wait)."""
+        t = time.perf_counter()
+        result = self.fetcher.finish(fetch)
+        s.add_read(result, time.perf_counter() - t)
+        self.caches[fetch.layer].touch(fetch.slots)
 
     def close(self) -> None:
         for fetch in self._prefetch.values():

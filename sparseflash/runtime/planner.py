@@ -48,6 +48,15 @@ def plan_prefetch(cache: NeuronCache, positions: np.ndarray, keep_free: int, lim
     return missing[: max(0, min(len(missing), room))]
 
 
+def plan_prefetch_free(cache: NeuronCache, limit: int | None = None) -> np.ndarray:
+    """For a layer whose every neuron is needed (strategy ``all``): the positions not cached, as many as
+    the free slots take (and at most ``limit``). Nothing is evicted, since every cached neuron will be
+    used by the layer's own step: a look-ahead read never costs a second read of a bundle."""
+    missing = np.nonzero(cache.slot_of < 0)[0]
+    room = cache.free_count() if limit is None else min(cache.free_count(), limit)
+    return missing[:room]
+
+
 def plan_reads(positions: np.ndarray, bundle_bytes: int, merge_gap_blocks: int, buffer_blocks: int
                ) -> list[tuple[int, int]]:
     """Pieces (first_block, end_block) from the region start to read sorted stored ``positions``:

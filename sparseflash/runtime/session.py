@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sparseflash.model.generate import GenerationResult, Sampling, generate
+from sparseflash.model.plugin import CompressionPlugin, PluginError, load_plugin
 from sparseflash.model.transformer import Transformer
 from sparseflash.runtime.build import build_engine
 from sparseflash.runtime.engine import StreamingFFN, TokenStats
@@ -22,6 +24,7 @@ class StreamedModel:
     engine: StreamingFFN
     transformer: Transformer
     device_bytes_before: int | None = None  # device memory in use before the engine allocated any (real GPU)
+    plugins: list[CompressionPlugin] = field(default_factory=list)  # resident, counted in the budget
 
     @property
     def tokenizer(self):
@@ -32,12 +35,24 @@ class StreamedModel:
         self.layout.close()
 
 
+def layout_plugins(lm: LayoutModel, paths: Sequence[str | os.PathLike]) -> list[CompressionPlugin]:
+    """Load compression plugins for a layout, refusing any made from another checkpoint."""
+    source = lm.header.source_hash
+    if paths and not source:
+        raise PluginError(f"{lm.path}: the layout records no source checkpoint hash, so plugins cannot be checked "
+                          "against it; rebuild it with `sparseflash prepare` or `sparseflash layout`")
+    return [load_plugin(p, source, lm.config.num_layers, lm.config.hidden_size) for p in paths]
+
+
 def open_streamed(path: str | os.PathLike, budget: str | int | Budget, backend: str = "cpu",
-                  disk: DeviceModel | None = None, **policy) -> StreamedModel:
+                  disk: DeviceModel | None = None, plugins: Sequence[str | os.PathLike] = (),
+                  **policy) -> StreamedModel:
     """A transformer whose FFNs stream from ``path`` under ``budget`` (bytes, '2GiB', '40%', '25%ffn'
-    or a Budget); ``policy`` holds Policy fields (window, eviction, strategy, verify, ...)."""
+    or a Budget); ``policy`` holds Policy fields (window, eviction, strategy, verify, ...).
+    ``plugins`` (files) are loaded, checked against the layout's source and counted in the budget."""
     lm = open_layout(path, verify=policy.get("verify", Policy.verify))
     try:
+        loaded = layout_plugins(lm, plugins)
         if disk is None:
             from sparseflash.runtime.diskprobe import device_model_for
 
@@ -50,11 +65,14 @@ def open_streamed(path: str | os.PathLike, budget: str | int | Budget, backend: 
             from sparseflash.runtime.gpu import device_bytes_in_use
 
             before = device_bytes_in_use()
-        engine, weights = build_engine(lm, policy, disk, backend)
+        engine, weights = build_engine(lm, policy, disk, backend, plugin_bytes=sum(p.nbytes for p in loaded))
     except BaseException:
         lm.close()
         raise
-    return StreamedModel(lm, engine, Transformer(lm.config, weights, engine), before)
+    transformer = Transformer(lm.config, weights, engine)
+    for p in loaded:
+        p.to(transformer.device)
+    return StreamedModel(lm, engine, transformer, before, loaded)
 
 
 def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
@@ -83,8 +101,9 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
         "step_s": total("token_s"),
         **read_bandwidth(total("bytes_read"), total("requests"), total("read_busy_s"), engine.fetcher.reader),
         "budget_bytes": engine.memory.budget,
+        "plugin_bytes": engine.memory.plugins,
         "memory_plan": {k: getattr(engine.memory, k) for k in
-                        ("resident", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "minimum")},
+                        ("resident", "plugins", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "minimum")},
         "direct_io": engine.fetcher.reader.direct,
         "device": {"ffn": engine.policy.device, "resident": model.transformer.device.type},
         "strategy": engine.strategy,
@@ -121,10 +140,12 @@ def summary_line(summary: dict) -> str:
 
 
 def stream_generate(model: StreamedModel, prompt: list[int], n: int, sampling: Sampling = Sampling(),
-                    stop_at_eos: bool = True, stats_file: str | None = None) -> tuple[GenerationResult, dict]:
-    """Generate with the streamed engine; returns the result and the run's summary."""
+                    stop_at_eos: bool = True, stats_file: str | None = None,
+                    plugin: CompressionPlugin | None = None) -> tuple[GenerationResult, dict]:
+    """Generate with the streamed engine (``plugin``: compress the prompt); returns the result and the
+    run's summary."""
     model.engine.stats.clear()
-    result = generate(model.transformer, prompt, n, sampling, stop_at_eos)
+    result = generate(model.transformer, prompt, n, sampling, stop_at_eos, plugin=plugin)
     summary = summarize(model.engine.stats, model)
     if stats_file:
         tmp = f"{stats_file}.tmp-{os.getpid()}"

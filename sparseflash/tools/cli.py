@@ -20,13 +20,14 @@ from sparseflash.tools import (
     cmd_gguf,
     cmd_layout,
     cmd_model,
+    cmd_plugins,
     cmd_predictors,
     cmd_profile,
     cmd_stream,
     cmd_trend,
 )
 
-COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf, cmd_predictors, cmd_layout, cmd_stream, cmd_trend]
+COMMAND_MODULES = [cmd_model, cmd_profile, cmd_gguf, cmd_predictors, cmd_layout, cmd_stream, cmd_trend, cmd_plugins]
 
 
 class ArgumentError(SparseflashError):

@@ -26,10 +26,14 @@ def cmd_run(args) -> int:
         return _run_streamed(args, sampling)
     from sparseflash.model.generate import generate
     from sparseflash.model.loader import open_dense
+    from sparseflash.model.plugin import dense_run_plugin
 
     model = open_dense(args.model, args.tokenizer)
     prompt = model.tokenizer.encode(args.prompt)
-    result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos)
+    plugin = dense_run_plugin(args.compress, args.plugin, args.model, model.config.num_layers,
+                              model.config.hidden_size, len(prompt))
+    result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos,
+                      plugin=plugin)
     _print_result(args, model.tokenizer, result, {"engine": "dense"})
     return 0
 
@@ -45,6 +49,8 @@ def _check_inputs(args) -> None:
 def _run_streamed(args, sampling) -> int:
     from sparseflash.errors import SparseflashError
     from sparseflash.layout.pipeline import prepared_layout
+    from sparseflash.model.checkpoint import default_model_dir
+    from sparseflash.model.plugin import choose_plugin, run_plugin_files
     from sparseflash.runtime.session import open_streamed, stream_generate, summary_line
 
     if args.tokenizer is not None:
@@ -53,12 +59,16 @@ def _run_streamed(args, sampling) -> int:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
     path = args.model if _is_layout(args.model) else prepared_layout(
         args.model, quiet=args.json, log=lambda m: print(m, file=sys.stderr))
+    checkpoint = None if _is_layout(args.model) else (args.model or default_model_dir())
+    plugins, looked_in = run_plugin_files(args.compress, args.plugin, [path, checkpoint])
     model = open_streamed(path, args.budget, window=args.window, io=args.io, io_threads=args.io_threads,
                           eviction=args.eviction, strategy=args.strategy, lookahead=not args.no_lookahead,
-                          device=args.device, verify=not args.no_verify)
+                          device=args.device, verify=not args.no_verify, plugins=plugins)
     try:
         prompt = model.tokenizer.encode(args.prompt)
-        result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats)
+        plugin = choose_plugin(args.compress, model.plugins, len(prompt), looked_in)
+        result, summary = stream_generate(model, prompt, args.n_predict, sampling, not args.ignore_eos, args.stats,
+                                          plugin)
     finally:
         model.close()
     extra = {"engine": "streamed", **summary}
@@ -78,6 +88,11 @@ def _print_result(args, tok, result, extra: dict) -> None:
         print(json.dumps({**result.to_dict(text), **extra}))
         return
     print(args.prompt + text)
+    from sparseflash.model.plugin import compression_note
+
+    note = compression_note(result.compression, args.compress, len(result.prompt_tokens))
+    if note:
+        print(note, file=sys.stderr)
     print(result.speed_line(extra["engine"]), file=sys.stderr)
 
 
@@ -147,6 +162,10 @@ def register(sub) -> None:
                    help="do not check bundles against their digests as they are read, nor resident tensors at load "
                         "(a few %% faster; bytes changed on disk would then run to wrong tokens)")
     r.add_argument("--stats", default=None, help="save per-token statistics to this JSON file")
+    r.add_argument("--compress", default=None, metavar="K|auto",
+                   help="compress the prompt with a plugin of ratio K, or pick one by prompt length (auto); "
+                        "plugins come from --plugin or plugins/ beside the layout or in the checkpoint")
+    r.add_argument("--plugin", nargs="+", default=None, metavar="P", help="compression plugin files")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("info", help="architecture, sizes, stored tensor types and FFN bytes per layer")
