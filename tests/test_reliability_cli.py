@@ -63,6 +63,12 @@ VALUE_ERRORS = {  # argv: text the line must hold
         "--target-recall must be a number in (0, 1]",
     ("predictors", "--profile", "{tmp}", "--corpus", CORPUS, "-o", "{tmp}/q", "--size-share", "0"):
         "--size-share must be a number in (0, 1]",
+    ("run", "-n", "1", "--compress", "0"): "--compress must be a ratio (2, 4, 8, ...), auto or none; got '0'",
+    ("plugins", "train", "--corpus", CORPUS, "--ratio", "4", "--lr", "nan", "-o", "{tmp}/x.plugin.safetensors"):
+        "--lr must be a number in (0, inf), got nan",
+    ("plugins", "train", "--corpus", CORPUS, "--ratio", "4", "-o", "{tmp}"): "is a directory, expected a plugin file",
+    ("plugins", "train", "--corpus", CORPUS, "--ratio", "4", "-o", "{tmp}/no/x.plugin.safetensors"):
+        "folder for the plugin file does not exist",
     ("sparsity-trend", *TREND, "--p", "nan"): "--p must be a number in (0, inf), got nan",
     ("sparsity-trend", *TREND, "--ppl-steps", "-1"): "--ppl-steps must be an integer >= 0",
     ("sparsity-trend", *TREND, "--ppl-tokens", "0"): "--ppl-tokens must be an integer >= 1",

@@ -26,7 +26,7 @@ def layout(tmp_path_factory):
 @pytest.fixture()
 def odd(tmp_path):
     """A folder of things that are not regular files, under the names of the inputs they impersonate."""
-    for name in ("x.sflash", "x.txt", "device.json", "tokenizer.json", "x.gguf"):
+    for name in ("x.sflash", "x.txt", "device.json", "tokenizer.json", "x.gguf", "x.plugin.safetensors"):
         os.mkfifo(tmp_path / name)
     (tmp_path / "zero.sflash").symlink_to("/dev/zero")
     (tmp_path / "dir.sflash").mkdir()
@@ -54,6 +54,9 @@ NOT_REGULAR = {  # case: (argv with {d} for the odd folder, {l} for a good layou
     "run on a directory": ((*STREAM, "-m", "{d}/dir.sflash"), "is a directory, expected a layout file"),
     "inspect a directory": (("inspect", "{d}/dir.sflash"), "is a directory"),
     "eval-ppl on a directory": (("eval-ppl", "--text", "{d}"), "is a directory, expected a text file"),
+    "run with a FIFO plugin": (("run", "-n", "1", "--compress", "4", "--plugin", "{d}/x.plugin.safetensors"),
+                               "is a FIFO, expected a plugin file"),
+    "plugins info on a FIFO": (("plugins", "info", "{d}/x.plugin.safetensors"), "is a FIFO, expected a plugin file"),
 }
 
 

@@ -202,3 +202,4 @@ class PluginTrainParams:
             raise SparseflashError("--ratio, --rank, --steps, --batch must be >= 1 and --layer, --tail >= 0")
         if self.rope not in ("last", "mean"):
             raise SparseflashError(f"--rope must be last or mean, got {self.rope!r}")
+        check_float("--lr", self.lr, 0, math.inf, lo_open=True, hi_open=True)
