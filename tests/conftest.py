@@ -53,3 +53,26 @@ def golden_blob(workdir):
 
     build_golden(workdir / "golden.sflash")
     return _Blob(open(workdir / "golden.sflash", "rb").read())
+
+
+# ---- `pytest --slow`: slow tests, and thousands of examples in the fuzz tests (test_fuzz_*.py) ----
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="run tests marked slow, and the fuzz tests with thousands of examples")
+
+
+def pytest_configure(config):
+    import fuzz_budget
+
+    config.addinivalue_line("markers", "slow: long-running; runs only with --slow")
+    fuzz_budget.SLOW = bool(config.getoption("--slow"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -11,7 +11,7 @@ CONTAINER = {"sparseflash.layout.format", "sparseflash.layout.format_spec", "spa
              "sparseflash.layout.format_reader", "sparseflash.layout.format_writer",
              "sparseflash.layout.format_extents"}
 CONTRACT = CONTAINER | {"sparseflash.layout.schema"}
-NEUTRAL = {"sparseflash", "sparseflash.errors", "sparseflash.units"}
+NEUTRAL = {"sparseflash", "sparseflash.errors", "sparseflash.units", "sparseflash.paths"}
 
 
 def _imports(path: Path) -> set[str]:

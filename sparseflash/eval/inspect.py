@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import time
 
-from sparseflash.errors import ArtefactError
+from sparseflash.errors import ArtefactError, SparseflashError
 from sparseflash.layout import schema
 from sparseflash.layout.format import LayoutError, LayoutFile
+from sparseflash.model.config import ModelConfig
+from sparseflash.paths import input_file
 
 
 def inspect_layout(path: str | os.PathLike, verify: bool = False) -> dict:
     """Summary of ``path``: header (without the tokenizer and order measurements), FFN regions,
     resident and FFN bytes; ``ok`` is False when the model contract or a checksum fails."""
+    input_file(path, "layout file")
     try:
         f = LayoutFile.open(path)
     except FileNotFoundError:
@@ -29,9 +32,13 @@ def inspect_layout(path: str | os.PathLike, verify: bool = False) -> dict:
                "resident_bytes": sum(t.nbytes for t in f.tensors.values()),
                "ffn_bytes": sum(l.length for l in f.layers), "ok": True}
         try:
-            schema.check_layout(path, schema.read_header(path, f.header), f.tensors, f.layers)
+            header_model = schema.read_header(path, f.header)
+            schema.check_layout(path, header_model, f.tensors, f.layers)
+            ModelConfig.from_dict(header_model.model)  # the values `run` would refuse
         except LayoutError as e:
             out["ok"], out["schema_error"] = False, str(e)
+        except SparseflashError as e:
+            out["ok"], out["schema_error"] = False, f"{path}: {e}"
         if any(l.compressed for l in f.layers):
             out["compression"] = measure_compression(f)
         if verify:

@@ -57,8 +57,7 @@ def layout_report_text(r: dict) -> str:
 def inspect_text(out: dict) -> str:
     """eval/inspect.py's summary of a layout file as a few lines."""
     header = out["header"]
-    m = header.get("model", {})
-    prov = header.get("provenance", {})
+    m, prov = (v if isinstance(v, dict) else {} for v in (header.get("model"), header.get("provenance")))
     lines = [f"{out['file']}: {m.get('arch')} {m.get('num_layers')} layers, order {prov.get('order')}, "
              f"{header.get('dtype')} bundles of {header.get('bundle_bytes')} B, hot {header.get('n_hot')}/layer",
              f"  resident {fmt_bytes(out['resident_bytes'])} in {out['tensors']} tensors, "

@@ -19,6 +19,7 @@ calibration tokens at the PPL-p% thresholds (``activation_ratio``) and at a fixe
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from sparseflash.eval import lawfit
 from sparseflash.layout import stats
 from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
+from sparseflash.layout.params import check_float, check_int
 from sparseflash.layout.pplp import in_memory_ppl, ppl_p_search
 from sparseflash.model.config import ModelConfig, config_from_hf
 from sparseflash.model.loader import DenseModel, model_summary, open_dense
@@ -59,6 +61,16 @@ class TrendParams:
     ppl_steps: int = 10  # bisection steps on the common CETT bound
     candidates: int = 1000  # magnitude quantiles tried as thresholds
     batch: int = 8  # windows per forward pass
+
+    def __post_init__(self):
+        check_int("--tokens", self.tokens, 1)
+        check_int("--ctx", self.ctx, 2)
+        check_float("--cett", self.cett_bound, 0, 1)
+        check_float("--p", self.ppl_p, 0, math.inf, lo_open=True, hi_open=True)
+        check_int("--ppl-tokens", self.ppl_tokens, 1)
+        check_int("--ppl-steps", self.ppl_steps, 0)
+        check_int("candidates", self.candidates, 1)
+        check_int("batch", self.batch, 1)
 
 
 @dataclass(frozen=True)

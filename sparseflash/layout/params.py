@@ -7,6 +7,7 @@ line reads its defaults from them. Importing this module is cheap (no torch), so
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sparseflash.errors import SparseflashError
@@ -14,6 +15,23 @@ from sparseflash.errors import SparseflashError
 ORDERS = ("coact", "frequency", "identity")  # neuron orders (layout/ordering.py)
 THRESHOLD_SETS = ("ppl", "cett")  # which profile thresholds define "active"
 LAYOUT_DTYPES = ("f16", "bf16", "f32", "q8", "q4")  # q8/q4: GGUF Q8_0/Q4_0 arithmetic along d (kernels/quant.py)
+ZSTD_LEVELS = (1, 22)  # zstd's ordinary levels (python-zstandard's MAX_COMPRESSION_LEVEL is 22)
+
+
+def check_int(flag: str, value, lo: int, hi: int | None = None) -> None:
+    """Refuse ``value`` unless it is an integer in [lo, hi] (hi None: no upper bound)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        accepted = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise SparseflashError(f"{flag} must be {accepted}, got {value!r}")
+
+
+def check_float(flag: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    """Refuse ``value`` unless it is a finite number in the interval (open ends as flagged)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise SparseflashError(f"{flag} must be a number in {interval}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,17 @@ class ProfileParams:
     spill_bytes: int | None = None  # a stream's hidden states above this go to a temporary file (None: never)
     coact_block_bytes: int = 64 << 20  # co-activation counts are built this many bytes of rows at a time
 
+    def __post_init__(self):
+        check_int("--tokens", self.tokens, 1)
+        check_int("--ctx", self.ctx, 2)
+        check_float("--cett", self.cett_bound, 0, 1)
+        check_float("--ppl-p", self.ppl_p, 0, math.inf, lo_open=True, hi_open=True)
+        check_int("--cett-tokens", self.cett_tokens, 1)
+        check_int("--ppl-tokens", self.ppl_tokens, 1)
+        check_int("candidates", self.candidates, 1)
+        check_int("--ppl-steps", self.ppl_steps, 0)
+        check_int("batch", self.batch, 1)
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -39,6 +68,13 @@ class TrainParams:
     weight_decay: float = 0.0
     max_pos_weight: float = 30.0  # cap on the positive-class weight of the BCE
     seed: int = 0
+
+    def __post_init__(self):
+        check_int("--epochs", self.epochs, 1)
+        check_int("batch", self.batch, 1)
+        check_float("lr", self.lr, 0, math.inf, lo_open=True, hi_open=True)
+        check_float("weight_decay", self.weight_decay, 0, math.inf, hi_open=True)
+        check_float("max_pos_weight", self.max_pos_weight, 0, math.inf, lo_open=True, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -56,6 +92,19 @@ class PredictorParams:
     train: TrainParams = TrainParams()
     batch: int = 8  # windows per forward pass
     spill_bytes: int | None = None  # hidden states / recorded inputs above this go to temporary files
+
+    def __post_init__(self):
+        check_int("--tokens", self.tokens, 1)
+        check_int("--val-tokens", self.val_tokens, 1)
+        check_int("--ctx", self.ctx, 2)
+        if self.thresholds not in THRESHOLD_SETS:
+            raise SparseflashError(f"--thresholds must be ppl or cett, got {self.thresholds!r}")
+        check_float("--size-share", self.size_share, 0, 1, lo_open=True)
+        for r in self.rank if isinstance(self.rank, tuple) else (self.rank,):
+            check_int("--rank", r, 0)
+        check_float("--topk-factor", self.topk_factor, 0, math.inf, lo_open=True, hi_open=True)
+        check_float("--target-recall", self.target_recall, 0, 1, lo_open=True)
+        check_float("tune_share", self.tune_share, 0, 1, lo_open=True, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -88,6 +137,8 @@ class LayoutParams:
             raise SparseflashError(f"--hot-fraction must be in [0, 1), got {self.hot_fraction}")
         if self.thresholds not in THRESHOLD_SETS:
             raise SparseflashError(f"--thresholds must be ppl or cett, got {self.thresholds!r}")
+        if self.zstd_level is not None:
+            check_int("--zstd", self.zstd_level, *ZSTD_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -106,6 +157,16 @@ class PrepareParams:
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype
     resident_dtype: str | None = LayoutParams.resident_dtype
+
+    def __post_init__(self):
+        for flag, value in (("--tokens", self.profile_tokens), ("cett_tokens", self.cett_tokens),
+                            ("--heldout-tokens", self.heldout_tokens), ("--tokens", self.predictor_tokens),
+                            ("--epochs", self.epochs)):
+            check_int(flag, value, 1)
+        check_int("--rank", self.rank, 0)
+        check_float("ppl_p", self.ppl_p, 0, math.inf, lo_open=True, hi_open=True)
+        check_float("cett", self.cett, 0, 1)
+        self.layout_params()  # order, hot fraction and dtype checked there
 
     def layout_params(self) -> LayoutParams:
         return LayoutParams(order=self.order, dtype=self.dtype, resident_dtype=self.resident_dtype,
@@ -145,3 +206,4 @@ class PluginTrainParams:
             raise SparseflashError("--ratio, --rank, --steps, --batch must be >= 1 and --layer, --tail >= 0")
         if self.rope not in ("last", "mean"):
             raise SparseflashError(f"--rope must be last or mean, got {self.rope!r}")
+        check_float("--lr", self.lr, 0, math.inf, lo_open=True, hi_open=True)

@@ -278,7 +278,8 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
         if entry is None and optional:
             return None
         c.object(entry, where, ("topk", "cut", "rank"))
-        return PredictorSpec(c.int(entry["topk"], f"{where}.topk", 0, n), c.number(entry["cut"], f"{where}.cut"),
+        # a writer keeps at least one neuron (layout/predictors_build.py); top-k 0 would run only the hot ones
+        return PredictorSpec(c.int(entry["topk"], f"{where}.topk", 1, n), c.number(entry["cut"], f"{where}.cut"),
                              c.int(entry["rank"], f"{where}.rank", 1, 1 << 20))
 
     for key in ("layers", "lookahead"):

@@ -87,6 +87,7 @@ class ModelConfig:
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
                                                 or not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             bad("sliding_window", "must be null or a positive integer")
+        _check_shapes_and_ids(self, bad)
 
     @property
     def ffn_kind(self) -> str:
@@ -130,6 +131,32 @@ class ModelConfig:
         if missing:
             raise UnsupportedModelError(f"model config lacks the field {missing[0]!r}")
         return cls(**d)
+
+
+# rope_type -> parameters it cannot do without (HF names), each a finite positive number
+ROPE_NEEDS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings"),
+              "yarn": ("original_max_position_embeddings",)}
+
+
+def _check_shapes_and_ids(c: ModelConfig, bad) -> None:
+    """What a config must also hold to run: whole heads per KV head, an even rotary dimension inside the
+    head, the parameters of its RoPE variant, token ids inside the vocabulary."""
+    if c.num_heads % c.num_kv_heads:
+        bad("num_heads", f"must be a multiple of num_kv_heads ({c.num_kv_heads})")
+    if c.partial_rotary_factor > 1 or c.rotary_dim % 2 or c.rotary_dim < 2:
+        bad("partial_rotary_factor", f"must give an even rotary dimension in [2, head_dim {c.head_dim}]")
+    kind = c.rope_scaling.get("rope_type", "default")
+    for key in ROPE_NEEDS.get(kind, ()):
+        value = c.rope_scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            bad("rope_scaling", f"of type {kind} needs {key}, a finite positive number")
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(c, name)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i < c.vocab_size
+                                         for i in ids):
+            bad(name, f"must be null or token ids in [0, vocab_size {c.vocab_size})")
 
 
 def _rope_from_hf(cfg: dict) -> tuple[float, float, dict]:

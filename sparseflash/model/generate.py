@@ -3,6 +3,7 @@ time (greedy or sampled)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,15 @@ class Sampling:
     temperature: float = 0.8
     top_p: float = 0.95
     seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise SparseflashError(f"--temp must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise SparseflashError(f"--top-p must be in (0, 1] (1: no cut), got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise SparseflashError(f"--seed must be an integer in [0, 2^63), got {self.seed!r}")
 
 
 @dataclass
@@ -63,8 +73,10 @@ class GenerationResult:
                 f"tokens/s, prefill {self.prefill_s * 1e3:.0f} ms), {engine}]")
 
 
-def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Pick the next id from logits (vocab,)."""
+def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None, step: int = 0) -> int:
+    """Pick the next id from logits (vocab,); ``step`` (0: the token after the prompt) names the
+    generation step in the error raised for logits that are not all finite."""
+    check_finite_logits(logits, step)
     if sampling.greedy or sampling.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
@@ -76,6 +88,18 @@ def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gene
         choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_finite_logits(logits: torch.Tensor, step: int) -> None:
+    """Refuse logits holding NaN or inf: a NaN/inf weight or config value reached the output, and any
+    token chosen from them would be meaningless (a last line of defence behind the loaders' checks)."""
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        kind = "NaN" if bool(torch.isnan(logits).any()) else "infinite"
+        raise SparseflashError(f"generation step {step}: the model produced {kind} logits ({bad} of {logits.numel()} "
+                               "values); its weights or config hold NaN/inf values (check the file with "
+                               "`sparseflash inspect --verify` or rebuild it)")
 
 
 def prefill(model: Transformer, cache: KVCache, prompt: list[int], plugin: CompressionPlugin | None = None
@@ -150,7 +174,7 @@ def generate(
     t1 = time.perf_counter()
     stopped = False
     while True:
-        token = sample_token(logits, sampling, generator)
+        token = sample_token(logits, sampling, generator, step=len(out))
         out.append(token)
         if on_token is not None:
             on_token(token)

@@ -23,7 +23,11 @@ class Perplexity:
 
 def windows(ids: list[int], ctx: int, max_tokens: int | None = None) -> torch.Tensor:
     """Cut the first ``max_tokens`` ids into full windows (windows, ctx); a ragged tail is dropped."""
+    if ctx < 2:
+        raise SparseflashError(f"--ctx must be >= 2 tokens, got {ctx}")
     if max_tokens is not None:
+        if max_tokens < 1:
+            raise SparseflashError(f"--tokens must be >= 1 (and at least --ctx, {ctx}, for one window), got {max_tokens}")
         ids = ids[:max_tokens]
     count = len(ids) // ctx
     if count == 0:
@@ -50,6 +54,9 @@ def perplexity(
         logits = model(chunk)
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1),
                               reduction="sum")
+        if not math.isfinite(float(nll)):
+            raise SparseflashError(f"windows {i}-{i + len(chunk) - 1}: the negative log-likelihood is {float(nll)}; "
+                                   "the model's weights or config hold NaN/inf values")
         total += float(nll)
         count += chunk[:, 1:].numel()
         if bar is not None:

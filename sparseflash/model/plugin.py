@@ -171,7 +171,11 @@ def read_plugin_file(path: str | os.PathLike) -> tuple[PluginFile, dict[str, tor
     """Metadata and tensors of a plugin file, validated (kind, version, fields, names, shapes, values)."""
     from safetensors import SafetensorError, safe_open
 
+    from sparseflash.paths import input_file
+
     path = os.fspath(path)
+    if os.path.exists(path):
+        input_file(path, "plugin file")  # a FIFO would block the open
     try:
         with safe_open(path, framework="pt") as f:
             pf = _read_metadata(path, f.metadata())
@@ -292,6 +296,8 @@ def choose_plugin(compress: str | None, plugins: list[CompressionPlugin], prompt
         ratio = int(compress)
     except ValueError:
         raise PluginError(f"--compress must be a ratio (2, 4, 8, ...), auto or none; got {compress!r}") from None
+    if ratio < 1:
+        raise PluginError(f"--compress must be a ratio (2, 4, 8, ...), auto or none; got {compress!r}")
     match = [p for p in plugins if p.ratio == ratio]
     if not match:
         have = ", ".join(str(r) for r in sorted({p.ratio for p in plugins})) or "none"

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 
 from sparseflash.errors import SparseflashError
+from sparseflash.paths import input_file
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """The whole text of ``path``; ``.zst`` files are decompressed in a stream."""
+    """The whole text of ``path``; ``.zst`` files are decompressed in a stream. Anything but a regular
+    file (a FIFO would block, a device never ends) is refused before it is opened."""
     path = os.fspath(path)
+    input_file(path, "text file")
     try:
         with open(path, "rb") as f:
             if path.endswith(".zst"):
@@ -20,8 +23,8 @@ def read_text(path: str | os.PathLike) -> str:
                 raw = f.read()
     except FileNotFoundError:
         raise SparseflashError(f"{path}: text file not found") from None
-    except IsADirectoryError:
-        raise SparseflashError(f"{path}: is a directory, expected a text file") from None
+    except OSError as e:
+        raise SparseflashError(f"{path}: cannot read the text file ({e.strerror or e})") from None
     except Exception as e:  # zstandard.ZstdError and friends
         raise SparseflashError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     try:

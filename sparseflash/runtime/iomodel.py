@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.format_extents import BLOCK
+from sparseflash.paths import input_file
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,16 @@ class DeviceModel:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> DeviceModel:
-        """A device model saved as JSON (latency_s, bandwidth_bps; what the disk probe caches)."""
+        """A device model saved as JSON (latency_s, bandwidth_bps; what the disk probe caches). A file that
+        is missing, not a regular file, not such JSON or out of range is one SparseflashError line."""
+        input_file(path, "device model (JSON with latency_s and bandwidth_bps)")
         try:
             with open(path) as f:
                 d = json.load(f)
             model = cls(float(d["latency_s"]), float(d["bandwidth_bps"]), str(d.get("source", path)))
         except OSError as e:
             raise SparseflashError(f"{path}: cannot read the device model ({e.strerror})") from None
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise SparseflashError(f"{path}: not a device model (JSON with latency_s and bandwidth_bps)") from None
         if not (math.isfinite(model.latency_s) and model.latency_s >= 0 and math.isfinite(model.bandwidth_bps)
                 and model.bandwidth_bps > 0):

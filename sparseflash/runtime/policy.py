@@ -52,6 +52,12 @@ class Budget:
             raise SparseflashError(f"--budget {text!r} must be at least one byte")
         return cls(nbytes=int(value * _UNITS[m.group(2)]))
 
+    @classmethod
+    def check_text(cls, text: str | int) -> None:
+        """Refuse a budget that does not parse, before any file is opened (a share needs the model's
+        size to become bytes, not to be checked)."""
+        cls.parse(text, 1 << 40)
+
     def describe(self) -> str:
         return f"FFN share {self.ffn_share:.0%}" if self.ffn_share is not None else f"budget {self.nbytes} bytes"
 

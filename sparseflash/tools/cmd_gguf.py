@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 
+from sparseflash.paths import input_file, input_model, note, output_file, sweep_stale_temps
 from sparseflash.units import fmt_bytes
 
 
 def cmd_export_gguf(args) -> int:
     from sparseflash.model.gguf_export import export_gguf
 
+    input_model(args.model)
+    if args.tokenizer is not None:
+        input_file(args.tokenizer, "tokenizer.json")
+    output_file(args.output, "GGUF file")
+    sweep_stale_temps(args.output, note)
     r = export_gguf(args.model, args.output, args.dtype, args.tokenizer)
     if args.json:
         print(json.dumps({"path": str(r.path), "arch": r.arch, "dtype": r.dtype, "tensors": r.tensors,

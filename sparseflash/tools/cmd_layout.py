@@ -6,6 +6,15 @@ import json
 import sys
 
 from sparseflash.layout.params import LAYOUT_DTYPES, ORDERS, THRESHOLD_SETS, LayoutParams, PrepareParams
+from sparseflash.paths import (
+    input_file,
+    input_folder,
+    input_model,
+    note,
+    output_dir,
+    output_file,
+    sweep_stale_temps,
+)
 
 
 def cmd_layout(args) -> int:
@@ -14,6 +23,13 @@ def cmd_layout(args) -> int:
 
     params = LayoutParams(order=args.order, dtype=args.dtype, resident_dtype=args.resident_dtype,
                           hot_fraction=args.hot_fraction, thresholds=args.thresholds, zstd_level=args.zstd)
+    input_model(args.model)
+    input_folder(args.profile, "profile folder", (".json", ".npz", ".npy"), "; run `sparseflash profile` first")
+    if args.predictors is not None:
+        input_folder(args.predictors, "predictors folder", (".json", ".safetensors"),
+                     "; run `sparseflash predictors` first")
+    output_file(args.out, "layout file")
+    sweep_stale_temps(args.out, note)
     with open_source(args.model) as source:
         h = build_layout(source, args.profile, args.out, args.predictors, params, source.content_hash(),
                          quiet=args.json)
@@ -35,8 +51,10 @@ def cmd_inspect(args) -> int:
     out = inspect_layout(args.file, verify=args.verify)
     print(json.dumps(out) if args.json else inspect_text(out))
     if not out["ok"]:
-        reason = out.get("schema_error") or f"{len(out.get('verify_failures', []))} checksum failures"
-        print(f"sparseflash: error: {args.file}: {reason}", file=sys.stderr)
+        failures = [f.removeprefix(f"{args.file}: ") for f in out.get("verify_failures", [])]
+        reason = out.get("schema_error") or (f"{args.file}: {len(failures)} checksum failure"
+                                             f"{'s' if len(failures) > 1 else ''}, the first: {failures[0]}")
+        print(f"sparseflash: error: {reason}", file=sys.stderr)
         return 2
     return 0
 
@@ -48,10 +66,11 @@ def cmd_layout_report(args) -> int:
     from sparseflash.runtime.iomodel import DeviceModel
     from sparseflash.runtime.layout_model import open_layout
 
+    input_file(args.file, "layout file")
+    device = DeviceModel.from_file(args.device_model) if args.device_model else None
     lm = open_layout(args.file)
     ids = corpus_ids(args.corpus, lm.tokenizer, args.tokens)
     lm.close()
-    device = DeviceModel.from_file(args.device_model) if args.device_model else None
     r = layout_report(args.file, ids, args.tokens, args.ctx, device, quiet=args.json)
     print(json.dumps(r) if args.json else layout_report_text(r))
     return 0
@@ -70,7 +89,9 @@ def cmd_prepare(args) -> int:
         memory = parse_bytes(args.memory)
         if memory is None:
             raise SparseflashError(f"--memory {args.memory!r} is not a size (e.g. 12GiB, 800MB)")
+    input_model(args.model)
     out = args.out or str(prepared_dir(args.model))
+    output_dir(out, "prepared folder")
     path = prepare(args.model, args.corpus, args.heldout or args.corpus, out, params, quiet=args.json,
                    log=lambda m: print(m, file=sys.stderr), memory=memory)
     print(json.dumps({"layout": str(path), "dir": out}) if args.json else f"prepared -> {path}")

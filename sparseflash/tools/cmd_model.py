@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from sparseflash.runtime.policy import EVICTION_POLICIES, Policy
+from sparseflash.paths import input_file, input_model, output_file
+from sparseflash.runtime.policy import EVICTION_POLICIES, Budget, Policy
 
 
 def _is_layout(path) -> bool:
@@ -16,12 +17,16 @@ def cmd_run(args) -> int:
     from sparseflash.model.generate import Sampling
 
     sampling = Sampling(greedy=args.greedy, temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    if args.budget is not None:
+        Budget.check_text(args.budget)
+    _check_inputs(args)
+    if args.stats is not None:
+        output_file(args.stats, "--stats file")
     if _is_layout(args.model) or args.budget is not None:
         return _run_streamed(args, sampling)
     from sparseflash.model.generate import generate
     from sparseflash.model.loader import open_dense
     from sparseflash.model.plugin import dense_run_plugin
-    from sparseflash.runtime.rss import peak_rss_bytes
 
     model = open_dense(args.model, args.tokenizer, lazy=None)  # one layer at a time if it does not fit
     prompt = model.tokenizer.encode(args.prompt)
@@ -29,8 +34,16 @@ def cmd_run(args) -> int:
                               model.config.hidden_size, len(prompt))
     result = generate(model.transformer(), prompt, args.n_predict, sampling, stop_at_eos=not args.ignore_eos,
                       plugin=plugin)
-    _print_result(args, model.tokenizer, result, {"engine": "dense", "peak_rss_bytes": peak_rss_bytes()})
+    _print_result(args, model.tokenizer, result, {"engine": "dense"})
     return 0
+
+
+def _check_inputs(args) -> None:
+    """Refuse, before anything is opened, a model or tokenizer that is not a regular file or a folder
+    of them (a FIFO would block the open)."""
+    input_model(args.model)
+    if getattr(args, "tokenizer", None) is not None:
+        input_file(args.tokenizer, "tokenizer.json")
 
 
 def _run_streamed(args, sampling) -> int:
@@ -58,14 +71,19 @@ def _run_streamed(args, sampling) -> int:
                                           plugin)
     finally:
         model.close()
-    _print_result(args, model.tokenizer, result, {"engine": "streamed", **summary})
+    extra = {"engine": "streamed", **summary}
+    _print_result(args, model.tokenizer, result, extra)
     if not args.json:
-        print(summary_line(summary), file=sys.stderr)
+        print(summary_line(extra), file=sys.stderr)
     return 0
 
 
 def _print_result(args, tok, result, extra: dict) -> None:
+    """Print the generation; ``extra`` gets the run's peak RSS, measured last (runtime/rss.py)."""
+    from sparseflash.runtime.rss import peak_rss_bytes
+
     text = tok.decode(result.tokens)
+    extra["peak_rss_bytes"] = peak_rss_bytes()
     if args.json:
         print(json.dumps({**result.to_dict(text), **extra}))
         return
@@ -82,6 +100,7 @@ def cmd_info(args) -> int:
     from sparseflash.model.loader import model_summary, summary_text, type_counts
     from sparseflash.model.source import open_source
 
+    _check_inputs(args)
     with open_source(args.model, args.tokenizer) as source:
         tensors = source.tensor_list()
         s = {**model_summary(source), "source": str(source.path), "tensor_types": type_counts(tensors)}
@@ -94,6 +113,7 @@ def cmd_eval_ppl(args) -> int:
     from sparseflash.model.source import open_source
     from sparseflash.model.text import read_text
 
+    _check_inputs(args)
     with open_source(args.model, args.tokenizer) as source:
         ids = source.tokenizer().encode(read_text(args.text))
         r = perplexity_layerwise(source, ids, ctx=args.ctx, max_tokens=args.tokens, progress=not args.json)

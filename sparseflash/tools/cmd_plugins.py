@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from sparseflash.layout.params import PluginTrainParams as P
+from sparseflash.paths import output_file
 from sparseflash.units import fmt_bytes
 
 
@@ -19,6 +20,7 @@ def cmd_train(args) -> int:
                                prompt_tokens=args.prompt_tokens, min_prompt_tokens=args.min_prompt_tokens,
                                continuation_tokens=args.continuation_tokens, steps=args.steps, batch=args.batch,
                                lr=args.lr, seed=args.seed)
+    output_file(args.output, "plugin file")  # before the training, not after it
     plugin = train_plugin_file(args.model, args.corpus, params, args.output, quiet=args.json)
     if args.json:
         print(json.dumps({"output": args.output, "ratio": plugin.ratio, "layer": plugin.layer,
@@ -43,6 +45,9 @@ def cmd_eval(args) -> int:
 
     params = PluginEvalParams(prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
                               windows=args.windows, stream_windows=args.stream_windows, budget=args.budget)
+    for out, what in ((args.output, "JSON result"), (args.plot, "plot")):
+        if out:
+            output_file(out, what)
     result = evaluate_plugins(args.model, args.plugin, args.corpus, params, args.layout, quiet=args.json)
     if args.output:
         import os

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from sparseflash.layout.params import THRESHOLD_SETS, PredictorParams, TrainParams
+from sparseflash.paths import input_folder, input_model, output_dir
 
 
 def cmd_predictors(args) -> int:
@@ -13,10 +14,13 @@ def cmd_predictors(args) -> int:
     from sparseflash.model.source import open_source
     from sparseflash.model.text import split_corpus
 
-    profile = load_profile(args.profile)
     params = PredictorParams(tokens=args.tokens, val_tokens=args.val_tokens, ctx=args.ctx, thresholds=args.thresholds,
                              rank=parse_ranks(args.rank), size_share=args.size_share, topk_factor=args.topk_factor,
                              target_recall=args.target_recall, train=TrainParams(epochs=args.epochs))
+    input_model(args.model)
+    input_folder(args.profile, "profile folder", (".json", ".npz", ".npy"), "; run `sparseflash profile` first")
+    output_dir(args.out, "predictors folder")
+    profile = load_profile(args.profile)
     with open_source(args.model) as source:
         train_ids, val_ids = split_corpus(args.corpus, source.tokenizer(), args.tokens, args.val_tokens, args.val_text)
         r = build_predictors(source, profile, args.profile, train_ids, val_ids, args.out, params,

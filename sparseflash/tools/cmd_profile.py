@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from sparseflash.layout.params import ProfileParams
+from sparseflash.paths import input_model, output_dir
 
 
 def cmd_profile(args) -> int:
@@ -14,6 +15,8 @@ def cmd_profile(args) -> int:
 
     params = ProfileParams(tokens=args.tokens, ctx=args.ctx, cett_bound=args.cett, ppl_p=args.ppl_p,
                            cett_tokens=args.cett_tokens, ppl_tokens=args.ppl_tokens, ppl_steps=args.ppl_steps)
+    input_model(args.model)
+    output_dir(args.out, "profile folder")
     with open_source(args.model) as source:
         calib, heldout = split_corpus(args.corpus, source.tokenizer(), args.tokens, args.ppl_tokens, args.ppl_text)
         s = run_profile(source, calib, heldout, args.out, params, source.content_hash(), quiet=args.json)

@@ -9,8 +9,15 @@ def cmd_io_report(args) -> int:
     from sparseflash.eval.io_report import io_report, save_report
     from sparseflash.eval.render import io_markdown
     from sparseflash.model.text import corpus_ids
+    from sparseflash.paths import input_file, output_dir
     from sparseflash.runtime.layout_model import open_layout
+    from sparseflash.runtime.policy import Budget
 
+    Budget.check_text(args.budget)
+    for path in args.model:
+        input_file(path, "layout file")
+    if args.out:
+        output_dir(args.out, "report folder")
     lm = open_layout(args.model[0])
     ids = corpus_ids(args.corpus, lm.tokenizer, args.tokens)
     lm.close()
