@@ -100,8 +100,9 @@ class CheckpointSource:
     def _check_layer_count(self, found: int) -> None:
         """``found`` = 1 + the highest layer index among the file's tensors."""
         if found > self.config.num_layers:
+            extra = self._expected_name(f"layers.{self.config.num_layers}.w_up")
             raise CheckpointError(f"{self.path}: has {found} layers of tensors but config says "
-                                  f"{self.config.num_layers}")
+                                  f"{self.config.num_layers} ({extra} and later layers are not in the config)")
 
     def stored_name(self, name: str) -> str:
         """The file's name for canonical ``name`` (for messages); the canonical name if absent."""
