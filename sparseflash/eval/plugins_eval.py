@@ -43,11 +43,10 @@ def open_measured(model_path) -> ReferenceModel:
     whose header gives the source checkpoint hash."""
     if model_path is None or not str(model_path).endswith(".sflash"):
         return open_reference(model_path)
-    from sparseflash.model.loader import model_summary
     from sparseflash.runtime.layout_model import open_layout
 
     lm = open_layout(model_path, with_ffn=True)
-    params = model_summary(lm.config, lm.weights)["parameters"]
+    params = lm.weights.parameter_count()
     return ReferenceModel(Transformer(lm.config, lm.weights), lm.tokenizer, lm.header.source_hash, params,
                           str(model_path), lm.close)
 

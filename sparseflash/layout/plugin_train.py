@@ -249,14 +249,14 @@ def open_reference(model_path) -> ReferenceModel:
     its content hash. Plugins are trained on the checkpoint: a layout made from it records the same
     hash, so the plugin fits the layout too."""
     from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
-    from sparseflash.model.loader import model_summary, open_dense
+    from sparseflash.model.loader import open_dense
 
     if model_path is not None and str(model_path).endswith(".sflash"):
         raise SparseflashError(f"{model_path}: plugins are trained on the checkpoint the layout was made from "
                                "(-m its folder or .gguf); the plugin then fits the layout as well")
     model = open_dense(model_path)
     return ReferenceModel(model.transformer(), model.tokenizer, checkpoint_hash(model_path or default_model_dir()),
-                          model_summary(model.config, model.weights)["parameters"])
+                          model.weights.parameter_count())
 
 
 def train_plugin_file(model_path, corpus, p: PluginTrainParams, out, quiet: bool = False) -> CompressionPlugin:

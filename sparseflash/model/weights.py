@@ -58,6 +58,16 @@ class ModelWeights:
     final_norm_b: torch.Tensor | None
     lm_head: torch.Tensor  # (vocab, d); the same tensor as embed when tied
 
+    def parameter_count(self) -> int:
+        """Values held (a tensor shared by two names, e.g. a tied head, counted once; packed quantized
+        matrices count their logical shape)."""
+        seen, count = set(), 0
+        for t in self.named().values():
+            if id(t) not in seen:
+                seen.add(id(t))
+                count += t.shape.numel()
+        return count
+
     def named(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor map (``layers.{i}.{field}``), tied head included once as ``lm_head``."""
         out = {"embed": self.embed, "final_norm_w": self.final_norm_w, "lm_head": self.lm_head}
