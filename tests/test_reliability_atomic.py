@@ -119,7 +119,7 @@ def _signal_midway(monkeypatch, writer: str, signum: int) -> None:
             time.sleep(0.05)  # the handler runs between bytecodes of this frame
             return real(*a, **k)
         return wrapper
-    target = {"layout": (format_writer._Sink, "pad_to"), "export-gguf": (gguf.GGUFWriter, "write_tensors_to_file"),
+    target = {"layout": (format_writer._Sink, "pad_to"), "export-gguf": (gguf.GGUFWriter, "write_tensor_data"),
               "profile": (profile_plots, "write_plots"), "predictors": (predictors_build, "train_predictor")}[writer]
     monkeypatch.setattr(*target, kill_then(getattr(*target)))
 

@@ -160,3 +160,25 @@ def test_window_policy_drops_neurons_that_left_the_window():
     cache.touch(cache.lookup(np.array([2])))
     cache.tick()
     assert sorted(np.nonzero(cache.slot_of >= 0)[0].tolist()) == [2]  # 1 left the window and was dropped
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(0, NEURONS - 1), max_size=CAPACITY // 2, unique=True), max_size=12),
+       st.sampled_from(["lru", "lfu", "predicted", "window"]), st.integers(1, 4))
+def test_evictable_count_counts_what_evictable_ranks(steps, policy, window):
+    cache = NeuronCache(NEURONS, CAPACITY, 4, np.float32, window=window, policy=policy)
+    for need in steps:
+        cache.tick()
+        need = np.array(need, dtype=np.int64)
+        slots = cache.lookup(need)
+        hits = slots[slots >= 0]
+        cache.touch(hits)
+        missing = need[slots < 0]
+        room = cache.free_count() + cache.evictable_count(protect=hits)
+        assert room == cache.free_count() + len(cache.evictable(protect=hits))
+        take = missing[:room]
+        new = cache.reserve(len(take), protect=hits)
+        cache.commit(new, take)
+        for protect in (None, hits, new):
+            assert cache.evictable_count(protect) == len(cache.evictable(protect))
+        cache.check()

@@ -77,13 +77,19 @@ class NeuronCache:
         self._free[self._n_free : self._n_free + len(slots)] = slots
         self._n_free += len(slots)
 
-    def evictable(self, protect: np.ndarray | None = None) -> np.ndarray:
-        """Slots that may be evicted now, best victims first."""
-        used = self.position_of >= 0
-        ok = used & ~self.pinned & (self.last_use <= self.step - self.window)
+    def _evictable_mask(self, protect: np.ndarray | None) -> np.ndarray:
+        ok = (self.position_of >= 0) & ~self.pinned & (self.last_use <= self.step - self.window)
         if protect is not None and len(protect):
             ok[protect] = False
-        cand = np.nonzero(ok)[0]
+        return ok
+
+    def evictable_count(self, protect: np.ndarray | None = None) -> int:
+        """How many slots ``evictable(protect)`` would return (without ranking them)."""
+        return int(np.count_nonzero(self._evictable_mask(protect)))
+
+    def evictable(self, protect: np.ndarray | None = None) -> np.ndarray:
+        """Slots that may be evicted now, best victims first."""
+        cand = np.nonzero(self._evictable_mask(protect))[0]
         if self.policy == "lfu":
             order = np.lexsort((self.last_use[cand], self.uses[cand]))
         elif self.policy == "predicted":

@@ -34,7 +34,7 @@ def plan_layer(cache: NeuronCache, positions: np.ndarray) -> LayerPlan:
     slots = cache.lookup(positions)
     hit = slots >= 0
     hit_slots = slots[hit]
-    room = cache.free_count() + len(cache.evictable(protect=hit_slots))
+    room = cache.free_count() + cache.evictable_count(protect=hit_slots)
     return LayerPlan(hit_slots, positions[~hit], room)
 
 
@@ -42,7 +42,7 @@ def plan_prefetch(cache: NeuronCache, positions: np.ndarray, keep_free: int, lim
     """Positions of a look-ahead prediction worth reading now: those not cached, as many as fit while
     ``keep_free`` slots stay available for the layer's own demand read (and at most ``limit``)."""
     missing = positions[cache.lookup(positions) < 0]
-    room = cache.free_count() + len(cache.evictable()) - keep_free
+    room = cache.free_count() + cache.evictable_count() - keep_free
     if limit is not None:
         room = min(room, limit)
     return missing[: max(0, min(len(missing), room))]
