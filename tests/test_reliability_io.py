@@ -6,6 +6,7 @@ Every command here runs under a deadline (cli_run.run_cli), so a hang fails the 
 import errno
 import os
 import subprocess
+import sys
 
 import pytest
 from cli_run import assert_one_line_error, run_cli
@@ -126,7 +127,7 @@ def test_an_io_error_while_streaming_is_one_line(layout, tmp_path):
             f"    calls[0] += off >= {ffn_start}\n"  # bundle reads only
             "    if calls[0] > 4: raise OSError(errno.EIO, os.strerror(errno.EIO))\n    return real(fd, b, off, *a)\n"
             "os.preadv = preadv\nfrom sparseflash.tools.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    r = subprocess.run(["python", "-c", code, *STREAM, "-n", "8", "--budget", "20%ffn", "--strategy", "all", "-m",
+    r = subprocess.run([sys.executable, "-c", code, *STREAM, "-n", "8", "--budget", "20%ffn", "--strategy", "all", "-m",
                         str(layout)], capture_output=True, text=True, timeout=180,
                        env={**os.environ, "SPARSEFLASH_CACHE": str(tmp_path)})
     assert_one_line_error(r.returncode, r.stderr, "Input/output error")

@@ -130,6 +130,21 @@ class StreamingFFN:
         s = self._current
         before = (t_start - self._last_t, s.predictor_s, s.io_wait_s, s.ffn_s, s.bytes_read)
         s.attention_s += before[0]  # everything since the previous layer's FFN (or the step start)
+        try:
+            y = self._layer(l, x, s)
+        except BaseException:  # a failed read or kernel: reads in flight are waited for and their slots freed
+            self._abandon_prefetches()
+            raise
+        self._last_t = time.perf_counter()
+        self._record_layer(l, s, self._last_t - t_start, before)
+        return y
+
+    def _abandon_prefetches(self) -> None:
+        for fetch in self._prefetch.values():
+            self.fetcher.abandon(fetch)
+        self._prefetch.clear()
+
+    def _layer(self, l: int, x: torch.Tensor, s: TokenStats) -> torch.Tensor:
         cache = self.caches[l]
         self._finish_prefetch(l, s)  # 1. this layer's look-ahead read (started during layer l-1) lands
         positions = self._predict(l, x, s)  # 2. predicted active set, as stored positions
@@ -159,8 +174,6 @@ class StreamingFFN:
             self._finish_prefetch(l + 1, s)
         if self.b_down[l] is not None:
             y = y + self.b_down[l]
-        self._last_t = time.perf_counter()
-        self._record_layer(l, s, self._last_t - t_start, before)
         return y
 
     def _record_layer(self, l: int, s: TokenStats, span: float, before: tuple) -> None:
@@ -300,7 +313,5 @@ class StreamingFFN:
         self.caches[fetch.layer].touch(fetch.slots)
 
     def close(self) -> None:
-        for fetch in self._prefetch.values():
-            self.fetcher.abandon(fetch)
-        self._prefetch.clear()
+        self._abandon_prefetches()
         self.fetcher.close()
