@@ -10,6 +10,7 @@ Measures, for one layer, the analysis `sparseflash profile` runs on top of the f
   every calibration token (the reference also computed per-token CETT at both sets, 3 products);
 - co-activation + reuse: from the packed masks of both sets (fast: row blocks, int8 products or
   the pair loop, no n x n table above 4,096 neurons; reference: the full int32 table).
+W_down is bfloat16, as 13B checkpoints are published (the CETT sweep reads its rows as stored).
 Activations are synthetic ReLU² values with per-neuron biases (hot and cold neurons) and
 token-to-token correlation. Per-token costs are extrapolated to 40 layers x prepare's calibration
 and sample tokens. Wall and CPU seconds are both printed: the machine may be shared (load shown).
@@ -43,7 +44,7 @@ def synthetic_batches(tokens: int, neurons: int, d: int, batch: int, seed: int =
     """Yield (activations, w_down) batches: relu(z)^2 with z an AR(1) process over tokens."""
     g = torch.Generator().manual_seed(seed)
     bias = -1.0 - torch.rand(neurons, generator=g) * 1.2  # most neurons rarely fire, some often
-    w_down = torch.randn(d, neurons, generator=g) / np.sqrt(neurons)
+    w_down = (torch.randn(d, neurons, generator=g) / np.sqrt(neurons)).to(torch.bfloat16)  # stored as published
     z = torch.randn(neurons, generator=g)
     for start in range(0, tokens, batch):
         rows = []
@@ -98,7 +99,7 @@ def run(tokens: int, neurons: int, d: int, cett_tokens: int, reference: bool) ->
         out[f"{method}_search"] = {"wall_s": c.wall, "cpu_s": c.cpu}
         thresholds = (search.threshold_for(p.cett_bound)[0], search.threshold_for(0.12)[0])
         del search
-    col = torch.linalg.vector_norm(w_down, dim=0)
+    col = torch.linalg.vector_norm(w_down.float(), dim=0)
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             writers = [MaskWriter(Path(tmp) / f"{method}{s}.bits.zst", neurons) for s in range(2)]
@@ -108,10 +109,10 @@ def run(tokens: int, neurons: int, d: int, cett_tokens: int, reference: bool) ->
                 with Clock() as c:
                     mag = a * col
                     if method == "reference":
-                        y_norm = torch.linalg.vector_norm(a @ w_down.T, dim=-1)
+                        y_norm = torch.linalg.vector_norm(a @ w_down.float().T, dim=-1)
                     for s, t in enumerate(thresholds):
                         if method == "reference":
-                            stats.token_cett(a, mag, w_down, t, y_norm)
+                            stats.token_cett(a, mag, w_down.float(), t, y_norm)
                         mask = stats.active_mask(mag, t)
                         freq[s] += mask.sum(0).numpy()
                         packed[s].append(pack(mask.numpy()))

@@ -85,6 +85,17 @@ def test_cett_curve_equals_the_dense_search_within_its_stated_tolerance(seed):
         assert fast.sparsity_at(t_fast) == pytest.approx(exact.sparsity_at(t_fast), abs=1e-6)  # f32 mean
 
 
+def test_cett_curve_reads_bf16_down_rows_as_stored_with_the_same_result():
+    """W_down stored in bfloat16 is swept from its 16-bit rows (half the bytes): widening is exact,
+    so the curve and active counts equal, bit for bit, those from the float32 copy."""
+    a, w = relu2_acts(300, 80, 40, seed=3)
+    w16 = w.to(torch.bfloat16)
+    half = stats.CettCurve(a, w16, candidates=200)
+    full = stats.CettCurve(a, w16.float(), candidates=200)
+    assert np.array_equal(half.curve, full.curve) and np.array_equal(half.active, full.active)
+    assert not np.array_equal(half.curve, stats.CettCurve(a, w, candidates=200).curve)  # the rounding is seen
+
+
 def direct_reuse(mask, k):
     ratios = []
     for t in range(k, len(mask)):
@@ -153,8 +164,11 @@ def test_pair_kernel_handles_empty_rows():
     mask[1, [2, 7]] = True
     indptr, indices = active_lists(pack(mask), 10)
     assert indptr.tolist() == [0, 0, 2, 2] and indices.tolist() == [2, 7]
-    _pair_kernel()(indptr, indices, counts, 0, 10)
+    _pair_kernel()(indptr, indices, counts, 0, 10, 3)  # three threads: rows 0-2, 3-5, 6-9
     assert counts.sum() == 4 and counts[2, 7] == counts[7, 2] == counts[2, 2] == 1
+    block = np.zeros((5, 10), dtype=np.int64)  # rows 5..9 only, split over two threads
+    _pair_kernel()(indptr, indices, block, 5, 10, 2)
+    assert block.sum() == 2 and block[2, 2] == block[2, 7] == 1
 
 
 def test_coactivation_gap_equals_direct_loops():

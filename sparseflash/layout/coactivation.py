@@ -1,7 +1,8 @@
 """Co-activation counts C[i, j] (tokens where neurons i and j are both active) from packed masks.
 
 Two ways, chosen by estimated cost: a Numba loop over active pairs (each token's active neurons
-listed once, ``active_lists``; cost ~ sum |A_t|^2, best when few neurons fire) or an int8 matrix
+listed once, ``active_lists``; cost ~ sum |A_t|^2, best when few neurons fire; the threads split
+the rows) or an int8 matrix
 product of the 0/1 masks (exact int32 sums; cost ~ tokens * rows * n / GEMM speed).
 
 ``coactivation_stats`` never holds more than a block of rows of C: it counts rows [r0, r1) against
@@ -26,19 +27,23 @@ _GEMM_TOKENS = 4096  # mask rows unpacked at a time for the matrix product
 
 @functools.cache
 def _pair_kernel():
-    from numba import njit
+    from numba import njit, prange
 
-    @njit(cache=True)
-    def accumulate(indptr, indices, counts, r0, r1):
-        for t in range(len(indptr) - 1):
-            start, stop = indptr[t], indptr[t + 1]
-            first = start + np.searchsorted(indices[start:stop], r0)  # indices ascend within a token
-            for x in range(first, stop):
-                row = indices[x]
-                if row >= r1:
-                    break
-                for y in range(start, stop):
-                    counts[row - r0, indices[y]] += 1
+    @njit(parallel=True, cache=True)
+    def accumulate(indptr, indices, counts, r0, r1, threads):
+        # each thread owns a slice of rows [a, b) of the block, so no two threads write one count
+        for th in prange(threads):
+            a = r0 + (r1 - r0) * th // threads
+            b = r0 + (r1 - r0) * (th + 1) // threads
+            for t in range(len(indptr) - 1):
+                start, stop = indptr[t], indptr[t + 1]
+                first = start + np.searchsorted(indices[start:stop], a)  # indices ascend within a token
+                for x in range(first, stop):
+                    row = indices[x]
+                    if row >= b:
+                        break
+                    for y in range(start, stop):
+                        counts[row - r0, indices[y]] += 1
 
     return accumulate
 
@@ -81,7 +86,9 @@ def accumulate_coactivation(packed: np.ndarray, n: int, counts: np.ndarray, r0: 
     if lists is None and _pair_path(packed, n):
         lists = active_lists(packed, n)
     if lists is not None:
-        _pair_kernel()(lists[0], lists[1], counts, r0, r1)
+        from numba import get_num_threads
+
+        _pair_kernel()(lists[0], lists[1], counts, r0, r1, max(1, min(get_num_threads(), r1 - r0)))
     else:
         _gemm_rows(packed, n, counts, r0, r1)
 

@@ -12,9 +12,11 @@ where the working set is, per stage (B = bytes per value: activations float32 4,
 - PPL-p% search: a batch's activations only;
 - calibration: packed masks of both threshold sets (2 x tokens x neurons / 8) and a block of
   co-activation rows (the whole int32 n x n table when it is kept, n <= 4,096);
-- predictors: the layer's FFN inputs (float16 and float32) and masks (packed and unpacked), for the
-  training and held-out tokens, the previous layer's inputs, the held-out scores (float32 and
-  int64 ranks, tokens x neurons);
+- predictors: the layer's FFN inputs (float16) and masks (packed and unpacked), for the training and
+  held-out tokens, and the previous layer's inputs (float16); on top, the largest of three phases
+  that never overlap: a forward batch's activations, training (a training batch's scores and their
+  temporaries, 10 x batch x neurons x 4, plus the predictor with its gradient and Adam moments)
+  and scoring the held-out tokens (float32 scores and int64 ranks, tokens x neurons);
 - layout: the ordering's mask sample (8,192 tokens x neurons x 3 bytes), a block of bundles
   (BUNDLE_BLOCK neurons), a block of embedding / head rows (ROW_BLOCK_BYTES as read and converted).
 A batch's activations (batch x ctx x (6 neurons + 12 d) x 4 plus attention scores) and the
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field, replace
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.layout_weights import ROW_BLOCK_BYTES
+from sparseflash.layout.params import TrainParams
+from sparseflash.layout.predictor import default_rank
 from sparseflash.model.layerwise import head_block_bytes
 from sparseflash.model.source import CheckpointSource
 from sparseflash.units import fmt_bytes
@@ -103,6 +107,9 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     held = p.heldout_tokens
     coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
+    rank = p.rank or default_rank(d, n, c.ffn_param_count())
+    training = 10 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4
+    phase = max(per_batch, training, val * n * 16)  # forward, training and scoring never overlap
     layout_head = 2 * min(c.vocab_size, max(1, ROW_BLOCK_BYTES // (4 * d))) * d * 4
     stages = {
         # the sample's activations, their nonzero magnitudes (candidates, <= 4M sorted), W_down transposed
@@ -111,8 +118,10 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
         "PPL-p% search": {**common, "hidden states": _states(held, d, spill_bytes)},
         "calibration": {**common, "hidden states": _states(p.profile_tokens, d, spill_bytes),
                         "masks + co-activation": 2 * p.profile_tokens * n // 8 + coact},
-        "predictors": {**common, "hidden states": _states(preds_tokens, d, spill_bytes) + 4 * _states(val, d, spill_bytes),
-                       "inputs + masks": (preds_tokens + val) * (d * (2 + 4 + 4) + n // 8 + n) + val * n * 16},
+        "predictors": {"layer": layer, "head block": head,
+                       "hidden states": _states(preds_tokens, d, spill_bytes) + 4 * _states(val, d, spill_bytes),
+                       "inputs + masks": (preds_tokens + val) * (2 * d * 2 + n // 8 + n),
+                       "batch, training or scoring": phase},
         "layout": {"layer": layer, "ordering masks": 3 * min(ORDER_SAMPLE_TOKENS, p.profile_tokens) * n
                    + 2 * p.profile_tokens * n // 8, "bundle block": BUNDLE_BLOCK * (3 * d) * 4 * 3,
                    "head block": layout_head},

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from sparseflash.layout.params import TrainParams
 from sparseflash.layout.schema import predictor_logits
+from sparseflash.model.layerwise import heap_reuse
 
 
 @dataclass
@@ -44,8 +45,9 @@ class Predictor:
         return sum(t.numel() for t in (self.w1, self.b1, self.w2, self.b2))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(tokens, neurons) pre-sigmoid scores for inputs x (tokens, d)."""
-        return predictor_logits(x, self.w1, self.b1, self.w2, self.b2)
+        """(tokens, neurons) pre-sigmoid scores for inputs x (tokens, d), any float dtype (computed in
+        float32)."""
+        return predictor_logits(x.float(), self.w1, self.b1, self.w2, self.b2)
 
     def predict_topk(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """(tokens, neurons) bool: the k highest-scoring neurons per token."""
@@ -76,14 +78,15 @@ def default_rank(d: int, neurons: int, ffn_values: int, share: float = 0.025) ->
 def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: TrainParams = TrainParams(),
                     x_val: torch.Tensor | None = None, mask_val: torch.Tensor | None = None,
                     progress=None) -> tuple[Predictor, dict]:
-    """Fit a predictor on inputs x (tokens, d) and active masks (tokens, neurons) bool.
+    """Fit a predictor on inputs x (tokens, d) and active masks (tokens, neurons) bool. x may be
+    float16 (how prepare records it): each batch is widened to float32 as it is used, so the
+    results equal those of training on x.float(), without a float32 copy of every input.
 
     Returns the predictor (topk/cut left at defaults) and a log with the loss per epoch;
     ``progress(epoch, epochs)`` is called after each epoch.
     """
     g = torch.Generator().manual_seed(params.seed)
     d, n = x.shape[1], mask.shape[1]
-    x = x.float()
     scale = 1.0 / math.sqrt(d)
     w1 = (torch.randn(rank, d, generator=g) * scale).requires_grad_()
     b1 = torch.zeros(rank, requires_grad=True)
@@ -100,13 +103,13 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
         z = predictor_logits(xb, w1, b1, w2, b2)
         return F.binary_cross_entropy_with_logits(z, mb.float(), pos_weight=pos_weight)
 
-    with torch.enable_grad():
+    with torch.enable_grad(), heap_reuse():
         for epoch in range(params.epochs):
             order = torch.randperm(len(x), generator=g)
             total = 0.0
             for i in range(0, len(x), params.batch):
                 idx = order[i : i + params.batch]
-                loss = loss_fn(x[idx], mask[idx])
+                loss = loss_fn(x[idx].float(), mask[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -146,12 +146,16 @@ class _Record:
         def observe(layer, rows, x, a):
             self.x[rows] = x.numpy().astype(np.float16)
             self.mask[rows] = pack(tap.active(layer, a).numpy())
+            if isinstance(self.x, np.memmap):  # written back now: clean pages the kernel may drop
+                self.x.flush()
+                self.mask.flush()
 
         return observe
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs float32 (tokens, d), masks bool (tokens, neurons))."""
-        return torch.from_numpy(self.x.astype(np.float32)), torch.from_numpy(unpack(self.mask, self.neurons))
+        """(inputs float16 (tokens, d), masks bool (tokens, neurons)); training widens the inputs a
+        batch at a time (layout/predictor.train_predictor)."""
+        return torch.from_numpy(np.array(self.x)), torch.from_numpy(unpack(self.mask, self.neurons))
 
 
 def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):

@@ -86,7 +86,7 @@ def _threshold_pass(source, calib, held, p, quiet, out):
 
             lp.run("sample", layer, w, keep)
             lp.bar.set_postfix_str(f"layer {layer + 1}/{source.config.num_layers}: CETT curve")
-            searches.append(stats.CettCurve(acts, w.w_down, p.candidates))
+            searches.append(stats.CettCurve(acts, w.stored("w_down"), p.candidates))  # bf16 rows read as stored
             del acts
             lp.run("held", layer, w)
         dense_nll = lp.nll("held")

@@ -16,6 +16,8 @@ than ``spill_bytes`` (the OS then pages them to disk under memory pressure).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -36,6 +38,53 @@ from sparseflash.model.weights import LayerWeights, ModelWeights
 # rows: the token rows of the hidden states this batch covers (windows x ctx, in window order)
 LayerHook = Callable[[int, slice, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 HEAD_BLOCK_BYTES = 64 << 20  # float32 bytes of output-head rows read at a time (at 8 windows a batch)
+MMAP_THRESHOLD = 1 << 20  # allocations from this size on are mapped, and unmapped when freed (glibc)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make allocations from ``threshold`` bytes on go back to the OS when freed (glibc: a fixed
+    mmap threshold), and hand back what the heap holds free now (malloc_trim).
+
+    glibc raises its mmap threshold each time a large mapped block is freed, up to 32 MiB, so after
+    a layer's activations are freed the next tensors of a few MiB come from the heap, and what the
+    heap once held stays resident: a layer pass's peak grew by 40% that way (predictor training on
+    the 1B shape: 495 MiB above the baseline, 340 MiB with this). A no-op (False) where the C
+    library has neither mallopt nor malloc_trim."""
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+    return ok
+
+
+@contextlib.contextmanager
+def heap_reuse(threshold: int = 64 << 20):
+    """Within the block, allocations below ``threshold`` come from the heap and are reused there
+    (a loop that allocates the same few-MiB tensors every step, as training does, pays no page
+    faults: mapping them afresh each step made predictor training 45% slower); on leaving, the
+    fixed MMAP_THRESHOLD is restored and the heap's free memory handed back."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, int(threshold))
+    try:
+        yield
+    finally:
+        if libc is not None:
+            return_freed_memory()
 
 
 def head_block_bytes(batch: int) -> int:
@@ -56,6 +105,10 @@ class WidenedLayer:
     def __getattr__(self, name: str):
         t = getattr(self._stored, name)
         return t.float() if isinstance(t, torch.Tensor) else t
+
+    def stored(self, name: str) -> torch.Tensor:
+        """Field ``name`` as stored (no copy), for code that widens it itself."""
+        return getattr(self._stored, name)
 
 
 class HiddenStates:
@@ -87,6 +140,13 @@ class HiddenStates:
 
     def put(self, start: int, h: torch.Tensor) -> None:
         self.array[start : start + len(h)] = h.numpy()
+        self.flush()
+
+    def flush(self) -> None:
+        """Write a spilled stream's changed pages back now: clean pages can be dropped under memory
+        pressure, dirty ones cannot (a memory cgroup full of dirty pages is OOM-killed)."""
+        if self.path is not None:
+            self.array.flush()
 
     def close(self) -> None:
         self.array = None
@@ -103,6 +163,7 @@ class LayerwiseModel:
 
     def __init__(self, source: CheckpointSource, batch: int = 8, spill_bytes: int | None = None,
                  spill_dir: str | os.PathLike | None = None):
+        return_freed_memory()
         self.source, self.config, self.batch = source, source.config, batch
         self.spill_bytes, self.spill_dir = spill_bytes, spill_dir
         shell = ModelWeights(torch.empty(0), [], torch.empty(0), None, torch.empty(0))
@@ -153,6 +214,7 @@ class LayerwiseModel:
                 states.put(int(chunk[0]), h)
             else:
                 states.array[chunk] = h.numpy()
+                states.flush()
             if progress is not None:
                 progress(len(chunk) * ctx)
 
