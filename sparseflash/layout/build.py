@@ -113,7 +113,8 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
     time: at most one layer and a block of bundles in memory), per-layer permutations and thresholds.
 
     ``predictors`` maps ``layer.{l}`` / ``lookahead.{l}`` to layout/predictor.Predictor objects (rows in
-    checkpoint order; they are permuted to stored order here). ``resident_dtype`` (default: as
+    checkpoint order; they are permuted to stored order here, and parked in files like the resident
+    tensors, so a lazy mapping such as predictors_build.StoredPredictors is read one at a time). ``resident_dtype`` (default: as
     ``dtype``, f16 for quantized bundles) stores the resident matrices. Returns the header written.
     """
     w = LayoutWeights(model)  # an in-memory model, or a checkpoint source read one layer at a time
@@ -169,9 +170,13 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
             p = predictors.get(f"{kind}.{l}")
             if p is None:
                 continue
-            rows = {"w1": p.w1, "b1": p.b1, "w2": p.w2[perm], "b2": p.b2[perm]}  # w2/b2 rows in stored order
-            for part in schema.PREDICTOR_PARTS:
-                writer.add_tensor(schema.predictor_tensor(kind, l, part), rows[part].float().numpy(), "f32")
+            idx = torch.from_numpy(perm.astype(np.int64))
+            rows = {"w1": p.w1, "b1": p.b1, "w2": p.w2[idx], "b2": p.b2[idx]}  # w2/b2 rows in stored order
+            for part in schema.PREDICTOR_PARTS:  # parked in files like the other resident tensors
+                t = rows[part].float()
+                writer.add_tensor(schema.predictor_tensor(kind, l, part), stage.put(t, "f32"), "f32",
+                                  shape=tuple(t.shape))
+            del p, rows
         del layer
 
         def bundles(l=l, perm=perm, block=BUNDLE_BLOCK):  # pulled at write time: the FFN weights are read then

@@ -16,7 +16,9 @@ where the working set is, per stage (B = bytes per value: activations float32 4,
   held-out tokens, and the previous layer's inputs (float16); on top, the largest of three phases
   that never overlap: a forward batch's activations, training (a training batch's scores and their
   temporaries, 10 x batch x neurons x 4, plus the predictor with its gradient and Adam moments)
-  and scoring the held-out tokens (float32 scores and int64 ranks, tokens x neurons);
+  and scoring the held-out tokens (float32 scores and int64 ranks, tokens x neurons); each layer's
+  predictors go to a file as soon as they are trained;
+- predictors saved: the per-layer files joined into one (every predictor loaded and serialized);
 - layout: the ordering's mask sample (8,192 tokens x neurons x 3 bytes), a block of bundles
   (BUNDLE_BLOCK neurons), a block of embedding / head rows (ROW_BLOCK_BYTES as read and converted).
 A batch's activations (batch x ctx x (6 neurons + 12 d) x 4 plus attention scores) and the
@@ -109,6 +111,7 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
     rank = p.rank or default_rank(d, n, c.ffn_param_count())
     training = 10 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4
+    all_predictors = 2 * c.num_layers * (rank * (d + n + 1) + n) * 4  # a layer's and its look-ahead, float32
     phase = max(per_batch, training, val * n * 16)  # forward, training and scoring never overlap
     layout_head = 2 * min(c.vocab_size, max(1, ROW_BLOCK_BYTES // (4 * d))) * d * 4
     stages = {
@@ -122,6 +125,8 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
                        "hidden states": _states(preds_tokens, d, spill_bytes) + 4 * _states(val, d, spill_bytes),
                        "inputs + masks": (preds_tokens + val) * (2 * d * 2 + n // 8 + n),
                        "batch, training or scoring": phase},
+        # the per-layer files joined into one once the pass has let go of its memory: loaded + serialized
+        "predictors saved": {"all predictors": 2 * all_predictors},
         "layout": {"layer": layer, "ordering masks": 3 * min(ORDER_SAMPLE_TOKENS, p.profile_tokens) * n
                    + 2 * p.profile_tokens * n // 8, "bundle block": BUNDLE_BLOCK * (3 * d) * 4 * 3,
                    "head block": layout_head},

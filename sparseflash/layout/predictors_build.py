@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -58,24 +59,60 @@ def _save_weights(path: Path, preds: dict[str, Predictor], meta: dict) -> None:
     save_file(tensors, str(path), metadata={"sparseflash": json.dumps(meta)})
 
 
-def load_predictors(folder: str | os.PathLike) -> tuple[dict[str, Predictor], dict]:
-    """Predictors keyed ``layer.{l}`` / ``lookahead.{l}`` and the metadata saved with them."""
-    from safetensors import SafetensorError, safe_open
+class StoredPredictors(Mapping):
+    """The predictors of a safetensors file, keyed ``layer.{l}`` / ``lookahead.{l}``, each read from
+    the (memory-mapped) file when asked for and not kept: a reader holds one at a time, however
+    many layers there are (all of a 7B shape's are ~0.9 GB in float32)."""
 
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self.meta = json.loads(self._file.metadata()["sparseflash"])
+            names = set(self._file.keys())
+        except (SafetensorError, KeyError, TypeError, json.JSONDecodeError, OSError) as e:
+            raise ArtefactError(f"{path}: cannot read predictors ({e})") from None
+        self.path = path
+        self._keys = sorted({k.rsplit(".", 1)[0] for k in names})
+        missing = [f"{k}.{part}" for k in self._keys for part in ("w1", "b1", "w2", "b2", "topk", "cut")
+                   if f"{k}.{part}" not in names]
+        if missing:
+            raise ArtefactError(f"{path}: cannot read predictors (missing {', '.join(missing[:3])})")
+
+    def __getitem__(self, key: str) -> Predictor:
+        if key not in self._keys:
+            raise KeyError(key)
+        t = {part: self._file.get_tensor(f"{key}.{part}") for part in ("w1", "b1", "w2", "b2", "topk", "cut")}
+        return Predictor(t["w1"], t["b1"], t["w2"], t["b2"], int(t["topk"][0]), float(t["cut"][0]))
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def load_predictors(folder: str | os.PathLike) -> tuple[StoredPredictors, dict]:
+    """Predictors keyed ``layer.{l}`` / ``lookahead.{l}`` (read one at a time, when asked for) and
+    the metadata saved with them."""
     path = Path(folder) / WEIGHTS_FILE
     if not path.exists():
         raise ArtefactError(f"{path}: not found; run `sparseflash predictors -o {folder}` first")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["sparseflash"])
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ArtefactError(f"{path}: cannot read predictors ({e})") from None
+    preds = StoredPredictors(path)
+    return preds, preds.meta
+
+
+def _join_parts(parts: Path, path: Path, meta: dict) -> None:
+    """The per-layer files of ``parts`` as one predictors file (every predictor in memory for the
+    moment it is written: twice their bytes, after the layer pass has let go of its memory)."""
     preds = {}
-    for key in {k.rsplit(".", 1)[0] for k in raw}:
-        preds[key] = Predictor(raw[f"{key}.w1"], raw[f"{key}.b1"], raw[f"{key}.w2"], raw[f"{key}.b2"],
-                               int(raw[f"{key}.topk"][0]), float(raw[f"{key}.cut"][0]))
-    return preds, meta
+    for part in sorted(parts.glob("layer_*.safetensors")):
+        stored = StoredPredictors(part)
+        preds.update({k: stored[k] for k in stored})
+    _save_weights(path, preds, meta)
+    del preds
+    shutil.rmtree(parts)
 
 
 def _fit_layer(x, mask, rank, p: PredictorParams, x_val, mask_val, progress=None):
@@ -166,7 +203,9 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     if len(ranks) != c.num_layers or min(ranks) < 1:
         raise SparseflashError(f"--rank needs one positive rank or {c.num_layers} comma-separated ranks, got {p.rank}")
     tap = NeuronTap.layerwise(c.num_layers, thresholds)
-    preds, layers, curves = {}, [], []
+    layers, curves, param_counts = [], [], {}
+    parts = out / "parts"  # each layer's predictors, saved as soon as trained: none are held
+    parts.mkdir()
     train_s = 0.0
     prev = None  # the previous layer's (inputs, held-out inputs): the look-ahead predictors' features
     streams = {"train": train, "dense": val, "oracle": val, "predicted_topk": val, "predicted_threshold": val}
@@ -185,15 +224,18 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                 lp.bar.set_postfix_str(f"layer {l + 1}/{c.num_layers}: {what} epoch {e}/{total}")
 
             pred, metrics = _fit_layer(x, mask, ranks[l], p, x_val, mask_val, epochs)
-            preds[f"layer.{l}"] = pred
+            trained = {f"layer.{l}": pred}
             curves.append(_recall_curve(pred, x_val, mask_val))
             if p.lookahead and l > 0:
                 ahead, m_ahead = _fit_layer(prev[0], mask, ranks[l], p, prev[1], mask_val,
                                             lambda e, total: epochs(e, total, what="look-ahead"))
-                preds[f"lookahead.{l}"] = ahead
+                trained[f"lookahead.{l}"] = ahead
                 metrics["lookahead"] = {k: m_ahead[k] for k in ("topk", "cut", "recall_topk", "sparsity_topk",
                                                                 "recall_threshold", "sparsity_threshold")}
             train_s += time.perf_counter() - t
+            _save_weights(parts / f"layer_{l:04d}.safetensors", trained, {})
+            param_counts.update({k: pr.param_count for k, pr in trained.items()})
+            del trained
             metrics["layer"] = l
             layers.append(metrics)
             prev = (x, x_val)
@@ -215,7 +257,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     mean = {k: float(np.mean([m[k] for m in layers])) for k in keys}
     mean["rank"] = float(np.mean([m["rank"] for m in layers]))
     ahead = [m["lookahead"] for m in layers if "lookahead" in m]
-    pred_values = sum(pr.param_count for k, pr in preds.items() if k.startswith("layer."))
+    pred_values = sum(v for k, v in param_counts.items() if k.startswith("layer."))
     ffn_values = c.ffn_param_count() * c.num_layers
     report = {
         "version": PREDICTORS_VERSION,
@@ -231,7 +273,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "lookahead_mean": ({k: float(np.mean([m[k] for m in ahead])) for k in ahead[0] if k not in ("topk", "cut")}
                            if ahead else None),
         "size_share": pred_values / ffn_values,
-        "size_share_with_lookahead": sum(pr.param_count for pr in preds.values()) / ffn_values,
+        "size_share_with_lookahead": sum(param_counts.values()) / ffn_values,
         "ppl": ppl,
         "strategy": strategy,
         "predicted_over_true": (1 - mean[f"sparsity_{strategy}"]) / max(1 - mean["true_sparsity"], 1e-12),
@@ -239,8 +281,8 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "seconds": time.perf_counter() - t0,
         "recall_curves": curves,
     }
-    _save_weights(out / WEIGHTS_FILE, preds, {"version": PREDICTORS_VERSION, "source_hash": source_hash,
-                                              "strategy": strategy, "thresholds": p.thresholds})
+    _join_parts(parts, out / WEIGHTS_FILE, {"version": PREDICTORS_VERSION, "source_hash": source_hash,
+                                            "strategy": strategy, "thresholds": p.thresholds})
     with open(out / REPORT_FILE, "w") as f:
         json.dump(report, f, indent=1)
     _plot(out / "recall_vs_sparsity.png", report)
