@@ -15,7 +15,7 @@ where the working set is, per stage (B = bytes per value: activations float32 4,
 - predictors: the layer's FFN inputs (float16) and masks (packed and unpacked), for the training and
   held-out tokens, and the previous layer's inputs (float16); on top, the largest of three phases
   that never overlap: a forward batch's activations, training (a training batch's scores and their
-  temporaries, 10 x batch x neurons x 4, plus the predictor with its gradient and Adam moments)
+  temporaries, 14 x batch x neurons x 4, plus the predictor with its gradient and Adam moments)
   and scoring the held-out tokens (float32 scores and int64 ranks, tokens x neurons); each layer's
   predictors go to a file as soon as they are trained;
 - predictors saved: the per-layer files joined into one (every predictor loaded and serialized);
@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from sparseflash.errors import SparseflashError
+from sparseflash.layout.format_extents import COST_CHUNK_BYTES
 from sparseflash.layout.layout_weights import ROW_BLOCK_BYTES
 from sparseflash.layout.params import TrainParams
 from sparseflash.layout.predictor import default_rank
@@ -110,7 +111,7 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
     rank = p.rank or default_rank(d, n, c.ffn_param_count())
-    training = 10 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4
+    training = 14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4
     all_predictors = 2 * c.num_layers * (rank * (d + n + 1) + n) * 4  # a layer's and its look-ahead, float32
     phase = max(per_batch, training, val * n * 16)  # forward, training and scoring never overlap
     layout_head = 2 * min(c.vocab_size, max(1, ROW_BLOCK_BYTES // (4 * d))) * d * 4
@@ -128,7 +129,7 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
         # the per-layer files joined into one once the pass has let go of its memory: loaded + serialized
         "predictors saved": {"all predictors": 2 * all_predictors},
         "layout": {"layer": layer, "ordering masks": 3 * min(ORDER_SAMPLE_TOKENS, p.profile_tokens) * n
-                   + 2 * p.profile_tokens * n // 8, "bundle block": BUNDLE_BLOCK * (3 * d) * 4 * 3,
+                   + 2 * p.profile_tokens * n // 8 + 4 * COST_CHUNK_BYTES, "bundle block": BUNDLE_BLOCK * (3 * d) * 4 * 3,
                    "head block": layout_head},
     }
     return MemoryPlan(baseline, stages, spill_bytes, batch, sample)
