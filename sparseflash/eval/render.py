@@ -8,21 +8,26 @@ from pathlib import Path
 from sparseflash.units import fmt_bytes
 
 
+def _gbps(m: dict) -> str:
+    """Achieved read GB/s and, in brackets, the device model's for the same reads ('-' when not measured)."""
+    return f"{m['achieved_gbps']:.2f} ({m['device_model_gbps']:.2f})" if "achieved_gbps" in m else "-"
+
+
 def io_markdown(r: dict) -> str:
     """eval/io_report.py's report as markdown: the modes per layout, then the eviction comparison."""
     lines = [f"FFN I/O per token, teacher-forced on {r['tokens']} held-out tokens, budget {r['budget']} "
              f"({fmt_bytes(r['budget_bytes'])})", "",
              "| layout | mode | bytes/token | % of dense | requests/token | bytes/request | hit rate | "
-             "I/O ms/token | ppl | top-1 agreement |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "I/O ms/token | GB/s (model) | ppl | top-1 agreement |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in r["layouts"]:
         name = f"{Path(entry['layout']).name} ({entry['order']})"
         for mode in ("dense-stream", "sparse", "sparse+window", "oracle"):
             m = entry["modes"][mode]
             lines.append(f"| {name} | {mode} | {fmt_bytes(m['bytes_per_token'])} | {m['dense_share']:.1%} | "
                          f"{m['requests_per_token']:.1f} | {fmt_bytes(m['bytes_per_request'])} | {m['hit_rate']:.1%} | "
-                         f"{m['io_ms_per_token']:.3f} | {m['ppl']:.3f} | {m['top1_agreement']:.3f} |")
-        lines.append(f"| {name} | neurons fetched vs oracle | x{entry['fetched_vs_oracle']:.2f} | | | | | | | |")
+                         f"{m['io_ms_per_token']:.3f} | {_gbps(m)} | {m['ppl']:.3f} | {m['top1_agreement']:.3f} |")
+        lines.append(f"| {name} | neurons fetched vs oracle | x{entry['fetched_vs_oracle']:.2f} | | | | | | | | |")
     ev = r["layouts"][0].get("eviction")
     if ev:
         floor = max(ev["belady"]["neurons_fetched_per_token"], 1e-12)
