@@ -3,7 +3,8 @@ random-weight llama shapes of bench_prepare.py, under one memory cap, in one run
 
 Configurations (each in its own subprocess and memory cgroup, as in bench_vs_llamacpp.py):
 
-  llama.cpp-mmap         llama.cpp (llama-cpp-python), the f16 GGUF mmap'd, capped
+  llama.cpp-mmap         llama.cpp (llama-cpp-python), the f16 GGUF mmap'd, capped; llama.cpp has no
+                         ReLU-gated llama, so the GGUF says SiLU (same bytes and work per token)
   sparseflash-exact      every neuron computed (strategy all: the dense model's function), the cache
                          evicting by the default policy, reads planned from the disk's queue-depth model
   sparseflash-window     the same neurons through LLM-in-a-Flash's plain window policy (eviction window)
@@ -108,7 +109,8 @@ def plan(args) -> dict:
     if not checkpoint.exists():
         steps.append(f"python bench/bench_prepare.py --shapes {shape.name} --keep  # builds {checkpoint.name}")
     if not gguf.exists():
-        steps.append(f"sparseflash export-gguf -m {checkpoint} -o {gguf} --dtype f16")
+        steps.append(f"sparseflash export-gguf -m {gguf.with_suffix('.silu-view')} -o {gguf} --dtype f16  "
+                     f"# a copy of {checkpoint.name} (symlinks) whose config.json says hidden_act silu")
     if not layout.exists():
         steps.append(f"{cal}; sparseflash prepare -m {checkpoint} --corpus $CAL --tokens {params.profile_tokens} "
                      f"--heldout-tokens {params.heldout_tokens} --resident-dtype {dtype or 'q4'} -o {layout_dir}")
@@ -125,6 +127,21 @@ def plan(args) -> dict:
 
 def _stamp(checkpoint: Path) -> dict:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(checkpoint.glob("*.safetensors"))}
+
+
+def silu_view(checkpoint: Path, folder: Path) -> Path:
+    """The checkpoint as llama.cpp's llama architecture can run it: the same files (symlinks) with
+    config.json saying SiLU. llama.cpp has no ReLU-gated llama, and its SiLU gate reads the same
+    bytes and does the same arithmetic per token, so its speed is the same; its tokens are not the
+    ReLU model's (random weights: no run here is about tokens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in checkpoint.iterdir():
+        link = folder / f.name
+        if f.name != "config.json" and not link.exists():
+            link.symlink_to(f.resolve())
+    config = json.loads((checkpoint / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "silu"}))
+    return folder
 
 
 def setup_shape(job: dict) -> dict:
@@ -146,7 +163,7 @@ def setup_shape(job: dict) -> dict:
     if not gguf.exists() or not stamp_file.exists() or json.loads(stamp_file.read_text()) != _stamp(checkpoint):
         log(f"exporting {gguf.name} (f16) ...")
         gguf.parent.mkdir(parents=True, exist_ok=True)
-        export_gguf(checkpoint, gguf, "f16")
+        export_gguf(silu_view(checkpoint, gguf.with_suffix(".silu-view")), gguf, "f16")
         stamp_file.write_text(json.dumps(_stamp(checkpoint)))
     if not layout.exists():
         if p["layout_given"]:
@@ -159,6 +176,7 @@ def setup_shape(job: dict) -> dict:
     prompt_ids = [tok.encode(t) for t in job["prompts"]]
     facts = layout_facts(layout, max(len(x) for x in prompt_ids) + job["tokens"], p["weight_allowance_bytes"])
     return {"name": f"llama-relu {shape.name} (random weights)", "checkpoint": str(checkpoint), "gguf": str(gguf),
+            "gguf_ffn": "silu-gated: llama.cpp's llama FFN over the same weights (silu_view)",
             "layout": str(layout), "gguf_bytes": gguf.stat().st_size, "prompt_ids": prompt_ids,
             "checkpoint_files": sorted(str(f) for f in checkpoint.glob("*.safetensors")), **facts}
 
@@ -256,8 +274,16 @@ def run_shape(args) -> int:
         model["setup"] = {k: v for k, v in setup.items() if k != "prompt_ids"}
         job = model_job(setup, args, allowance)
         files = [setup["gguf"], setup["layout"], *setup["checkpoint_files"]]
+        fits = allowance >= setup["min_budget_bytes"]
+        log("warm-up: each configuration once, 2 tokens, uncapped, to cache the libraries' pages outside the caps")
         for name, (config, policy) in CONFIGS.items():
-            if config != "llama-mmap" and allowance < setup["min_budget_bytes"]:
+            if config == "llama-mmap" or fits:
+                r = run_worker(dict(job, config=config, stream_policy={**AUTO_IO, **policy}, tokens=2,
+                                    prompt_ids=job["prompt_ids"][:1]), Path(tmp), args.timeout)
+                if "error" in r:
+                    log(f"  warm-up of {name} failed: {r['error']}")
+        for name, (config, policy) in CONFIGS.items():
+            if config != "llama-mmap" and not fits:
                 r = {"error": f"waits for quantized resident tensors: the layout's fixed part needs "
                               f"{setup['min_budget_bytes'] / MiB:.0f} MiB, the cap gives {allowance / MiB:.0f} MiB "
                               "(rebuild with --resident-dtype q8 or q4)"}

@@ -64,7 +64,9 @@ class DeviceModel:
 
     def read_time(self, requests: float, nbytes: float, depth: int = 1) -> float:
         """Seconds for ``requests`` reads of ``nbytes`` in all, at most ``depth`` in flight (never more
-        in flight than there are requests)."""
+        in flight than there are requests). At depth 1, ``requests`` and ``nbytes`` may be arrays."""
+        if depth <= 1:
+            return requests * self.latency_s + nbytes / self.bandwidth_bps
         lv = self.level(max(1, min(depth, math.ceil(requests))))
         return requests * lv.latency_s + nbytes / lv.bandwidth_bps
 

@@ -168,6 +168,7 @@ class BundleReader:
                 remaining[0] -= 1
                 if remaining[0]:
                     return
+            t1 = time.perf_counter()  # the last piece landed: the read's span ends here, before any check
             errors = [f.exception() for f in futures if f.exception() is not None]
             if not errors and self.verify:
                 try:
@@ -177,7 +178,6 @@ class BundleReader:
             if errors:
                 result.set_exception(errors[0])
             else:
-                t1 = time.perf_counter()
                 result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1,
                                              self.device.read_time(len(pieces), nbytes, self.threads)))
 
