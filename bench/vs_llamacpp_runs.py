@@ -291,6 +291,8 @@ def run_measured(job: dict) -> dict:
     if allowance is not None and config == "llama-mmap":
         mapped = cached_bytes(job["gguf"])  # all brought in (and charged) here: the cache was dropped before
         result["non_weight_bytes"] = result["after_load_bytes"] - mapped
+        if job.get("llama_slack"):  # the --shape runs give llama.cpp the same slack as sparseflash
+            result["non_weight_bytes"] += stream_slack(allowance)
     elif allowance is not None and config.startswith("sf-stream"):
         result["non_weight_bytes"] = result["baseline_bytes"] + job["kv_bytes"] + stream_slack(allowance)
     if "non_weight_bytes" in result:

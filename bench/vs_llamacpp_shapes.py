@@ -12,7 +12,8 @@ Configurations (each in its own subprocess and memory cgroup, as in bench_vs_lla
                          diverge from the others and its sparsity means nothing (labelled so)
 
 The cap: W = --cap-share x the GGUF's bytes for weights, on top of each process's non-weight memory
-(vs_llamacpp_runs.py); sparseflash's --budget is W. Where the layout's resident tensors (f16) with
+(vs_llamacpp_runs.py) and the same slack for both engines (stream_slack: 8 MiB + 3% of W; without
+it llama.cpp's lazily grown buffers met the OOM killer on the small shapes); sparseflash's --budget is W. Where the layout's resident tensors (f16) with
 the predictors, I/O buffers and a neuron cache of MIN_CACHE_SHARE of the FFN bytes do not fit W,
 the layout is made with quantized resident tensors (q8, else q4; LayoutParams.resident_dtype), and
 a given layout that does not fit is reported as waiting for them instead of being run.
@@ -272,7 +273,7 @@ def run_shape(args) -> int:
             return 1
         allowance = p["weight_allowance_bytes"] = int(args.cap_share * setup["gguf_bytes"])  # the real GGUF size
         model["setup"] = {k: v for k, v in setup.items() if k != "prompt_ids"}
-        job = model_job(setup, args, allowance)
+        job = dict(model_job(setup, args, allowance), llama_slack=True)
         files = [setup["gguf"], setup["layout"], *setup["checkpoint_files"]]
         fits = allowance >= setup["min_budget_bytes"]
         log("warm-up: each configuration once, 2 tokens, uncapped, to cache the libraries' pages outside the caps")
