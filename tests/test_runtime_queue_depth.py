@@ -132,3 +132,22 @@ def test_io_policy_is_planned_unless_given():
     assert tight["io_threads"] * tight["io_buffer_bytes"] <= (4 << 20) // 16
     kept = io_policy(FAST_DEEP, Budget(ffn_share=0.5), {"io_buffer_bytes": 8192})
     assert kept["io_buffer_bytes"] == 8192
+
+
+def test_io_report_rows_put_achieved_next_to_the_model():
+    from sparseflash.eval.io_report import _engine_row
+    from sparseflash.eval.render import io_markdown
+    from sparseflash.runtime.engine import TokenStats
+
+    s = TokenStats(tokens=1, bytes_read=2_000_000, requests=4, hits=1, misses=3, model_read_s=0.001)
+    s.read_spans = [(0.0, 0.002)]
+    row = _engine_row([s], 1, 4_000_000)
+    assert row["achieved_gbps"] == pytest.approx(1.0) and row["device_model_gbps"] == pytest.approx(2.0)
+    modes = {m: dict(row, ppl=1.0, top1_agreement=1.0) for m in ("dense-stream", "sparse", "sparse+window", "oracle")}
+    del modes["oracle"]["achieved_gbps"]  # a mode measured without the model's figure shows '-'
+    report = {"tokens": 1, "budget": "50%ffn", "budget_bytes": 1, "layouts": [
+        {"layout": "m.sflash", "order": "coact", "modes": modes, "fetched_vs_oracle": 1.0}]}
+    lines = io_markdown(report).splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1  # every row has the header's columns
+    assert "| 1.00 (2.00) |" in lines[4] and "| - |" in table[5]
