@@ -48,7 +48,8 @@ def layout_report_text(r: dict) -> str:
     lines = [f"{r['layout']}: order {r['order']}, {r['tokens']} held-out tokens, "
              f"{r['active_per_layer_per_token']:.1f} active neurons/layer/token",
              f"device model: {dm['latency_s'] * 1e6:.0f} us/request + {dm['bandwidth_bps'] / 1e6:.0f} MB/s "
-             f"({dm['source']})",
+             f"({dm['source']})" + "".join(f"; QD{lv['depth']}: {lv['latency_s'] * 1e6:.0f} us + "
+                                           f"{lv['bandwidth_bps'] / 1e6:.0f} MB/s" for lv in dm.get("levels", [])[1:]),
              f"{'order':<22}{'requests/tok':>14}{'bytes/request':>15}{'bytes/tok':>13}{'read ms/tok':>13}"]
     for name, row in (("file (" + str(r["order"]) + ")", r), ("identity", r["identity"]),
                       ("identity, same hot", r["identity_same_hot"])):
