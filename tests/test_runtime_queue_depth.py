@@ -151,3 +151,8 @@ def test_io_report_rows_put_achieved_next_to_the_model():
     table = [line for line in lines if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1  # every row has the header's columns
     assert "| 1.00 (2.00) |" in lines[4] and "| - |" in table[5]
+
+
+def test_a_model_measured_at_qd1_only_keeps_the_default_plan():
+    qd1 = DeviceModel(100e-6, 1e9, "small file", (QueueLevel(1, 100e-6, 1e9),))
+    assert qd1.plan_io() == DEFAULT_IO

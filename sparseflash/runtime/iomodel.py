@@ -89,12 +89,12 @@ class DeviceModel:
         """(reads in flight, bytes per read) for streaming: among measured depths <= ``max_depth`` and
         request sizes <= ``max_request_bytes`` (or exactly ``request_bytes``) whose buffers (depth x
         size) fit ``memory_bytes``, the least memory that reaches GOOD_ENOUGH of the best modelled
-        throughput. Without measured depths: DEFAULT_IO, cut to the limits."""
+        throughput. Without depths measured beyond QD1: DEFAULT_IO, cut to the limits."""
         if request_bytes is not None:
             sizes = [max(BLOCK, request_bytes // BLOCK * BLOCK)]
         else:
             sizes = [s for s in REQUEST_SIZES if s <= max_request_bytes] or [BLOCK]
-        if not self.levels:
+        if len(self.depths) < 2:  # nothing measured beyond QD1: the model cannot tell, keep the default
             size = sizes[0] if request_bytes is not None else max(BLOCK, min(DEFAULT_IO[1], max_request_bytes))
             return max(1, min(DEFAULT_IO[0], max_depth, memory_bytes // size)), size
         options = [(self.level(q).throughput(s), q * s, q, s) for q in self.depths if q <= max_depth
