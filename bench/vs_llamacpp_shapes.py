@@ -105,16 +105,20 @@ def plan(args) -> dict:
     dtype, table = choose_resident_dtype(shape, allowance, PredictorParams.size_share)
     layout_dir = Path(args.layout_dir).resolve() if args.layout_dir else work / f"prepared-{shape.name}-{dtype or 'q4'}"
     layout = layout_dir / "model.sflash"
-    cal = "CAL=$(python -c 'from sparseflash.layout.pipeline import bundled_texts as b; print(b()[0])')"
+    texts = ("read CAL HELD < <(python -c 'from sparseflash.layout.pipeline import bundled_texts as b; "
+             "print(*b())')")
     steps = []
     if not checkpoint.exists():
         steps.append(f"python bench/bench_prepare.py --shapes {shape.name} --keep  # builds {checkpoint.name}")
     if not gguf.exists():
         steps.append(f"sparseflash export-gguf -m {gguf.with_suffix('.silu-view')} -o {gguf} --dtype f16  "
                      f"# a copy of {checkpoint.name} (symlinks) whose config.json says hidden_act silu")
-    if not layout.exists():
-        steps.append(f"{cal}; sparseflash prepare -m {checkpoint} --corpus $CAL --tokens {params.profile_tokens} "
-                     f"--heldout-tokens {params.heldout_tokens} --resident-dtype {dtype or 'q4'} -o {layout_dir}")
+    if not layout.exists() and args.layout_dir:
+        steps.append(f"# waits: the given --layout-dir holds no model.sflash yet ({layout})")
+    elif not layout.exists():
+        steps.append(f"{texts}; sparseflash prepare -m {checkpoint} --corpus $CAL --heldout $HELD --tokens "
+                     f"{params.profile_tokens} --heldout-tokens {params.heldout_tokens} --resident-dtype {dtype or 'q4'} "
+                     f"-o {layout_dir}  # the bench calls layout.pipeline.prepare with prepare_params")
     return {"shape": asdict(shape), "checkpoint": str(checkpoint), "checkpoint_exists": checkpoint.exists(),
             "gguf": str(gguf), "gguf_exists": gguf.exists(), "gguf_bytes": gguf_bytes, "cap_share": args.cap_share,
             "weight_allowance_bytes": allowance, "resident_dtype": dtype, "resident_dtype_table": table,
