@@ -26,7 +26,7 @@ from sparseflash.paths import input_file
 
 DEFAULT_IO = (4, 1 << 20)  # (reads in flight, bytes per read) without a measured queue-depth model
 REQUEST_SIZES = tuple(BLOCK << k for k in range(9))  # 4 KiB .. 1 MiB: the request sizes plan_io considers
-GOOD_ENOUGH = 0.95  # plan_io takes the least memory reaching this share of the best modelled throughput
+GOOD_ENOUGH = 0.95  # plan_io's choices reach this share of the best modelled throughput
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ class DeviceModel:
                 request_bytes: int | None = None) -> tuple[int, int]:
         """(reads in flight, bytes per read) for streaming: among measured depths <= ``max_depth`` and
         request sizes <= ``max_request_bytes`` (or exactly ``request_bytes``) whose buffers (depth x
-        size) fit ``memory_bytes``, the least memory that reaches GOOD_ENOUGH of the best modelled
-        throughput. Without depths measured beyond QD1: DEFAULT_IO, cut to the limits."""
+        size) fit ``memory_bytes`` and that reach GOOD_ENOUGH of the best modelled throughput: the
+        largest requests (fewest pieces, each costing the host CPU time), then the fewest in flight. Without depths measured beyond QD1: DEFAULT_IO, cut to the limits."""
         if request_bytes is not None:
             sizes = [max(BLOCK, request_bytes // BLOCK * BLOCK)]
         else:
@@ -100,7 +100,7 @@ class DeviceModel:
         options = [(self.level(q).throughput(s), q * s, q, s) for q in self.depths if q <= max_depth
                    for s in sizes if q * s <= memory_bytes] or [(0.0, sizes[0], 1, sizes[0])]
         best = max(o[0] for o in options)
-        _, _, depth, size = min((o for o in options if o[0] >= GOOD_ENOUGH * best), key=lambda o: (o[1], -o[0]))
+        _, _, depth, size = min((o for o in options if o[0] >= GOOD_ENOUGH * best), key=lambda o: (-o[3], o[2]))
         return depth, size
 
     def to_dict(self) -> dict:
