@@ -63,24 +63,27 @@ def _read_at(fd: int, direct: bool, view: memoryview, off: int) -> None:
 
 
 def _qd1_rows(fd, direct, file_bytes, sizes, seconds, rng) -> list[dict]:
-    """Per size: the median time of single reads at random aligned offsets."""
-    rows = []
+    """Per size: the median time of single reads at random aligned offsets. The sizes take turns (one
+    read of each, in random order, per round), so a passing disturbance (another process's I/O) hits
+    every size alike instead of bending the fit."""
+    times: dict[int, list[float]] = {size: [] for size in sizes}
     buf = mmap.mmap(-1, max(sizes))  # page-aligned, as O_DIRECT requires
     try:
-        for size in sizes:
-            times = []
-            deadline = time.perf_counter() + seconds
-            while (time.perf_counter() < deadline or len(times) < 8) and len(times) < 2000:
+        deadline = time.perf_counter() + seconds * len(sizes)
+        rounds = 0
+        while (time.perf_counter() < deadline or rounds < 8) and rounds < 2000:
+            for size in rng.permutation(sizes):
+                size = int(size)
                 off = int(rng.integers(0, (file_bytes - size) // BLOCK + 1)) * BLOCK
                 with memoryview(buf)[:size] as view:
                     t = time.perf_counter()
                     _read_at(fd, direct, view, off)
-                    times.append(time.perf_counter() - t)
-            rows.append({"depth": 1, "bytes": size, "median_s": float(np.median(times)), "reads": len(times),
-                         "mb_per_s": size / float(np.median(times)) / 1e6})
+                    times[size].append(time.perf_counter() - t)
+            rounds += 1
     finally:
         buf.close()
-    return rows
+    return [{"depth": 1, "bytes": size, "median_s": float(np.median(times[size])), "reads": len(times[size]),
+             "mb_per_s": size / float(np.median(times[size])) / 1e6} for size in sizes]
 
 
 def _depth_row(fd, direct, file_bytes, size, depth, seconds, seed) -> dict:
