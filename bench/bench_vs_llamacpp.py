@@ -26,6 +26,9 @@ vs_llamacpp_report.py). Models: the bundled tiny-relu2 (trained) and a random-we
     python bench/bench_vs_llamacpp.py [--quick] [--tokens 64] [--cap-share 0.7] [--threads 1]
         [--no-big] [--big-hidden 2048] [--big-layers 16] [--big-intermediate 8192] [--out FILE.json]
 
+With --shape quick|1b|7b it compares llama.cpp mmap with sparseflash's exact, window and predicted
+streaming on a random-weight llama shape instead (vs_llamacpp_shapes.py; --layout-dir, --dry-run).
+
 Progress goes to stderr, the table to stdout, all figures to --out (written atomically). GGUFs,
 layouts and the random model are kept in --work-dir for the next run.
 """
@@ -173,6 +176,11 @@ def environment() -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="bundled model only, 16 new tokens")
+    p.add_argument("--shape", choices=("quick", "1b", "7b"), default=None,
+                   help="instead: a random-weight llama shape of bench_prepare.py (vs_llamacpp_shapes.py)")
+    p.add_argument("--layout-dir", default=None, help="with --shape: a prepared layout folder (model.sflash) to use")
+    p.add_argument("--checkpoint", default=None, help="with --shape: the checkpoint (default: bench_prepare's cache)")
+    p.add_argument("--dry-run", action="store_true", help="with --shape: print the plan (sizes, cap, steps) and stop")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per prompt (default 64; 16 with --quick)")
     p.add_argument("--cap-share", type=float, default=0.7,
                    help="memory for weights in the capped configurations, as a share of the GGUF size (default 0.7)")
@@ -194,7 +202,7 @@ def parse_args(argv):
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tokens is None:
-        args.tokens = 16 if args.quick else 64
+        args.tokens = 16 if args.quick or args.shape == "quick" else 64
     if args.quick:
         args.no_big = True
     if not 0 < args.cap_share < 1:
@@ -208,10 +216,17 @@ def main(argv=None) -> int:
         from vs_llamacpp_runs import worker_main
 
         return worker_main(args.worker)
+    if args.shape:
+        from vs_llamacpp_shapes import run_shape
+
+        if args.dry_run:
+            return run_shape(args)
     if importlib.util.find_spec("llama_cpp") is None:
         print("llama-cpp-python is not installed; nothing to compare against. Skipping "
               "(pip install llama-cpp-python to run this benchmark).")
         return 0
+    if args.shape:
+        return run_shape(args)
     from bigmodel import BigShape
 
     from sparseflash.layout.pipeline import cache_root

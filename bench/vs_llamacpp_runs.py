@@ -252,8 +252,12 @@ def _open_engine(config: str, job: dict, result: dict):
 
     from sparseflash.runtime.session import open_streamed, stream_generate
 
-    strategy = "all" if config == "sf-stream-all" else None
-    streamed = open_streamed(job["layout"], budget=int(job["budget_bytes"]), strategy=strategy, **STREAM_POLICY)
+    policy = {**STREAM_POLICY, **job.get("stream_policy", {})}  # the --shape runs plan their I/O (vs_llamacpp_shapes.py)
+    strategy = policy.pop("strategy", "all" if config == "sf-stream-all" else None)
+    streamed = open_streamed(job["layout"], budget=int(job["budget_bytes"]), strategy=strategy, **policy)
+    reader = streamed.engine.fetcher.reader
+    result["io"] = {"threads": reader.threads, "buffer_bytes": reader.buffer_bytes,
+                    "merge_gap_blocks": reader.merge_gap_blocks, "device_model": reader.device.to_dict()}
     result["memory_plan"] = {k: getattr(streamed.engine.memory, k) for k in
                              ("budget", "resident", "predictors", "hot", "cache", "index", "io_buffers",
                               "slots_per_layer", "minimum")}
@@ -264,7 +268,9 @@ def _open_engine(config: str, job: dict, result: dict):
         r, summary = stream_generate(streamed, prompt, job["tokens"], Sampling(greedy=True), stop_at_eos=False)
         return {"prefill_s": r.prefill_s, "decode_s": r.decode_s, "tokens": r.tokens,
                 "engine_bytes_read": summary["bytes_read"], "hit_rate": summary["hit_rate"],
-                "predicted_per_token": summary["predicted_per_token"], "io_wait_s": summary["io_wait_s"]}
+                "predicted_per_token": summary["predicted_per_token"], "io_wait_s": summary["io_wait_s"],
+                "read_busy_s": summary["read_busy_s"], "model_read_s": summary["bytes_read"] / 1e9
+                / summary["device_model_gbps"] if summary["device_model_gbps"] > 0 else 0.0}
 
     return run_streamed, streamed.close
 
@@ -285,6 +291,8 @@ def run_measured(job: dict) -> dict:
     if allowance is not None and config == "llama-mmap":
         mapped = cached_bytes(job["gguf"])  # all brought in (and charged) here: the cache was dropped before
         result["non_weight_bytes"] = result["after_load_bytes"] - mapped
+        if job.get("llama_slack"):  # the --shape runs give llama.cpp the same slack as sparseflash
+            result["non_weight_bytes"] += stream_slack(allowance)
     elif allowance is not None and config.startswith("sf-stream"):
         result["non_weight_bytes"] = result["baseline_bytes"] + job["kv_bytes"] + stream_slack(allowance)
     if "non_weight_bytes" in result:
@@ -323,6 +331,10 @@ def worker_main(job_path: str) -> int:
         out = setup_bundled(job)
     elif kind == "setup-big":
         out = setup_big(job)
+    elif kind == "setup-shape":
+        from vs_llamacpp_shapes import setup_shape
+
+        out = setup_shape(job)
     elif kind in CONFIGS:
         try:
             out = run_measured(job)

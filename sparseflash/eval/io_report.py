@@ -83,8 +83,13 @@ def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction:
     return streamed_pass(path, budget, seqs, device, quiet, desc, reuse=reuse, lookahead=False, eviction=eviction)
 
 
-def _row(bytes_tok, requests_tok, hits, looked, io_s_tok, dense_bytes, ppl, top1):
-    return {
+def _row(bytes_tok, requests_tok, hits, looked, io_s_tok, dense_bytes, ppl, top1, model_s_tok=None):
+    """One mode's figures per token; ``model_s_tok``: the device model's time for the same reads (then
+    the achieved GB/s, bytes over I/O time, sits next to the model's)."""
+    gbps = {} if model_s_tok is None else {
+        "achieved_gbps": float(bytes_tok / io_s_tok / 1e9) if io_s_tok > 0 else 0.0,
+        "device_model_gbps": float(bytes_tok / model_s_tok / 1e9) if model_s_tok > 0 else 0.0}
+    return {**gbps,
         "bytes_per_token": float(bytes_tok),
         "dense_share": float(bytes_tok / dense_bytes) if dense_bytes else 0.0,
         "requests_per_token": float(requests_tok),
@@ -102,18 +107,23 @@ def _engine_row(stats, n_tok, dense_bytes, ppl=None, top1=None) -> dict:
     row = _row(sum(s.bytes_read for s in stats) / n_tok, sum(s.requests for s in stats) / n_tok, hits,
                hits + misses, sum(s.io_wait_s for s in stats) / n_tok, dense_bytes, ppl, top1)
     row["neurons_fetched_per_token"] = misses / n_tok
+    nbytes, busy, model = (sum(getattr(s, k) for s in stats) for k in ("bytes_read", "read_busy_s", "model_read_s"))
+    row["achieved_gbps"] = nbytes / busy / 1e9 if busy > 0 else 0.0  # achieved next to the device model, same reads
+    row["device_model_gbps"] = nbytes / model / 1e9 if model > 0 else 0.0
     return row
 
 
 def _measure_reads(path, regions, device, reads_per_token: list[list[np.ndarray]], quiet, desc
-                   ) -> tuple[float, float, float]:
-    """Issue the given per-token, per-layer position reads for real, as the engine's reader does;
-    mean (seconds, bytes, requests) per token, as measured by the reader."""
-    reader = BundleReader(path, regions, device, "direct", 4)
+                   ) -> tuple[float, float, float, float]:
+    """Issue the given per-token, per-layer position reads for real, as the engine's reader does (at the
+    queue depth and request size the device model plans); mean (seconds, bytes, requests, the device
+    model's seconds for the same reads) per token, as measured by the reader."""
+    threads, size = device.plan_io()
+    reader = BundleReader(path, regions, device, "direct", threads, size)
     try:
         scratch = [np.zeros((r.n_neurons, r.bundle_len), dtype=np.uint16 if r.dtype != "f32" else np.float32)
                    for r in regions]
-        seconds = nbytes = requests = 0
+        seconds = nbytes = requests = model_s = 0
         for per_layer in tqdm(reads_per_token, desc=desc, disable=quiet, leave=False):
             t = time.perf_counter()
             for l, pos in enumerate(per_layer):
@@ -121,9 +131,10 @@ def _measure_reads(path, regions, device, reads_per_token: list[list[np.ndarray]
                     result = reader.read(l, pos, scratch[l], np.arange(len(pos)))
                     nbytes += result.bytes
                     requests += result.requests
+                    model_s += result.model_s
             seconds += time.perf_counter() - t
         n = max(len(reads_per_token), 1)
-        return seconds / n, nbytes / n, requests / n
+        return seconds / n, nbytes / n, requests / n, model_s / n
     finally:
         reader.close()
 
@@ -164,18 +175,18 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
 
         # dense-stream: every region, every token (measured on a sample of tokens: each reads the same)
         full = [[np.arange(r.n_neurons) for r in regions] for _ in range(min(n_tok, 32))]
-        io_s, nbytes, requests = _measure_reads(path, regions, device, full, quiet, "dense-stream")
-        modes["dense-stream"] = _row(nbytes, requests, 0, 0, io_s, dense_bytes, ppl_dense, 1.0)
+        io_s, nbytes, requests, model_s = _measure_reads(path, regions, device, full, quiet, "dense-stream")
+        modes["dense-stream"] = _row(nbytes, requests, 0, 0, io_s, dense_bytes, ppl_dense, 1.0, model_s)
 
         # oracle: Belady replay of the true trace in a cache of the engine's size, its misses read for real
         bb = regions[0].bundle_bytes
         sim = simulate(oracle_trace, n_hot, memory.slots_per_layer, bb, "belady", 0, device.merge_gap_blocks)
         reads = [[sim.misses[l][t] for l in range(len(regions))] for t in range(n_tok)]
-        io_s, nbytes, requests = _measure_reads(path, regions, device, reads, quiet, "oracle reads")
+        io_s, nbytes, requests, model_s = _measure_reads(path, regions, device, reads, quiet, "oracle reads")
         ppl_o, top1_o = quality(orc_logits, seqs, ref)
         total_needed = sum(len(p) for layer in oracle_trace for p in layer)
         modes["oracle"] = _row(nbytes, requests, total_needed - sim.fetched.sum(), total_needed, io_s, dense_bytes,
-                               ppl_o, top1_o)
+                               ppl_o, top1_o, model_s)
         modes["oracle"]["neurons_fetched_per_token"] = float(sim.fetched.mean())
         modes["oracle"]["simulated_bytes_per_token"] = float(sim.bytes.mean())
         entry = {"layout": str(path), "order": order, "modes": modes, "ppl_dense": ppl_dense,

@@ -8,21 +8,26 @@ from pathlib import Path
 from sparseflash.units import fmt_bytes
 
 
+def _gbps(m: dict) -> str:
+    """Achieved read GB/s and, in brackets, the device model's for the same reads ('-' when not measured)."""
+    return f"{m['achieved_gbps']:.2f} ({m['device_model_gbps']:.2f})" if "achieved_gbps" in m else "-"
+
+
 def io_markdown(r: dict) -> str:
     """eval/io_report.py's report as markdown: the modes per layout, then the eviction comparison."""
     lines = [f"FFN I/O per token, teacher-forced on {r['tokens']} held-out tokens, budget {r['budget']} "
              f"({fmt_bytes(r['budget_bytes'])})", "",
              "| layout | mode | bytes/token | % of dense | requests/token | bytes/request | hit rate | "
-             "I/O ms/token | ppl | top-1 agreement |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "I/O ms/token | GB/s (model) | ppl | top-1 agreement |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in r["layouts"]:
         name = f"{Path(entry['layout']).name} ({entry['order']})"
         for mode in ("dense-stream", "sparse", "sparse+window", "oracle"):
             m = entry["modes"][mode]
             lines.append(f"| {name} | {mode} | {fmt_bytes(m['bytes_per_token'])} | {m['dense_share']:.1%} | "
                          f"{m['requests_per_token']:.1f} | {fmt_bytes(m['bytes_per_request'])} | {m['hit_rate']:.1%} | "
-                         f"{m['io_ms_per_token']:.3f} | {m['ppl']:.3f} | {m['top1_agreement']:.3f} |")
-        lines.append(f"| {name} | neurons fetched vs oracle | x{entry['fetched_vs_oracle']:.2f} | | | | | | | |")
+                         f"{m['io_ms_per_token']:.3f} | {_gbps(m)} | {m['ppl']:.3f} | {m['top1_agreement']:.3f} |")
+        lines.append(f"| {name} | neurons fetched vs oracle | x{entry['fetched_vs_oracle']:.2f} | | | | | | | | |")
     ev = r["layouts"][0].get("eviction")
     if ev:
         floor = max(ev["belady"]["neurons_fetched_per_token"], 1e-12)
@@ -43,7 +48,8 @@ def layout_report_text(r: dict) -> str:
     lines = [f"{r['layout']}: order {r['order']}, {r['tokens']} held-out tokens, "
              f"{r['active_per_layer_per_token']:.1f} active neurons/layer/token",
              f"device model: {dm['latency_s'] * 1e6:.0f} us/request + {dm['bandwidth_bps'] / 1e6:.0f} MB/s "
-             f"({dm['source']})",
+             f"({dm['source']})" + "".join(f"; QD{lv['depth']}: {lv['latency_s'] * 1e6:.0f} us + "
+                                           f"{lv['bandwidth_bps'] / 1e6:.0f} MB/s" for lv in dm.get("levels", [])[1:]),
              f"{'order':<22}{'requests/tok':>14}{'bytes/request':>15}{'bytes/tok':>13}{'read ms/tok':>13}"]
     for name, row in (("file (" + str(r["order"]) + ")", r), ("identity", r["identity"]),
                       ("identity, same hot", r["identity_same_hot"])):

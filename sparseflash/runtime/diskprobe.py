@@ -1,11 +1,16 @@
-"""Measure the disk under a layout file: QD1 random reads of 4 KiB .. 1 MiB of that file, direct I/O.
+"""Measure the disk under a layout file: random reads of 4 KiB .. 1 MiB of that file, direct I/O,
+one at a time (QD1) and from several threads at once (queue depths 2 .. 16).
 
-The fit time(size) = latency + size / bandwidth gives the DeviceModel that read planning and the
-reports use. The probe only reads: it samples the layout file itself (the file the runtime will
-stream from), so it works on read-only and full file systems and never writes next to the user's
-files. Page-cache hits are not disk reads: the file is opened with O_DIRECT, or, where the file
-system refuses that, dropped from the page cache before every read. When the disk cannot be measured
-(the file is too small, a read fails), the default DeviceModel is used and one line says so.
+Per queue depth q, the fit (wall time per request) = latency + size / bandwidth gives one level of
+the DeviceModel (runtime/iomodel.py) that read planning and the reports use: at q in flight,
+latency is what a request adds to the wall time and bandwidth the aggregate rate. The probe only
+reads: it samples the layout file itself (the file the runtime will stream from), so it works on
+read-only and full file systems and never writes next to the user's files. Page-cache hits are not
+disk reads: the file is opened with O_DIRECT, or, where the file system refuses that, dropped from
+the page cache before every read (racy across threads, and a file system without a page cache to
+drop, tmpfs, is measured at memory speed: the model's source says which way it was read). When the
+disk cannot be measured (the file is too small, a read fails), the default DeviceModel is used and
+one line says so.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +28,11 @@ import numpy as np
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.format_extents import BLOCK
 from sparseflash.paths import note as stderr_note
-from sparseflash.runtime.iomodel import DeviceModel
+from sparseflash.runtime.iomodel import DeviceModel, QueueLevel
 
 SIZES = (4096, 16384, 65536, 262144, 1048576)
+DEPTHS = (2, 4, 8, 16)  # queue depths probed beyond QD1, each with DEPTH_SIZES
+DEPTH_SIZES = (4096, 65536, 262144, 1048576)
 MIN_SPAN = 4  # a size is probed only if the file holds this many reads of it (distinct random offsets)
 
 
@@ -38,10 +46,98 @@ def _open_direct(path: str) -> tuple[int, bool]:
     return os.open(path, os.O_RDONLY), False
 
 
-def probe_file(path: str | os.PathLike, seconds_per_size: float = 0.4, seed: int = 0) -> tuple[DeviceModel, list[dict]]:
+def _fit(rows: list[dict]) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of the line through (bytes, seconds per request)."""
+    sizes = np.array([r["bytes"] for r in rows], dtype=np.float64)
+    secs = np.array([r["median_s"] for r in rows])
+    slope, intercept = np.polyfit(sizes, secs, 1)
+    latency = max(float(intercept), float(secs[0]) * 0.5, 1e-7)
+    bandwidth = 1.0 / slope if slope > 0 else sizes[-1] / secs[-1]
+    return latency, float(bandwidth)
+
+
+def _read_at(fd: int, direct: bool, view: memoryview, off: int) -> None:
+    if not direct:
+        os.posix_fadvise(fd, off, len(view), os.POSIX_FADV_DONTNEED)
+    os.preadv(fd, [view], off)
+
+
+def _qd1_rows(fd, direct, file_bytes, sizes, seconds, rng) -> list[dict]:
+    """Per size: the median time of single reads at random aligned offsets. The sizes take turns (one
+    read of each, in random order, per round), so a passing disturbance (another process's I/O) hits
+    every size alike instead of bending the fit."""
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    buf = mmap.mmap(-1, max(sizes))  # page-aligned, as O_DIRECT requires
+    try:
+        deadline = time.perf_counter() + seconds * len(sizes)
+        rounds = 0
+        while (time.perf_counter() < deadline or rounds < 8) and rounds < 2000:
+            for size in rng.permutation(sizes):
+                size = int(size)
+                off = int(rng.integers(0, (file_bytes - size) // BLOCK + 1)) * BLOCK
+                with memoryview(buf)[:size] as view:
+                    t = time.perf_counter()
+                    _read_at(fd, direct, view, off)
+                    times[size].append(time.perf_counter() - t)
+            rounds += 1
+    finally:
+        buf.close()
+    return [{"depth": 1, "bytes": size, "median_s": float(np.median(times[size])), "reads": len(times[size]),
+             "mb_per_s": size / float(np.median(times[size])) / 1e6} for size in sizes]
+
+
+def _depth_row(fd, direct, file_bytes, size, depth, seconds, seed) -> dict:
+    """``depth`` threads reading ``size`` bytes at random aligned offsets for ``seconds``: wall time per read."""
+    counts = [0] * depth
+    errors: list[BaseException] = []
+    start = threading.Barrier(depth + 1)
+    stop = threading.Event()
+
+    def worker(k: int) -> None:
+        offs = np.random.default_rng([seed, depth, size, k]).integers(0, (file_bytes - size) // BLOCK + 1, 4096) * BLOCK
+        buf = None
+        try:
+            buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT requires
+            start.wait()
+            with memoryview(buf) as view:
+                while not stop.is_set():
+                    _read_at(fd, direct, view, int(offs[counts[k] % len(offs)]))
+                    counts[k] += 1
+        except threading.BrokenBarrierError:
+            pass  # another reader failed before the start
+        except BaseException as e:  # reported by the caller, in its thread
+            errors.append(e)
+            start.abort()
+            stop.set()
+        finally:
+            if buf is not None:
+                buf.close()
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(depth)]
+    for t in threads:
+        t.start()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:
+        pass  # a reader failed: its error is raised below
+    t0 = time.perf_counter()
+    stop.wait(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0  # every read counted was issued before stop and finished before join
+    if errors:
+        raise errors[0]
+    reads = max(sum(counts), 1)
+    return {"depth": depth, "bytes": size, "median_s": wall / reads, "reads": reads, "mb_per_s": size * reads / wall / 1e6}
+
+
+def probe_file(path: str | os.PathLike, seconds_per_size: float = 0.4, seed: int = 0, depths: tuple = DEPTHS,
+               seconds_per_depth: float = 0.15) -> tuple[DeviceModel, list[dict]]:
     """Probe the disk holding ``path`` by reading ``path`` (never writing); returns the fitted model
-    and the measured rows. Raises SparseflashError when the file is too small for two read sizes
-    (< 64 KiB) and OSError when a read fails."""
+    (QD1 plus a level per depth in ``depths``) and the measured rows (``median_s``: seconds per read,
+    at depth > 1 the wall time over the reads). Raises SparseflashError when the file is too small
+    for two read sizes (< 64 KiB) and OSError when a read fails."""
     path = os.fspath(path)
     fd, direct = _open_direct(path)
     try:
@@ -49,35 +145,21 @@ def probe_file(path: str | os.PathLike, seconds_per_size: float = 0.4, seed: int
         sizes = [s for s in SIZES if s * MIN_SPAN <= file_bytes]
         if len(sizes) < 2:
             raise SparseflashError(f"{path}: {file_bytes} bytes is too small to measure read sizes")
-        rng = np.random.default_rng(seed)
-        rows = []
-        buf = mmap.mmap(-1, max(sizes))  # page-aligned, as O_DIRECT requires
-        try:
-            for size in sizes:
-                times = []
-                deadline = time.perf_counter() + seconds_per_size
-                while (time.perf_counter() < deadline or len(times) < 8) and len(times) < 2000:
-                    off = int(rng.integers(0, (file_bytes - size) // BLOCK + 1)) * BLOCK
-                    if not direct:
-                        os.posix_fadvise(fd, off, size, os.POSIX_FADV_DONTNEED)
-                    with memoryview(buf)[:size] as view:
-                        t = time.perf_counter()
-                        os.preadv(fd, [view], off)
-                        times.append(time.perf_counter() - t)
-                rows.append({"bytes": size, "median_s": float(np.median(times)), "reads": len(times),
-                             "mb_per_s": size / float(np.median(times)) / 1e6})
-        finally:
-            buf.close()
+        rows = _qd1_rows(fd, direct, file_bytes, sizes, seconds_per_size, np.random.default_rng(seed))
+        latency, bandwidth = _fit(rows)
+        levels = [QueueLevel(1, latency, bandwidth)]
+        depth_sizes = [s for s in DEPTH_SIZES if s in sizes]
+        for depth in depths:
+            if len(depth_sizes) < 2:
+                break
+            measured = [_depth_row(fd, direct, file_bytes, s, depth, seconds_per_depth, seed) for s in depth_sizes]
+            rows += measured
+            levels.append(QueueLevel(depth, *_fit(measured)))
     finally:
         os.close(fd)
-    sizes_a = np.array([r["bytes"] for r in rows], dtype=np.float64)
-    secs = np.array([r["median_s"] for r in rows])
-    slope, intercept = np.polyfit(sizes_a, secs, 1)
-    latency = max(float(intercept), float(secs[0]) * 0.5, 1e-7)
-    bandwidth = 1.0 / slope if slope > 0 else sizes_a[-1] / secs[-1]
-    model = DeviceModel(latency_s=latency, bandwidth_bps=float(bandwidth),
+    model = DeviceModel(latency_s=latency, bandwidth_bps=bandwidth, levels=tuple(levels),
                         source=f"probe of {path} ({'O_DIRECT' if direct else 'buffered + DONTNEED'}, "
-                               f"reads up to {max(sizes)} B)")
+                               f"reads up to {max(sizes)} B, queue depths {', '.join(str(lv.depth) for lv in levels)})")
     return model, rows
 
 
@@ -96,9 +178,11 @@ def device_model_for(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
     cache_file = cache_dir / f"device-{device}.json"
     if cache_file.is_file():
         try:
-            return DeviceModel.from_file(cache_file)
+            cached = DeviceModel.from_file(cache_file)
+            if cached.levels:
+                return cached
         except SparseflashError:
-            pass  # a damaged cache entry is measured again and replaced
+            pass  # a damaged cache entry, or one from before queue depths were measured, is measured again
     try:
         model, rows = probe_file(path)
     except (OSError, SparseflashError) as e:

@@ -39,6 +39,7 @@ class TokenStats:
     bytes_read: int = 0
     requests: int = 0
     io_wait_s: float = 0.0
+    model_read_s: float = 0.0  # the device model's time for the same reads at the reader's queue depth
     predictor_s: float = 0.0
     ffn_s: float = 0.0  # the sparse kernel (compute step)
     attention_s: float = 0.0  # attention, norms and embedding: the time between FFN calls
@@ -73,6 +74,7 @@ class TokenStats:
         self.bytes_read += result.bytes
         self.requests += result.requests
         self.io_wait_s += seconds
+        self.model_read_s += result.model_s
         if result.requests:
             self.read_spans.append((result.start, result.end))
 

@@ -163,6 +163,7 @@ class DeviceFetcher(HostFetcher):
 def _add(total: ReadResult, part: ReadResult) -> None:
     total.requests += part.requests
     total.bytes += part.bytes
+    total.model_s += part.model_s
     total.start = part.start if total.end == 0 else min(total.start, part.start)
     total.end = max(total.end, part.end)
     total.seconds = total.end - total.start

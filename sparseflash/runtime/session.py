@@ -48,7 +48,8 @@ def open_streamed(path: str | os.PathLike, budget: str | int | Budget, backend: 
                   disk: DeviceModel | None = None, plugins: Sequence[str | os.PathLike] = (),
                   **policy) -> StreamedModel:
     """A transformer whose FFNs stream from ``path`` under ``budget`` (bytes, '2GiB', '40%', '25%ffn'
-    or a Budget); ``policy`` holds Policy fields (window, eviction, strategy, verify, ...).
+    or a Budget); ``policy`` holds Policy fields (window, eviction, strategy, verify, ...); without
+    ``io_threads`` the reads in flight and their size come from the disk's model (io_policy).
     ``plugins`` (files) are loaded, checked against the layout's source and counted in the budget."""
     lm = open_layout(path, verify=policy.get("verify", Policy.verify))
     try:
@@ -59,7 +60,7 @@ def open_streamed(path: str | os.PathLike, budget: str | int | Budget, backend: 
             disk = device_model_for(path)
         if not isinstance(budget, Budget):
             budget = Budget.parse(budget, lm.weight_bytes)
-        policy = Policy(budget, **policy)
+        policy = Policy(budget, **io_policy(disk, budget, policy))
         before = None
         if policy.device == "cuda":
             from sparseflash.runtime.gpu import device_bytes_in_use
@@ -73,6 +74,21 @@ def open_streamed(path: str | os.PathLike, budget: str | int | Budget, backend: 
     for p in loaded:
         p.to(transformer.device)
     return StreamedModel(lm, engine, transformer, before, loaded)
+
+
+IO_MEMORY_BYTES = 32 << 20  # most bytes of I/O buffers the automatic plan takes (and 1/16 of a byte budget)
+
+
+def io_policy(disk: DeviceModel, budget: Budget, policy: dict) -> dict:
+    """``policy`` with ``io_threads`` (reads in flight) and ``io_buffer_bytes`` (bytes per read) chosen
+    from the device model when ``io_threads`` is absent or None (DeviceModel.plan_io; an explicit
+    ``io_buffer_bytes`` stays the request size). The buffers count in the budget, so they take at most
+    IO_MEMORY_BYTES, and 1/16 of a budget given in bytes."""
+    if policy.get("io_threads") is not None:
+        return policy
+    memory = IO_MEMORY_BYTES if budget.nbytes is None else max(1, min(IO_MEMORY_BYTES, budget.nbytes // 16))
+    threads, size = disk.plan_io(Policy.io_buffer_bytes, memory, request_bytes=policy.get("io_buffer_bytes"))
+    return {**policy, "io_threads": threads, "io_buffer_bytes": size}
 
 
 def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
@@ -99,7 +115,8 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
         "head_s": total("head_s"),
         "bookkeeping_s": sum(row[4] for st in stats for row in st.timeline),
         "step_s": total("token_s"),
-        **read_bandwidth(total("bytes_read"), total("requests"), total("read_busy_s"), engine.fetcher.reader),
+        **read_bandwidth(total("bytes_read"), total("requests"), total("read_busy_s"), total("model_read_s"),
+                         engine.fetcher.reader),
         "budget_bytes": engine.memory.budget,
         "plugin_bytes": engine.memory.plugins,
         "memory_plan": {k: getattr(engine.memory, k) for k in
@@ -116,15 +133,17 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
     return out
 
 
-def read_bandwidth(nbytes: int, requests: int, busy_s: float, reader) -> dict:
-    """Achieved read bandwidth next to what the device model says for the same requests: bytes over the
-    time reads were in flight, and bytes over the model's time for the same requests issued one at a
-    time (latency + bytes / bandwidth: the disk probe measures one request in flight, while the reader
-    keeps up to ``io_threads`` in flight). Definitions: docs/figures.md."""
-    model_s = reader.device.read_time(requests, nbytes)
+def read_bandwidth(nbytes: int, requests: int, busy_s: float, model_s: float, reader) -> dict:
+    """Achieved read bandwidth next to what the device model says for the same reads: bytes over the
+    time reads were in flight, and bytes over the model's time for the same pieces at the same queue
+    depth (each read's pieces priced at min(pieces, io_threads) in flight; ``model_s``, summed over the
+    reads). Definitions: docs/figures.md."""
     return {"read_busy_s": busy_s, "achieved_gbps": nbytes / busy_s / 1e9 if busy_s > 0 else 0.0,
             "device_model_gbps": nbytes / model_s / 1e9 if model_s > 0 else 0.0,
-            "mean_request_bytes": nbytes / requests if requests else 0.0, "io_threads": reader.threads}
+            "device_model_qd1_gbps": nbytes / reader.device.read_time(requests, nbytes) / 1e9 if requests else 0.0,
+            "achieved_share_of_model": model_s / busy_s if busy_s > 0 else 0.0,
+            "mean_request_bytes": nbytes / requests if requests else 0.0, "io_threads": reader.threads,
+            "io_buffer_bytes": reader.buffer_bytes, "device_model_depths": list(reader.device.depths)}
 
 
 def summary_line(summary: dict) -> str:
@@ -134,7 +153,7 @@ def summary_line(summary: dict) -> str:
     return (f"[streamed: {summary['decode_bytes_per_token'] / 1024:.1f} KiB of FFN read per decoded token = "
             f"{summary['decode_dense_share']:.1%} of dense ({summary['dense_ffn_bytes_per_token'] / 1024:.0f} KiB), "
             f"{summary['requests']} requests, read {summary['achieved_gbps']:.2f} GB/s (device model "
-            f"{summary['device_model_gbps']:.2f}), hit rate {summary['hit_rate']:.1%}, I/O wait "
+            f"{summary['device_model_gbps']:.2f} at {summary['io_threads']} in flight), hit rate {summary['hit_rate']:.1%}, I/O wait "
             f"{summary['io_wait_s'] * 1e3:.0f} ms, budget {fmt_bytes(summary['budget_bytes'])}, "
             f"peak RSS {fmt_bytes(summary['peak_rss_bytes'])}]")
 

@@ -1,8 +1,8 @@
 """Read neuron bundles from a layout file into cache slots: few, aligned, concurrent reads.
 
 Missing positions become coalesced 4096-aligned extents (planner.plan_reads, merging gaps the
-device model says are cheaper to read through), cut into pieces no larger than one I/O buffer.
-Pieces are read by a thread pool with ``os.preadv`` (which releases the GIL) into page-aligned
+device model says are cheaper to read through at the reader's queue depth), cut into pieces no
+larger than one I/O buffer. Pieces are read by a thread pool (one thread per read in flight) with ``os.preadv`` (which releases the GIL) into page-aligned
 buffers, from an O_DIRECT descriptor; where the file system refuses O_DIRECT the reader falls back
 to buffered reads and drops what it read from the page cache, so every read is a disk read.
 Short reads are completed, EINTR is retried, and any other OSError becomes a StreamError naming
@@ -44,6 +44,7 @@ class ReadResult:
     seconds: float = 0.0  # wall time of the whole read
     start: float = 0.0  # time.perf_counter() when it was submitted
     end: float = 0.0  # ... and when its last piece landed
+    model_s: float = 0.0  # the device model's time for the same pieces at the same queue depth
 
 
 class BundleReader:
@@ -57,7 +58,8 @@ class BundleReader:
         self.device = device
         largest = max((r.length for r in regions), default=BLOCK)
         self.buffer_bytes = max(BLOCK, min(buffer_bytes, -(-largest // BLOCK) * BLOCK) // BLOCK * BLOCK)
-        self.merge_gap_blocks = device.merge_gap_blocks
+        # reading a gap costs less than a request's latency at this queue depth; never more than a buffer
+        self.merge_gap_blocks = min(device.gap_bytes(threads), self.buffer_bytes) // BLOCK
         self._preadv = preadv
         self.direct = False
         self.fd = self._open(io)
@@ -166,6 +168,7 @@ class BundleReader:
                 remaining[0] -= 1
                 if remaining[0]:
                     return
+            t1 = time.perf_counter()  # the last piece landed: the read's span ends here, before any check
             errors = [f.exception() for f in futures if f.exception() is not None]
             if not errors and self.verify:
                 try:
@@ -175,8 +178,8 @@ class BundleReader:
             if errors:
                 result.set_exception(errors[0])
             else:
-                t1 = time.perf_counter()
-                result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1))
+                result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1,
+                                             self.device.read_time(len(pieces), nbytes, self.threads)))
 
         if not futures:
             result.set_result(ReadResult())

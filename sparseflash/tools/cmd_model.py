@@ -156,7 +156,8 @@ def register(sub) -> None:
                    help="active-set prediction (default: the layout's)")
     r.add_argument("--device", choices=["cpu", "cuda"], default=Policy.device)
     r.add_argument("--io", choices=["direct", "buffered"], default=Policy.io)
-    r.add_argument("--io-threads", type=int, default=Policy.io_threads)
+    r.add_argument("--io-threads", type=int, default=None,
+                   help="reads in flight (default: chosen, with their size, from the disk's measured model)")
     r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
     r.add_argument("--no-verify", action="store_true",
                    help="do not check bundles against their digests as they are read, nor resident tensors at load "

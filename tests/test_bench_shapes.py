@@ -1,0 +1,60 @@
+"""bench_vs_llamacpp.py --shape: the plan (cap, resident dtype, set-up steps) without running, and
+the rows of its output schema."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import vs_llamacpp_shapes as shapes  # noqa: E402
+from bench_prepare import SHAPES  # noqa: E402
+
+
+def dry_run(shape: str, share: float, tmp_path) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_vs_llamacpp.py"), "--shape", shape,
+                          "--cap-share", str(share), "--dry-run", "--checkpoint", str(tmp_path / "none"),
+                          "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return json.loads(out.stdout)
+
+
+def test_the_7b_plan_keeps_f16_at_half_and_quantizes_below(tmp_path):
+    half = dry_run("7b", 0.5, tmp_path)
+    b = shapes.shape_bytes(SHAPES["7b"], "f16")
+    assert half["weight_allowance_bytes"] == int(0.5 * b["gguf_bytes_estimate"])
+    assert half["resident_dtype"] == "f16"
+    f16 = half["resident_dtype_table"][0]
+    assert f16["resident_bytes"] + f16["predictor_bytes_estimate"] + f16["io_buffer_bytes"] + f16["cache_bytes"] \
+        == half["weight_allowance_bytes"]
+    assert dry_run("7b", 0.4, tmp_path)["resident_dtype"] == "q8"  # f16 leaves too little cache at 40%
+    assert any("export-gguf" in s for s in half["setup_steps"]) and any("prepare" in s for s in half["setup_steps"])
+    assert not (tmp_path / "work").exists()  # a dry run makes nothing
+
+
+def test_resident_bytes_of_the_7b_shape():
+    # Llama-2-7B: 32 x 4 x 4096^2 attention + 2 x 32000 x 4096 embedding and head, 2 bytes each
+    assert shapes.shape_bytes(SHAPES["7b"], "f16")["resident_bytes"] == (32 * 4 * 4096**2 + 2 * 32000 * 4096) * 2
+    assert shapes.shape_bytes(SHAPES["7b"], "q8")["resident_bytes"] == (32 * 4 * 4096**2 + 2 * 32000 * 4096) // 32 * 34
+
+
+def test_config_rows_follow_the_schema():
+    err = shapes.config_row("sparseflash-exact", {"error": "waits for quantized resident tensors"})
+    assert err["decode_tok_s"] is None and err["error"].startswith("waits")
+    run = {"prefill_s": 0.5, "decode_s": 2.0, "tokens": list(range(11)), "engine_bytes_read": 40 << 20,
+           "hit_rate": 0.5, "predicted_per_token": 10.0, "io_wait_s": 1.0, "read_busy_s": 0.1, "model_read_s": 0.08}
+    r = {"runs": [run, run], "load_s": 1.0, "gen_read_bytes": 88 << 20, "load_read_bytes": 0, "ru_maxrss_bytes": 100 << 20,
+         "cgroup_peak_bytes": 50 << 20, "engine_bytes_read": 80 << 20, "memory_plan": {}, "direct_io": True,
+         "strategy": "all", "io": {"threads": 4}}
+    row = shapes.config_row("sparseflash-exact", r)
+    assert row["decode_tok_s"] == pytest.approx(20 / 4.0)
+    assert row["disk_mib_per_token"] == pytest.approx(88 / 22)
+    assert row["achieved_gbps"] == pytest.approx((80 << 20) / 0.2 / 1e9)
+    assert row["device_model_gbps"] == pytest.approx((80 << 20) / 0.16 / 1e9)
+    assert row["peak_mib"] == pytest.approx(50)
+    assert {"name", "decode_tok_s", "disk_mib_per_token", "achieved_gbps", "peak_mib"} <= set(row)
