@@ -3,8 +3,10 @@
 ``slots`` (capacity, bundle_len) holds bundles in the storage dtype; ``slot_of[position]`` and
 ``position_of[slot]`` keep the index in step; free slots are a stack. ``down_norm[slot]`` is the
 norm of the slot's down column (set when it is filled), which turns activations into magnitudes. Pinned slots (the hot region)
-are never evicted. Eviction picks victims among unprotected slots: a neuron used within the last
-``window`` tokens is protected; beyond it the policy is
+are never evicted. Eviction picks victims among unprotected slots. ``window`` K protects every neuron
+used by the current token or by one of the K tokens before it (last use >= step - K); this is what
+``--window K`` means everywhere (the ``window`` policy, eval/simulate.py, io-report's sweeps).
+Beyond the window the policy is
 - ``lru``: oldest last use first;
 - ``lfu``: fewest uses, then oldest;
 - ``predicted`` (predictor-informed): lowest predictor score first, then oldest; the engine sets the
@@ -52,7 +54,7 @@ class NeuronCache:
     def tick(self) -> None:
         """A new token begins (policy "window": neurons that left the window are dropped)."""
         self.step += 1
-        if self.policy == "window":  # keep exactly what the last `window` tokens used
+        if self.policy == "window":  # keep exactly what the window (the K tokens before this one) used
             old = (self.position_of >= 0) & ~self.pinned & (self.last_use < self.step - self.window)
             self.evict(np.nonzero(old)[0])
 
@@ -78,7 +80,7 @@ class NeuronCache:
         self._n_free += len(slots)
 
     def _evictable_mask(self, protect: np.ndarray | None) -> np.ndarray:
-        ok = (self.position_of >= 0) & ~self.pinned & (self.last_use <= self.step - self.window)
+        ok = (self.position_of >= 0) & ~self.pinned & (self.last_use < self.step - self.window)  # not in the window
         if protect is not None and len(protect):
             ok[protect] = False
         return ok

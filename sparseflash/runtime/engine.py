@@ -33,7 +33,7 @@ class TokenStats:
 
     tokens: int = 0
     predicted: int = 0  # neurons computed, summed over layers
-    needed: int = 0  # of those, truly active (layout/schema.py: magnitude >= threshold and > 0)
+    needed: int | None = 0  # of those, truly active (layout/schema.py); None when not counted (Policy.count_needed)
     hits: int = 0  # predicted neurons found in the cache (hot region included)
     misses: int = 0
     bytes_read: int = 0
@@ -41,12 +41,13 @@ class TokenStats:
     io_wait_s: float = 0.0
     predictor_s: float = 0.0
     ffn_s: float = 0.0  # the sparse kernel (compute step)
-    attention_s: float = 0.0  # attention, norms and embedding: the time between FFN calls
+    attention_s: float = 0.0  # attention only (timed by Transformer); norms, embedding, adds go to other_s
     head_s: float = 0.0  # final norm and LM head: from the last FFN to the end of the step
     token_s: float = 0.0  # wall time of the whole forward step (Transformer.forward)
     per_layer_predicted: list = field(default_factory=list)
     # per layer, in order: [attention_s, predict_s, io_wait_s, compute_s, other_s, read_bytes, prefetch_bytes];
-    # other_s is the FFN step's bookkeeping (planning, cache index, hand-offs). The spans add up:
+    # other_s is the FFN step's bookkeeping (planning, cache index, hand-offs) plus the norms and residual
+    # adds between the previous FFN and this one (all but attention). The spans add up:
     # sum(attention + predict + io_wait + compute + other) + head_s == token_s (docs/runtime.md)
     timeline: list = field(default_factory=list)
     read_spans: list = field(default_factory=list)  # (start, end) perf_counter stamps of every read that landed
@@ -92,6 +93,7 @@ class StreamingFFN:
         self._last_t = time.perf_counter()
         self._step_t: float | None = None  # start of the forward step in progress (begin_step)
         self._ahead_bytes = 0  # bundle bytes of the look-ahead read the current layer started
+        self._attention_t = 0.0  # attention time noted since the previous FFN call (note_attention)
 
     @property
     def strategy(self) -> str:
@@ -121,6 +123,10 @@ class StreamingFFN:
             self._current.token_s = t - self._step_t
         self._step_t = None
 
+    def note_attention(self, seconds: float) -> None:
+        """The Transformer timed a layer's attention (called before that layer's FFN)."""
+        self._attention_t += seconds
+
     # -- the per-layer loop ---------------------------------------------------------------------
     def __call__(self, l: int, x: torch.Tensor) -> torch.Tensor:
         t_start = time.perf_counter()
@@ -128,8 +134,11 @@ class StreamingFFN:
             self._begin_token(x.shape[0])
             self._last_t = t_start
         s = self._current
-        before = (t_start - self._last_t, s.predictor_s, s.io_wait_s, s.ffn_s, s.bytes_read)
-        s.attention_s += before[0]  # everything since the previous layer's FFN (or the step start)
+        between = t_start - self._last_t  # since the previous layer's FFN (or the step start)
+        attention = min(self._attention_t, between)
+        self._attention_t = 0.0
+        before = (attention, s.predictor_s, s.io_wait_s, s.ffn_s, s.bytes_read, between - attention)
+        s.attention_s += attention
         try:
             y = self._layer(l, x, s)
         except BaseException:  # a failed read or kernel: reads in flight are waited for and their slots freed
@@ -181,12 +190,13 @@ class StreamingFFN:
         attention, predict, io, compute = (before[0], s.predictor_s - before[1], s.io_wait_s - before[2],
                                            s.ffn_s - before[3])
         ahead_bytes, self._ahead_bytes = self._ahead_bytes, 0
-        s.timeline.append([attention, predict, io, compute, span - predict - io - compute, s.bytes_read - before[4],
-                           ahead_bytes])
+        other = span - predict - io - compute + before[5]  # + norms and adds before this FFN
+        s.timeline.append([attention, predict, io, compute, other, s.bytes_read - before[4], ahead_bytes])
 
     # -- the steps ------------------------------------------------------------------------------
     def _begin_token(self, tokens: int) -> TokenStats:
-        s = TokenStats(tokens=tokens)
+        s = TokenStats(tokens=tokens, needed=0 if self.policy.counts_needed else None)
+        self._attention_t = 0.0
         self.stats.append(s)
         self._current = s
         for l, cache in enumerate(self.caches):
@@ -245,8 +255,9 @@ class StreamingFFN:
     def _compute(self, l: int, x: torch.Tensor, slots: np.ndarray, y: torch.Tensor, s: TokenStats) -> None:
         t = time.perf_counter()
         cache = self.caches[l]
-        acts = self.compute(l, x, cache, slots, y)
-        s.needed += count_active(acts, cache.down_norm[slots], self.regions[l].threshold)
+        acts = self.compute(l, x, cache, slots, y, activations=s.needed is not None)
+        if acts is not None:
+            s.needed += count_active(acts, cache.down_norm[slots], self.regions[l].threshold)
         s.ffn_s += time.perf_counter() - t
 
     def _compute_in_batches(self, l: int, x: torch.Tensor, plan: LayerPlan, y: torch.Tensor, s: TokenStats) -> None:

@@ -80,6 +80,13 @@ class Policy:
     reuse: bool = True  # False: forget every unpinned neuron at each token (the no-cache baseline)
     device: str = "cpu"  # where the neuron cache and the sparse FFN live: cpu | cuda
     verify: bool = True  # check every bundle read (digest, finite values) and resident tensors at load
+    # count the truly active among the computed neurons (TokenStats.needed): None = on the host only, since
+    # on cuda it copies each layer's activations back and waits for the GPU
+    count_needed: bool | None = None
+
+    @property
+    def counts_needed(self) -> bool:
+        return self.device == "cpu" if self.count_needed is None else self.count_needed
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):
