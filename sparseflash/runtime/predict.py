@@ -76,11 +76,12 @@ class Predictors:
 
 def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = None,
                     lookahead: bool = True, verify: bool = True) -> Predictors:
-    """The layout's predictors; ``strategy`` None takes the layout's own (``all`` when it has none).
-    With ``verify``, every predictor tensor's checksum is checked as it is read."""
+    """The layout's predictors; ``strategy`` None takes the layout's default (its quality gate's choice,
+    else the predictors' own; ``all`` when it has none). With ``verify``, every predictor tensor's
+    checksum is checked as it is read."""
     meta = header.predictors
     if strategy is None:
-        strategy = meta.strategy if meta else "all"
+        strategy = meta.default_strategy if meta else "all"
     if strategy not in STRATEGIES:
         raise SparseflashError(f"unknown prediction strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if strategy == "all":
