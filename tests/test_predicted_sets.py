@@ -47,13 +47,19 @@ def test_runtime_positions_are_the_predictor_choice_mapped_through_the_permutati
         lm.close()
 
 
-@pytest.mark.parametrize("family, budget", [("nemotron", "30%ffn"), ("llama-relu", "45%ffn")])
-def test_streamed_engine_equals_dense_masked_to_the_same_neurons(tmp_path, family, budget):
-    """f32 layout, top-k predictors with look-ahead, a cache far below the layer: the streamed logits
-    equal a dense forward whose FFNs keep only the neurons the engine computed."""
+COST_AWARE = dict(cached_bonus=1.0, miss_penalty=3.0, eviction="forecast")
+
+
+@pytest.mark.parametrize("family, budget, policy", [("nemotron", "30%ffn", {}), ("llama-relu", "45%ffn", {}),
+                                                    ("nemotron", "30%ffn", COST_AWARE),
+                                                    ("llama-relu", "45%ffn", COST_AWARE)])
+def test_streamed_engine_equals_dense_masked_to_the_same_neurons(tmp_path, family, budget, policy):
+    """f32 layout, top-k predictors with look-ahead, a cache far below the layer (with and without
+    cost-aware selection): the streamed logits equal a dense forward whose FFNs keep only the neurons
+    the engine computed."""
     dense, path = tiny_layout(tmp_path, family, dtype="f32", preds=_predictors(2), strategy="topk", n_hot=8)
     ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(2))
-    model = open_streamed(path, budget, io_buffer_bytes=4096)
+    model = open_streamed(path, budget, io_buffer_bytes=4096, **policy)
     try:
         assert model.engine.predictors.lookahead and model.engine.policy.lookahead
         model.engine.trace = [[] for _ in range(2)]
@@ -61,6 +67,7 @@ def test_streamed_engine_equals_dense_masked_to_the_same_neurons(tmp_path, famil
         out = torch.cat([model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(ids.shape[1])], 1)
         trace = model.engine.trace
         assert sum(s.bytes_read for s in model.engine.stats) > 0
+        assert sum(s.prefetched for s in model.engine.stats) > 0  # look-ahead reads happened
         assert model.engine.memory.slots_per_layer < 160 - 8
         perms = [np.asarray(model.layout.file.tensor(permutation_tensor(l))) for l in range(2)]
     finally:

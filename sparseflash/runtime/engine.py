@@ -36,6 +36,7 @@ class TokenStats:
     needed: int | None = 0  # of those, truly active (layout/schema.py); None when not counted (Policy.count_needed)
     hits: int = 0  # predicted neurons found in the cache (hot region included)
     misses: int = 0
+    prefetched: int = 0  # neurons read ahead by look-ahead prefetch (used or not)
     bytes_read: int = 0
     requests: int = 0
     io_wait_s: float = 0.0
@@ -209,17 +210,27 @@ class StreamingFFN:
         t = time.perf_counter()
         if self.strategy == "all":
             positions = np.arange(self.regions[l].n_neurons)
-        elif self.policy.eviction == "predicted":  # the logits also rank the cached neurons for eviction
-            positions, scores = self.predictors.own[l].predict(x, self.strategy, self.policy.margin, scores=True)
+        elif self.policy.eviction in ("predicted", "forecast"):  # the logits also rank the cached neurons
+            positions, scores = self.predictors.own[l].predict(x, self.strategy, self.policy.margin, scores=True,
+                                                               offset=self._cost_offset(l))
             self.caches[l].note_scores(scores)
         else:
-            positions = self.predictors.own[l].predict(x, self.strategy, self.policy.margin)
+            positions = self.predictors.own[l].predict(x, self.strategy, self.policy.margin,
+                                                       offset=self._cost_offset(l))
         s.predictor_s += time.perf_counter() - t
         s.predicted += len(positions)
         s.per_layer_predicted.append(len(positions))
         if self.trace is not None:
             self.trace[l].append(positions)
         return positions
+
+    def _cost_offset(self, l: int) -> np.ndarray | None:
+        """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot
+        region included: computing it costs no read), -miss_penalty where it would have to be read."""
+        bonus, penalty = self.policy.cached_bonus, self.policy.miss_penalty
+        if not bonus and not penalty:
+            return None
+        return np.where(self.caches[l].slot_of >= 0, np.float32(bonus), np.float32(-penalty))
 
     def _start_prefetch(self, nxt: int, x: torch.Tensor, s: TokenStats) -> None:
         if nxt >= len(self.regions) or nxt in self._prefetch:
@@ -232,9 +243,13 @@ class StreamingFFN:
             ahead = self.predictors.lookahead.get(nxt)
             if ahead is None:
                 return
-            missing = plan_prefetch(cache, ahead.predict(x, self.strategy, self.policy.margin), self.policy.min_slots,
-                                    self.fetcher.prefetch_limit())
+            wanted, scores = ahead.predict(x, self.strategy, self.policy.margin, scores=True,
+                                           offset=self._cost_offset(nxt))
+            if self.policy.eviction in ("predicted", "forecast"):  # rank layer nxt's cache by the look-ahead
+                cache.note_lookahead(scores)
+            missing = plan_prefetch(cache, wanted, self.policy.min_slots, self.fetcher.prefetch_limit())
         if len(missing):
+            s.prefetched += len(missing)
             self._prefetch[nxt] = self.fetcher.start(nxt, missing, cache.reserve(len(missing)))
             self._ahead_bytes = len(missing) * self.regions[nxt].bundle_bytes
         s.predictor_s += time.perf_counter() - t
