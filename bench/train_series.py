@@ -3,6 +3,7 @@
 
     python bench/train_series.py --out /tmp/series --activation relu2   # ReLU² nemotron, 12 checkpoints
     python bench/train_series.py --out /tmp/series --activation silu    # SiLU llama of the same size
+    python bench/train_series.py --out /tmp/series --activation relu    # gated ReLU (ReGLU) llama, same size
     python bench/train_series.py --out /tmp/series --width-depth        # 5 ReLU² shapes of one budget
     python bench/train_series.py --out /tmp/series --quick              # a tiny series in seconds (tests)
 
@@ -75,7 +76,7 @@ WIDTH_DEPTH_TOKENS = 600_000
 
 
 def build_model(shape: Shape, activation: str, ctx: int, seed: int):
-    """A randomly initialised transformers model: ReLU² nemotron or SiLU llama, tied embeddings."""
+    """A randomly initialised transformers model: ReLU² nemotron, SiLU or ReGLU llama, tied embeddings."""
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=shape.hidden, intermediate_size=shape.neurons(activation),
@@ -85,10 +86,10 @@ def build_model(shape: Shape, activation: str, ctx: int, seed: int):
                   eos_token_id=0, pad_token_id=None)
     if activation == "relu2":
         config = transformers.NemotronConfig(hidden_act="relu2", partial_rotary_factor=0.5, **common)
-    elif activation == "silu":
-        config = transformers.LlamaConfig(hidden_act="silu", **common)
+    elif activation in ("silu", "relu"):  # relu: a gated ReLU (ReGLU) FFN
+        config = transformers.LlamaConfig(hidden_act=activation, **common)
     else:
-        raise SystemExit(f"train_series: --activation must be relu2 or silu, got {activation!r}")
+        raise SystemExit(f"train_series: --activation must be relu2, silu or relu, got {activation!r}")
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -208,7 +209,7 @@ def train_series(out: str | os.PathLike, activation: str = "relu2", quick: bool 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (series go in subfolders)")
-    ap.add_argument("--activation", choices=("relu2", "silu"), default="relu2")
+    ap.add_argument("--activation", choices=("relu2", "silu", "relu"), default="relu2")
     ap.add_argument("--width-depth", action="store_true", help="ReLU² models of one budget at several width/depth ratios")
     ap.add_argument("--quick", action="store_true", help="a tiny series on the bundled calibration text (seconds)")
     ap.add_argument("--corpus", default=None, help=f"training text (default: {SHARED_TRAIN}; --quick: the bundled one)")

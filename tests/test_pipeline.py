@@ -13,8 +13,10 @@ from sparseflash.model.text import corpus_ids
 from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.tools.cli import main
 
+# small and quick: its predictors are weak (held-out ppl +5-55% over dense), so the quality gate gets a
+# loose bound here to keep the predicted mode under test; test_quality_gate_* tightens it
 SMALL = PrepareParams(profile_tokens=8192, cett_tokens=4096, heldout_tokens=1024, predictor_tokens=8192,
-                      rank=24, epochs=8, hot_fraction=0.1)
+                      rank=24, epochs=8, hot_fraction=0.1, gate_rise_pct=100.0)
 DEVICE = DeviceModel(latency_s=80e-6, bandwidth_bps=1e9, source="test")
 
 
@@ -35,7 +37,7 @@ def heldout_ids():
 
 def test_prepare_writes_everything_once(prepared):
     out, path, logs = prepared
-    assert len(logs) == 4 and path.exists()
+    assert len(logs) == 5 and path.exists()  # the memory bound, three steps and the quality gate
     assert logs[0].startswith("[prepare] expected peak memory")  # the bound, printed before any step
     assert (out / "profile" / "profile.json").exists() and (out / "predictors" / "predictors.json").exists()
     again = []
@@ -144,3 +146,40 @@ def test_stale_artefacts_are_refused_naming_the_command_to_rerun(prepared, tmp_p
                  str(tmp_path / "d.sflash")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "re-run `sparseflash profile`" in err
+
+
+def test_quality_gate_falls_back_to_exact_streaming_when_the_bound_is_missed(prepared, tmp_path, capsys):
+    """A bound no predicted mode can meet (a 1e-6 % rise): prepare says so in one line, records `all`
+    in the layout, and `run` / `inspect` show it. Profile and predictors are reused from the fixture."""
+    import dataclasses
+    import shutil
+
+    from sparseflash.layout.schema import read_header
+    from sparseflash.runtime.session import open_streamed
+
+    out, path, logs = prepared
+    assert any(m.startswith("[prepare] quality gate: kept") for m in logs)  # the loose bound holds
+    with LayoutFile.open(path) as f:
+        kept = read_header(path, f.header).predictors
+    assert kept.gate["strategy"] == kept.strategy and kept.gate["rise_pct"][kept.strategy] <= 100.0
+
+    strict_dir = tmp_path / "strict"
+    shutil.copytree(out, strict_dir)
+    strict, again = dataclasses.replace(SMALL, gate_rise_pct=1e-6), []
+    calib, held = bundled_texts()
+    strict_path = prepare(None, calib, held, strict_dir, strict, quiet=True, log=again.append)
+    gate_lines = [m for m in again if "quality gate" in m]
+    assert len(gate_lines) == 1 and "FALLBACK to all" in gate_lines[0]
+    assert not any("profiling" in m or "training predictors" in m for m in again)  # only the layout was redone
+    with LayoutFile.open(strict_path) as f:
+        header = read_header(strict_path, f.header)
+    assert header.predictors.gate["strategy"] == "all" and header.predictors.default_strategy == "all"
+    model = open_streamed(strict_path, "50%ffn")
+    try:
+        assert model.engine.strategy == "all"
+    finally:
+        model.close()
+    assert main(["inspect", str(strict_path)]) == 0
+    assert "quality gate: FALLBACK to all" in capsys.readouterr().out
+    assert main(["run", "-m", str(strict_path), "--budget", "50%ffn", "-p", "The", "-n", "3"]) == 0
+    assert "quality gate: fallback, exact" in capsys.readouterr().err

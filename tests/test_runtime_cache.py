@@ -33,7 +33,7 @@ class ReferenceCache:
 
     def evictable(self, protect=()):
         return [p for p, h in self.held.items() if p not in self.pinned and p not in protect
-                and h["last"] <= self.step - self.window]
+                and h["last"] < self.step - self.window]  # window K: the current token and the K before it
 
     def tick(self):
         self.step += 1

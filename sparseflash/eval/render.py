@@ -68,6 +68,11 @@ def inspect_text(out: dict) -> str:
              f"{header.get('dtype')} bundles of {header.get('bundle_bytes')} B, hot {header.get('n_hot')}/layer",
              f"  resident {fmt_bytes(out['resident_bytes'])} in {out['tensors']} tensors, "
              f"FFN regions {fmt_bytes(out['ffn_bytes'])}, predictors: {header.get('predictors') is not None}"]
+    gate = (header.get("predictors") or {}).get("gate") if isinstance(header.get("predictors"), dict) else None
+    if gate:
+        from sparseflash.layout.quality_gate import gate_line
+
+        lines.append(f"  {gate_line(gate)}")
     if "compression" in out:
         z = out["compression"]
         lines.append(f"  zstd: FFN {fmt_bytes(z['raw_bytes'])} -> {fmt_bytes(z['stored_bytes'])} ({z['ratio']:.1%}), "

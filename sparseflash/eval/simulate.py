@@ -25,7 +25,8 @@ class SimResult:
 
 def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: str = "lru", window: int = 0):
     """Per token, the positions that must be read. ``trace[t]`` holds stored positions needed at t;
-    positions < n_hot are resident. ``capacity`` counts unpinned slots."""
+    positions < n_hot are resident. ``capacity`` counts unpinned slots. ``window`` K protects the
+    neurons used by token t or by one of the K tokens before it (runtime/cache.py's rule)."""
     needed = [np.asarray(p, dtype=np.int64)[np.asarray(p) >= n_hot] for p in trace]
     next_use = None
     if policy == "belady":
@@ -53,11 +54,11 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
             if policy == "belady":
                 candidates.sort(key=lambda p: -cached[p])
             elif policy == "lfu":
-                candidates = [p for p in candidates if cached[p] <= t - window] or candidates
+                candidates = [p for p in candidates if cached[p] < t - window] or candidates
                 candidates.sort(key=lambda p: (uses.get(p, 0), cached[p]))
             else:
-                protected = [p for p in candidates if cached[p] > t - window]
-                candidates = sorted((p for p in candidates if cached[p] <= t - window), key=lambda p: cached[p])
+                protected = [p for p in candidates if cached[p] >= t - window]
+                candidates = sorted((p for p in candidates if cached[p] < t - window), key=lambda p: cached[p])
                 candidates += sorted(protected, key=lambda p: cached[p])  # forced: oldest protected next
             for p in candidates[:overflow]:
                 del cached[p]

@@ -49,8 +49,9 @@ def _layer_stats(profile_dir: Path, layer: int, n: int, tokens: int, thresholds:
 
 def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.PathLike, out_path: str | os.PathLike,
                  predictors_dir: str | os.PathLike | None = None, params: LayoutParams = LayoutParams(),
-                 source_hash: str = "", quiet: bool = False) -> ModelHeader:
-    """Write the layout file; returns its header (what was written and why)."""
+                 source_hash: str = "", quiet: bool = False, gate: dict | None = None) -> ModelHeader:
+    """Write the layout file; returns its header (what was written and why). ``gate``: prepare's
+    quality-gate decision (layout/quality_gate.py), recorded with the predictors."""
     c, p = model.config, params
     profile_dir = Path(profile_dir)
     profile = load_profile(profile_dir)
@@ -94,7 +95,7 @@ def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.Pat
         "hot_fraction": p.hot_fraction,
     }
     return write_layout(model, out_path, perms, n_hot, thresholds, p.dtype, preds, strategy, report, provenance,
-                        p.zstd_level, source_hash, quiet, p.resident)
+                        p.zstd_level, source_hash, quiet, p.resident, gate=gate if preds else None)
 
 
 def _bundle_bytes(c, dtype: str) -> int:
@@ -108,7 +109,7 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
                  thresholds: list[float], dtype: str = "f16", predictors: dict | None = None,
                  strategy: str = "threshold", report: dict | None = None, provenance: dict | None = None,
                  zstd_level: int | None = None, source_hash: str = "", quiet: bool = False,
-                 resident_dtype: str | None = None) -> ModelHeader:
+                 resident_dtype: str | None = None, gate: dict | None = None) -> ModelHeader:
     """Write a layout file from a model's weights (in memory, or a checkpoint source read a layer at a
     time: at most one layer and a block of bundles in memory), per-layer permutations and thresholds.
 
@@ -125,7 +126,7 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
         spec = lambda p: None if p is None else PredictorSpec(int(p.topk), float(p.cut), int(p.rank))  # noqa: E731
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),
-                                       report)
+                                       report, gate)
     resident_dtype = resident_dtype or ("f16" if dtype in ("q8", "q4") else dtype)
     header = ModelHeader(c.to_dict(), w.tokenizer_json, source_hash, dtype, n_hot, pred_header,
                          provenance or {}, resident_dtype)

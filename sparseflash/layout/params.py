@@ -157,8 +157,14 @@ class PrepareParams:
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype
     resident_dtype: str | None = LayoutParams.resident_dtype
+    # the quality gate (layout/quality_gate.py): the predicted mode is kept only if its held-out perplexity
+    # is within this rise over dense (percent), else the other strategy, else exact streaming (`all`)
+    gate_rise_pct: float = 1.0
+    dense_sparsity: float = 0.5  # below this PPL-p% sparsity the model is reported too dense to gain
 
     def __post_init__(self):
+        check_float("--gate-rise", self.gate_rise_pct, 0, math.inf, hi_open=True)
+        check_float("dense_sparsity", self.dense_sparsity, 0, 1)
         for flag, value in (("--tokens", self.profile_tokens), ("cett_tokens", self.cett_tokens),
                             ("--heldout-tokens", self.heldout_tokens), ("--tokens", self.predictor_tokens),
                             ("--epochs", self.epochs)):

@@ -2,7 +2,9 @@
 
 A prepared directory holds ``profile/``, ``predictors/``, ``model.sflash`` and ``prepare.json``
 (the checkpoint hash and the parameters of every step). A step is redone only when its output is
-missing or was made from another checkpoint or other parameters.
+missing or was made from another checkpoint or other parameters. Before the layout is written, the
+quality gate (layout/quality_gate.py) checks the predicted mode's held-out perplexity and picks the
+strategy the layout records as the runtime's default (falling back to exact streaming).
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
     from sparseflash.layout.params import PredictorParams, ProfileParams, TrainParams
     from sparseflash.layout.predictors_build import build_predictors
     from sparseflash.layout.profile import load_profile, run_profile
+    from sparseflash.layout.quality_gate import decide_gate, gate_line
     tokenizer = source.tokenizer()
     calib = corpus_ids(corpus, tokenizer, max(params.profile_tokens, params.predictor_tokens))
     held = corpus_ids(heldout, tokenizer, params.heldout_tokens)
@@ -142,9 +145,12 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
                          record.source_hash, quiet)
         record.done("predictors", invalidates=("layout",))
     if not record.fresh("layout", out / "model.sflash"):
+        gate = decide_gate(json.loads((out / "predictors" / "predictors.json").read_text()),
+                           load_profile(out / "profile"), params.gate_rise_pct, params.dense_sparsity)
+        log(f"[prepare] {gate_line(gate)}")
         log(f"[prepare 3/3] writing the {params.order}-ordered layout ...")
         build_layout(source, out / "profile", out / "model.sflash", out / "predictors",
-                     params.layout_params(), source_hash=record.source_hash, quiet=quiet)
+                     params.layout_params(), source_hash=record.source_hash, quiet=quiet, gate=gate)
         record.done("layout")
 
 

@@ -145,11 +145,22 @@ class PredictorsHeader:
     layers: tuple[PredictorSpec, ...]
     lookahead: tuple[PredictorSpec | None, ...]  # None for layer 0 and where none was trained
     report: dict | None = None  # measured quality (free-form, shown by inspect)
+    # prepare's quality gate (layout/quality_gate.py): its "strategy" (topk | threshold | all) is the
+    # runtime's default in place of ``strategy``; the rest is what it measured (shown by run and inspect)
+    gate: dict | None = None
+
+    @property
+    def default_strategy(self) -> str:
+        """The strategy a run uses unless told otherwise: the gate's, else the predictors' own."""
+        return self.gate["strategy"] if self.gate is not None else self.strategy
 
     def to_json(self) -> dict:
         spec = lambda p: None if p is None else {"topk": p.topk, "cut": p.cut, "rank": p.rank}  # noqa: E731
-        return {"strategy": self.strategy, "layers": [spec(p) for p in self.layers],
-                "lookahead": [spec(p) for p in self.lookahead], "report": self.report}
+        out = {"strategy": self.strategy, "layers": [spec(p) for p in self.layers],
+               "lookahead": [spec(p) for p in self.lookahead], "report": self.report}
+        if self.gate is not None:
+            out["gate"] = self.gate
+        return out
 
 
 # ---- the header ----------------------------------------------------------------------------
@@ -270,7 +281,8 @@ def read_header(path: object, doc: dict) -> ModelHeader:
 
 
 def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
-    c.object(doc, "header.predictors", ("strategy", "layers", "lookahead", "report"), optional=("report",))
+    c.object(doc, "header.predictors", ("strategy", "layers", "lookahead", "report", "gate"),
+             optional=("report", "gate"))
     strategy = c.str(doc["strategy"], "header.predictors.strategy", STRATEGIES)
     layers_n, n = model["num_layers"], model["intermediate_size"]
 
@@ -293,7 +305,11 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
     report = doc.get("report")
     if report is not None:
         c.object(report, "header.predictors.report")
-    return PredictorsHeader(strategy, own, ahead, report)
+    gate = doc.get("gate")
+    if gate is not None:
+        c.object(gate, "header.predictors.gate")
+        c.str(gate.get("strategy"), "header.predictors.gate.strategy", (*STRATEGIES, "all"))
+    return PredictorsHeader(strategy, own, ahead, report, gate)
 
 
 # ---- the tensors a header implies ----------------------------------------------------------

@@ -4,7 +4,8 @@ The FFN is a pluggable callable ``ffn(layer, x_normed) -> output`` so that profi
 activations, quality checks can mask them, and the streaming runtime can compute only the neurons
 it has read. Everything else (embeddings, attention, norms, head) is computed here. An FFN object
 may also have ``begin_step(tokens)`` and ``end_step()``: they are called when a forward step starts
-and ends (the streaming runtime times each token's layers with them).
+and ends (the streaming runtime times each token's layers with them), and ``note_attention(seconds)``:
+it is told each layer's attention time (wall time on the host) before that layer's FFN call.
 
 A compression plugin (model/plugin.py) may shorten a prompt during prefill: after its layer, each
 group of ``ratio`` prompt tokens becomes one vector, so later layers hold fewer KV slots than
@@ -13,6 +14,7 @@ positions (``KVCache.shift``, ``KVCache.key_pos``; docs/plugins.md states the ru
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -250,10 +252,16 @@ class Transformer:
     def _layers(self, h: torch.Tensor, layers: range, cos, sin, cache: KVCache | None, slot_and_mask) -> torch.Tensor:
         """Run ``layers`` on h (batch, tokens, d); ``slot_and_mask(i)`` gives layer i's first KV slot and mask."""
         b, t, _ = h.shape
+        note = getattr(self.ffn, "note_attention", None)  # a streamed FFN accounts attention time apart
         for i in layers:
             layer = self.weights.layers[i]
             slot, mask = slot_and_mask(i)
-            h = h + self.attention(i, self.norm(h, layer.attn_norm_w, layer.attn_norm_b), cos, sin, cache, slot, mask)
+            normed = self.norm(h, layer.attn_norm_w, layer.attn_norm_b)
+            t0 = time.perf_counter()
+            attn = self.attention(i, normed, cos, sin, cache, slot, mask)
+            if note is not None:
+                note(time.perf_counter() - t0)
+            h = h + attn
             x = self.norm(h, layer.ffn_norm_w, layer.ffn_norm_b)
             h = h + self.ffn(i, x.reshape(b * t, -1)).reshape(b, t, -1)
         return h

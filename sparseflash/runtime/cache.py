@@ -3,13 +3,18 @@
 ``slots`` (capacity, bundle_len) holds bundles in the storage dtype; ``slot_of[position]`` and
 ``position_of[slot]`` keep the index in step; free slots are a stack. ``down_norm[slot]`` is the
 norm of the slot's down column (set when it is filled), which turns activations into magnitudes. Pinned slots (the hot region)
-are never evicted. Eviction picks victims among unprotected slots: a neuron used within the last
-``window`` tokens is protected; beyond it the policy is
+are never evicted. Eviction picks victims among unprotected slots. ``window`` K protects every neuron
+used by the current token or by one of the K tokens before it (last use >= step - K); this is what
+``--window K`` means everywhere (the ``window`` policy, eval/simulate.py, io-report's sweeps).
+Beyond the window the policy is
 - ``lru``: oldest last use first;
 - ``lfu``: fewest uses, then oldest;
 - ``predicted`` (predictor-informed): lowest predictor score first, then oldest; the engine sets the
   scores of cached neurons from the current token's predictor logits (``note_scores``), so the
   neurons the predictor thinks least likely to fire now go first;
+- ``forecast``: like ``predicted``, but the score is a forecast of the next tokens' use: per neuron, an
+  exponential average (``FORECAST_DECAY``) over tokens of the predicted probability sigmoid(logit);
+  a look-ahead prediction (``note_lookahead``) refreshes the scores of the layer before its own;
 - ``window``: LLM in a Flash's plain sliding window: at each new token every neuron outside the
   window is dropped (slots are freed eagerly, not kept until the space is needed).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 NEVER = np.iinfo(np.int64).min // 2
+FORECAST_DECAY = 0.5  # policy "forecast": weight of the past in the average of predicted probabilities
 
 
 class NeuronCache:
@@ -39,6 +45,7 @@ class NeuronCache:
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # stack: the top gives the lowest free slot
         self._n_free = capacity  # self._free[:self._n_free] are free
         self.window, self.policy = window, policy
+        self._forecast = np.zeros(neurons if policy == "forecast" else 0, dtype=np.float32)  # per neuron
         self.step = 0  # token counter, advanced by tick()
 
     @property
@@ -52,14 +59,28 @@ class NeuronCache:
     def tick(self) -> None:
         """A new token begins (policy "window": neurons that left the window are dropped)."""
         self.step += 1
-        if self.policy == "window":  # keep exactly what the last `window` tokens used
+        if self.policy == "window":  # keep exactly what the window (the K tokens before this one) used
             old = (self.position_of >= 0) & ~self.pinned & (self.last_use < self.step - self.window)
             self.evict(np.nonzero(old)[0])
 
     def note_scores(self, scores: np.ndarray) -> None:
-        """Predictor scores of every neuron for the current token (policy "predicted")."""
+        """Predictor logits of every neuron for the current token (policies "predicted", "forecast")."""
         held = np.nonzero(self.position_of >= 0)[0]
-        self.score[held] = scores[self.position_of[held]]
+        if self.policy == "forecast":
+            self._forecast = FORECAST_DECAY * self._forecast + (1 - FORECAST_DECAY) * _sigmoid(scores)
+            self.score[held] = self._forecast[self.position_of[held]]
+        else:
+            self.score[held] = scores[self.position_of[held]]
+
+    def note_lookahead(self, scores: np.ndarray) -> None:
+        """Look-ahead logits of every neuron for the current token, known one layer early: they rank
+        the cached neurons until the layer's own logits arrive (the average is not updated)."""
+        held = np.nonzero(self.position_of >= 0)[0]
+        pos = self.position_of[held]
+        if self.policy == "forecast":
+            self.score[held] = FORECAST_DECAY * self._forecast[pos] + (1 - FORECAST_DECAY) * _sigmoid(scores[pos])
+        else:
+            self.score[held] = scores[pos]
 
     def lookup(self, positions: np.ndarray) -> np.ndarray:
         """Slot of each position, -1 where not cached."""
@@ -78,7 +99,7 @@ class NeuronCache:
         self._n_free += len(slots)
 
     def _evictable_mask(self, protect: np.ndarray | None) -> np.ndarray:
-        ok = (self.position_of >= 0) & ~self.pinned & (self.last_use <= self.step - self.window)
+        ok = (self.position_of >= 0) & ~self.pinned & (self.last_use < self.step - self.window)  # not in the window
         if protect is not None and len(protect):
             ok[protect] = False
         return ok
@@ -92,7 +113,7 @@ class NeuronCache:
         cand = np.nonzero(self._evictable_mask(protect))[0]
         if self.policy == "lfu":
             order = np.lexsort((self.last_use[cand], self.uses[cand]))
-        elif self.policy == "predicted":
+        elif self.policy in ("predicted", "forecast"):
             order = np.lexsort((self.last_use[cand], self.score[cand]))
         else:
             order = np.argsort(self.last_use[cand], kind="stable")
@@ -153,3 +174,7 @@ class NeuronCache:
         free = self._free[: self._n_free]
         assert len(set(free.tolist())) == len(free) == self.capacity - len(held)
         assert not np.any(self.position_of[free] >= 0)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # no overflow warning for large |z|

@@ -3,8 +3,9 @@ handed (the fetcher has already filled them). On the host it runs the Numba kern
 layer's host slots; with a device cache, the numba.cuda kernel over the device slots, on the
 compute stream, after the layer's uploads (runtime/gpu.py orders the two with events).
 
-It returns the kernel's activations (tokens, slots) on the host, so the engine can count the
-neurons that truly fired (layout/schema.py's definition of active).
+With ``activations`` it returns the kernel's activations (tokens, slots) on the host, so the engine
+can count the neurons that truly fired (layout/schema.py's definition of active); without, it returns
+None and, on the GPU, does not wait for the kernel.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ class SparseCompute:
         self.kernel, self.kind, self.storage = kernel, kind, storage
         self.b_up, self.b_gate, self.gpu = b_up, b_gate, device_cache
 
-    def __call__(self, layer: int, x: torch.Tensor, cache: NeuronCache, slots: np.ndarray, y: torch.Tensor
-                 ) -> np.ndarray:
+    def __call__(self, layer: int, x: torch.Tensor, cache: NeuronCache, slots: np.ndarray, y: torch.Tensor,
+                 activations: bool = True) -> np.ndarray | None:
         """Add the FFN output of ``slots`` for inputs x (tokens, d) float32 into y; returns the
-        activations (tokens, len(slots)) float32 on the host."""
-        acts = np.empty((x.shape[0], len(slots)), dtype=np.float32)
+        activations (tokens, len(slots)) float32 on the host (None without ``activations``)."""
+        acts = np.empty((x.shape[0], len(slots)), dtype=np.float32) if activations else None
         if len(slots) == 0:
             return acts
         gate_b = None if self.b_gate[layer] is None else self.b_gate[layer][cache.position_of]

@@ -33,21 +33,23 @@ class TokenStats:
 
     tokens: int = 0
     predicted: int = 0  # neurons computed, summed over layers
-    needed: int = 0  # of those, truly active (layout/schema.py: magnitude >= threshold and > 0)
+    needed: int | None = 0  # of those, truly active (layout/schema.py); None when not counted (Policy.count_needed)
     hits: int = 0  # predicted neurons found in the cache (hot region included)
     misses: int = 0
+    prefetched: int = 0  # neurons read ahead by look-ahead prefetch (used or not)
     bytes_read: int = 0
     requests: int = 0
     io_wait_s: float = 0.0
     model_read_s: float = 0.0  # the device model's time for the same reads at the reader's queue depth
     predictor_s: float = 0.0
     ffn_s: float = 0.0  # the sparse kernel (compute step)
-    attention_s: float = 0.0  # attention, norms and embedding: the time between FFN calls
+    attention_s: float = 0.0  # attention only (timed by Transformer); norms, embedding, adds go to other_s
     head_s: float = 0.0  # final norm and LM head: from the last FFN to the end of the step
     token_s: float = 0.0  # wall time of the whole forward step (Transformer.forward)
     per_layer_predicted: list = field(default_factory=list)
     # per layer, in order: [attention_s, predict_s, io_wait_s, compute_s, other_s, read_bytes, prefetch_bytes];
-    # other_s is the FFN step's bookkeeping (planning, cache index, hand-offs). The spans add up:
+    # other_s is the FFN step's bookkeeping (planning, cache index, hand-offs) plus the norms and residual
+    # adds between the previous FFN and this one (all but attention). The spans add up:
     # sum(attention + predict + io_wait + compute + other) + head_s == token_s (docs/runtime.md)
     timeline: list = field(default_factory=list)
     read_spans: list = field(default_factory=list)  # (start, end) perf_counter stamps of every read that landed
@@ -94,6 +96,7 @@ class StreamingFFN:
         self._last_t = time.perf_counter()
         self._step_t: float | None = None  # start of the forward step in progress (begin_step)
         self._ahead_bytes = 0  # bundle bytes of the look-ahead read the current layer started
+        self._attention_t = 0.0  # attention time noted since the previous FFN call (note_attention)
 
     @property
     def strategy(self) -> str:
@@ -123,6 +126,10 @@ class StreamingFFN:
             self._current.token_s = t - self._step_t
         self._step_t = None
 
+    def note_attention(self, seconds: float) -> None:
+        """The Transformer timed a layer's attention (called before that layer's FFN)."""
+        self._attention_t += seconds
+
     # -- the per-layer loop ---------------------------------------------------------------------
     def __call__(self, l: int, x: torch.Tensor) -> torch.Tensor:
         t_start = time.perf_counter()
@@ -130,8 +137,11 @@ class StreamingFFN:
             self._begin_token(x.shape[0])
             self._last_t = t_start
         s = self._current
-        before = (t_start - self._last_t, s.predictor_s, s.io_wait_s, s.ffn_s, s.bytes_read)
-        s.attention_s += before[0]  # everything since the previous layer's FFN (or the step start)
+        between = t_start - self._last_t  # since the previous layer's FFN (or the step start)
+        attention = min(self._attention_t, between)
+        self._attention_t = 0.0
+        before = (attention, s.predictor_s, s.io_wait_s, s.ffn_s, s.bytes_read, between - attention)
+        s.attention_s += attention
         try:
             y = self._layer(l, x, s)
         except BaseException:  # a failed read or kernel: reads in flight are waited for and their slots freed
@@ -183,12 +193,13 @@ class StreamingFFN:
         attention, predict, io, compute = (before[0], s.predictor_s - before[1], s.io_wait_s - before[2],
                                            s.ffn_s - before[3])
         ahead_bytes, self._ahead_bytes = self._ahead_bytes, 0
-        s.timeline.append([attention, predict, io, compute, span - predict - io - compute, s.bytes_read - before[4],
-                           ahead_bytes])
+        other = span - predict - io - compute + before[5]  # + norms and adds before this FFN
+        s.timeline.append([attention, predict, io, compute, other, s.bytes_read - before[4], ahead_bytes])
 
     # -- the steps ------------------------------------------------------------------------------
     def _begin_token(self, tokens: int) -> TokenStats:
-        s = TokenStats(tokens=tokens)
+        s = TokenStats(tokens=tokens, needed=0 if self.policy.counts_needed else None)
+        self._attention_t = 0.0
         self.stats.append(s)
         self._current = s
         for l, cache in enumerate(self.caches):
@@ -201,17 +212,27 @@ class StreamingFFN:
         t = time.perf_counter()
         if self.strategy == "all":
             positions = np.arange(self.regions[l].n_neurons)
-        elif self.policy.eviction == "predicted":  # the logits also rank the cached neurons for eviction
-            positions, scores = self.predictors.own[l].predict(x, self.strategy, self.policy.margin, scores=True)
+        elif self.policy.eviction in ("predicted", "forecast"):  # the logits also rank the cached neurons
+            positions, scores = self.predictors.own[l].predict(x, self.strategy, self.policy.margin, scores=True,
+                                                               offset=self._cost_offset(l))
             self.caches[l].note_scores(scores)
         else:
-            positions = self.predictors.own[l].predict(x, self.strategy, self.policy.margin)
+            positions = self.predictors.own[l].predict(x, self.strategy, self.policy.margin,
+                                                       offset=self._cost_offset(l))
         s.predictor_s += time.perf_counter() - t
         s.predicted += len(positions)
         s.per_layer_predicted.append(len(positions))
         if self.trace is not None:
             self.trace[l].append(positions)
         return positions
+
+    def _cost_offset(self, l: int) -> np.ndarray | None:
+        """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot
+        region included: computing it costs no read), -miss_penalty where it would have to be read."""
+        bonus, penalty = self.policy.cached_bonus, self.policy.miss_penalty
+        if not bonus and not penalty:
+            return None
+        return np.where(self.caches[l].slot_of >= 0, np.float32(bonus), np.float32(-penalty))
 
     def _start_prefetch(self, nxt: int, x: torch.Tensor, s: TokenStats) -> None:
         if nxt >= len(self.regions) or nxt in self._prefetch:
@@ -224,9 +245,13 @@ class StreamingFFN:
             ahead = self.predictors.lookahead.get(nxt)
             if ahead is None:
                 return
-            missing = plan_prefetch(cache, ahead.predict(x, self.strategy, self.policy.margin), self.policy.min_slots,
-                                    self.fetcher.prefetch_limit())
+            wanted, scores = ahead.predict(x, self.strategy, self.policy.margin, scores=True,
+                                           offset=self._cost_offset(nxt))
+            if self.policy.eviction in ("predicted", "forecast"):  # rank layer nxt's cache by the look-ahead
+                cache.note_lookahead(scores)
+            missing = plan_prefetch(cache, wanted, self.policy.min_slots, self.fetcher.prefetch_limit())
         if len(missing):
+            s.prefetched += len(missing)
             self._prefetch[nxt] = self.fetcher.start(nxt, missing, cache.reserve(len(missing)))
             self._ahead_bytes = len(missing) * self.regions[nxt].bundle_bytes
         s.predictor_s += time.perf_counter() - t
@@ -247,8 +272,9 @@ class StreamingFFN:
     def _compute(self, l: int, x: torch.Tensor, slots: np.ndarray, y: torch.Tensor, s: TokenStats) -> None:
         t = time.perf_counter()
         cache = self.caches[l]
-        acts = self.compute(l, x, cache, slots, y)
-        s.needed += count_active(acts, cache.down_norm[slots], self.regions[l].threshold)
+        acts = self.compute(l, x, cache, slots, y, activations=s.needed is not None)
+        if acts is not None:
+            s.needed += count_active(acts, cache.down_norm[slots], self.regions[l].threshold)
         s.ffn_s += time.perf_counter() - t
 
     def _compute_in_batches(self, l: int, x: torch.Tensor, plan: LayerPlan, y: torch.Tensor, s: TokenStats) -> None:

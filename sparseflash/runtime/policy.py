@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sparseflash.errors import SparseflashError
 
-EVICTION_POLICIES = ("lru", "lfu", "predicted", "window")
+EVICTION_POLICIES = ("lru", "lfu", "predicted", "forecast", "window")
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 BUDGET_FORMS = "bytes (2GiB, 500MB), a share of the model's weight bytes (40%) or of its FFN bytes (25%ffn)"
@@ -69,17 +69,28 @@ class Policy:
 
     budget: Budget
     window: int = 4  # neurons used in the last `window` tokens are protected from eviction
-    eviction: str = "predicted"  # beyond the window: lru | lfu | predicted | window (fewest bytes: docs/runtime.md)
+    eviction: str = "predicted"  # beyond the window: lru | lfu | predicted | forecast | window (docs/runtime.md)
     io: str = "direct"  # direct (O_DIRECT) | buffered (page cache dropped after each read)
     io_threads: int = 4
     io_buffer_bytes: int = 1 << 20  # per thread; counted in the budget
     lookahead: bool = True  # prefetch layer l+1's predicted bundles while layer l computes
     strategy: str | None = None  # predictor strategy override: topk | threshold | all
     margin: float = 0.0  # predictor safety margin: top-k grows by (1 + margin), the cut drops by margin
+    # cost-aware selection (docs/runtime.md): a cached neuron costs no read, a missing one costs a read;
+    # before the strategy picks, cached neurons' logits get +cached_bonus and missing ones' -miss_penalty
+    cached_bonus: float = 0.0
+    miss_penalty: float = 0.0
     min_slots: int = 16  # smallest neuron cache per layer that the engine accepts
     reuse: bool = True  # False: forget every unpinned neuron at each token (the no-cache baseline)
     device: str = "cpu"  # where the neuron cache and the sparse FFN live: cpu | cuda
     verify: bool = True  # check every bundle read (digest, finite values) and resident tensors at load
+    # count the truly active among the computed neurons (TokenStats.needed): None = on the host only, since
+    # on cuda it copies each layer's activations back and waits for the GPU
+    count_needed: bool | None = None
+
+    @property
+    def counts_needed(self) -> bool:
+        return self.device == "cpu" if self.count_needed is None else self.count_needed
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):
@@ -90,6 +101,8 @@ class Policy:
             raise SparseflashError("--io must be direct or buffered")
         if self.device not in ("cpu", "cuda"):
             raise SparseflashError("--device must be cpu or cuda")
+        if not (self.cached_bonus >= 0 and self.miss_penalty >= 0):
+            raise SparseflashError("--cached-bonus and --miss-penalty must be >= 0 (logits)")
         if self.window < 0 or self.io_threads < 1:
             raise SparseflashError("--window must be >= 0 and --io-threads >= 1")
 

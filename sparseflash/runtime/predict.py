@@ -43,15 +43,18 @@ class LayerPredictor:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return schema.predictor_logits(x, self.w1, self.b1, self.w2, self.b2)
 
-    def predict(self, x: torch.Tensor, strategy: str, margin: float = 0.0, scores: bool = False):
+    def predict(self, x: torch.Tensor, strategy: str, margin: float = 0.0, scores: bool = False,
+                offset: np.ndarray | None = None):
         """Sorted stored positions predicted active for any token of x (tokens, d); with ``scores``,
-        also every neuron's highest logit over the tokens (float32, stored order)."""
+        also every neuron's highest logit over the tokens (float32, stored order). ``offset`` (neurons,)
+        is added to the logits before the strategy picks (cost-aware selection), not to the scores."""
         z = self.logits(x)
+        pick = z if offset is None else z + torch.from_numpy(offset).to(z.device)
         if strategy == "topk":
             k = min(z.shape[1], int(np.ceil(self.topk * (1 + margin))))
-            positions = np.unique(torch.topk(z, k, dim=1).indices.cpu().numpy())
+            positions = np.unique(torch.topk(pick, k, dim=1).indices.cpu().numpy())
         else:
-            positions = np.nonzero((z > self.cut - margin).any(dim=0).cpu().numpy())[0]
+            positions = np.nonzero((pick > self.cut - margin).any(dim=0).cpu().numpy())[0]
         if scores:
             return positions, z.max(dim=0).values.float().cpu().numpy()
         return positions
@@ -76,11 +79,12 @@ class Predictors:
 
 def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = None,
                     lookahead: bool = True, verify: bool = True) -> Predictors:
-    """The layout's predictors; ``strategy`` None takes the layout's own (``all`` when it has none).
-    With ``verify``, every predictor tensor's checksum is checked as it is read."""
+    """The layout's predictors; ``strategy`` None takes the layout's default (its quality gate's choice,
+    else the predictors' own; ``all`` when it has none). With ``verify``, every predictor tensor's
+    checksum is checked as it is read."""
     meta = header.predictors
     if strategy is None:
-        strategy = meta.strategy if meta else "all"
+        strategy = meta.default_strategy if meta else "all"
     if strategy not in STRATEGIES:
         raise SparseflashError(f"unknown prediction strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if strategy == "all":

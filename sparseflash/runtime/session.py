@@ -124,6 +124,7 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
         "direct_io": engine.fetcher.reader.direct,
         "device": {"ffn": engine.policy.device, "resident": model.transformer.device.type},
         "strategy": engine.strategy,
+        "quality_gate": model.layout.header.predictors.gate if model.layout.header.predictors else None,
         "peak_rss_bytes": peak_rss_bytes(),
     }
     if model.device_bytes_before is not None:  # a real GPU: what the run added to device memory
@@ -155,7 +156,18 @@ def summary_line(summary: dict) -> str:
             f"{summary['requests']} requests, read {summary['achieved_gbps']:.2f} GB/s (device model "
             f"{summary['device_model_gbps']:.2f} at {summary['io_threads']} in flight), hit rate {summary['hit_rate']:.1%}, I/O wait "
             f"{summary['io_wait_s'] * 1e3:.0f} ms, budget {fmt_bytes(summary['budget_bytes'])}, "
-            f"peak RSS {fmt_bytes(summary['peak_rss_bytes'])}]")
+            f"peak RSS {fmt_bytes(summary['peak_rss_bytes'])}, strategy {summary['strategy']}{_gate_note(summary)}]")
+
+
+def _gate_note(summary: dict) -> str:
+    """What prepare's quality gate chose for this layout (layout/quality_gate.py), in a few words."""
+    gate = summary.get("quality_gate")
+    if not gate:
+        return ""
+    rise = gate.get("rise_pct", {}).get(gate["strategy"])
+    what = "exact, predicted modes missed" if gate["strategy"] == "all" else f"held-out ppl {rise:+.2f}%"
+    return (f" (quality gate: {'fallback, ' if gate.get('fallback') else ''}{what}, bound "
+            f"+{gate['max_rise_pct']:g}%{'; model too dense to gain' if gate.get('too_dense') else ''})")
 
 
 def stream_generate(model: StreamedModel, prompt: list[int], n: int, sampling: Sampling = Sampling(),

@@ -21,6 +21,15 @@ def cmd_io_report(args) -> int:
     lm = open_layout(args.model[0])
     ids = corpus_ids(args.corpus, lm.tokenizer, args.tokens)
     lm.close()
+    if args.ablation:  # which change buys what (eval/ablation.py), instead of the modes
+        from sparseflash.eval.ablation import ablation_markdown, fetch_ablation
+
+        budgets = tuple(b.strip() for b in args.ablation.split(","))
+        for b in budgets:
+            Budget.check_text(b)
+        r = fetch_ablation(args.model[0], ids, args.tokens, args.ctx, budgets, quiet=args.json)
+        print(json.dumps(r) if args.json else ablation_markdown(r))
+        return 0
     r = io_report(args.model, ids, args.tokens, args.ctx, args.budget, quiet=args.json, evictions=not args.no_eviction)
     if args.out:
         save_report(r, args.out)
@@ -38,6 +47,9 @@ def register(sub) -> None:
                    help="bytes (2GiB), share of the model (40%%) or share of the FFN bytes for hot region + cache (25%%ffn)")
     p.add_argument("-o", "--out", default=None, help="directory for io_report.json/.md and io_vs_budget.png")
     p.add_argument("--no-eviction", action="store_true",
-                   help="skip the eviction-policy comparison (three more engine passes over the tokens)")
+                   help="skip the eviction-policy comparison (four more engine passes over the tokens)")
+    p.add_argument("--ablation", default=None, metavar="BUDGETS",
+                   help="instead of the modes: the fetch ablation (look-ahead, forecast eviction, cost-aware "
+                        "selection) at these comma-separated budgets, e.g. 25%%ffn,50%%ffn (eval/ablation.py)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_io_report)

@@ -1,0 +1,64 @@
+"""The quality gate of ``prepare``: the predicted mode is kept only if it holds the quality bound.
+
+The predictors step measures perplexity on held-out text with each FFN computing only the predicted
+neurons, for both strategies (``predicted_topk``, ``predicted_threshold``; layout/predictors_build.py).
+The gate keeps the predictors' own choice when its rise over dense is within ``max_rise_pct``, else
+the other strategy if that one is within it, else falls back to exact streaming (strategy ``all``:
+every neuron, the dense model's output). The decision is one line in `prepare`'s log and is
+recorded in the layout header (``predictors.gate``), where `run` and `inspect` show it and the runtime
+takes its default strategy from it. A model whose PPL-p% sparsity is below ``min_sparsity`` is
+reported as too dense to gain, with the numbers.
+"""
+
+from __future__ import annotations
+
+from sparseflash.layout.schema import STRATEGIES
+
+
+def _rise(ppl: float, dense: float) -> float:
+    """Perplexity rise over dense, in percent."""
+    return 100.0 * (ppl / dense - 1.0)
+
+
+def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min_sparsity: float) -> dict:
+    """The gate's decision (JSON-ready): ``strategy`` (topk | threshold | all), the bound, the
+    measured perplexities and rises, the predicted share of neurons, ``fallback`` (True when the
+    predictors' own choice was not kept), ``too_dense`` and the numbers it rests on."""
+    ppl = predictors_report["ppl"]
+    dense = float(ppl["dense"])
+    mean = predictors_report.get("mean", {})
+    own = predictors_report["strategy"]
+    measured = {s: float(ppl[f"predicted_{s}"]) for s in STRATEGIES if f"predicted_{s}" in ppl}
+    order = [own] + [s for s in STRATEGIES if s != own and s in measured]
+    chosen = next((s for s in order if s in measured and _rise(measured[s], dense) <= max_rise_pct), "all")
+    sparsity = float(profile.get("ppl_p_sparsity", 0.0))
+    return {
+        "strategy": chosen,
+        "own_strategy": own,
+        "fallback": chosen != own,
+        "max_rise_pct": float(max_rise_pct),
+        "ppl_dense": dense,
+        "ppl": measured,
+        "rise_pct": {s: _rise(v, dense) for s, v in measured.items()},
+        "predicted_share": {s: 1.0 - float(mean[f"sparsity_{s}"]) for s in measured if f"sparsity_{s}" in mean},
+        "heldout_tokens": int(predictors_report.get("val_tokens", 0)),
+        "ppl_p": float(profile.get("ppl_p", 0.0)),
+        "ppl_p_sparsity": sparsity,
+        "min_sparsity": float(min_sparsity),
+        "too_dense": sparsity < min_sparsity,
+    }
+
+
+def gate_line(gate: dict) -> str:
+    """The decision as one line (prepare's log; `run` and `inspect` show the same)."""
+    rises = ", ".join(f"{s} {gate['rise_pct'][s]:+.2f}%" for s in gate["rise_pct"])
+    share = gate["predicted_share"].get(gate["strategy"])
+    kept = (f"kept {gate['strategy']}" if not gate["fallback"] else
+            f"FALLBACK to {gate['strategy']}" + (" (every neuron streamed: exact, no sparsity gain)"
+                                                  if gate["strategy"] == "all" else ""))
+    line = (f"quality gate: {kept}; held-out ppl vs dense {gate['ppl_dense']:.3f}: {rises} "
+            f"(bound +{gate['max_rise_pct']:g}%)" + (f", predicts {share:.1%} of neurons" if share is not None else ""))
+    if gate["too_dense"]:
+        line += (f"; model too dense to gain: PPL-{gate['ppl_p']:g}% sparsity {gate['ppl_p_sparsity']:.1%} "
+                 f"< {gate['min_sparsity']:.0%}")
+    return line

@@ -1,0 +1,60 @@
+"""What the streamed run's statistics measure: ``attention_s`` is attention only, and the ``needed``
+count (truly active among the computed neurons) is optional, off by default on the GPU."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from layouts import tiny_layout
+from test_runtime_timeline import random_predictors
+
+from sparseflash.model.transformer import KVCache
+from sparseflash.runtime.policy import Budget, Policy
+from sparseflash.runtime.session import open_streamed
+
+
+def _decode(model, ids):
+    cache = KVCache(model.layout.config, ids.shape[1])
+    return torch.cat([model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(ids.shape[1])], 1)
+
+
+def test_attention_time_leaves_out_the_norms(tmp_path):
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(2), strategy="topk")
+    model = open_streamed(path, "40%ffn", io_buffer_bytes=4096)
+    norm = model.transformer.norm
+    pause = 0.01
+
+    def slow_norm(*args):  # a norm that takes 10 ms: time between FFN calls that is not attention
+        time.sleep(pause)
+        return norm(*args)
+
+    model.transformer.norm = slow_norm
+    try:
+        _decode(model, torch.arange(4)[None])
+        stats = model.engine.stats
+    finally:
+        model.close()
+    for s in stats:
+        rows = np.array(s.timeline)
+        assert s.attention_s < pause  # two attention calls of a tiny model, far below one slow norm
+        assert rows[:, 4].sum() >= 3 * pause  # layer 0: its two norms; layer 1: two more (other_s)
+        assert rows[:, :5].sum() + s.head_s == pytest.approx(s.token_s, rel=1e-9, abs=1e-9)
+
+
+def test_needed_count_is_optional_and_changes_nothing_else(tmp_path):
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=random_predictors(2), strategy="topk")
+    ids = torch.arange(6)[None]
+    outs, needed = [], []
+    for count in (True, False):
+        model = open_streamed(path, "40%ffn", io_buffer_bytes=4096, count_needed=count)
+        try:
+            outs.append(_decode(model, ids))
+            needed.append([s.needed for s in model.engine.stats])
+        finally:
+            model.close()
+    assert torch.equal(outs[0], outs[1])
+    assert all(isinstance(n, int) and n > 0 for n in needed[0])
+    assert needed[1] == [None] * len(ids[0])
+    # the default: counted on the host, not on cuda (it would wait for the GPU at every layer)
+    assert Policy(Budget(nbytes=1)).counts_needed and not Policy(Budget(nbytes=1), device="cuda").counts_needed
