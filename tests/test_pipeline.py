@@ -94,11 +94,11 @@ def test_io_report_orders_the_modes(prepared, heldout_ids):
     for curve in (sweep["lru"], sweep["oracle"]):  # a bigger cache never reads more
         assert all(b <= a + 1e-9 for a, b in zip(curve, curve[1:]))
     ev = r["layouts"][0]["eviction"]
-    assert set(ev) == {"lru", "lfu", "predicted", "window", "belady"}
+    assert set(ev) == {"lru", "lfu", "predicted", "forecast", "window", "belady"}
     floor = ev["belady"]["neurons_fetched_per_token"]
-    for policy in ("lru", "lfu", "predicted", "window"):  # same predicted sets, same cache: Belady is the floor
+    for policy in ("lru", "lfu", "predicted", "forecast", "window"):  # same sets, same cache: Belady is the floor
         assert ev[policy]["neurons_fetched_per_token"] >= floor - 1e-9
-    for policy in ("lru", "lfu", "predicted", "window"):  # the bytes read hold at least the neurons fetched
+    for policy in ("lru", "lfu", "predicted", "forecast", "window"):  # bytes read hold at least the neurons fetched
         assert ev[policy]["bytes_per_token"] >= ev[policy]["neurons_fetched_per_token"] * 1024
 
 
