@@ -38,10 +38,10 @@ def test_streamed_quantized_layout_equals_its_dequantized_dense_model(tmp_path, 
         ref = Transformer(ref_lm.config, ref_lm.weights)(ids)
     finally:
         ref_lm.close()
-    probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096)
+    probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096, io_threads=2)
     minimum = probe.engine.memory.minimum
     probe.close()
-    model = open_streamed(path, minimum, strategy="all", io_buffer_bytes=4096)  # evictions forced
+    model = open_streamed(path, minimum, strategy="all", io_buffer_bytes=4096, io_threads=2)  # evictions forced
     try:
         assert model.engine.memory.slots_per_layer == model.engine.policy.min_slots
         out = _teacher_forced(model.transformer, ids)

@@ -51,12 +51,12 @@ def test_gpu_cache_engine_equals_dense_under_evictions(tmp_path):
     dense, path = tiny_layout(tmp_path, "nemotron", dtype="f32", n_hot=8)
     ids = torch.randint(0, 4096, (1, 6), generator=torch.Generator().manual_seed(0))
     ref = Transformer(dense.config, dense.weights)(ids)
-    probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096, device="cuda")
+    probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096, io_threads=2, device="cuda")
     minimum = probe.engine.memory.minimum
     probe.close()
     from sparseflash.runtime.budget import INDEX_BYTES_PER_SLOT
 
-    model = open_streamed(path, minimum + 2 * 24 * (512 + INDEX_BYTES_PER_SLOT), strategy="all", io_buffer_bytes=4096,
+    model = open_streamed(path, minimum + 2 * 24 * (512 + INDEX_BYTES_PER_SLOT), strategy="all", io_buffer_bytes=4096, io_threads=2,
                           device="cuda")
     try:
         gpu = model.engine.fetcher.gpu

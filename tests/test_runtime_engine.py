@@ -23,10 +23,10 @@ def test_all_neurons_streamed_equals_dense_at_the_minimum_budget(family, tmp_pat
     dense, path = tiny_layout(tmp_path, family, dtype="f32")
     ids = torch.randint(0, 4096, (1, 30), generator=torch.Generator().manual_seed(0))
     ref = Transformer(dense.config, dense.weights)(ids)
-    probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096)
+    probe = open_streamed(path, 1 << 40, strategy="all", io_buffer_bytes=4096, io_threads=2)  # I/O planned alike
     minimum = probe.engine.memory.minimum
     probe.close()
-    model = open_streamed(path, minimum, strategy="all", io_buffer_bytes=4096)
+    model = open_streamed(path, minimum, strategy="all", io_buffer_bytes=4096, io_threads=2)
     try:
         # the smallest cache the engine accepts, far below the 160 neurons every token needs
         assert model.engine.memory.slots_per_layer == model.engine.policy.min_slots
