@@ -87,6 +87,28 @@ def _set(path: str, value):
     return edit
 
 
+def _gate(**change):
+    """A gate record as prepare writes it (quality_gate.decide_gate), with fields changed or removed."""
+    from sparseflash.layout.quality_gate import decide_gate
+
+    report = {"ppl": {"dense": 20.0, "predicted_topk": 20.1, "predicted_threshold": 20.5}, "strategy": "topk",
+              "mean": {"sparsity_topk": 0.9, "sparsity_threshold": 0.8}, "val_tokens": 1024}
+    gate = decide_gate(report, {"ppl_p": 1.0, "ppl_p_sparsity": 0.9}, 1.0, 0.5)
+    for key, value in change.items():
+        if value is None:
+            gate.pop(key)
+        else:
+            gate[key] = value
+    return _set("predictors.gate", gate)
+
+
+def test_a_gate_record_is_read_and_sets_the_default_strategy(layout, tmp_path):
+    good = _with_header(layout, tmp_path / "gated.sflash", _gate(strategy="threshold"))
+    with LayoutFile.open(good) as f:
+        header = schema.read_header(good, f.header)
+    assert header.predictors.gate["strategy"] == "threshold" and header.predictors.default_strategy == "threshold"
+
+
 LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "model is a list": (_set("model", [1, 2]), "header.model"),
     "model is a string": (_set("model", "llama"), "header.model"),
@@ -113,6 +135,12 @@ LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "too few predictor entries": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4}]), "predictors.layers"),
     "predictor strategy unknown": (_set("predictors.strategy", "magic"), "strategy"),
     "look-ahead for layer 0": (_set("predictors.lookahead", [{"topk": 8, "cut": 1.0, "rank": 4}, None]), "lookahead[0]"),
+    "gate strategy unknown": (_gate(strategy="magic"), "gate.strategy"),
+    "gate without its bound": (_gate(max_rise_pct=None), "gate.max_rise_pct"),
+    "gate fallback not a bool": (_gate(fallback="no"), "gate.fallback"),
+    "gate without the chosen rise": (_gate(rise_pct={"threshold": 2.5}), "gate.rise_pct.topk"),
+    "gate rise not a number": (_gate(rise_pct={"topk": "small"}), "gate.rise_pct.topk"),
+    "gate dense ppl zero": (_gate(ppl_dense=0), "gate.ppl_dense"),
 }
 
 

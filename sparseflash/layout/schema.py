@@ -307,9 +307,36 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
         c.object(report, "header.predictors.report")
     gate = doc.get("gate")
     if gate is not None:
-        c.object(gate, "header.predictors.gate")
-        c.str(gate.get("strategy"), "header.predictors.gate.strategy", (*STRATEGIES, "all"))
+        _read_gate(c, gate)
     return PredictorsHeader(strategy, own, ahead, report, gate)
+
+
+GATE_KEYS = ("strategy", "own_strategy", "fallback", "max_rise_pct", "ppl_dense", "ppl", "rise_pct",
+             "predicted_share", "heldout_tokens", "ppl_p", "ppl_p_sparsity", "min_sparsity", "too_dense")
+
+
+def _read_gate(c: _Check, gate) -> None:
+    """prepare's quality-gate record (layout/quality_gate.decide_gate): every field `run` and `inspect`
+    print is checked here, so a lying header is one error line, not a crash when it is shown."""
+    where = "header.predictors.gate"
+    c.object(gate, where, GATE_KEYS)
+    chosen = c.str(gate["strategy"], f"{where}.strategy", (*STRATEGIES, "all"))
+    c.str(gate["own_strategy"], f"{where}.own_strategy", STRATEGIES)
+    for key in ("fallback", "too_dense"):
+        if type(gate[key]) is not bool:
+            c.fail(f"{where}.{key}", "must be true or false", gate[key])
+    for key in ("max_rise_pct", "ppl_p", "ppl_p_sparsity", "min_sparsity"):
+        c.number(gate[key], f"{where}.{key}")
+    if c.number(gate["ppl_dense"], f"{where}.ppl_dense") <= 0:
+        c.fail(f"{where}.ppl_dense", "must be positive", gate["ppl_dense"])
+    c.int(gate["heldout_tokens"], f"{where}.heldout_tokens")
+    for key in ("ppl", "rise_pct", "predicted_share"):
+        table = c.object(gate[key], f"{where}.{key}")
+        for s, v in table.items():
+            c.str(s, f"{where}.{key} key", STRATEGIES)
+            c.number(v, f"{where}.{key}.{s}")
+    if chosen != "all" and chosen not in gate["rise_pct"]:
+        c.fail(f"{where}.rise_pct.{chosen}", f"is missing (the chosen strategy's rise); {REBUILD}")
 
 
 # ---- the tensors a header implies ----------------------------------------------------------
