@@ -12,7 +12,7 @@ writer (layout/build.py) and the runtime (runtime/layout_model.py, runtime/predi
   predictors, reports and the runtime;
 - dtype helpers (storage tag <-> float32) and the predictor forward the stored tensors mean.
 
-Spec: docs/layout-format.md, "Model layouts". Imports nothing from sparseflash but format_spec.
+Spec: docs/layout-format.md, "Model layouts". Imports nothing from sparseflash but format_spec and schema_check.
 """
 
 from __future__ import annotations
@@ -24,17 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .format_spec import DTYPES, QUANT_TYPES, STORAGE_DTYPES, FfnLayer, LayoutError, TensorEntry
+from .format_spec import DTYPES, QUANT_TYPES, STORAGE_DTYPES, FfnLayer, TensorEntry
+from .schema_check import REBUILD, SchemaError, _Check  # noqa: F401  (SchemaError, REBUILD: part of this API)
 
 LAYOUT_KIND = "sparseflash-layout"
 SCHEMA_VERSION = 2  # of the header and tensor naming below; bump when either changes meaning
 # 2: resident_dtype (resident matrices may be quantized), quantized bundle storage
 STRATEGIES = ("topk", "threshold")  # how stored predictors turn scores into an active set
-REBUILD = "rebuild it with `sparseflash prepare` (or `sparseflash layout`)"
-
-
-class SchemaError(LayoutError):
-    """A layout file is a valid container but not a valid model layout of this schema version."""
 
 
 # ---- tensor names --------------------------------------------------------------------------
@@ -206,42 +202,6 @@ class ModelHeader:
 
 HEADER_KEYS = ("kind", "schema_version", "model", "tokenizer_json", "source_hash", "dtype", "resident_dtype", "n_hot",
                "bundle_bytes", "predictors", "provenance")
-
-
-class _Check:
-    def __init__(self, path):
-        self.path = path
-
-    def fail(self, where: str, problem: str, value: object = ...):
-        raise SchemaError(self.path, where, problem, value)
-
-    def object(self, value, where: str, keys: tuple[str, ...] | None = None, optional: tuple[str, ...] = ()):
-        if not isinstance(value, dict):
-            self.fail(where, "must be a JSON object", type(value).__name__)
-        if keys is not None:
-            missing = [k for k in keys if k not in value and k not in optional]
-            if missing:
-                self.fail(f"{where}.{missing[0]}", f"is missing; {REBUILD}")
-            unknown = sorted(set(value) - set(keys))
-            if unknown:
-                self.fail(f"{where}.{unknown[0]}", "unknown key (a newer sparseflash wrote this file?)")
-        return value
-
-    def int(self, value, where: str, lo: int = 0, hi: int = 1 << 62) -> int:
-        if type(value) is not int or not lo <= value <= hi:
-            self.fail(where, f"must be an integer in [{lo}, {hi}]", value)
-        return value
-
-    def number(self, value, where: str) -> float:
-        if type(value) not in (int, float) or not math.isfinite(value):
-            self.fail(where, "must be a finite number", value)
-        return float(value)
-
-    def str(self, value, where: str, allowed: tuple[str, ...] | None = None) -> str:
-        if not isinstance(value, str) or (allowed is not None and value not in allowed):
-            self.fail(where, "must be a string" if allowed is None else f"must be one of {', '.join(allowed)}",
-                      value)
-        return value
 
 
 def read_header(path: object, doc: dict) -> ModelHeader:
