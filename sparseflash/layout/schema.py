@@ -17,7 +17,6 @@ Spec: docs/layout-format.md, "Model layouts". Imports nothing from sparseflash b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
