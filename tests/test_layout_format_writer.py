@@ -128,7 +128,8 @@ def test_progress_counts_raw_bytes_up_to_the_planned_total(tmp_path):
     writer.write(lambda done, total: calls.append((done, total)))
     assert plan.raw_bytes == 40 * 4 + 40 * 8 * 4
     assert calls[-1] == (plan.raw_bytes, plan.raw_bytes)
-    assert all(a[0] < b[0] for a, b in pairwise(calls)) and len(calls) == 1 + 10  # tensor + chunks
+    assert calls[0] == (0, plan.raw_bytes)  # the total before the first byte: a bar shows "0 / total" at once
+    assert all(a[0] < b[0] for a, b in pairwise(calls)) and len(calls) == 1 + 1 + 10  # start, tensor, chunks
     with pytest.raises(RuntimeError, match="once"):
         writer.write()
 

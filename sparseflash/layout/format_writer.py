@@ -247,6 +247,8 @@ class LayoutWriter:
             raise RuntimeError(f"{self.path}: LayoutWriter.write may run once (bundle iterators are consumed)")
         plan = self.plan()
         self._written = True
+        if progress is not None:  # the total is known before the first byte: a bar shows it from the start
+            progress(0, plan.raw_bytes)
         tmp = temp_path_for(self.path)
         try:
             with open(tmp, "wb") as f:
