@@ -75,6 +75,18 @@ def default_rank(d: int, neurons: int, ffn_values: int, share: float = 0.025) ->
     return max(1, math.floor(share * ffn_values / (d + neurons)))
 
 
+def bce_logits_grad(z: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    """d/dz of ``F.binary_cross_entropy_with_logits(z, target, pos_weight=pos_weight)`` (the mean over
+    every entry): ((1 - t) * sigmoid(z) + t * pos_weight * (sigmoid(z) - 1)) / N, which for bool targets is
+    (sigmoid(z) - 1) * pos_weight / N where t is set and sigmoid(z) / N elsewhere. The gradient autograd
+    gives, in three passes over z instead of a dozen."""
+    s = torch.sigmoid(z.detach())
+    if target.dtype == torch.bool:
+        return torch.where(target, (s - 1).mul_(pos_weight), s).div_(z.numel())
+    t = target.to(s.dtype)
+    return ((1 - t) * s + t * pos_weight * (s - 1)).div_(z.numel())
+
+
 def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: TrainParams = TrainParams(),
                     x_val: torch.Tensor | None = None, mask_val: torch.Tensor | None = None,
                     progress=None) -> tuple[Predictor, dict]:
@@ -82,7 +94,9 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
     float16 (how prepare records it): each batch is widened to float32 as it is used, so the
     results equal those of training on x.float(), without a float32 copy of every input.
 
-    Returns the predictor (topk/cut left at defaults) and a log with the loss per epoch;
+    The loss is the positive-weighted BCE over every (token, neuron); its gradient is taken in closed
+    form (``bce_logits_grad``). Returns the predictor (topk/cut left at defaults) and a log with the
+    loss per epoch (``train_loss``: the epoch's first batch, before its update; ``val_loss``: all of x_val);
     ``progress(epoch, epochs)`` is called after each epoch.
     """
     g = torch.Generator().manual_seed(params.seed)
@@ -99,26 +113,28 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs * math.ceil(len(x) / params.batch))
     log = {"train_loss": [], "val_loss": [], "pos_weight": float(pos_weight)}
 
-    def loss_fn(xb, mb):
-        z = predictor_logits(xb, w1, b1, w2, b2)
+    def loss_fn(z, mb):
         return F.binary_cross_entropy_with_logits(z, mb.float(), pos_weight=pos_weight)
 
     with torch.enable_grad(), heap_reuse():
         for epoch in range(params.epochs):
             order = torch.randperm(len(x), generator=g)
-            total = 0.0
             for i in range(0, len(x), params.batch):
                 idx = order[i : i + params.batch]
-                loss = loss_fn(x[idx].float(), mask[idx])
+                mb = mask[idx]
+                z = predictor_logits(x[idx].float(), w1, b1, w2, b2)
+                with torch.no_grad():
+                    if i == 0:  # the epoch's loss, on its first batch before the update (costs one batch)
+                        log["train_loss"].append(float(loss_fn(z, mb)))
+                    grad = bce_logits_grad(z, mb, pos_weight)
                 opt.zero_grad()
-                loss.backward()
+                z.backward(grad)  # the loss's own backward, in closed form: a third of the step's time
                 opt.step()
                 sched.step()
-                total += float(loss.detach()) * len(idx)
-            log["train_loss"].append(total / len(x))
             if x_val is not None:
                 with torch.no_grad():
-                    log["val_loss"].append(float(loss_fn(x_val.float(), mask_val)))
+                    log["val_loss"].append(float(loss_fn(predictor_logits(x_val.float(), w1, b1, w2, b2),
+                                                         mask_val)))
             if progress is not None:
                 progress(epoch + 1, params.epochs)
     pred = Predictor(w1.detach(), b1.detach(), w2.detach(), b2.detach())
