@@ -213,7 +213,9 @@ def table(r: dict) -> str:
     if "total_seconds" in r:
         lines.append(f"  total {r['total_seconds']:.0f} s ({r['total_seconds'] / 60:.1f} min); load average "
                      f"before {r['load_average_before'][0]:.1f}, after {r['load_average_after'][0]:.1f}; "
-                     f"cpu {r.get('cpu_seconds', 0):.0f} s")
+                     f"cpu {r.get('cpu_seconds', 0):.0f} s"
+                     + (f"; predictor training {r['predictor_train_seconds']:.0f} s of the predictors stage"
+                        if r.get("predictor_train_seconds") is not None else ""))
     if r.get("error"):
         lines.append(f"  error: {r['error']}")
     return "\n".join(lines)

@@ -163,6 +163,9 @@ def main(job_file: str) -> None:
     prof = out / "profile" / "profile.json"
     if prof.exists():
         result["profile_seconds"] = json.loads(prof.read_text()).get("timing")
+    preds = out / "predictors" / "predictors.json"
+    if preds.exists():  # the predictors stage's training time, apart from its passes over the layers
+        result["predictor_train_seconds"] = json.loads(preds.read_text()).get("train_seconds")
     tmp = f"{job['result']}.tmp"
     Path(tmp).write_text(json.dumps(result, indent=1))
     os.replace(tmp, job["result"])
