@@ -76,15 +76,11 @@ def default_rank(d: int, neurons: int, ffn_values: int, share: float = 0.025) ->
 
 
 def bce_logits_grad(z: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
-    """d/dz of ``F.binary_cross_entropy_with_logits(z, target, pos_weight=pos_weight)`` (the mean over
-    every entry): ((1 - t) * sigmoid(z) + t * pos_weight * (sigmoid(z) - 1)) / N, which for bool targets is
-    (sigmoid(z) - 1) * pos_weight / N where t is set and sigmoid(z) / N elsewhere. The gradient autograd
-    gives, in three passes over z instead of a dozen."""
+    """d/dz of ``F.binary_cross_entropy_with_logits(z, target.float(), pos_weight=pos_weight)`` (the mean
+    over every entry) for bool targets: (sigmoid(z) - 1) * pos_weight / N where the target is set,
+    sigmoid(z) / N elsewhere. The gradient autograd gives, in three passes over z instead of a dozen."""
     s = torch.sigmoid(z.detach())
-    if target.dtype == torch.bool:
-        return torch.where(target, (s - 1).mul_(pos_weight), s).div_(z.numel())
-    t = target.to(s.dtype)
-    return ((1 - t) * s + t * pos_weight * (s - 1)).div_(z.numel())
+    return torch.where(target, (s - 1).mul_(pos_weight), s).div_(z.numel())
 
 
 def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: TrainParams = TrainParams(),
