@@ -21,7 +21,7 @@ from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.masks import load_masks, pack, unpack
 from sparseflash.layout.params import PredictorParams, ProfileParams, TrainParams
 from sparseflash.layout.pipeline import bundled_texts
-from sparseflash.layout.predictors_build import _fit_layer, build_predictors
+from sparseflash.layout.predictors_build import _measure, _train_side_by_side, build_predictors
 from sparseflash.layout.profile import load_profile, run_profile
 from sparseflash.model.loader import open_dense
 from sparseflash.model.perplexity import perplexity, windows
@@ -143,13 +143,16 @@ def test_predictor_metrics_equal_training_on_in_memory_recordings(prepared):
     rec, rec_val = record(train), record(val)
     for layer in range(c.num_layers):
         (x, mask), (x_val, mask_val) = rec[layer], rec_val[layer]
-        _, metrics = _fit_layer(x, mask, PREDICTORS.rank, PREDICTORS, x_val, mask_val)
+        # as the pass trains them: the layer's predictor and its look-ahead side by side
+        jobs = [(x, mask)] + ([(rec[layer - 1][0], mask)] if layer > 0 else [])
+        trained = _train_side_by_side(jobs, PREDICTORS.rank, PREDICTORS)
+        metrics = _measure(trained[0], x, mask, PREDICTORS, x_val, mask_val)
         saved = report["layers"][layer]
         for key in ("recall_topk", "sparsity_topk", "recall_threshold", "sparsity_threshold", "true_sparsity", "topk",
                     "cut"):
             assert saved[key] == metrics[key], (layer, key)
         if layer > 0:
-            _, ahead = _fit_layer(rec[layer - 1][0], mask, PREDICTORS.rank, PREDICTORS, rec_val[layer - 1][0], mask_val)
+            ahead = _measure(trained[1], rec[layer - 1][0], mask, PREDICTORS, rec_val[layer - 1][0], mask_val)
             assert saved["lookahead"]["recall_topk"] == ahead["recall_topk"]
     dense = perplexity(model.transformer(), val.reshape(-1).tolist(), ctx=PREDICTORS.ctx).ppl
     assert report["ppl"]["dense"] == pytest.approx(dense, rel=1e-5)

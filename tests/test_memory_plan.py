@@ -9,7 +9,8 @@ from tiny_models import TINY_RELU2
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.memory_plan import MIN_CETT_TOKENS, fit_plan, plan_prepare
-from sparseflash.layout.params import PrepareParams
+from sparseflash.layout.params import PrepareParams, TrainParams
+from sparseflash.layout.predictor import default_rank
 from sparseflash.model.layerwise import LayerwiseModel, WidenedLayer
 from sparseflash.model.source import open_source
 from sparseflash.tools.cli import main
@@ -35,14 +36,36 @@ def test_a_limit_lowers_the_batch_then_spills_then_the_sample():
         full = plan_prepare(source, PARAMS, baseline=BASE)
         assert fit_plan(source, PARAMS, full.peak, baseline=BASE) == full  # fits: nothing lowered
         smaller = fit_plan(source, PARAMS, full.peak - 1, baseline=BASE)
-        assert smaller.peak < full.peak and smaller.batch < 8 and smaller.lowered
+        assert smaller.peak < full.peak and smaller.lowered
+        assert smaller.batch < 8 or smaller.lowered == ("one predictor training at a time",)
         big = PrepareParams(profile_tokens=65536, cett_tokens=65536, heldout_tokens=1024, predictor_tokens=8192)
-        floor = plan_prepare(source, big, baseline=BASE, spill_bytes=8 << 20, batch=1, cett_tokens=MIN_CETT_TOKENS)
+        floor = plan_prepare(source, big, baseline=BASE, spill_bytes=8 << 20, batch=1, cett_tokens=MIN_CETT_TOKENS,
+                             train_jobs=1)
         last = fit_plan(source, big, floor.peak, baseline=BASE)
         assert last.peak <= floor.peak and last.batch == 1 and last.spill_bytes is not None
         assert MIN_CETT_TOKENS <= last.cett_tokens < 65536 and any("threshold sample" in s for s in last.lowered)
         with pytest.raises(SparseflashError, match=r"prepare needs about .* more than --memory"):
             fit_plan(source, big, floor.peak - 1, baseline=BASE)
+
+
+def test_two_trainings_side_by_side_are_planned_twice_and_lowered_to_one_first():
+    SMALL = PrepareParams(profile_tokens=1024, cett_tokens=1024, heldout_tokens=256, predictor_tokens=8192)
+    with open_source(TINY_RELU2) as source:
+        c = source.config
+        d, n = c.hidden_size, c.intermediate_size
+        rank = default_rank(d, n, c.ffn_param_count())
+        training = 14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4  # one training's working set
+        one = plan_prepare(source, SMALL, baseline=BASE, batch=1, train_jobs=1)
+        two = plan_prepare(source, SMALL, baseline=BASE, batch=1, train_jobs=2)
+        phase = "batch, training or scoring"
+        assert one.stages["predictors"][phase] == training  # at one window a batch, training is the largest phase
+        assert two.stages["predictors"][phase] == 2 * training
+        assert two.train_jobs == 2 and one.train_jobs == 1 and two.to_dict()["train_jobs"] == 2
+        assert two.peak_stage == "predictors"
+        # a limit the two-job plan at one window a batch misses by a byte: the batch is lowered to one
+        # window (larger ones do not fit), then the training; nothing is spilled
+        lowered = fit_plan(source, SMALL, two.peak - 1, baseline=BASE)
+        assert lowered.train_jobs == 1 and lowered.batch == 1 and lowered.spill_bytes is None
 
 
 def test_prepare_refuses_a_memory_limit_it_cannot_meet_before_reading_weights(tmp_path, capsys):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
     Predictor,
     TrainParams,
@@ -13,7 +14,7 @@ from sparseflash.layout.predictor import (
     train_predictor,
     tune_cut,
 )
-from sparseflash.layout.predictors_build import _save_weights, load_predictors
+from sparseflash.layout.predictors_build import _save_weights, _train_side_by_side, load_predictors
 
 
 def synthetic(tokens=6000, d=32, n=96, seed=0):
@@ -31,6 +32,23 @@ def test_training_learns_a_known_mask_function():
     pred.cut = tune_cut(pred, x[4000:5000], mask[4000:5000], 0.99)
     recall, sparsity = recall_and_sparsity(pred.predict_threshold(x[5000:]), mask[5000:])
     assert recall > 0.95 and sparsity > 0.5
+
+
+def test_trainings_side_by_side_equal_trainings_one_after_the_other():
+    (x1, m1), (x2, m2) = synthetic(2000, seed=1), synthetic(2000, seed=2)
+    threads = torch.get_num_threads()
+    runs = {}
+    for jobs in (1, 2):
+        p = PredictorParams(train=TrainParams(epochs=3, batch=256), train_jobs=jobs)
+        seen = []
+        runs[jobs] = _train_side_by_side([(x1.half(), m1), (x2.half(), m2)], 8, p, lambda j, e, total, seen=seen: seen.append((j, e)))
+        assert sorted(seen) == [(j, e) for j in (0, 1) for e in (1, 2, 3)]  # every epoch of both reported
+        assert torch.get_num_threads() == threads  # the intra-op threads are given back
+    for (a, log_a), (b, log_b) in zip(runs[1], runs[2]):
+        for name in ("w1", "b1", "w2", "b2"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert log_a["train_loss"] == log_b["train_loss"]
+    assert not torch.equal(runs[2][0][0].w2, runs[2][1][0].w2)  # two different jobs, two different predictors
 
 
 @pytest.mark.parametrize("pos_weight", [1.0, 7.5, 30.0])

@@ -15,8 +15,8 @@ where the working set is, per stage (B = bytes per value: activations float32 4,
 - predictors: the layer's FFN inputs (float16) and masks (packed and unpacked), for the training and
   held-out tokens, and the previous layer's inputs (float16); on top, the largest of three phases
   that never overlap: a forward batch's activations, training (a training batch's scores and their
-  temporaries, 14 x batch x neurons x 4, plus the predictor with its gradient and Adam moments)
-  and scoring the held-out tokens (float32 scores and int64 ranks, tokens x neurons); each layer's
+  temporaries, 14 x batch x neurons x 4, plus the predictor with its gradient and Adam moments;
+  twice that while a layer's predictor and its look-ahead train side by side) and scoring the held-out tokens (float32 scores and int64 ranks, tokens x neurons); each layer's
   predictors go to a file as soon as they are trained;
 - predictors saved: the per-layer files joined into one (every predictor loaded and serialized);
 - layout: the ordering's mask sample (8,192 tokens x neurons x 3 bytes), a block of bundles
@@ -56,6 +56,7 @@ class MemoryPlan:
     spill_bytes: int | None = None  # hidden states per stream above this go to temporary files
     batch: int = 8  # windows per forward batch
     cett_tokens: int = 0  # threshold-search sample (tokens)
+    train_jobs: int = 2  # predictor trainings side by side
     lowered: tuple[str, ...] = ()
 
     def total(self, stage: str) -> int:
@@ -81,6 +82,7 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "peak": self.peak, "peak_stage": self.peak_stage,
                 "spill_bytes": self.spill_bytes, "batch": self.batch, "cett_tokens": self.cett_tokens,
+                "train_jobs": self.train_jobs,
                 "lowered": list(self.lowered), "stages": {s: dict(v) for s, v in self.stages.items()},
                 "stage_totals": {s: self.total(s) for s in self.stages}}
 
@@ -93,9 +95,10 @@ def _states(tokens: int, d: int, spill: int | None) -> int:
 
 def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_bytes: int | None = None,
                  ctx: int = 256, batch: int = 8, coact_block_bytes: int = 64 << 20,
-                 cett_tokens: int | None = None) -> MemoryPlan:
+                 cett_tokens: int | None = None, train_jobs: int = 2) -> MemoryPlan:
     """The memory plan of `prepare` (params: layout/params.PrepareParams) on ``source``, with
-    ``batch`` windows a batch and a threshold sample of ``cett_tokens`` (default: the params')."""
+    ``batch`` windows a batch, a threshold sample of ``cett_tokens`` (default: the params') and
+    ``train_jobs`` predictor trainings side by side."""
     c = source.config
     d, n = c.hidden_size, c.intermediate_size
     largest = max(source.numel(k) for k in source.tensors if k.startswith("layers."))
@@ -111,7 +114,7 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
     rank = p.rank or default_rank(d, n, c.ffn_param_count())
-    training = 14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4
+    training = train_jobs * (14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4)
     all_predictors = 2 * c.num_layers * (rank * (d + n + 1) + n) * 4  # a layer's and its look-ahead, float32
     phase = max(per_batch, training, val * n * 16)  # forward, training and scoring never overlap
     layout_head = 2 * min(c.vocab_size, max(1, ROW_BLOCK_BYTES // (4 * d))) * d * 4
@@ -132,7 +135,7 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
                    + 2 * p.profile_tokens * n // 8 + 4 * COST_CHUNK_BYTES, "bundle block": BUNDLE_BLOCK * (3 * d) * 4 * 3,
                    "head block": layout_head},
     }
-    return MemoryPlan(baseline, stages, spill_bytes, batch, sample)
+    return MemoryPlan(baseline, stages, spill_bytes, batch, sample, train_jobs)
 
 
 SPILL_BYTES = 8 << 20  # a stream's hidden states above this go to a file once memory is short
@@ -141,21 +144,26 @@ MIN_CETT_TOKENS = 1024  # the threshold sample is never lowered below this
 
 def fit_plan(source: CheckpointSource, params, limit: int | None, baseline: int = 0, **kw) -> MemoryPlan:
     """The plan for ``params``; with a ``limit`` (bytes) and a plan over it, lowers in turn what
-    costs no accuracy (fewer windows a batch: 4, 2, 1; then hidden states to temporary files), then
+    costs no accuracy (fewer windows a batch: 4, 2, 1, each tried with two predictor trainings side
+    by side and then one at a time; then hidden states to temporary files, likewise), then
     the threshold-search sample (halved, down to MIN_CETT_TOKENS), and refuses with the numbers
     when even that is over."""
     plan = plan_prepare(source, params, baseline, **kw)
     if limit is None or plan.peak <= limit:
         return plan
     sample = min(params.cett_tokens, params.profile_tokens)
-    tries = [(None, b, sample) for b in (4, 2, 1)] + [(SPILL_BYTES, b, sample) for b in (8, 4, 2, 1)]
+    tries = [(None, b, sample, j) for b in (8, 4, 2, 1) for j in (2, 1)][1:]  # the first is the plan above
+    tries += [(SPILL_BYTES, b, sample, j) for b in (8, 4, 2, 1) for j in (2, 1)]
     while sample // 2 >= MIN_CETT_TOKENS:
         sample //= 2
-        tries.append((SPILL_BYTES, 1, sample))
-    for spill, batch, cett in tries:
-        plan = plan_prepare(source, params, baseline, spill_bytes=spill, batch=batch, cett_tokens=cett, **kw)
+        tries.append((SPILL_BYTES, 1, sample, 1))
+    for spill, batch, cett, jobs in tries:
+        plan = plan_prepare(source, params, baseline, spill_bytes=spill, batch=batch, cett_tokens=cett,
+                            train_jobs=jobs, **kw)
         if plan.peak <= limit:
             lowered = [] if spill is None else ["hidden states to temporary files"]
+            if jobs == 1:
+                lowered.append("one predictor training at a time")
             if batch != 8:
                 lowered.append(f"{batch} windows a batch")
             if cett != min(params.cett_tokens, params.profile_tokens):

@@ -90,6 +90,7 @@ class PredictorParams:
     tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
     lookahead: bool = True
     train: TrainParams = TrainParams()
+    train_jobs: int = 2  # trainings side by side (a layer's and its look-ahead's), one core each
     batch: int = 8  # windows per forward pass
     spill_bytes: int | None = None  # hidden states / recorded inputs above this go to temporary files
 
@@ -105,6 +106,7 @@ class PredictorParams:
         check_float("--topk-factor", self.topk_factor, 0, math.inf, lo_open=True, hi_open=True)
         check_float("--target-recall", self.target_recall, 0, 1, lo_open=True)
         check_float("tune_share", self.tune_share, 0, 1, lo_open=True, hi_open=True)
+        check_int("train_jobs", self.train_jobs, 1)
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,8 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
                          held, out / "predictors",
                          PredictorParams(tokens=params.predictor_tokens, val_tokens=params.heldout_tokens,
                                          rank=params.rank, train=TrainParams(epochs=params.epochs),
-                                         batch=plan.batch, spill_bytes=plan.spill_bytes),
+                                         batch=plan.batch, spill_bytes=plan.spill_bytes,
+                                         train_jobs=plan.train_jobs),
                          record.source_hash, quiet)
         record.done("predictors", invalidates=("layout",))
     if not record.fresh("layout", out / "model.sflash"):

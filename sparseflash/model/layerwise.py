@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,20 +72,30 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     return ok
 
 
+_heap_users = 0  # heap_reuse blocks open now, in any thread
+_heap_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def heap_reuse(threshold: int = 64 << 20):
     """Within the block, allocations below ``threshold`` come from the heap and are reused there
     (a loop that allocates the same few-MiB tensors every step, as training does, pays no page
-    faults: mapping them afresh each step made predictor training 45% slower); on leaving, the
-    fixed MMAP_THRESHOLD is restored and the heap's free memory handed back."""
+    faults: mapping them afresh each step made predictor training 45% slower); when the last open
+    block (of any thread: trainings may run side by side) is left, the fixed MMAP_THRESHOLD is
+    restored and the heap's free memory handed back."""
+    global _heap_users
     libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, int(threshold))
+    with _heap_lock:
+        _heap_users += 1
+        if libc is not None:
+            libc.mallopt(-3, int(threshold))
     try:
         yield
     finally:
-        if libc is not None:
-            return_freed_memory()
+        with _heap_lock:
+            _heap_users -= 1
+            if libc is not None and _heap_users == 0:
+                return_freed_memory()
 
 
 def head_block_bytes(batch: int) -> int:
