@@ -12,9 +12,10 @@ from sparseflash.model.loader import open_dense
 
 
 def tiny_layout(tmp: Path, family: str = "nemotron", dtype: str = "f32", n_hot: int = 8, seed: int = 0,
-                preds: dict | None = None, strategy: str = "threshold", resident_dtype: str | None = None):
-    """(dense model, layout path) for a random model of ``family`` with random neuron orders."""
-    folder = save_hf_model(make_hf_model(family, seed), tmp / f"{family}-ckpt")
+                preds: dict | None = None, strategy: str = "threshold", resident_dtype: str | None = None,
+                layers: int = 2):
+    """(dense model, layout path) for a random model of ``family`` (``layers`` deep) with random neuron orders."""
+    folder = save_hf_model(make_hf_model(family, seed, layers), tmp / f"{family}-ckpt")
     model = open_dense(folder)
     rng = np.random.default_rng(seed)
     c = model.config

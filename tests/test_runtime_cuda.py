@@ -78,7 +78,7 @@ def test_gpu_cache_engine_equals_dense_under_evictions(tmp_path):
 @needs_cuda
 def test_staging_ring_is_counted_in_the_budget(tmp_path):
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", n_hot=8)
-    cpu = open_streamed(path, "80%ffn", strategy="all", io_buffer_bytes=4096)
+    cpu = open_streamed(path, "80%ffn", strategy="all", io_buffer_bytes=4096, staging=False)  # no host staging region
     gpu = open_streamed(path, cpu.engine.memory.budget, strategy="all", io_buffer_bytes=4096, device="cuda")
     try:
         e = gpu.engine

@@ -50,13 +50,18 @@ def test_what_the_engine_allocates_is_what_the_plan_says(tmp_path, budget):
         plan, engine = model.engine.memory, model.engine
         assert plan.total <= plan.budget
         assert sum(c.slots.nbytes for c in engine.caches) == plan.hot + plan.cache  # bundle bytes held
+        assert (engine.staging.nbytes if engine.staging is not None else 0) == plan.staging
+        largest = max(r.bundle_bytes for r in engine.regions)
+        staged = 2 * plan.staging_rows * largest  # the staging region's bundle bytes (the rest is its index)
         assert engine.fetcher.reader.buffer_total_bytes == plan.io_buffers
         weights = {id(t): t for t in model.transformer.weights.named().values()}
         assert sum(t.numel() * t.element_size() for t in weights.values()) == plan.resident
-        if budget.endswith("%ffn"):  # hot region + cache = that share of the FFN bytes, to a slot
+        if budget.endswith("%ffn"):  # hot region + cache + staging = that share of the FFN bytes, to a slot
             share = float(budget[:-4]) / 100
             row = sum(r.bundle_bytes for r in engine.regions)  # one more slot in every layer
-            assert share * model.layout.ffn_bytes - row < plan.hot + plan.cache <= share * model.layout.ffn_bytes
+            index = plan.staging - staged  # the staging index comes out of the same bytes
+            bundles = plan.hot + plan.cache + staged
+            assert share * model.layout.ffn_bytes - row - index < bundles <= share * model.layout.ffn_bytes
     finally:
         model.close()
 
@@ -158,3 +163,30 @@ def test_memory_plan_of_layers_that_differ():
         assert plan.slots_per_layer >= previous
         previous = plan.slots_per_layer
     assert previous == 30
+
+
+def test_the_staging_region_holds_one_layers_misses_and_leaves_the_minimum_cache():
+    from types import SimpleNamespace
+
+    from sparseflash.runtime.budget import plan_memory, staging_region_bytes
+    from sparseflash.runtime.policy import Budget
+
+    regions = [SimpleNamespace(n_neurons=1000, n_hot=50, bundle_bytes=1024) for _ in range(12)]
+    plain = plan_memory(regions, 1000, 500, 4096, Budget(nbytes=1 << 40), min_slots=16, stage_all=True)
+    assert plain.staging_rows == 0 and plain.slots_per_layer == 950  # every layer fits: nothing to stage
+    for share in (0.2, 0.4, 0.6, 0.9):
+        for budget in (Budget(ffn_share=share), Budget(nbytes=int(share * 12 * 1000 * 1024))):
+            off = plan_memory(regions, 1000, 500, 4096, budget, min_slots=16)
+            on = plan_memory(regions, 1000, 500, 4096, budget, min_slots=16, stage_all=True)
+            assert on.total <= on.budget and on.staging == staging_region_bytes(regions, on.staging_rows)
+            assert on.slots_per_layer >= 16 and on.slots_per_layer <= off.slots_per_layer
+            misses = 950 - on.slots_per_layer
+            if on.slots_per_layer > 16:  # not held down by the minimum: a half takes all of a layer's misses
+                assert on.staging_rows == misses
+            else:
+                assert 0 < on.staging_rows <= misses
+            if budget.ffn_share is not None:  # bundles of hot region, cache and staging: that share, to a slot
+                bundles = on.hot + on.cache + 2 * on.staging_rows * 1024
+                assert share * 12_288_000 - 12 * 1024 < bundles <= share * 12_288_000  # the plan's own product
+    low = plan_memory(regions, 1000, 500, 4096, Budget(nbytes=plain.minimum), min_slots=16, stage_all=True)
+    assert low.staging_rows == 0 and low.slots_per_layer == 16  # at the minimum there is no room to stage

@@ -85,3 +85,93 @@ def test_all_strategy_prefetches_the_next_layer_when_it_has_room(nemotron):
         assert model.engine.stats[-1].bytes_read == 0  # everything cached: nothing read again
     finally:
         model.close()
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """Eight layers: enough for a staging region to hold a layer's misses (each of its rows costs the
+    cache 2 bundles shared by all layers)."""
+    return tiny_layout(tmp_path_factory.mktemp("deep"), "nemotron", dtype="f32", n_hot=8, layers=8)
+
+
+class LayerLog(ReadLog):
+    """Also records, for every read, how many layers of the step had finished when it was asked for."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.when = []
+        submit = engine.fetcher.reader.submit
+
+        def logged(layer, positions, dest, dest_slots):
+            self.when.append((len(engine.stats), layer, len(engine._current.timeline)))
+            return submit(layer, positions, dest, dest_slots)
+
+        engine.fetcher.reader.submit = logged
+
+
+def test_all_strategy_stages_the_next_layer_so_decode_reads_are_all_ahead(deep):
+    """A cache for part of each layer: every uncached neuron of layer l+1 is read into the staging
+    region while layer l works, so a decode step's layers (but the first) never wait on a demand read,
+    the cache keeps the same neurons from token to token, and the result is the dense model's."""
+    dense, path = deep
+    ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(5))
+    ref = Transformer(dense.config, dense.weights)(ids)
+    model = open_streamed(path, "45%ffn", strategy="all", io_buffer_bytes=4096)
+    try:
+        engine, plan = model.engine, model.engine.memory
+        n, layers = dense.config.intermediate_size, len(engine.regions)
+        misses = n - engine.regions[0].n_hot - plan.slots_per_layer  # uncached neurons of a layer, every token
+        assert engine.staging is not None and plan.staging_rows >= misses > 0  # the staging holds them all
+        assert plan.total <= plan.budget
+        log = LayerLog(engine)
+        cache = KVCache(model.layout.config, ids.shape[1])
+        out = [model.transformer(ids[:, :3], cache=cache, start=0)]
+        held = [set(c.position_of[c.position_of >= 0].tolist()) for c in engine.caches]
+        for i in range(3, ids.shape[1]):
+            out.append(model.transformer(ids[:, i : i + 1], cache=cache, start=i))
+        assert (torch.cat(out, dim=1) - ref).abs().max().item() <= 1e-4
+        assert held == [set(c.position_of[c.position_of >= 0].tolist()) for c in engine.caches]  # no churn
+        for step in range(2, len(engine.stats) + 1):  # the decode steps
+            reads = [(layer, done) for st, layer, done in log.when if st == step]
+            assert all(done == layer - 1 for layer, done in reads if layer > 0)  # read during the layer before
+            s = engine.stats[step - 1]
+            # each miss read once (reads are whole 4 KiB blocks: a little more than the bundles)
+            assert layers * misses * engine.regions[0].bundle_bytes <= s.bytes_read <= s.requests * 4096 + \
+                layers * misses * engine.regions[0].bundle_bytes
+            assert s.misses == layers * misses and s.prefetched == (layers - 1) * misses
+            assert [row[6] for row in s.timeline] == [misses * engine.regions[0].bundle_bytes] * (layers - 1) + [0]
+        for c in engine.caches:
+            c.check()
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("share", ["25%ffn", "45%ffn"])
+def test_staging_changes_no_result_and_costs_the_slots_it_takes(deep, share):
+    """The same tokens with and without the staging region: the same outputs (to float rounding: the
+    sums split differently), and a decode step reads, with staging, the neurons of the cache slots it
+    took from every layer on top (every uncached neuron is read once a token either way)."""
+    dense, path = deep
+    outs, reads, plans = [], [], []
+    for staging in (True, False):
+        model = open_streamed(path, share, strategy="all", io_buffer_bytes=4096, staging=staging)
+        try:
+            outs.append(_teacher_forced(model))
+            reads.append(model.engine.stats[-1].misses)
+            plans.append(model.engine.memory)
+        finally:
+            model.close()
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+    on, off = plans
+    assert off.staging == 0 and on.staging > 0 and on.slots_per_layer < off.slots_per_layer
+    assert on.total <= on.budget and off.total <= off.budget
+    lost = (off.slots_per_layer - on.slots_per_layer) * dense.config.num_layers
+    assert reads[0] - reads[1] == lost  # neurons read in a decode step: those slots' more
+
+
+def _teacher_forced(model):
+    ids = torch.randint(0, 4096, (1, 6), generator=torch.Generator().manual_seed(9))
+    cache = KVCache(model.layout.config, ids.shape[1])
+    out = [model.transformer(ids[:, :2], cache=cache, start=0)]
+    out += [model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(2, ids.shape[1])]
+    return torch.cat(out, dim=1)

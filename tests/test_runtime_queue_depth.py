@@ -138,7 +138,7 @@ def test_io_policy_is_planned_unless_given():
 def test_io_report_rows_put_achieved_next_to_the_model():
     from sparseflash.eval.io_report import _engine_row
     from sparseflash.eval.render import io_markdown
-    from sparseflash.runtime.engine import TokenStats
+    from sparseflash.runtime.token_stats import TokenStats
 
     s = TokenStats(tokens=1, bytes_read=2_000_000, requests=4, hits=1, misses=3, model_read_s=0.001)
     s.read_spans = [(0.0, 0.002)]

@@ -9,8 +9,8 @@ import torch
 from layouts import tiny_layout
 
 from sparseflash.model.transformer import KVCache
-from sparseflash.runtime.engine import TokenStats
 from sparseflash.runtime.session import open_streamed
+from sparseflash.runtime.token_stats import TokenStats
 
 
 def random_predictors(layers: int, n: int = 160, d: int = 64, topk: int = 24) -> dict:

@@ -36,13 +36,13 @@ FAMILIES = {
 }
 
 
-def make_hf_model(family: str, seed: int = 0):
+def make_hf_model(family: str, seed: int = 0, layers: int = 2):
     """A transformers model of the family with random weights, norm weights included."""
     import transformers
 
     model_type, extra = FAMILIES[family]
     cfg_cls = transformers.AutoConfig.for_model(model_type).__class__
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                 bos_token_id=1, eos_token_id=2, pad_token_id=None)
     base.update(extra)

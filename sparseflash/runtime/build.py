@@ -20,6 +20,7 @@ from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.layout_model import LayoutModel
 from sparseflash.runtime.policy import Policy
 from sparseflash.runtime.predict import load_predictors
+from sparseflash.runtime.staging import StagingArea
 from sparseflash.runtime.streamer import BundleReader
 
 STORAGE_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "q8": np.uint8, "q4": np.uint8}
@@ -55,8 +56,10 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
     try:
         rows = staging_rows(regions, policy.io_buffer_bytes) if on_gpu else 0
         staging = staging_nbytes(rows, max(r.bundle_bytes for r in regions)) if on_gpu else 0
+        stage_all = policy.staging and predictors.strategy == "all" and not on_gpu
         memory = plan_memory(regions, resident_bytes(lm.weights), predictors.nbytes,
-                             reader.buffer_total_bytes + staging, policy.budget, policy.min_slots, plugin_bytes)
+                             reader.buffer_total_bytes + staging, policy.budget, policy.min_slots, plugin_bytes,
+                             stage_all=stage_all)
         storage = regions[0].dtype
         if backend == "cpu":
             kernel.warmup((storage,))  # compile (or load) before the first token, not during it
@@ -77,8 +80,10 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
         else:
             fetcher = HostFetcher(reader, caches, lm.config.hidden_size, storage)
         compute = SparseCompute(kernel, lm.config.ffn_kind, storage, b_up, b_gate, gpu)
+        area = (StagingArea(regions, memory.staging_rows, [STORAGE_NP[r.dtype] for r in regions])
+                if memory.staging_rows else None)
         engine = StreamingFFN(regions, caches, predictors, fetcher, compute, policy, memory,
-                              [w.b_down for w in weights.layers])
+                              [w.b_down for w in weights.layers], area)
         engine.load_hot()
     except BaseException:
         reader.close()

@@ -12,7 +12,6 @@ threads while layer l reads its misses and computes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,68 +24,19 @@ from sparseflash.runtime.fetcher import Fetch, HostFetcher
 from sparseflash.runtime.planner import LayerPlan, plan_layer, plan_prefetch, plan_prefetch_free
 from sparseflash.runtime.policy import Policy
 from sparseflash.runtime.predict import Predictors
-
-
-@dataclass
-class TokenStats:
-    """What one forward step (a token, or a prompt for prefill) cost."""
-
-    tokens: int = 0
-    predicted: int = 0  # neurons computed, summed over layers
-    needed: int | None = 0  # of those, truly active (layout/schema.py); None when not counted (Policy.count_needed)
-    hits: int = 0  # predicted neurons found in the cache (hot region included)
-    misses: int = 0
-    prefetched: int = 0  # neurons read ahead by look-ahead prefetch (used or not)
-    bytes_read: int = 0
-    requests: int = 0
-    io_wait_s: float = 0.0
-    model_read_s: float = 0.0  # the device model's time for the same reads at the reader's queue depth
-    predictor_s: float = 0.0
-    ffn_s: float = 0.0  # the sparse kernel (compute step)
-    attention_s: float = 0.0  # attention only (timed by Transformer); norms, embedding, adds go to other_s
-    head_s: float = 0.0  # final norm and LM head: from the last FFN to the end of the step
-    token_s: float = 0.0  # wall time of the whole forward step (Transformer.forward)
-    per_layer_predicted: list = field(default_factory=list)
-    # per layer, in order: [attention_s, predict_s, io_wait_s, compute_s, other_s, read_bytes, prefetch_bytes];
-    # other_s is the FFN step's bookkeeping (planning, cache index, hand-offs) plus the norms and residual
-    # adds between the previous FFN and this one (all but attention). The spans add up:
-    # sum(attention + predict + io_wait + compute + other) + head_s == token_s (docs/runtime.md)
-    timeline: list = field(default_factory=list)
-    read_spans: list = field(default_factory=list)  # (start, end) perf_counter stamps of every read that landed
-
-    @property
-    def read_busy_s(self) -> float:
-        """Wall time during which at least one of the step's reads was in flight (union of spans)."""
-        busy, reach = 0.0, float("-inf")
-        for a, b in sorted(self.read_spans):
-            if b > reach:
-                busy += b - max(a, reach)
-                reach = b
-        return busy
-
-    def to_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "read_spans"}
-        out["read_busy_s"] = self.read_busy_s
-        return out
-
-    TIMELINE_FIELDS = ("attention_s", "predict_s", "io_wait_s", "compute_s", "other_s", "read_bytes",
-                       "prefetch_bytes")
-
-    def add_read(self, result, seconds: float) -> None:
-        self.bytes_read += result.bytes
-        self.requests += result.requests
-        self.io_wait_s += seconds
-        self.model_read_s += result.model_s
-        if result.requests:
-            self.read_spans.append((result.start, result.end))
+from sparseflash.runtime.staging import StagingArea
+from sparseflash.runtime.token_stats import TokenStats
 
 
 class StreamingFFN:
     """FFN callable (layer, x) -> y that streams bundles under the policy's budget."""
 
     def __init__(self, regions: tuple[FfnLayer, ...], caches: list[NeuronCache], predictors: Predictors,
-                 fetcher: HostFetcher, compute: SparseCompute, policy: Policy, memory: MemoryPlan, b_down: list):
+                 fetcher: HostFetcher, compute: SparseCompute, policy: Policy, memory: MemoryPlan, b_down: list,
+                 staging: StagingArea | None = None):
         self.regions, self.caches, self.predictors = regions, caches, predictors
+        self.staging = staging  # strategy all on the host, a cache smaller than the model: runtime/staging.py
+        self._staged: tuple[Fetch, int] | None = None  # the next layer's read into a staging half, and the half
         self.fetcher, self.compute, self.policy, self.memory = fetcher, compute, policy, memory
         self.b_down = b_down  # per layer, on the device y lives on (or None)
         self.stats: list[TokenStats] = []
@@ -155,15 +105,39 @@ class StreamingFFN:
         for fetch in self._prefetch.values():
             self.fetcher.abandon(fetch)
         self._prefetch.clear()
+        if self._staged is not None:
+            fetch, half = self._staged
+            self._staged = None
+            self.fetcher.abandon(fetch)
+            self.staging.give_back(half)
 
     def _layer(self, l: int, x: torch.Tensor, s: TokenStats) -> torch.Tensor:
         cache = self.caches[l]
         self._finish_prefetch(l, s)  # 1. this layer's look-ahead read (started during layer l-1) lands
-        positions = self._predict(l, x, s)  # 2. predicted active set, as stored positions
-        self._start_prefetch(l + 1, x, s)  # 3. layer l+1's look-ahead read runs while this layer works
+        staged = self._take_staged(l)  # (strategy all) its read into a staging half, landing or landed
+        if staged is None and self.staging is not None and self.strategy == "all":
+            self._start_staged(l, np.zeros(0, np.int64), s, ahead=False)  # the step's first layer: read now
+            staged = self._take_staged(l)
+        try:
+            positions = self._predict(l, x, s)  # 2. predicted active set, as stored positions
+            self._start_prefetch(l + 1, x, s)  # 3. layer l+1's look-ahead read runs while this layer works
+            y = self._layer_steps(l, x, s, cache, positions, staged)
+        except BaseException:
+            if staged is not None:
+                self.fetcher.abandon(staged[0])
+                self.staging.give_back(staged[1])
+            raise
+        if staged is not None:
+            self.staging.give_back(staged[1])
+        return y
+
+    def _layer_steps(self, l: int, x: torch.Tensor, s: TokenStats, cache: NeuronCache, positions: np.ndarray,
+                     staged: tuple[Fetch, int] | None) -> torch.Tensor:
         plan = plan_layer(cache, positions)  # 4. hits and misses
         s.hits += len(plan.hit_slots)
-        s.misses += len(plan.missing)
+        s.misses += len(plan.missing)  # staged neurons included: read for this step, one layer early
+        if staged is not None:  # the staged neurons are read (or landing): not read again
+            plan = LayerPlan(plan.hit_slots, plan.missing[~np.isin(plan.missing, staged[0].positions)], plan.room)
         cache.touch(plan.hit_slots)
         x = x.float().contiguous()
         y = torch.zeros((x.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)
@@ -176,11 +150,13 @@ class StreamingFFN:
             new = cache.reserve(len(plan.missing), protect=plan.hit_slots)
             fetch = self.fetcher.start(l, plan.missing, new) if len(plan.missing) else None
             self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
+            if staged is not None:  # then the staged neurons, read during layer l-1
+                self._guarded(fetch, self._compute_staged, l, x, staged[0], y, s)
             if fetch is not None:
                 self._land(fetch, s)
                 self._compute(l, x, new, y, s)
         else:  # 5'. more neurons than the cache holds: accumulate the output over batches
-            self._compute_in_batches(l, x, plan, y, s)
+            self._compute_in_batches(l, x, plan, y, s, staged[0] if staged is not None else None)
         ahead = self._prefetch.get(l + 1)
         if ahead is not None and ahead.done():  # 6. settle a finished look-ahead read now (GPU: queue its upload)
             self._finish_prefetch(l + 1, s)
@@ -254,7 +230,53 @@ class StreamingFFN:
             s.prefetched += len(missing)
             self._prefetch[nxt] = self.fetcher.start(nxt, missing, cache.reserve(len(missing)))
             self._ahead_bytes = len(missing) * self.regions[nxt].bundle_bytes
+        if self.strategy == "all" and self.staging is not None:  # the rest into a staging half, as much as it holds
+            self._start_staged(nxt, missing, s)
         s.predictor_s += time.perf_counter() - t
+
+    def _start_staged(self, nxt: int, exclude: np.ndarray, s: TokenStats, ahead: bool = True) -> None:
+        """Start reading layer ``nxt``'s uncached neurons (but ``exclude``, read into its cache) into the
+        free staging half, as many as it holds; ``ahead``: a look-ahead read (else the layer's own,
+        started as its step begins: the first layer of a step, which nothing runs before)."""
+        half = self.staging.free_half() if self._staged is None else None
+        if half is None:
+            return
+        rest = np.nonzero(self.caches[nxt].slot_of < 0)[0]
+        if len(exclude):
+            rest = rest[~np.isin(rest, exclude)]
+        view = self.staging.take(nxt, half)
+        rest = rest[: view.capacity]
+        if not len(rest):
+            self.staging.give_back(half)
+            return
+        try:
+            fetch = self.fetcher.start(nxt, rest, np.arange(len(rest)), into=view)
+        except BaseException:
+            self.staging.give_back(half)
+            raise
+        self._staged = (fetch, half)
+        if ahead:
+            s.prefetched += len(rest)
+            self._ahead_bytes += len(rest) * self.regions[nxt].bundle_bytes
+
+    def _take_staged(self, l: int) -> tuple[Fetch, int] | None:
+        """Layer l's staged read (started during layer l-1), now the layer's to land and compute over."""
+        if self._staged is None:
+            return None
+        fetch, half = self._staged
+        self._staged = None
+        if fetch.layer != l:  # the caller did not run the layers in order: that read is not wanted
+            self.fetcher.abandon(fetch)
+            self.staging.give_back(half)
+            return None
+        return fetch, half
+
+    def _compute_staged(self, l: int, x: torch.Tensor, fetch: Fetch, y: torch.Tensor, s: TokenStats) -> None:
+        """Wait for the layer's staged read (counted as I/O wait) and compute over its rows."""
+        t = time.perf_counter()
+        result = self.fetcher.finish(fetch)
+        s.add_read(result, time.perf_counter() - t)
+        self._compute(l, x, fetch.slots, y, s, fetch.cache)
 
     def _finish_prefetch(self, l: int, s: TokenStats) -> None:
         fetch = self._prefetch.pop(l, None)
@@ -269,18 +291,21 @@ class StreamingFFN:
             result = self.fetcher.fill(l, positions, slots)
             s.add_read(result, time.perf_counter() - t)
 
-    def _compute(self, l: int, x: torch.Tensor, slots: np.ndarray, y: torch.Tensor, s: TokenStats) -> None:
+    def _compute(self, l: int, x: torch.Tensor, slots: np.ndarray, y: torch.Tensor, s: TokenStats,
+                 cache=None) -> None:
+        """The kernel over ``slots`` of the layer's cache (or of ``cache``: a staging half)."""
         t = time.perf_counter()
-        cache = self.caches[l]
+        cache = self.caches[l] if cache is None else cache
         acts = self.compute(l, x, cache, slots, y, activations=s.needed is not None)
         if acts is not None:
             s.needed += count_active(acts, cache.down_norm[slots], self.regions[l].threshold)
         s.ffn_s += time.perf_counter() - t
 
-    def _compute_in_batches(self, l: int, x: torch.Tensor, plan: LayerPlan, y: torch.Tensor, s: TokenStats) -> None:
-        """The hits first, then the misses in batches that reuse every unpinned slot, oldest first. On the
-        host, batches are half the unpinned slots and the next batch is read while the current one
-        computes; every bundle is still read once per step."""
+    def _compute_in_batches(self, l: int, x: torch.Tensor, plan: LayerPlan, y: torch.Tensor, s: TokenStats,
+                            staged: Fetch | None = None) -> None:
+        """The hits first (then the ``staged`` rows), then the misses in batches that reuse every unpinned
+        slot, oldest first. On the host, batches are half the unpinned slots and the next batch is read
+        while the current one computes; every bundle is still read once per step."""
         cache = self.caches[l]
         unpinned = int((~cache.pinned).sum())
         pipelined = not self.on_gpu and unpinned >= 2
@@ -290,6 +315,8 @@ class StreamingFFN:
         if pipelined and self._room_for(l, len(parts[0]), plan.hit_slots):  # the first read overlaps the hits
             fetch = self._start_batch(l, parts[0], plan.hit_slots)
         self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
+        if staged is not None:
+            self._guarded(fetch, self._compute_staged, l, x, staged, y, s)
         if pipelined and fetch is None:  # it needs the hits' slots: start it once they are computed
             fetch = self._start_batch(l, parts[0], plan.hit_slots[:0])
         for k, part in enumerate(parts):

@@ -36,6 +36,7 @@ class Fetch:
     slots: np.ndarray
     future: Future
     staging: object = None  # the staging buffer of a device read
+    cache: object = None  # where the slots are: the layer's NeuronCache, or a StagedSlots (runtime/staging.py)
 
     def done(self) -> bool:
         return self.future.done()
@@ -69,12 +70,13 @@ class HostFetcher:
         """Most bundles a look-ahead read may take now (None: no limit beyond the cache's room)."""
         return None
 
-    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray) -> Fetch:
-        cache = self.caches[layer]
-        return Fetch(layer, positions, slots, self.reader.submit(layer, positions, cache.slots, slots))
+    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray, into=None) -> Fetch:
+        """``into``: the slots' owner when not the layer's cache (a staging half, runtime/staging.py)."""
+        cache = self.caches[layer] if into is None else into
+        return Fetch(layer, positions, slots, self.reader.submit(layer, positions, cache.slots, slots), cache=cache)
 
     def finish(self, fetch: Fetch, pinned: bool = False) -> ReadResult:
-        cache = self.caches[fetch.layer]
+        cache = fetch.cache
         try:
             result = fetch.future.result()
         except BaseException:
@@ -89,7 +91,7 @@ class HostFetcher:
     def abandon(self, fetch: Fetch) -> None:
         """Wait for the read to end (its outcome no longer matters) and release its slots."""
         wait([fetch.future])
-        self.caches[fetch.layer].release(fetch.slots)
+        (fetch.cache if fetch.cache is not None else self.caches[fetch.layer]).release(fetch.slots)
 
     def close(self) -> None:
         self.reader.close()
@@ -108,7 +110,9 @@ class DeviceFetcher(HostFetcher):
         # a look-ahead read takes one staging buffer, only while a demand read would still have two
         return self.gpu.staging_rows if self.gpu.free_buffers() >= STAGING_BUFFERS else 0
 
-    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray) -> Fetch:
+    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray, into=None) -> Fetch:
+        if into is not None:
+            raise ValueError("internal: staging regions are a host feature; a device read fills cache slots")
         buf = self.gpu.acquire()
         try:
             future = self.reader.submit(layer, positions, buf.host, np.arange(len(positions)))

@@ -81,6 +81,9 @@ class Policy:
     cached_bonus: float = 0.0
     miss_penalty: float = 0.0
     min_slots: int = 16  # smallest neuron cache per layer that the engine accepts
+    # strategy all on the host with a cache smaller than the model: a staging region of two halves shared
+    # by all layers takes the next layer's misses while a layer computes (runtime/staging.py)
+    staging: bool = True
     reuse: bool = True  # False: forget every unpinned neuron at each token (the no-cache baseline)
     device: str = "cpu"  # where the neuron cache and the sparse FFN live: cpu | cuda
     verify: bool = True  # check every bundle read (digest, finite values) and resident tensors at load

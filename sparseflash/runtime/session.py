@@ -11,11 +11,12 @@ from sparseflash.model.generate import GenerationResult, Sampling, generate
 from sparseflash.model.plugin import CompressionPlugin, PluginError, load_plugin
 from sparseflash.model.transformer import Transformer
 from sparseflash.runtime.build import build_engine
-from sparseflash.runtime.engine import StreamingFFN, TokenStats
+from sparseflash.runtime.engine import StreamingFFN
 from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.layout_model import LayoutModel, open_layout
 from sparseflash.runtime.policy import Budget, Policy
 from sparseflash.runtime.rss import peak_rss_bytes
+from sparseflash.runtime.token_stats import TokenStats
 
 
 @dataclass
