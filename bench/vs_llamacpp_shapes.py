@@ -7,6 +7,8 @@ Configurations (each in its own subprocess and memory cgroup, as in bench_vs_lla
                          ReLU-gated llama, so the GGUF says SiLU (same bytes and work per token)
   sparseflash-exact      every neuron computed (strategy all: the dense model's function), the cache
                          evicting by the default policy, reads planned from the disk's queue-depth model
+  sparseflash-exact-unstaged  the same without the staging region (each layer's misses read on
+                         demand when the layer runs, in batches that overlap its own compute)
   sparseflash-window     the same neurons through LLM-in-a-Flash's plain window policy (eviction window)
   sparseflash-predicted  the layout's predictors pick the neurons; random weights, so its tokens
                          diverge from the others and its sparsity means nothing (labelled so)
@@ -42,6 +44,8 @@ from pathlib import Path
 CONFIGS = {  # output name -> (worker configuration, stream policy)
     "llama.cpp-mmap": ("llama-mmap", {}),
     "sparseflash-exact": ("sf-stream-all", {"strategy": "all"}),
+    # the same without the staging region (runtime/staging.py): misses read on demand, in batches
+    "sparseflash-exact-unstaged": ("sf-stream-all", {"strategy": "all", "staging": False}),
     "sparseflash-window": ("sf-stream-all", {"strategy": "all", "eviction": "window"}),
     "sparseflash-predicted": ("sf-stream", {}),
 }
