@@ -11,8 +11,10 @@ after loading; a limit below the usage makes the kernel reclaim page cache down 
 - llama-mmap: non-weight is the cgroup's usage after loading minus the GGUF's pages in the page
   cache: the interpreter, llama.cpp's library, KV cache and compute buffers.
 - sf-stream, sf-stream-all: --budget is W (resident tensors, predictors, hot region, neuron cache,
-  index and I/O buffers all count); non-weight is the baseline + KV cache + a slack for what a
-  forward step allocates on the fly. sf-stream computes the neurons its predictors pick;
+  index and I/O buffers all count); non-weight is the baseline + KV cache + what opening the layout
+  holds beyond the planned parts it loads (measured: RSS growth at load minus resident, predictors,
+  hot region, index and I/O buffers; `unplanned_load_bytes`) + a slack for what a forward step
+  allocates on the fly. sf-stream computes the neurons its predictors pick;
   sf-stream-all computes every neuron (strategy "all": exact, the dense model's function) through
   the same cache.
 
@@ -45,6 +47,12 @@ def stream_slack(weight_allowance: int) -> int:
     kernel's outputs, the engine's 1 MiB blocks for down-column norms, allocator slack (8 MiB plus
     3% of the allowance)."""
     return 8 * (1 << 20) + weight_allowance * 3 // 100
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def log(msg: str) -> None:
@@ -282,6 +290,7 @@ def run_measured(job: dict) -> dict:
     result = {"config": config}
     _prepare_engine(config, job["threads"])
     result["baseline_bytes"] = cap.usage()
+    rss0 = _rss()
     allowance = job.get("weight_allowance_bytes") if cap.spec else None
 
     io0, t0 = process_read_bytes(), time.perf_counter()
@@ -293,8 +302,15 @@ def run_measured(job: dict) -> dict:
         result["non_weight_bytes"] = result["after_load_bytes"] - mapped
         if job.get("llama_slack"):  # the --shape runs give llama.cpp the same slack as sparseflash
             result["non_weight_bytes"] += stream_slack(allowance)
-    elif allowance is not None and config.startswith("sf-stream"):
-        result["non_weight_bytes"] = result["baseline_bytes"] + job["kv_bytes"] + stream_slack(allowance)
+    elif config.startswith("sf-stream"):
+        # what opening the layout holds beyond the planned parts it loads (tokenizer, header, index of
+        # digests, I/O threads): measured, like llama.cpp's non-weight memory, not assumed
+        plan = result["memory_plan"]
+        loaded = sum(plan[k] for k in ("resident", "predictors", "hot", "index", "io_buffers"))
+        result["unplanned_load_bytes"] = max(0, _rss() - rss0 - loaded)
+        if allowance is not None:
+            result["non_weight_bytes"] = (result["baseline_bytes"] + result["unplanned_load_bytes"] + job["kv_bytes"]
+                                          + stream_slack(allowance))
     if "non_weight_bytes" in result:
         result["cap_bytes"] = result["non_weight_bytes"] + allowance
         _limit_with_retry(cap, result["cap_bytes"])  # below the usage: the kernel reclaims page cache first
