@@ -106,10 +106,8 @@ class StreamingFFN:
             self.fetcher.abandon(fetch)
         self._prefetch.clear()
         if self._staged is not None:
-            fetch, half = self._staged
-            self._staged = None
-            self.fetcher.abandon(fetch)
-            self.staging.give_back(half)
+            staged, self._staged = self._staged, None
+            self._drop_staged(staged)
 
     def _layer(self, l: int, x: torch.Tensor, s: TokenStats) -> torch.Tensor:
         cache = self.caches[l]
@@ -124,8 +122,7 @@ class StreamingFFN:
             y = self._layer_steps(l, x, s, cache, positions, staged)
         except BaseException:
             if staged is not None:
-                self.fetcher.abandon(staged[0])
-                self.staging.give_back(staged[1])
+                self._drop_staged(staged)
             raise
         if staged is not None:
             self.staging.give_back(staged[1])
@@ -266,10 +263,14 @@ class StreamingFFN:
         fetch, half = self._staged
         self._staged = None
         if fetch.layer != l:  # the caller did not run the layers in order: that read is not wanted
-            self.fetcher.abandon(fetch)
-            self.staging.give_back(half)
+            self._drop_staged((fetch, half))
             return None
         return fetch, half
+
+    def _drop_staged(self, staged: tuple[Fetch, int]) -> None:
+        """Wait for a staged read to end, unwanted, and free its half."""
+        self.fetcher.abandon(staged[0])
+        self.staging.give_back(staged[1])
 
     def _compute_staged(self, l: int, x: torch.Tensor, fetch: Fetch, y: torch.Tensor, s: TokenStats) -> None:
         """Wait for the layer's staged read (counted as I/O wait) and compute over its rows."""

@@ -57,7 +57,7 @@ class StagingArea:
         most = rows * max(largest // r.bundle_bytes for r in regions)  # rows of the smallest bundles
         self.rows = rows
         self._buffers = [np.zeros(rows * largest, dtype=np.uint8) for _ in range(2)]
-        index = [(np.full(most, -1, dtype=np.int64), np.zeros(most, dtype=np.float32)) for _ in range(2)]
+        index = self._index = [(np.full(most, -1, dtype=np.int64), np.zeros(most, dtype=np.float32)) for _ in range(2)]
         # every layer's view of both halves, made once; a half's index is shared by its views
         self._views = [[StagedSlots(b, r.bundle_len, dt, *ix) for b, ix in zip(self._buffers, index)]
                        for r, dt in zip(regions, dtypes)]
@@ -66,9 +66,7 @@ class StagingArea:
     @property
     def nbytes(self) -> int:
         """Bytes held: both halves and their index (what the memory plan counts)."""
-        view = self._views[0]
-        return sum(b.nbytes for b in self._buffers) + sum(v.position_of.base.nbytes + v.down_norm.base.nbytes
-                                                          for v in view)
+        return sum(b.nbytes for b in self._buffers) + sum(a.nbytes + b.nbytes for a, b in self._index)
 
     def free_half(self) -> int | None:
         """A half nobody holds, or None."""
