@@ -2,20 +2,22 @@
 forecast: the pieces, each checked against its definition."""
 
 import numpy as np
+import pytest
 import torch
 from layouts import tiny_layout
 from test_predicted_sets import _predictors
 
+from sparseflash.layout.predictor import Predictor, contribution_recall, tune_miss_cut
 from sparseflash.model.transformer import KVCache
 from sparseflash.runtime.cache import FORECAST_DECAY, NeuronCache
 from sparseflash.runtime.predict import LayerPredictor
 from sparseflash.runtime.session import open_streamed
 
 
-def _layer_predictor(n=12, d=6, topk=3, cut=0.0):
+def _layer_predictor(n=12, d=6, topk=3, cut=0.0, miss_cut=None):
     g = torch.Generator().manual_seed(0)
     return LayerPredictor(torch.randn(4, d, generator=g), torch.zeros(4), torch.randn(n, 4, generator=g),
-                          torch.zeros(n), topk, cut)
+                          torch.zeros(n), topk, cut, miss_cut)
 
 
 def test_the_offset_moves_the_choice_but_not_the_scores():
@@ -62,3 +64,93 @@ def test_a_prohibitive_miss_penalty_computes_only_what_is_in_memory(tmp_path):
         assert (misses > 0) == reads
         if not reads:
             assert len(computed) and computed.max() < 8  # the hot region only
+
+
+def test_the_miss_cut_keeps_the_target_share_of_the_contribution():
+    g = torch.Generator().manual_seed(5)
+    pred = Predictor(torch.randn(6, 16, generator=g), torch.zeros(6), torch.randn(40, 6, generator=g), torch.zeros(40))
+    x = torch.randn(300, 16, generator=g)
+    z = pred.logits(x)
+    mask = (z + torch.randn(300, 40, generator=g)) > 1.0  # active sets the scores predict, with noise
+    mag = torch.rand(300, 40, generator=g) * 5
+    for target in (0.99, 0.9, 0.5):
+        cut = tune_miss_cut(pred, x, mask, mag, target)
+        assert contribution_recall(z > cut, mask, mag) >= target
+        # the next active score above the cut is too high: the cut is the largest that keeps the target
+        above = z[mask & (z > cut)].min()
+        assert contribution_recall(z > above, mask, mag) < target
+    assert tune_miss_cut(pred, x, mask, mag, 0.5) > tune_miss_cut(pred, x, mask, mag, 0.9)
+
+
+def test_the_miss_cut_drops_only_missing_neurons_below_it():
+    p = _layer_predictor(cut=-0.5, miss_cut=0.7)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(2))
+    top = p.logits(x).max(dim=0).values.numpy()
+    cached = np.arange(12) % 3 == 0
+    plain = p.predict(x, "threshold")
+    got = p.predict(x, "threshold", cached=cached)
+    assert np.array_equal(got, plain[cached[plain] | (top[plain] > 0.7)])
+    assert len(got) < len(plain)  # this draw has missing neurons between the two cuts
+    assert np.array_equal(p.predict(x, "threshold"), plain)  # without the cache state, no miss cut
+    assert np.array_equal(_layer_predictor(cut=-0.5).predict(x, "threshold", cached=cached), plain)
+
+
+def _miss_gate(strategy="threshold"):
+    return {"strategy": strategy, "own_strategy": strategy, "fallback": False, "max_rise_pct": 1.0,
+            "ppl_dense": 20.0, "ppl": {strategy: 20.1}, "rise_pct": {strategy: 0.5},
+            "predicted_share": {strategy: 0.1}, "heldout_tokens": 64, "ppl_p": 1.0, "ppl_p_sparsity": 0.9,
+            "min_sparsity": 0.5, "too_dense": False, "miss_recalls": [0.9], "miss_rise_pct": {"0.9": 0.8},
+            "miss_recall": 0.9}
+
+
+def test_a_layout_miss_cut_above_every_score_reads_nothing_outside_memory(tmp_path):
+    """The layout records a miss cut no neuron reaches: with it, nothing outside the hot region is read or
+    computed; with --no-miss-cut (Policy.miss_cut False) the same predictions are read."""
+    preds = _predictors(2)
+    for p in preds.values():
+        p.miss_cuts = (1e9,)
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=preds, strategy="threshold", n_hot=8,
+                          gate=_miss_gate())
+    ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(4))
+    for use, reads in ((False, True), (True, False)):
+        model = open_streamed(path, "40%ffn", io_buffer_bytes=4096, lookahead=True, miss_cut=use)
+        try:
+            assert model.engine.predictors.own[1].miss_cut == 1e9
+            model.engine.trace = [[] for _ in range(2)]
+            cache = KVCache(model.layout.config, ids.shape[1])
+            for i in range(ids.shape[1]):
+                model.transformer(ids[:, i : i + 1], cache=cache, start=i)
+            misses = sum(s.misses + s.prefetched for s in model.engine.stats)
+            computed = np.concatenate([p for layer in model.engine.trace for p in layer])
+        finally:
+            model.close()
+        assert (misses > 0) == reads
+        if not reads:
+            assert len(computed) and computed.max() < 8  # the hot region only
+
+
+class _FixedScores:
+    """A stand-in predictor whose logits are given (tokens, neurons), for the validation's cache rule."""
+
+    def __init__(self, z, cut):
+        self.z, self.cut, self.neurons = torch.tensor(z, dtype=torch.float32), cut, len(z[0])
+
+    def logits(self, x):
+        return self.z
+
+
+@pytest.mark.parametrize("window, kept_n2", [(1, [1, 0, 0, 0]), (2, [1, 0, 1, 1])])
+def test_the_gate_validation_keeps_what_the_window_holds_and_reads_above_the_miss_cut(window, kept_n2):
+    """Worked by hand (cut 0, miss cut 1, one window of 4 tokens): neuron 0 is read at token 0 and then
+    held; neuron 1 waits until its logit passes the miss cut at token 2; neuron 2 drops out at token 1
+    and comes back from memory at token 2 only if the window still holds token 0."""
+    from sparseflash.layout.predictors_build import _MissRun
+
+    z = [[2, 0.5, 2], [0.5, 0.5, -1], [0.5, 2, 0.5], [0.5, 0.5, 0.5]]
+    run = _MissRun(ctx=4, layers=1, window=window)
+    a = torch.ones(4, 3)
+    kept = run.hook(_FixedScores(z, 0.0), 1.0)(0, slice(0, 4), torch.zeros(4, 2), a)
+    assert kept[:, 0].tolist() == [1, 1, 1, 1] and kept[:, 1].tolist() == [0, 0, 1, 1]
+    assert kept[:, 2].tolist() == kept_n2
+    assert run.read[0] == 3  # each neuron read once: the first time it is computed
+    assert run.computed[0] == kept.sum() and run.tokens[0] == 4

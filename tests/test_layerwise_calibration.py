@@ -129,30 +129,35 @@ def test_predictor_metrics_equal_training_on_in_memory_recordings(prepared):
     def record(seqs):
         xs = [[] for _ in range(c.num_layers)]
         masks = [[] for _ in range(c.num_layers)]
+        mags = [[] for _ in range(c.num_layers)]
 
         def hook(layer, x, a):
             xs[layer].append(x.numpy().astype(np.float16))
             masks[layer].append(pack(tap.active(layer, a).numpy()))
+            mags[layer].append(tap.magnitude(layer, a).numpy().astype(np.float16))
 
         net = tap.transformer(c, hook)
         for i in range(0, len(seqs), PREDICTORS.batch):
             net(seqs[i : i + PREDICTORS.batch])
         return [(torch.from_numpy(np.concatenate(x).astype(np.float32)),
-                 torch.from_numpy(unpack(np.concatenate(m), c.intermediate_size))) for x, m in zip(xs, masks)]
+                 torch.from_numpy(unpack(np.concatenate(m), c.intermediate_size)),
+                 torch.from_numpy(np.concatenate(g))) for x, m, g in zip(xs, masks, mags)]
 
     rec, rec_val = record(train), record(val)
+    n_tune = max(1, int(train.numel() * PREDICTORS.tune_share))
     for layer in range(c.num_layers):
-        (x, mask), (x_val, mask_val) = rec[layer], rec_val[layer]
+        (x, mask, mag), (x_val, mask_val, _) = rec[layer], rec_val[layer]
+        tune_mag = mag[-n_tune:]  # the tune slice's magnitudes, which the miss cuts are tuned on
         # as the pass trains them: the layer's predictor and its look-ahead side by side
         jobs = [(x, mask)] + ([(rec[layer - 1][0], mask)] if layer > 0 else [])
         trained = _train_side_by_side(jobs, PREDICTORS.rank, PREDICTORS)
-        metrics = _measure(trained[0], x, mask, PREDICTORS, x_val, mask_val)
+        metrics = _measure(trained[0], x, mask, PREDICTORS, x_val, mask_val, tune_mag)
         saved = report["layers"][layer]
         for key in ("recall_topk", "sparsity_topk", "recall_threshold", "sparsity_threshold", "true_sparsity", "topk",
-                    "cut"):
+                    "cut", "miss_cuts", "recall_miss", "sparsity_miss"):
             assert saved[key] == metrics[key], (layer, key)
         if layer > 0:
-            ahead = _measure(trained[1], rec[layer - 1][0], mask, PREDICTORS, rec_val[layer - 1][0], mask_val)
+            ahead = _measure(trained[1], rec[layer - 1][0], mask, PREDICTORS, rec_val[layer - 1][0], mask_val, tune_mag)
             assert saved["lookahead"]["recall_topk"] == ahead["recall_topk"]
     dense = perplexity(model.transformer(), val.reshape(-1).tolist(), ctx=PREDICTORS.ctx).ppl
     assert report["ppl"]["dense"] == pytest.approx(dense, rel=1e-5)

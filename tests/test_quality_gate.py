@@ -34,3 +34,25 @@ def test_a_model_too_dense_to_gain_is_reported_with_its_numbers():
     gate = decide_gate(_report(), {"ppl_p": 1.0, "ppl_p_sparsity": 0.031}, max_rise_pct=1.0, min_sparsity=0.5)
     assert gate["too_dense"]
     assert "too dense to gain: PPL-1% sparsity 3.1% < 50%" in gate_line(gate)
+
+
+def _with_miss(rises, own="threshold", topk=20.5, threshold=20.1):
+    report = _report(topk=topk, threshold=threshold, own=own)
+    report["miss"] = [{"recall": r, "ppl": 20.0 * (1 + rise / 100), "predicted_share": 0.05, "recall_active": 0.9}
+                      for r, rise in rises]
+    return report
+
+
+def test_the_sparsest_miss_cut_within_the_bound_is_kept():
+    gate = decide_gate(_with_miss([(0.95, 0.4), (0.9, 0.9), (0.8, 3.0)]), PROFILE, 1.0, 0.5)
+    assert gate["strategy"] == "threshold" and gate["miss_recall"] == 0.9
+    assert gate["miss_recalls"] == [0.95, 0.9, 0.8] and abs(gate["miss_rise_pct"]["0.8"] - 3.0) < 1e-9
+    assert "read only above the cut keeping 0.9 of the active contribution (nothing cached +0.90%)" in gate_line(gate)
+
+
+def test_no_miss_cut_when_none_holds_the_bound_or_the_strategy_is_not_threshold():
+    gate = decide_gate(_with_miss([(0.95, 1.5), (0.9, 2.0)]), PROFILE, 1.0, 0.5)
+    assert gate["miss_recall"] is None and "no miss cut within the bound" in gate_line(gate)
+    gate = decide_gate(_with_miss([(0.95, 0.1)], own="topk", topk=20.1, threshold=20.5), PROFILE, 1.0, 0.5)
+    assert gate["strategy"] == "topk" and gate["miss_recall"] is None  # the cuts were measured for threshold only
+    assert decide_gate(_report(), PROFILE, 1.0, 0.5)["miss_recall"] is None  # a report from before miss cuts

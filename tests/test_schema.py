@@ -109,6 +109,16 @@ def test_a_gate_record_is_read_and_sets_the_default_strategy(layout, tmp_path):
     assert header.predictors.gate["strategy"] == "threshold" and header.predictors.default_strategy == "threshold"
 
 
+def test_a_miss_cut_is_read_back(layout, tmp_path):
+    good = _with_header(layout, tmp_path / "miss.sflash",
+                        _set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": 2.5}] * 2))
+    with LayoutFile.open(good) as f:
+        header = schema.read_header(good, f.header)
+    assert [p.miss_cut for p in header.predictors.layers] == [2.5, 2.5]
+    assert header.predictors.lookahead[1].miss_cut is None  # optional: absent where none was validated
+    assert header.predictors.to_json()["layers"][0]["miss_cut"] == 2.5
+
+
 LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "model is a list": (_set("model", [1, 2]), "header.model"),
     "model is a string": (_set("model", "llama"), "header.model"),
@@ -141,6 +151,11 @@ LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "gate without the chosen rise": (_gate(rise_pct={"threshold": 2.5}), "gate.rise_pct.topk"),
     "gate rise not a number": (_gate(rise_pct={"topk": "small"}), "gate.rise_pct.topk"),
     "gate dense ppl zero": (_gate(ppl_dense=0), "gate.ppl_dense"),
+    "miss cut not a number": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": "x"}] * 2),
+                              "layers[0].miss_cut"),
+    "gate miss recall without its rise": (_gate(miss_recalls=[0.9], miss_rise_pct={"0.8": 0.5}, miss_recall=0.9),
+                                          "gate.miss_rise_pct"),
+    "gate miss recalls not a list": (_gate(miss_recalls=0.9), "gate.miss_recalls"),
 }
 
 

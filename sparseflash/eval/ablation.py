@@ -1,9 +1,10 @@
 """``sparseflash io-report --ablation``: which change buys what, measured in one run.
 
 Teacher-forced on the same held-out tokens, at each FFN budget, the streamed engine runs once per
-variant, each adding one change to the one before (``VARIANTS``): eviction by forecast, cost-aware
-selection (two strengths), look-ahead prefetch. Per variant: neurons fetched per token (demand reads + look-ahead
-reads, used or not), bytes read per token (the reader's count), perplexity and its rise over dense,
+variant (``VARIANTS``): every prediction read, then the miss cut that prepare's quality gate
+validated (cost-aware selection), then look-ahead prefetch; and fixed logit offsets for comparison.
+Per variant: neurons fetched per token (demand reads + look-ahead reads, used or not), bytes read
+per token (the reader's count), perplexity and its rise over dense,
 top-1 agreement with dense, and Belady's optimum on the variant's own predicted trace (simulated:
 no eviction can fetch fewer neurons for those predictions). The oracle (true active sets + Belady in
 a cache of the same size, simulated) is the floor every row is divided by.
@@ -17,15 +18,17 @@ from sparseflash.model.perplexity import windows
 from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.layout_model import open_layout
 
-# name -> Policy fields; each row adds one change to the row before (the first is io-report's default run)
+# name -> Policy fields; each row adds one change to the row before, but the fixed-offset row, which
+# replaces the miss cut by fixed logit offsets for comparison
 VARIANTS = {
-    "window 4 + predicted (today)": dict(lookahead=False, eviction="predicted", cached_bonus=0.0, miss_penalty=0.0),
-    "+ forecast eviction": dict(lookahead=False, eviction="forecast", cached_bonus=0.0, miss_penalty=0.0),
-    "+ cost-aware selection (cached +1, missing -2 logits)": dict(lookahead=False, eviction="forecast",
-                                                                  cached_bonus=1.0, miss_penalty=2.0),
-    "+ stronger: missing -3 logits": dict(lookahead=False, eviction="forecast", cached_bonus=1.0, miss_penalty=3.0),
-    "+ look-ahead prefetch (its scores rank evictions)": dict(lookahead=True, eviction="forecast", cached_bonus=1.0,
-                                                              miss_penalty=3.0),
+    "window 4 + predicted, every prediction read": dict(lookahead=False, eviction="predicted", miss_cut=False,
+                                                        cached_bonus=0.0, miss_penalty=0.0),
+    "+ validated miss cut (prepare's gate)": dict(lookahead=False, eviction="predicted", miss_cut=True,
+                                                  cached_bonus=0.0, miss_penalty=0.0),
+    "+ look-ahead prefetch (the default run)": dict(lookahead=True, eviction="predicted", miss_cut=True,
+                                                    cached_bonus=0.0, miss_penalty=0.0),
+    "fixed offsets instead (cached +1, missing -3 logits)": dict(lookahead=False, eviction="predicted",
+                                                                 miss_cut=False, cached_bonus=1.0, miss_penalty=3.0),
 }
 
 

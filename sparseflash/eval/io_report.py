@@ -3,7 +3,9 @@
 Teacher-forced on the same held-out tokens (token by token, as decoding reads):
 - ``dense-stream``: every FFN byte read every token (naive offloading);
 - ``sparse``: predicted bundles, nothing kept between tokens (hot region still resident);
-- ``sparse+window``: the runtime's default, predicted bundles through the neuron cache;
+- ``sparse+window``: predicted bundles through the neuron cache (the runtime's default, but that every
+  predicted neuron is read here: the layout's cost-aware miss cut is off in these modes and in the
+  eviction comparison, so that they all handle the same neuron sets; ``--ablation`` measures it);
 - ``oracle``: the true active sets with Belady's optimal eviction in a cache of the same size.
 Bytes, requests and I/O time come from real reads of the layout file (direct I/O); the oracle's
 reads are the misses of a Belady replay of its recorded trace, issued for real too. Look-ahead
@@ -80,7 +82,10 @@ def streamed_pass(path, budget, seqs: torch.Tensor, device: DeviceModel | None =
 
 
 def _engine_pass(path, budget, seqs, reuse: bool, device, quiet, desc, eviction: str = DEFAULT_EVICTION):
-    return streamed_pass(path, budget, seqs, device, quiet, desc, reuse=reuse, lookahead=False, eviction=eviction)
+    """One engine pass of the modes / eviction comparison: every predicted neuron is computed (the layout's
+    miss cut off), so that all of them handle the same neuron sets; `--ablation` measures the miss cut."""
+    return streamed_pass(path, budget, seqs, device, quiet, desc, reuse=reuse, lookahead=False, eviction=eviction,
+                         miss_cut=False)
 
 
 def _row(bytes_tok, requests_tok, hits, looked, io_s_tok, dense_bytes, ppl, top1, model_s_tok=None):

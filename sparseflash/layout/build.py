@@ -123,7 +123,15 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
     predictors = predictors or {}
     pred_header = None
     if predictors:
-        spec = lambda p: None if p is None else PredictorSpec(int(p.topk), float(p.cut), int(p.rank))  # noqa: E731
+        # cost-aware selection: the miss cut of the recall prepare's gate validated, where one was
+        miss_at = (gate["miss_recalls"].index(gate["miss_recall"])
+                   if gate is not None and gate.get("miss_recall") is not None else None)
+
+        def spec(p):
+            if p is None:
+                return None
+            miss = float(p.miss_cuts[miss_at]) if miss_at is not None and len(p.miss_cuts) > miss_at else None
+            return PredictorSpec(int(p.topk), float(p.cut), int(p.rank), miss)
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),
                                        report, gate)

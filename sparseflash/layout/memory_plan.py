@@ -13,7 +13,9 @@ where the working set is, per stage (B = bytes per value: activations float32 4,
 - calibration: packed masks of both threshold sets (2 x tokens x neurons / 8) and a block of
   co-activation rows (the whole int32 n x n table when it is kept, n <= 4,096);
 - predictors: the layer's FFN inputs (float16) and masks (packed and unpacked), for the training and
-  held-out tokens, and the previous layer's inputs (float16); on top, the largest of three phases
+  held-out tokens, the previous layer's inputs (float16), the tune slice's neuron magnitudes (float16,
+  for the cost-aware miss cuts); the held-out streams' hidden states (dense, oracle, both strategies,
+  one per miss cut); on top, the largest of three phases
   that never overlap: a forward batch's activations, training (a training batch's scores and their
   temporaries, 14 x batch x neurons x 4, plus the predictor with its gradient and Adam moments;
   twice that while a layer's predictor and its look-ahead train side by side) and scoring the held-out tokens (float32 scores and int64 ranks, tokens x neurons); each layer's
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.format_extents import COST_CHUNK_BYTES
 from sparseflash.layout.layout_weights import ROW_BLOCK_BYTES
-from sparseflash.layout.params import TrainParams
+from sparseflash.layout.params import PredictorParams, TrainParams
 from sparseflash.layout.predictor import default_rank
 from sparseflash.model.layerwise import head_block_bytes
 from sparseflash.model.source import CheckpointSource
@@ -126,8 +128,13 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
         "calibration": {**common, "hidden states": _states(p.profile_tokens, d, spill_bytes),
                         "masks + co-activation": 2 * p.profile_tokens * n // 8 + coact},
         "predictors": {"layer": layer, "head block": head,
-                       "hidden states": _states(preds_tokens, d, spill_bytes) + 4 * _states(val, d, spill_bytes),
-                       "inputs + masks": (preds_tokens + val) * (2 * d * 2 + n // 8 + n),
+                       # dense, oracle, both strategies and one per cost-aware miss cut (held-out streams)
+                       "hidden states": _states(preds_tokens, d, spill_bytes)
+                       + (4 + len(p.miss_recalls)) * _states(val, d, spill_bytes),
+                       # inputs twice (float16, kept and the previous layer's), packed and bool masks, and the
+                       # tune slice's magnitudes (float16) for the miss cuts
+                       "inputs + masks": (preds_tokens + val) * (2 * d * 2 + n // 8 + n)
+                       + int(preds_tokens * PredictorParams.tune_share) * n * 2,
                        "batch, training or scoring": phase},
         # the per-layer files joined into one once the pass has let go of its memory: loaded + serialized
         "predictors saved": {"all predictors": 2 * all_predictors},

@@ -88,6 +88,12 @@ class PredictorParams:
     topk_factor: float = 2.0  # top-k strategy predicts this many times the mean active count
     target_recall: float = 0.99  # the threshold strategy's cut is tuned for this recall
     tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
+    # cost-aware selection, validated: for each target share of the active neurons' contribution, a logit
+    # cut that neurons not in memory must pass (tuned on the tune slice), and the held-out perplexity when
+    # every neuron must pass it (nothing cached: the sparsest the runtime can compute); prepare's quality
+    # gate keeps the lowest target within its bound (docs/fetchless.md)
+    miss_recalls: tuple[float, ...] = (0.98, 0.95, 0.9)
+    miss_window: int = 4  # the validation's cache: the neurons of this many tokens before (the runtime's --window)
     lookahead: bool = True
     train: TrainParams = TrainParams()
     train_jobs: int = 2  # trainings side by side (a layer's and its look-ahead's), one core each
@@ -106,6 +112,9 @@ class PredictorParams:
         check_float("--topk-factor", self.topk_factor, 0, math.inf, lo_open=True, hi_open=True)
         check_float("--target-recall", self.target_recall, 0, 1, lo_open=True)
         check_float("tune_share", self.tune_share, 0, 1, lo_open=True, hi_open=True)
+        for r in self.miss_recalls:
+            check_float("--miss-recalls", r, 0, 1, lo_open=True)
+        check_int("miss_window", self.miss_window, 0)
         check_int("train_jobs", self.train_jobs, 1)
 
 
@@ -155,6 +164,7 @@ class PrepareParams:
     predictor_tokens: int = 32768
     rank: int = 0  # 0: from the size share (2.5% of FFN values)
     epochs: int = TrainParams.epochs
+    miss_recalls: tuple[float, ...] = PredictorParams.miss_recalls  # cost-aware candidates (PredictorParams)
     order: str = LayoutParams.order
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype
@@ -174,6 +184,8 @@ class PrepareParams:
         check_int("--rank", self.rank, 0)
         check_float("ppl_p", self.ppl_p, 0, math.inf, lo_open=True, hi_open=True)
         check_float("cett", self.cett, 0, 1)
+        for r in self.miss_recalls:
+            check_float("miss_recalls", r, 0, 1, lo_open=True)
         self.layout_params()  # order, hot fraction and dtype checked there
 
     def layout_params(self) -> LayoutParams:

@@ -31,6 +31,9 @@ class Predictor:
     b2: torch.Tensor  # (neurons,)
     topk: int = 0  # neurons predicted per token by the top-k strategy
     cut: float = 0.5  # logit cut of the threshold strategy (score > sigmoid(cut))
+    # cost-aware selection: per target contribution recall (PredictorParams.miss_recalls), the logit cut a
+    # neuron that is not in memory must pass to be read (tune_miss_cut)
+    miss_cuts: tuple[float, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -151,6 +154,11 @@ def recall_and_sparsity(predicted: np.ndarray | torch.Tensor, true: np.ndarray |
     return recall, 1.0 - float(p.float().mean())
 
 
+def _below(score: float) -> float:
+    """The float32 just below ``score``: logits are float32, so a cut there keeps the score (``z > cut``)."""
+    return float(np.nextafter(np.float32(score), np.float32(-np.inf)))
+
+
 def tune_cut(pred: Predictor, x: torch.Tensor, mask: torch.Tensor, target_recall: float) -> float:
     """The largest logit cut whose recall on (x, mask) is >= target_recall."""
     z = pred.logits(x.float())
@@ -159,7 +167,31 @@ def tune_cut(pred: Predictor, x: torch.Tensor, mask: torch.Tensor, target_recall
         return float(z.max()) if z.numel() else 0.0
     # recall(cut) = share of active neurons whose logit > cut: the (1 - target) quantile of their logits
     q = torch.quantile(pos.float()[torch.randperm(pos.numel())[: 1 << 24]], 1 - target_recall).item()
-    return float(np.nextafter(q, -np.inf))
+    return _below(q)
+
+
+def tune_miss_cut(pred: Predictor, x: torch.Tensor, mask: torch.Tensor, magnitude: torch.Tensor,
+                  target: float) -> float:
+    """The largest logit cut that keeps ``target`` of the active neurons' contribution on (x, mask):
+    the active neurons scoring above it carry at least that share of the sum of the active neurons'
+    magnitudes (|a_i| * ||W_down[:, i]||, the CETT quantity). Cost-aware selection reads a neuron that is
+    not in memory only if it scores above this cut (docs/fetchless.md)."""
+    z = pred.logits(x.float())
+    pos, mag = z[mask], magnitude[mask].float()
+    total = float(mag.sum())
+    if pos.numel() == 0 or total <= 0:
+        return float(z.max()) if z.numel() else 0.0
+    order = torch.argsort(pos, descending=True)
+    kept = torch.cumsum(mag[order].double(), 0)  # contribution kept by a cut just below each score
+    i = int(torch.searchsorted(kept, torch.tensor([target * total], dtype=torch.float64)).clamp(max=len(kept) - 1))
+    return _below(float(pos[order[i]]))
+
+
+def contribution_recall(selected: torch.Tensor, mask: torch.Tensor, magnitude: torch.Tensor) -> float:
+    """Share of the active neurons' summed magnitude that ``selected`` (tokens, neurons) bool covers."""
+    m = magnitude.float() * mask
+    total = float(m.sum())
+    return float((m * selected).sum()) / total if total > 0 else 1.0
 
 
 def tune_topk(pred: Predictor, x: torch.Tensor, mask: torch.Tensor, target_recall: float) -> int:

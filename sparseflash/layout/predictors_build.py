@@ -39,6 +39,7 @@ from sparseflash.layout.predictor import (
     recall_and_sparsity,
     train_predictor,
     tune_cut,
+    tune_miss_cut,
 )
 from sparseflash.model.perplexity import windows
 from sparseflash.model.source import CheckpointSource
@@ -57,6 +58,8 @@ def _save_weights(path: Path, preds: dict[str, Predictor], meta: dict) -> None:
             tensors[f"{key}.{name}"] = getattr(p, name).contiguous()
         tensors[f"{key}.topk"] = torch.tensor([p.topk], dtype=torch.int64)
         tensors[f"{key}.cut"] = torch.tensor([p.cut], dtype=torch.float32)
+        if p.miss_cuts:
+            tensors[f"{key}.miss_cuts"] = torch.tensor(p.miss_cuts, dtype=torch.float32)
     save_file(tensors, str(path), metadata={"sparseflash": json.dumps(meta)})
 
 
@@ -76,6 +79,7 @@ class StoredPredictors(Mapping):
             raise ArtefactError(f"{path}: cannot read predictors ({e})") from None
         self.path = path
         self._keys = sorted({k.rsplit(".", 1)[0] for k in names})
+        self._names = names
         missing = [f"{k}.{part}" for k in self._keys for part in ("w1", "b1", "w2", "b2", "topk", "cut")
                    if f"{k}.{part}" not in names]
         if missing:
@@ -85,7 +89,9 @@ class StoredPredictors(Mapping):
         if key not in self._keys:
             raise KeyError(key)
         t = {part: self._file.get_tensor(f"{key}.{part}") for part in ("w1", "b1", "w2", "b2", "topk", "cut")}
-        return Predictor(t["w1"], t["b1"], t["w2"], t["b2"], int(t["topk"][0]), float(t["cut"][0]))
+        miss = (tuple(float(v) for v in self._file.get_tensor(f"{key}.miss_cuts"))
+                if f"{key}.miss_cuts" in self._names else ())  # files from before cost-aware cuts have none
+        return Predictor(t["w1"], t["b1"], t["w2"], t["b2"], int(t["topk"][0]), float(t["cut"][0]), miss)
 
     def __iter__(self):
         return iter(self._keys)
@@ -147,20 +153,62 @@ def _train_side_by_side(jobs: list, rank: int, p: PredictorParams, progress=None
         torch.set_num_threads(threads)
 
 
-def _measure(trained: tuple[Predictor, dict], x, mask, p: PredictorParams, x_val, mask_val) -> dict:
-    """Set the predictor's k (from the fit slice's mean active count) and cut (tuned on the tune
-    slice); its figures on the held-out tokens."""
+def _measure(trained: tuple[Predictor, dict], x, mask, p: PredictorParams, x_val, mask_val, tune_mag) -> dict:
+    """Set the predictor's k (from the fit slice's mean active count), cut and cost-aware miss cuts (tuned
+    on the tune slice, whose neuron magnitudes are ``tune_mag``); its figures on the held-out tokens."""
     pred, log = trained
     fit_x, fit_m, tune_x, tune_m = _split(x, mask, p)
     mean_active = float(fit_m.sum(1).float().mean())  # active neurons per token (no (tokens, n) float copy)
     pred.topk = min(pred.neurons, max(1, math.ceil(p.topk_factor * mean_active)))
     pred.cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
+    pred.miss_cuts = tuple(tune_miss_cut(pred, tune_x, tune_m, tune_mag, r) for r in p.miss_recalls)
     r_top, s_top = recall_and_sparsity(pred.predict_topk(x_val), mask_val)
     r_thr, s_thr = recall_and_sparsity(pred.predict_threshold(x_val), mask_val)
     true_sparsity = 1.0 - float(mask_val.float().mean())
+    z_val = pred.logits(x_val)
+    miss = [recall_and_sparsity(z_val > max(pred.cut, c), mask_val) for c in pred.miss_cuts]
     return {"rank": pred.rank, "topk": pred.topk, "cut": pred.cut, "recall_topk": r_top, "sparsity_topk": s_top,
             "recall_threshold": r_thr, "sparsity_threshold": s_thr, "true_sparsity": true_sparsity,
-            "train_loss": log["train_loss"][-1]}
+            "miss_cuts": list(pred.miss_cuts), "recall_miss": [m[0] for m in miss],
+            "sparsity_miss": [m[1] for m in miss], "train_loss": log["train_loss"][-1]}
+
+
+def _miss_stream(recall: float) -> str:
+    return f"miss_{recall:g}"
+
+
+class _MissRun:
+    """The FFN hook of one cost-aware candidate's held-out stream: within each window, token by token,
+    a neuron the threshold strategy picks is computed if it was computed for one of the ``window``
+    tokens before (in memory: a cache that keeps only those, what the runtime's window protects from
+    eviction, less than any budget the runtime accepts keeps) or if its logit passes the miss cut
+    (read). The window's first token starts with nothing in memory. Counts per layer: computed and
+    read neurons, tokens."""
+
+    def __init__(self, ctx: int, layers: int, window: int):
+        self.ctx, self.window = ctx, window
+        self.computed = np.zeros(layers)
+        self.read = np.zeros(layers)
+        self.tokens = np.zeros(layers)
+
+    def hook(self, pred: Predictor, miss_cut: float):
+        def select(layer, rows, x, a):
+            z = pred.logits(x).view(-1, self.ctx, pred.neurons)
+            pick, strong = z > pred.cut, z > max(pred.cut, miss_cut)
+            keep = torch.empty_like(pick)
+            for t in range(self.ctx):  # every window of the batch at once, one position at a time
+                held = keep[:, max(0, t - self.window): t].any(dim=1)
+                keep[:, t] = pick[:, t] & (held | strong[:, t])
+                self.read[layer] += float((keep[:, t] & ~held).sum())
+            self.computed[layer] += float(keep.sum())
+            self.tokens[layer] += keep.shape[0] * keep.shape[1]
+            return a * keep.view(a.shape)
+
+        return select
+
+    def per_token(self) -> tuple[float, float]:
+        """(computed, read) neurons per token, summed over the layers."""
+        return float((self.computed / self.tokens).sum()), float((self.read / self.tokens).sum())
 
 
 def _recall_curve(pred: Predictor, x_val, mask_val, points: int = 64) -> dict:
@@ -197,8 +245,13 @@ class _Record:
     """One stream's FFN inputs (float16) and packed active masks at the current layer, in memory or
     in a file under ``folder`` when larger than ``spill_bytes``."""
 
-    def __init__(self, tokens: int, d: int, neurons: int, folder: Path, name: str, spill_bytes: int | None):
+    def __init__(self, tokens: int, d: int, neurons: int, folder: Path, name: str, spill_bytes: int | None,
+                 magnitudes_from: int | None = None):
         self.neurons = neurons
+        # the neurons' magnitudes (float16) of rows from ``magnitudes_from`` on: the tune slice's, for the
+        # contribution-recall cuts (tune_miss_cut)
+        self.mag_from = magnitudes_from
+        self.mag = None if magnitudes_from is None else np.zeros((tokens - magnitudes_from, neurons), np.float16)
         big = spill_bytes is not None and tokens * (2 * d + packed_width(neurons)) > spill_bytes
         if big:
             folder.mkdir(exist_ok=True)
@@ -213,6 +266,10 @@ class _Record:
         def observe(layer, rows, x, a):
             self.x[rows] = x.numpy().astype(np.float16)
             self.mask[rows] = pack(tap.active(layer, a).numpy())
+            if self.mag is not None and rows.stop > self.mag_from:
+                lo = max(rows.start, self.mag_from)
+                self.mag[lo - self.mag_from: rows.stop - self.mag_from] = \
+                    tap.magnitude(layer, a[lo - rows.start:]).numpy().astype(np.float16)
             if isinstance(self.x, np.memmap):  # written back now: clean pages the kernel may drop
                 self.x.flush()
                 self.mask.flush()
@@ -223,6 +280,9 @@ class _Record:
         """(inputs float16 (tokens, d), masks bool (tokens, neurons)); training widens the inputs a
         batch at a time (layout/predictor.train_predictor)."""
         return torch.from_numpy(np.array(self.x)), torch.from_numpy(unpack(self.mask, self.neurons))
+
+    def magnitudes(self) -> torch.Tensor | None:
+        return None if self.mag is None else torch.from_numpy(self.mag)
 
 
 def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
@@ -238,15 +298,21 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     parts.mkdir()
     train_s = 0.0
     prev = None  # the previous layer's (inputs, held-out inputs): the look-ahead predictors' features
-    streams = {"train": train, "dense": val, "oracle": val, "predicted_topk": val, "predicted_threshold": val}
+    streams = {"train": train, "dense": val, "oracle": val, "predicted_topk": val, "predicted_threshold": val,
+               **{_miss_stream(r): val for r in p.miss_recalls}}
+    n_tune = max(1, int(train.numel() * p.tune_share))  # as _split takes it
+    miss_runs = {r: _MissRun(p.ctx, c.num_layers, p.miss_window) for r in p.miss_recalls}
+    every_read = _MissRun(p.ctx, c.num_layers, p.miss_window)  # the threshold stream, counted the same way
     with LayerPass(source, streams, p.batch, "predictors", quiet, p.spill_bytes, out) as lp:
         for l, w in lp.layers():
             tap.add_layer(l, w)
-            rec = _Record(train.numel(), c.hidden_size, c.intermediate_size, out / "record", "train", p.spill_bytes)
+            rec = _Record(train.numel(), c.hidden_size, c.intermediate_size, out / "record", "train", p.spill_bytes,
+                          magnitudes_from=train.numel() - n_tune)
             rec_val = _Record(val.numel(), c.hidden_size, c.intermediate_size, out / "record", "val", p.spill_bytes)
             lp.run("train", l, w, rec.hook(tap))
             lp.run("dense", l, w, rec_val.hook(tap))
             (x, mask), (x_val, mask_val) = rec.tensors(), rec_val.tensors()
+            tune_mag = rec.magnitudes()
             del rec, rec_val
             t = time.perf_counter()
             lp.bar.set_postfix_str(f"layer {l + 1}/{c.num_layers}: training")
@@ -258,14 +324,15 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
 
             preds = _train_side_by_side(jobs, ranks[l], p, epochs)
             pred = preds[0][0]
-            metrics = _measure(preds[0], x, mask, p, x_val, mask_val)
+            metrics = _measure(preds[0], x, mask, p, x_val, mask_val, tune_mag)
             trained = {f"layer.{l}": pred}
             curves.append(_recall_curve(pred, x_val, mask_val))
             if len(preds) > 1:
-                m_ahead = _measure(preds[1], prev[0], mask, p, prev[1], mask_val)
+                m_ahead = _measure(preds[1], prev[0], mask, p, prev[1], mask_val, tune_mag)
                 trained[f"lookahead.{l}"] = preds[1][0]
                 metrics["lookahead"] = {k: m_ahead[k] for k in ("topk", "cut", "recall_topk", "sparsity_topk",
-                                                                "recall_threshold", "sparsity_threshold")}
+                                                                "recall_threshold", "sparsity_threshold",
+                                                                "miss_cuts", "recall_miss", "sparsity_miss")}
             train_s += time.perf_counter() - t
             _save_weights(parts / f"layer_{l:04d}.safetensors", trained, {})
             param_counts.update({k: pr.param_count for k, pr in trained.items()})
@@ -273,15 +340,26 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             metrics["layer"] = l
             layers.append(metrics)
             prev = (x, x_val)
-            del mask, mask_val
+            del mask, mask_val, tune_mag
             # quality: every FFN computes only the chosen neurons (exact values for those it computes)
             lp.run("oracle", l, w, lambda i, rows, xx, a: a * tap.active(i, a))
             lp.run("predicted_topk", l, w, lambda i, rows, xx, a, pr=pred: a * pr.predict_topk(xx))
-            lp.run("predicted_threshold", l, w, lambda i, rows, xx, a, pr=pred: a * pr.predict_threshold(xx))
+            lp.run("predicted_threshold", l, w, every_read.hook(pred, -math.inf))  # = a * predict_threshold
+            for r, cut in zip(p.miss_recalls, pred.miss_cuts):
+                lp.run(_miss_stream(r), l, w, miss_runs[r].hook(pred, cut))
         ppl = {}
         for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
             total, count = lp.nll(name)
             ppl[name] = math.exp(total / count)
+        miss = []
+        for i, r in enumerate(p.miss_recalls):
+            total, count = lp.nll(_miss_stream(r))
+            per_token = miss_runs[r].per_token()
+            miss.append({"recall": r, "ppl": math.exp(total / count),
+                         "computed_per_token": per_token[0], "read_per_token": per_token[1],
+                         # every neuron above the miss cut (nothing in memory), held-out tokens, per layer
+                         "strong_share": 1.0 - float(np.mean([m["sparsity_miss"][i] for m in layers])),
+                         "strong_recall": float(np.mean([m["recall_miss"][i] for m in layers]))})
     del prev
     shutil.rmtree(out / "record", ignore_errors=True)
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
@@ -309,6 +387,9 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "size_share": pred_values / ffn_values,
         "size_share_with_lookahead": sum(param_counts.values()) / ffn_values,
         "ppl": ppl,
+        # cost-aware selection's candidates, threshold strategy with nothing cached (the gate picks one)
+        "miss": miss,
+        "threshold_reads": dict(zip(("computed_per_token", "read_per_token"), every_read.per_token())),
         "strategy": strategy,
         "predicted_over_true": (1 - mean[f"sparsity_{strategy}"]) / max(1 - mean["true_sparsity"], 1e-12),
         "train_seconds": train_s,
@@ -363,6 +444,11 @@ def report_text(r: dict, out_dir: str) -> str:
     lines.append(f"  perplexity: dense {p['dense']:.3f}, oracle {p['oracle']:.3f}, predicted top-k "
                  f"{p['predicted_topk']:.3f}, predicted threshold {p['predicted_threshold']:.3f} "
                  f"(runtime default: {r['strategy']}, {r['predicted_over_true']:.2f}x the true active count)")
+    if r.get("miss"):
+        lines.append(f"  cost-aware miss cuts (threshold; only the last {r['params']['miss_window']} tokens' neurons in "
+                     "memory): " + ", ".join(
+            f"contribution {m['recall']:g}: ppl {m['ppl']:.3f}, reads {m['read_per_token']:.1f} of "
+            f"{m['computed_per_token']:.1f} computed neurons a token" for m in r["miss"]))
     return "\n".join(lines)
 
 

@@ -32,6 +32,12 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
     order = [own] + [s for s in STRATEGIES if s != own and s in measured]
     chosen = next((s for s in order if s in measured and _rise(measured[s], dense) <= max_rise_pct), "all")
     sparsity = float(profile.get("ppl_p_sparsity", 0.0))
+    # cost-aware selection: the sparsest miss cut whose nothing-cached perplexity is within the bound
+    # (measured for the threshold strategy; none when another strategy is in force)
+    miss = predictors_report.get("miss") or []
+    miss_rise = {f"{m['recall']:g}": _rise(float(m["ppl"]), dense) for m in miss}
+    within = [m for m in miss if _rise(float(m["ppl"]), dense) <= max_rise_pct]
+    miss_recall = min((float(m["recall"]) for m in within), default=None) if chosen == "threshold" else None
     return {
         "strategy": chosen,
         "own_strategy": own,
@@ -46,6 +52,9 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
         "ppl_p_sparsity": sparsity,
         "min_sparsity": float(min_sparsity),
         "too_dense": sparsity < min_sparsity,
+        "miss_recalls": [float(m["recall"]) for m in miss],
+        "miss_rise_pct": miss_rise,
+        "miss_recall": miss_recall,
     }
 
 
@@ -58,6 +67,12 @@ def gate_line(gate: dict) -> str:
                                                   if gate["strategy"] == "all" else ""))
     line = (f"quality gate: {kept}; held-out ppl vs dense {gate['ppl_dense']:.3f}: {rises} "
             f"(bound +{gate['max_rise_pct']:g}%)" + (f", predicts {share:.1%} of neurons" if share is not None else ""))
+    if gate.get("miss_recall") is not None:
+        r = gate["miss_recall"]
+        line += (f"; cost-aware: a neuron not in memory is read only above the cut keeping {r:g} of the active "
+                 f"contribution (nothing cached {gate['miss_rise_pct'][f'{r:g}']:+.2f}%)")
+    elif gate.get("miss_recalls") and gate["strategy"] == "threshold":
+        line += "; cost-aware: no miss cut within the bound"
     if gate["too_dense"]:
         line += (f"; model too dense to gain: PPL-{gate['ppl_p']:g}% sparsity {gate['ppl_p_sparsity']:.1%} "
                  f"< {gate['min_sparsity']:.0%}")

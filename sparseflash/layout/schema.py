@@ -127,11 +127,13 @@ def predictor_logits(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PredictorSpec:
-    """How one layer's stored predictor picks neurons: top-k count and logit cut; rank of W1."""
+    """How one layer's stored predictor picks neurons: top-k count and logit cut; rank of W1; the cut a
+    neuron not in memory must also pass to be read (cost-aware selection; None: no such cut)."""
 
     topk: int
     cut: float
     rank: int
+    miss_cut: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,14 @@ class PredictorsHeader:
         return self.gate["strategy"] if self.gate is not None else self.strategy
 
     def to_json(self) -> dict:
-        spec = lambda p: None if p is None else {"topk": p.topk, "cut": p.cut, "rank": p.rank}  # noqa: E731
+        def spec(p):
+            if p is None:
+                return None
+            out = {"topk": p.topk, "cut": p.cut, "rank": p.rank}
+            if p.miss_cut is not None:
+                out["miss_cut"] = p.miss_cut
+            return out
+
         out = {"strategy": self.strategy, "layers": [spec(p) for p in self.layers],
                "lookahead": [spec(p) for p in self.lookahead], "report": self.report}
         if self.gate is not None:
@@ -248,10 +257,12 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
     def spec(entry, where: str, optional: bool) -> PredictorSpec | None:
         if entry is None and optional:
             return None
-        c.object(entry, where, ("topk", "cut", "rank"))
+        c.object(entry, where, ("topk", "cut", "rank", "miss_cut"), optional=("miss_cut",))
+        miss = entry.get("miss_cut")
         # a writer keeps at least one neuron (layout/predictors_build.py); top-k 0 would run only the hot ones
         return PredictorSpec(c.int(entry["topk"], f"{where}.topk", 1, n), c.number(entry["cut"], f"{where}.cut"),
-                             c.int(entry["rank"], f"{where}.rank", 1, 1 << 20))
+                             c.int(entry["rank"], f"{where}.rank", 1, 1 << 20),
+                             None if miss is None else c.number(miss, f"{where}.miss_cut"))
 
     for key in ("layers", "lookahead"):
         if not isinstance(doc[key], list) or len(doc[key]) != layers_n:
@@ -272,13 +283,14 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
 
 GATE_KEYS = ("strategy", "own_strategy", "fallback", "max_rise_pct", "ppl_dense", "ppl", "rise_pct",
              "predicted_share", "heldout_tokens", "ppl_p", "ppl_p_sparsity", "min_sparsity", "too_dense")
+GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall")  # cost-aware selection (optional: newer)
 
 
 def _read_gate(c: _Check, gate) -> None:
     """prepare's quality-gate record (layout/quality_gate.decide_gate): every field `run` and `inspect`
     print is checked here, so a lying header is one error line, not a crash when it is shown."""
     where = "header.predictors.gate"
-    c.object(gate, where, GATE_KEYS)
+    c.object(gate, where, GATE_KEYS + GATE_MISS_KEYS, optional=GATE_MISS_KEYS)
     chosen = c.str(gate["strategy"], f"{where}.strategy", (*STRATEGIES, "all"))
     c.str(gate["own_strategy"], f"{where}.own_strategy", STRATEGIES)
     for key in ("fallback", "too_dense"):
@@ -296,6 +308,19 @@ def _read_gate(c: _Check, gate) -> None:
             c.number(v, f"{where}.{key}.{s}")
     if chosen != "all" and chosen not in gate["rise_pct"]:
         c.fail(f"{where}.rise_pct.{chosen}", f"is missing (the chosen strategy's rise); {REBUILD}")
+    recalls = gate.get("miss_recalls", [])
+    if not isinstance(recalls, list):
+        c.fail(f"{where}.miss_recalls", "must be a list", type(recalls).__name__)
+    for i, r in enumerate(recalls):
+        c.number(r, f"{where}.miss_recalls[{i}]")
+    rises = c.object(gate.get("miss_rise_pct", {}), f"{where}.miss_rise_pct")
+    for k, v in rises.items():
+        c.number(v, f"{where}.miss_rise_pct.{k}")
+    chosen_miss = gate.get("miss_recall")
+    if chosen_miss is not None:
+        c.number(chosen_miss, f"{where}.miss_recall")
+        if f"{chosen_miss:g}" not in rises:
+            c.fail(f"{where}.miss_rise_pct", f"has no entry for the chosen miss recall {chosen_miss:g}; {REBUILD}")
 
 
 # ---- the tensors a header implies ----------------------------------------------------------

@@ -187,17 +187,22 @@ class StreamingFFN:
             positions = np.arange(self.regions[l].n_neurons)
         elif self.policy.eviction in ("predicted", "forecast"):  # the logits also rank the cached neurons
             positions, scores = self.predictors.own[l].predict(x, self.strategy, self.policy.margin, scores=True,
-                                                               offset=self._cost_offset(l))
+                                                               offset=self._cost_offset(l), cached=self._cached(l))
             self.caches[l].note_scores(scores)
         else:
             positions = self.predictors.own[l].predict(x, self.strategy, self.policy.margin,
-                                                       offset=self._cost_offset(l))
+                                                       offset=self._cost_offset(l), cached=self._cached(l))
         s.predictor_s += time.perf_counter() - t
         s.predicted += len(positions)
         s.per_layer_predicted.append(len(positions))
         if self.trace is not None:
             self.trace[l].append(positions)
         return positions
+
+    def _cached(self, l: int) -> np.ndarray | None:
+        """Per stored position, whether layer l's neuron is in memory (hot region included), for the
+        layout's miss cut; None when the policy does not use it."""
+        return self.caches[l].slot_of >= 0 if self.policy.miss_cut else None
 
     def _cost_offset(self, l: int) -> np.ndarray | None:
         """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot
@@ -219,7 +224,7 @@ class StreamingFFN:
             if ahead is None:
                 return
             wanted, scores = ahead.predict(x, self.strategy, self.policy.margin, scores=True,
-                                           offset=self._cost_offset(nxt))
+                                           offset=self._cost_offset(nxt), cached=self._cached(nxt))
             if self.policy.eviction in ("predicted", "forecast"):  # rank layer nxt's cache by the look-ahead
                 cache.note_lookahead(scores)
             missing = plan_prefetch(cache, wanted, self.policy.min_slots, self.fetcher.prefetch_limit())

@@ -80,6 +80,9 @@ class Policy:
     # before the strategy picks, cached neurons' logits get +cached_bonus and missing ones' -miss_penalty
     cached_bonus: float = 0.0
     miss_penalty: float = 0.0
+    # cost-aware selection validated by prepare: where the layout records a miss cut per layer (its quality
+    # gate measured it within the bound with nothing cached), a neuron not in memory is read only above it
+    miss_cut: bool = True
     min_slots: int = 16  # smallest neuron cache per layer that the engine accepts
     # strategy all on the host with a cache smaller than the model: a staging region of two halves shared
     # by all layers takes the next layer's misses while a layer computes (runtime/staging.py)

@@ -31,6 +31,7 @@ class LayerPredictor:
     b2: torch.Tensor  # (neurons,)
     topk: int
     cut: float
+    miss_cut: float | None = None  # cost-aware selection: a neuron not in memory is read only above it
 
     @property
     def nbytes(self) -> int:
@@ -38,16 +39,19 @@ class LayerPredictor:
 
     def to(self, device: torch.device | str) -> LayerPredictor:
         """The same predictor with its tensors on ``device`` (a new object)."""
-        return LayerPredictor(*(t.to(device) for t in (self.w1, self.b1, self.w2, self.b2)), self.topk, self.cut)
+        return LayerPredictor(*(t.to(device) for t in (self.w1, self.b1, self.w2, self.b2)), self.topk, self.cut,
+                              self.miss_cut)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return schema.predictor_logits(x, self.w1, self.b1, self.w2, self.b2)
 
     def predict(self, x: torch.Tensor, strategy: str, margin: float = 0.0, scores: bool = False,
-                offset: np.ndarray | None = None):
+                offset: np.ndarray | None = None, cached: np.ndarray | None = None):
         """Sorted stored positions predicted active for any token of x (tokens, d); with ``scores``,
         also every neuron's highest logit over the tokens (float32, stored order). ``offset`` (neurons,)
-        is added to the logits before the strategy picks (cost-aware selection), not to the scores."""
+        is added to the logits before the strategy picks (cost-aware selection), not to the scores.
+        ``cached`` (neurons,) bool, where the neuron is in memory: with a miss cut, a picked neuron that
+        is not cached is kept only if some token's logit exceeds the miss cut (less the margin)."""
         z = self.logits(x)
         pick = z if offset is None else z + torch.from_numpy(offset).to(z.device)
         if strategy == "topk":
@@ -55,8 +59,13 @@ class LayerPredictor:
             positions = np.unique(torch.topk(pick, k, dim=1).indices.cpu().numpy())
         else:
             positions = np.nonzero((pick > self.cut - margin).any(dim=0).cpu().numpy())[0]
+        top = None
+        if scores or (cached is not None and self.miss_cut is not None):
+            top = z.max(dim=0).values.float().cpu().numpy()
+        if cached is not None and self.miss_cut is not None and len(positions):
+            positions = positions[cached[positions] | (top[positions] > self.miss_cut - margin)]
         if scores:
-            return positions, z.max(dim=0).values.float().cpu().numpy()
+            return positions, top
         return positions
 
 
@@ -97,7 +106,7 @@ def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = N
         parts = (torch.from_numpy(np.asarray(f.tensor(schema.predictor_tensor(kind, layer, part), verify=verify),
                                              dtype=np.float32))
                  for part in schema.PREDICTOR_PARTS)
-        return LayerPredictor(*parts, spec.topk, spec.cut)
+        return LayerPredictor(*parts, spec.topk, spec.cut, spec.miss_cut)
 
     own = {l: load("layer", l, spec) for l, spec in enumerate(meta.layers)}
     ahead = {l: load("lookahead", l, spec) for l, spec in enumerate(meta.lookahead)

@@ -63,7 +63,7 @@ def _run_streamed(args, sampling) -> int:
     plugins, looked_in = run_plugin_files(args.compress, args.plugin, [path, checkpoint])
     model = open_streamed(path, args.budget, window=args.window, io=args.io, io_threads=args.io_threads,
                           eviction=args.eviction, strategy=args.strategy, lookahead=not args.no_lookahead,
-                          device=args.device, verify=not args.no_verify, plugins=plugins)
+                          miss_cut=not args.no_miss_cut, device=args.device, verify=not args.no_verify, plugins=plugins)
     try:
         prompt = model.tokenizer.encode(args.prompt)
         plugin = choose_plugin(args.compress, model.plugins, len(prompt), looked_in)
@@ -159,6 +159,8 @@ def register(sub) -> None:
     r.add_argument("--io-threads", type=int, default=None,
                    help="reads in flight (default: chosen, with their size, from the disk's measured model)")
     r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
+    r.add_argument("--no-miss-cut", action="store_true",
+                   help="read every predicted neuron that is not in memory (ignore the layout's validated miss cut)")
     r.add_argument("--no-verify", action="store_true",
                    help="do not check bundles against their digests as they are read, nor resident tensors at load "
                         "(a few %% faster; bytes changed on disk would then run to wrong tokens)")
