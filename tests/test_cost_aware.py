@@ -103,16 +103,18 @@ def _miss_gate(strategy="threshold"):
             "miss_recall": 0.9}
 
 
-def test_a_layout_miss_cut_above_every_score_reads_nothing_outside_memory(tmp_path):
+@pytest.mark.parametrize("validated_share", [0.0, 0.9])
+def test_a_layout_miss_cut_above_every_score_reads_nothing_outside_memory(tmp_path, validated_share):
     """The layout records a miss cut no neuron reaches: with it, nothing outside the hot region is read or
-    computed; with --no-miss-cut (Policy.miss_cut False) the same predictions are read."""
+    computed; with --no-miss-cut (Policy.miss_cut False), or a cache smaller than the share the cut was
+    validated with, the same predictions are read."""
     preds = _predictors(2)
     for p in preds.values():
         p.miss_cuts = (1e9,)
-    _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=preds, strategy="threshold", n_hot=8,
-                          gate=_miss_gate())
+    gate = {**_miss_gate(), "miss_share": validated_share}
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=preds, strategy="threshold", n_hot=8, gate=gate)
     ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(4))
-    for use, reads in ((False, True), (True, False)):
+    for use, reads in ((False, True), (True, validated_share > 0.4)):
         model = open_streamed(path, "40%ffn", io_buffer_bytes=4096, lookahead=True, miss_cut=use)
         try:
             assert model.engine.predictors.own[1].miss_cut == 1e9
@@ -139,15 +141,16 @@ class _FixedScores:
         return self.z
 
 
-@pytest.mark.parametrize("window, kept_n2", [(1, [1, 0, 0, 0]), (2, [1, 0, 1, 1])])
-def test_the_gate_validation_keeps_what_the_window_holds_and_reads_above_the_miss_cut(window, kept_n2):
-    """Worked by hand (cut 0, miss cut 1, one window of 4 tokens): neuron 0 is read at token 0 and then
-    held; neuron 1 waits until its logit passes the miss cut at token 2; neuron 2 drops out at token 1
-    and comes back from memory at token 2 only if the window still holds token 0."""
+@pytest.mark.parametrize("share, kept_n2", [(2 / 3, [1, 0, 0, 0]), (1.0, [1, 0, 0, 1])])
+def test_the_gate_validation_keeps_what_its_cache_holds_and_reads_above_the_miss_cut(share, kept_n2):
+    """Worked by hand (cut 0, miss cut 1, one window of 4 tokens, an LRU cache of 2 or 3 neurons):
+    neurons 0 and 2 are read at token 0; neuron 1 waits until its logit passes the miss cut at token 2;
+    neuron 2, not picked at tokens 1-2, is evicted from a 2-neuron cache by then (neurons 0 and 1 were
+    used later), so at token 3 only the 3-neuron cache still holds it."""
     from sparseflash.layout.predictors_build import _MissRun
 
-    z = [[2, 0.5, 2], [0.5, 0.5, -1], [0.5, 2, 0.5], [0.5, 0.5, 0.5]]
-    run = _MissRun(ctx=4, layers=1, window=window)
+    z = [[2, 0.5, 2], [0.5, 0.5, -1], [0.5, 2, -1], [0.5, 0.5, 0.5]]
+    run = _MissRun(ctx=4, layers=1, share=share)
     a = torch.ones(4, 3)
     kept = run.hook(_FixedScores(z, 0.0), 1.0)(0, slice(0, 4), torch.zeros(4, 2), a)
     assert kept[:, 0].tolist() == [1, 1, 1, 1] and kept[:, 1].tolist() == [0, 0, 1, 1]

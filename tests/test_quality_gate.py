@@ -38,6 +38,7 @@ def test_a_model_too_dense_to_gain_is_reported_with_its_numbers():
 
 def _with_miss(rises, own="threshold", topk=20.5, threshold=20.1):
     report = _report(topk=topk, threshold=threshold, own=own)
+    report["miss_share"] = 0.25
     report["miss"] = [{"recall": r, "ppl": 20.0 * (1 + rise / 100), "predicted_share": 0.05, "recall_active": 0.9}
                       for r, rise in rises]
     return report
@@ -45,9 +46,9 @@ def _with_miss(rises, own="threshold", topk=20.5, threshold=20.1):
 
 def test_the_sparsest_miss_cut_within_the_bound_is_kept():
     gate = decide_gate(_with_miss([(0.95, 0.4), (0.9, 0.9), (0.8, 3.0)]), PROFILE, 1.0, 0.5)
-    assert gate["strategy"] == "threshold" and gate["miss_recall"] == 0.9
+    assert gate["strategy"] == "threshold" and gate["miss_recall"] == 0.9 and gate["miss_share"] == 0.25
     assert gate["miss_recalls"] == [0.95, 0.9, 0.8] and abs(gate["miss_rise_pct"]["0.8"] - 3.0) < 1e-9
-    assert "read only above the cut keeping 0.9 of the active contribution (nothing cached +0.90%)" in gate_line(gate)
+    assert "read only above the cut keeping 0.9 of the active contribution (+0.90% with 25% of each layer in memory" in gate_line(gate)
 
 
 def test_no_miss_cut_when_none_holds_the_bound_or_the_strategy_is_not_threshold():

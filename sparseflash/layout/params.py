@@ -93,7 +93,9 @@ class PredictorParams:
     # every neuron must pass it (nothing cached: the sparsest the runtime can compute); prepare's quality
     # gate keeps the lowest target within its bound (docs/fetchless.md)
     miss_recalls: tuple[float, ...] = (0.98, 0.95, 0.9)
-    miss_window: int = 4  # the validation's cache: the neurons of this many tokens before (the runtime's --window)
+    # the validation's cache holds this share of each layer's neurons (the runtime applies a miss cut only
+    # where its cache, hot region included, is at least as large)
+    miss_share: float = 0.25
     lookahead: bool = True
     train: TrainParams = TrainParams()
     train_jobs: int = 2  # trainings side by side (a layer's and its look-ahead's), one core each
@@ -114,7 +116,7 @@ class PredictorParams:
         check_float("tune_share", self.tune_share, 0, 1, lo_open=True, hi_open=True)
         for r in self.miss_recalls:
             check_float("--miss-recalls", r, 0, 1, lo_open=True)
-        check_int("miss_window", self.miss_window, 0)
+        check_float("miss_share", self.miss_share, 0, 1, lo_open=True)
         check_int("train_jobs", self.train_jobs, 1)
 
 

@@ -179,14 +179,13 @@ def _miss_stream(recall: float) -> str:
 
 class _MissRun:
     """The FFN hook of one cost-aware candidate's held-out stream: within each window, token by token,
-    a neuron the threshold strategy picks is computed if it was computed for one of the ``window``
-    tokens before (in memory: a cache that keeps only those, what the runtime's window protects from
-    eviction, less than any budget the runtime accepts keeps) or if its logit passes the miss cut
-    (read). The window's first token starts with nothing in memory. Counts per layer: computed and
-    read neurons, tokens."""
+    a neuron the threshold strategy picks is computed if it is in memory (a least-recently-used cache
+    of ``share`` of the layer's neurons, filled by the neurons computed) or if its logit passes the
+    miss cut (then it is read). The window's first token starts with nothing in memory. Counts per
+    layer: computed and read neurons, tokens."""
 
-    def __init__(self, ctx: int, layers: int, window: int):
-        self.ctx, self.window = ctx, window
+    def __init__(self, ctx: int, layers: int, share: float):
+        self.ctx, self.share = ctx, share
         self.computed = np.zeros(layers)
         self.read = np.zeros(layers)
         self.tokens = np.zeros(layers)
@@ -196,10 +195,15 @@ class _MissRun:
             z = pred.logits(x).view(-1, self.ctx, pred.neurons)
             pick, strong = z > pred.cut, z > max(pred.cut, miss_cut)
             keep = torch.empty_like(pick)
+            capacity = max(1, round(self.share * pred.neurons))
+            last = torch.full(pick[:, 0].shape, -1.0)  # the position each neuron was last computed at (-1: never)
             for t in range(self.ctx):  # every window of the batch at once, one position at a time
-                held = keep[:, max(0, t - self.window): t].any(dim=1)
+                held = torch.zeros_like(pick[:, 0])
+                held.scatter_(1, torch.topk(last, min(capacity, pred.neurons), dim=1).indices, True)
+                held &= last >= 0
                 keep[:, t] = pick[:, t] & (held | strong[:, t])
                 self.read[layer] += float((keep[:, t] & ~held).sum())
+                last[keep[:, t]] = t
             self.computed[layer] += float(keep.sum())
             self.tokens[layer] += keep.shape[0] * keep.shape[1]
             return a * keep.view(a.shape)
@@ -301,8 +305,8 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     streams = {"train": train, "dense": val, "oracle": val, "predicted_topk": val, "predicted_threshold": val,
                **{_miss_stream(r): val for r in p.miss_recalls}}
     n_tune = max(1, int(train.numel() * p.tune_share))  # as _split takes it
-    miss_runs = {r: _MissRun(p.ctx, c.num_layers, p.miss_window) for r in p.miss_recalls}
-    every_read = _MissRun(p.ctx, c.num_layers, p.miss_window)  # the threshold stream, counted the same way
+    miss_runs = {r: _MissRun(p.ctx, c.num_layers, p.miss_share) for r in p.miss_recalls}
+    every_read = _MissRun(p.ctx, c.num_layers, p.miss_share)  # the threshold stream, counted the same way
     with LayerPass(source, streams, p.batch, "predictors", quiet, p.spill_bytes, out) as lp:
         for l, w in lp.layers():
             tap.add_layer(l, w)
@@ -389,6 +393,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "ppl": ppl,
         # cost-aware selection's candidates, threshold strategy with nothing cached (the gate picks one)
         "miss": miss,
+        "miss_share": p.miss_share,
         "threshold_reads": dict(zip(("computed_per_token", "read_per_token"), every_read.per_token())),
         "strategy": strategy,
         "predicted_over_true": (1 - mean[f"sparsity_{strategy}"]) / max(1 - mean["true_sparsity"], 1e-12),
@@ -445,8 +450,8 @@ def report_text(r: dict, out_dir: str) -> str:
                  f"{p['predicted_topk']:.3f}, predicted threshold {p['predicted_threshold']:.3f} "
                  f"(runtime default: {r['strategy']}, {r['predicted_over_true']:.2f}x the true active count)")
     if r.get("miss"):
-        lines.append(f"  cost-aware miss cuts (threshold; only the last {r['params']['miss_window']} tokens' neurons in "
-                     "memory): " + ", ".join(
+        lines.append(f"  cost-aware miss cuts (threshold; a cache of {r['miss_share']:.0%} of each layer's neurons): "
+                     + ", ".join(
             f"contribution {m['recall']:g}: ppl {m['ppl']:.3f}, reads {m['read_per_token']:.1f} of "
             f"{m['computed_per_token']:.1f} computed neurons a token" for m in r["miss"]))
     return "\n".join(lines)

@@ -55,6 +55,7 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
         "miss_recalls": [float(m["recall"]) for m in miss],
         "miss_rise_pct": miss_rise,
         "miss_recall": miss_recall,
+        "miss_share": float(predictors_report.get("miss_share", 0.0)),
     }
 
 
@@ -70,7 +71,8 @@ def gate_line(gate: dict) -> str:
     if gate.get("miss_recall") is not None:
         r = gate["miss_recall"]
         line += (f"; cost-aware: a neuron not in memory is read only above the cut keeping {r:g} of the active "
-                 f"contribution (nothing cached {gate['miss_rise_pct'][f'{r:g}']:+.2f}%)")
+                 f"contribution ({gate['miss_rise_pct'][f'{r:g}']:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
+                 "applied where a run's cache is at least that large)")
     elif gate.get("miss_recalls") and gate["strategy"] == "threshold":
         line += "; cost-aware: no miss cut within the bound"
     if gate["too_dense"]:

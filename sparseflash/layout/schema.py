@@ -283,7 +283,7 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
 
 GATE_KEYS = ("strategy", "own_strategy", "fallback", "max_rise_pct", "ppl_dense", "ppl", "rise_pct",
              "predicted_share", "heldout_tokens", "ppl_p", "ppl_p_sparsity", "min_sparsity", "too_dense")
-GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall")  # cost-aware selection (optional: newer)
+GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share")  # cost-aware selection (optional: newer)
 
 
 def _read_gate(c: _Check, gate) -> None:
@@ -316,6 +316,8 @@ def _read_gate(c: _Check, gate) -> None:
     rises = c.object(gate.get("miss_rise_pct", {}), f"{where}.miss_rise_pct")
     for k, v in rises.items():
         c.number(v, f"{where}.miss_rise_pct.{k}")
+    if "miss_share" in gate and not 0 <= c.number(gate["miss_share"], f"{where}.miss_share") <= 1:
+        c.fail(f"{where}.miss_share", "must be in [0, 1]", gate["miss_share"])
     chosen_miss = gate.get("miss_recall")
     if chosen_miss is not None:
         c.number(chosen_miss, f"{where}.miss_recall")

@@ -201,8 +201,12 @@ class StreamingFFN:
 
     def _cached(self, l: int) -> np.ndarray | None:
         """Per stored position, whether layer l's neuron is in memory (hot region included), for the
-        layout's miss cut; None when the policy does not use it."""
-        return self.caches[l].slot_of >= 0 if self.policy.miss_cut else None
+        layout's miss cut; None when the policy does not use it or layer l's cache is smaller than the
+        one the cut was validated with (prepare's gate): there the cut would drop more than it measured."""
+        cache = self.caches[l]
+        if not self.policy.miss_cut or cache.capacity < self.predictors.miss_share * cache.neurons:
+            return None
+        return cache.slot_of >= 0
 
     def _cost_offset(self, l: int) -> np.ndarray | None:
         """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot

@@ -76,6 +76,9 @@ class Predictors:
     strategy: str
     own: dict[int, LayerPredictor]
     lookahead: dict[int, LayerPredictor]
+    # the share of a layer's neurons the miss cuts were validated with in memory (prepare's gate): a run
+    # applies them only where its cache holds at least that share
+    miss_share: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +86,7 @@ class Predictors:
 
     def to(self, device: torch.device | str) -> Predictors:
         move = lambda d: {l: p.to(device) for l, p in d.items()}  # noqa: E731
-        return Predictors(self.strategy, move(self.own), move(self.lookahead))
+        return Predictors(self.strategy, move(self.own), move(self.lookahead), self.miss_share)
 
 
 def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = None,
@@ -111,4 +114,5 @@ def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = N
     own = {l: load("layer", l, spec) for l, spec in enumerate(meta.layers)}
     ahead = {l: load("lookahead", l, spec) for l, spec in enumerate(meta.lookahead)
              if spec is not None and lookahead}
-    return Predictors(strategy, own, ahead)
+    gate = meta.gate or {}
+    return Predictors(strategy, own, ahead, float(gate.get("miss_share", 0.0)))
