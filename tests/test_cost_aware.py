@@ -147,7 +147,7 @@ def test_the_gate_validation_keeps_what_its_cache_holds_and_reads_above_the_miss
     neurons 0 and 2 are read at token 0; neuron 1 waits until its logit passes the miss cut at token 2;
     neuron 2, not picked at tokens 1-2, is evicted from a 2-neuron cache by then (neurons 0 and 1 were
     used later), so at token 3 only the 3-neuron cache still holds it."""
-    from sparseflash.layout.predictors_build import _MissRun
+    from sparseflash.layout.miss_cut import MissRun as _MissRun
 
     z = [[2, 0.5, 2], [0.5, 0.5, -1], [0.5, 2, -1], [0.5, 0.5, 0.5]]
     run = _MissRun(ctx=4, layers=1, share=share)

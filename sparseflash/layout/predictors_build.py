@@ -32,6 +32,7 @@ from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.calibration import LayerPass
 from sparseflash.layout.masks import pack, packed_width, unpack
+from sparseflash.layout.miss_cut import MissRun, miss_stream
 from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
     Predictor,
@@ -41,6 +42,7 @@ from sparseflash.layout.predictor import (
     tune_cut,
     tune_miss_cut,
 )
+from sparseflash.layout.predictors_report import plot_report
 from sparseflash.model.perplexity import windows
 from sparseflash.model.source import CheckpointSource
 
@@ -173,48 +175,6 @@ def _measure(trained: tuple[Predictor, dict], x, mask, p: PredictorParams, x_val
             "sparsity_miss": [m[1] for m in miss], "train_loss": log["train_loss"][-1]}
 
 
-def _miss_stream(recall: float) -> str:
-    return f"miss_{recall:g}"
-
-
-class _MissRun:
-    """The FFN hook of one cost-aware candidate's held-out stream: within each window, token by token,
-    a neuron the threshold strategy picks is computed if it is in memory (a least-recently-used cache
-    of ``share`` of the layer's neurons, filled by the neurons computed) or if its logit passes the
-    miss cut (then it is read). The window's first token starts with nothing in memory. Counts per
-    layer: computed and read neurons, tokens."""
-
-    def __init__(self, ctx: int, layers: int, share: float):
-        self.ctx, self.share = ctx, share
-        self.computed = np.zeros(layers)
-        self.read = np.zeros(layers)
-        self.tokens = np.zeros(layers)
-
-    def hook(self, pred: Predictor, miss_cut: float):
-        def select(layer, rows, x, a):
-            z = pred.logits(x).view(-1, self.ctx, pred.neurons)
-            pick, strong = z > pred.cut, z > max(pred.cut, miss_cut)
-            keep = torch.empty_like(pick)
-            capacity = max(1, round(self.share * pred.neurons))
-            last = torch.full(pick[:, 0].shape, -1.0)  # the position each neuron was last computed at (-1: never)
-            for t in range(self.ctx):  # every window of the batch at once, one position at a time
-                held = torch.zeros_like(pick[:, 0])
-                held.scatter_(1, torch.topk(last, min(capacity, pred.neurons), dim=1).indices, True)
-                held &= last >= 0
-                keep[:, t] = pick[:, t] & (held | strong[:, t])
-                self.read[layer] += float((keep[:, t] & ~held).sum())
-                last[keep[:, t]] = t
-            self.computed[layer] += float(keep.sum())
-            self.tokens[layer] += keep.shape[0] * keep.shape[1]
-            return a * keep.view(a.shape)
-
-        return select
-
-    def per_token(self) -> tuple[float, float]:
-        """(computed, read) neurons per token, summed over the layers."""
-        return float((self.computed / self.tokens).sum()), float((self.read / self.tokens).sum())
-
-
 def _recall_curve(pred: Predictor, x_val, mask_val, points: int = 64) -> dict:
     """Top-k recall vs prediction sparsity on held-out tokens, for k on a log grid."""
     z = pred.logits(x_val)
@@ -303,10 +263,10 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     train_s = 0.0
     prev = None  # the previous layer's (inputs, held-out inputs): the look-ahead predictors' features
     streams = {"train": train, "dense": val, "oracle": val, "predicted_topk": val, "predicted_threshold": val,
-               **{_miss_stream(r): val for r in p.miss_recalls}}
+               **{miss_stream(r): val for r in p.miss_recalls}}
     n_tune = max(1, int(train.numel() * p.tune_share))  # as _split takes it
-    miss_runs = {r: _MissRun(p.ctx, c.num_layers, p.miss_share) for r in p.miss_recalls}
-    every_read = _MissRun(p.ctx, c.num_layers, p.miss_share)  # the threshold stream, counted the same way
+    miss_runs = {r: MissRun(p.ctx, c.num_layers, p.miss_share) for r in p.miss_recalls}
+    every_read = MissRun(p.ctx, c.num_layers, p.miss_share)  # the threshold stream, counted the same way
     with LayerPass(source, streams, p.batch, "predictors", quiet, p.spill_bytes, out) as lp:
         for l, w in lp.layers():
             tap.add_layer(l, w)
@@ -350,14 +310,14 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             lp.run("predicted_topk", l, w, lambda i, rows, xx, a, pr=pred: a * pr.predict_topk(xx))
             lp.run("predicted_threshold", l, w, every_read.hook(pred, -math.inf))  # = a * predict_threshold
             for r, cut in zip(p.miss_recalls, pred.miss_cuts):
-                lp.run(_miss_stream(r), l, w, miss_runs[r].hook(pred, cut))
+                lp.run(miss_stream(r), l, w, miss_runs[r].hook(pred, cut))
         ppl = {}
         for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
             total, count = lp.nll(name)
             ppl[name] = math.exp(total / count)
         miss = []
         for i, r in enumerate(p.miss_recalls):
-            total, count = lp.nll(_miss_stream(r))
+            total, count = lp.nll(miss_stream(r))
             per_token = miss_runs[r].per_token()
             miss.append({"recall": r, "ppl": math.exp(total / count),
                          "computed_per_token": per_token[0], "read_per_token": per_token[1],
@@ -405,62 +365,5 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                                             "strategy": strategy, "thresholds": p.thresholds})
     with open(out / REPORT_FILE, "w") as f:
         json.dump(report, f, indent=1)
-    _plot(out / "recall_vs_sparsity.png", report)
+    plot_report(out / "recall_vs_sparsity.png", report)
     return report
-
-
-def _plot(path: Path, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for l, (curve, m) in enumerate(zip(report["recall_curves"], report["layers"])):
-        line, = ax.plot(curve["sparsity"], curve["recall"], lw=1, label=f"layer {l}")
-        ax.plot(m["sparsity_topk"], m["recall_topk"], "o", color=line.get_color(), ms=5)
-        ax.plot(m["sparsity_threshold"], m["recall_threshold"], "s", color=line.get_color(), ms=5, mfc="none")
-    ax.set(xlabel="prediction sparsity", ylabel="recall (held-out tokens)",
-           title="Predictor recall vs prediction sparsity (o top-k, □ threshold)")
-    ax.set_xlim(max(0.0, min(m["sparsity_threshold"] for m in report["layers"]) - 0.1), 1.0)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def report_brief(report: dict) -> dict:
-    """The report without its bulky parts (what `predictors --json` prints)."""
-    return {k: v for k, v in report.items() if k not in ("recall_curves", "threshold_values")}
-
-
-def report_text(r: dict, out_dir: str) -> str:
-    """A predictor report as a few lines."""
-    m, p = r["mean"], r["ppl"]
-    lines = [f"predictors -> {out_dir} (rank {m['rank']:.0f}, {r['size_share']:.2%} of FFN values; "
-             f"trained in {r['train_seconds']:.1f} s on {r['train_tokens']} tokens)",
-             f"  held-out ({r['val_tokens']} tokens), true sparsity {m['true_sparsity']:.1%}",
-             f"  top-k:     recall {m['recall_topk']:.4f}, prediction sparsity {m['sparsity_topk']:.1%}",
-             f"  threshold: recall {m['recall_threshold']:.4f}, prediction sparsity {m['sparsity_threshold']:.1%}"]
-    if r["lookahead_mean"]:
-        a = r["lookahead_mean"]
-        lines.append(f"  look-ahead: top-k recall {a['recall_topk']:.4f} at {a['sparsity_topk']:.1%}, "
-                     f"threshold recall {a['recall_threshold']:.4f} at {a['sparsity_threshold']:.1%}")
-    lines.append(f"  perplexity: dense {p['dense']:.3f}, oracle {p['oracle']:.3f}, predicted top-k "
-                 f"{p['predicted_topk']:.3f}, predicted threshold {p['predicted_threshold']:.3f} "
-                 f"(runtime default: {r['strategy']}, {r['predicted_over_true']:.2f}x the true active count)")
-    if r.get("miss"):
-        lines.append(f"  cost-aware miss cuts (threshold; a cache of {r['miss_share']:.0%} of each layer's neurons): "
-                     + ", ".join(
-            f"contribution {m['recall']:g}: ppl {m['ppl']:.3f}, reads {m['read_per_token']:.1f} of "
-            f"{m['computed_per_token']:.1f} computed neurons a token" for m in r["miss"]))
-    return "\n".join(lines)
-
-
-def parse_ranks(text: str) -> int | tuple[int, ...]:
-    """'32' -> 32; '16,32,32' -> one rank per layer."""
-    try:
-        ranks = tuple(int(r) for r in str(text).split(","))
-    except ValueError:
-        raise SparseflashError(f"--rank {text!r}: give one integer or one per layer, comma-separated") from None
-    return ranks[0] if len(ranks) == 1 else ranks

@@ -9,7 +9,8 @@ from sparseflash.paths import input_folder, input_model, output_dir
 
 
 def cmd_predictors(args) -> int:
-    from sparseflash.layout.predictors_build import build_predictors, parse_ranks, report_brief, report_text
+    from sparseflash.layout.predictors_build import build_predictors
+    from sparseflash.layout.predictors_report import parse_ranks, report_brief, report_text
     from sparseflash.layout.profile import load_profile
     from sparseflash.model.source import open_source
     from sparseflash.model.text import split_corpus

@@ -1,0 +1,53 @@
+"""Cost-aware selection, validated: the held-out streams of the predictors pass that measure each
+candidate miss cut (docs/fetchless.md). A neuron the threshold strategy picks is computed if it is
+in a simulated cache or passes the cut (then it is read); perplexity, computed and read neurons are
+what the quality gate decides on."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sparseflash.layout.predictor import Predictor
+
+
+def miss_stream(recall: float) -> str:
+    return f"miss_{recall:g}"
+
+
+class MissRun:
+    """The FFN hook of one cost-aware candidate's held-out stream: within each window, token by token,
+    a neuron the threshold strategy picks is computed if it is in memory (a least-recently-used cache
+    of ``share`` of the layer's neurons, filled by the neurons computed) or if its logit passes the
+    miss cut (then it is read). The window's first token starts with nothing in memory. Counts per
+    layer: computed and read neurons, tokens."""
+
+    def __init__(self, ctx: int, layers: int, share: float):
+        self.ctx, self.share = ctx, share
+        self.computed = np.zeros(layers)
+        self.read = np.zeros(layers)
+        self.tokens = np.zeros(layers)
+
+    def hook(self, pred: Predictor, miss_cut: float):
+        def select(layer, rows, x, a):
+            z = pred.logits(x).view(-1, self.ctx, pred.neurons)
+            pick, strong = z > pred.cut, z > max(pred.cut, miss_cut)
+            keep = torch.empty_like(pick)
+            capacity = max(1, round(self.share * pred.neurons))
+            last = torch.full(pick[:, 0].shape, -1.0)  # the position each neuron was last computed at (-1: never)
+            for t in range(self.ctx):  # every window of the batch at once, one position at a time
+                held = torch.zeros_like(pick[:, 0])
+                held.scatter_(1, torch.topk(last, min(capacity, pred.neurons), dim=1).indices, True)
+                held &= last >= 0
+                keep[:, t] = pick[:, t] & (held | strong[:, t])
+                self.read[layer] += float((keep[:, t] & ~held).sum())
+                last[keep[:, t]] = t
+            self.computed[layer] += float(keep.sum())
+            self.tokens[layer] += keep.shape[0] * keep.shape[1]
+            return a * keep.view(a.shape)
+
+        return select
+
+    def per_token(self) -> tuple[float, float]:
+        """(computed, read) neurons per token, summed over the layers."""
+        return float((self.computed / self.tokens).sum()), float((self.read / self.tokens).sum())

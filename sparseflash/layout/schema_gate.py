@@ -1,0 +1,49 @@
+"""The quality-gate record of a model layout's header (``header.predictors.gate``, written by
+layout/quality_gate.decide_gate), checked field by field when read: docs/layout-format.md."""
+
+from __future__ import annotations
+
+from .schema_check import REBUILD, _Check
+
+GATE_KEYS = ("strategy", "own_strategy", "fallback", "max_rise_pct", "ppl_dense", "ppl", "rise_pct",
+             "predicted_share", "heldout_tokens", "ppl_p", "ppl_p_sparsity", "min_sparsity", "too_dense")
+GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share")  # cost-aware selection (optional: newer)
+
+
+def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
+    """prepare's quality-gate record (layout/quality_gate.decide_gate): every field `run` and `inspect`
+    print is checked here, so a lying header is one error line, not a crash when it is shown."""
+    where = "header.predictors.gate"
+    c.object(gate, where, GATE_KEYS + GATE_MISS_KEYS, optional=GATE_MISS_KEYS)
+    chosen = c.str(gate["strategy"], f"{where}.strategy", (*strategies, "all"))
+    c.str(gate["own_strategy"], f"{where}.own_strategy", strategies)
+    for key in ("fallback", "too_dense"):
+        if type(gate[key]) is not bool:
+            c.fail(f"{where}.{key}", "must be true or false", gate[key])
+    for key in ("max_rise_pct", "ppl_p", "ppl_p_sparsity", "min_sparsity"):
+        c.number(gate[key], f"{where}.{key}")
+    if c.number(gate["ppl_dense"], f"{where}.ppl_dense") <= 0:
+        c.fail(f"{where}.ppl_dense", "must be positive", gate["ppl_dense"])
+    c.int(gate["heldout_tokens"], f"{where}.heldout_tokens")
+    for key in ("ppl", "rise_pct", "predicted_share"):
+        table = c.object(gate[key], f"{where}.{key}")
+        for s, v in table.items():
+            c.str(s, f"{where}.{key} key", strategies)
+            c.number(v, f"{where}.{key}.{s}")
+    if chosen != "all" and chosen not in gate["rise_pct"]:
+        c.fail(f"{where}.rise_pct.{chosen}", f"is missing (the chosen strategy's rise); {REBUILD}")
+    recalls = gate.get("miss_recalls", [])
+    if not isinstance(recalls, list):
+        c.fail(f"{where}.miss_recalls", "must be a list", type(recalls).__name__)
+    for i, r in enumerate(recalls):
+        c.number(r, f"{where}.miss_recalls[{i}]")
+    rises = c.object(gate.get("miss_rise_pct", {}), f"{where}.miss_rise_pct")
+    for k, v in rises.items():
+        c.number(v, f"{where}.miss_rise_pct.{k}")
+    if "miss_share" in gate and not 0 <= c.number(gate["miss_share"], f"{where}.miss_share") <= 1:
+        c.fail(f"{where}.miss_share", "must be in [0, 1]", gate["miss_share"])
+    chosen_miss = gate.get("miss_recall")
+    if chosen_miss is not None:
+        c.number(chosen_miss, f"{where}.miss_recall")
+        if f"{chosen_miss:g}" not in rises:
+            c.fail(f"{where}.miss_rise_pct", f"has no entry for the chosen miss recall {chosen_miss:g}; {REBUILD}")
