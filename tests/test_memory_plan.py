@@ -9,8 +9,8 @@ from tiny_models import TINY_RELU2
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.memory_plan import MIN_CETT_TOKENS, fit_plan, plan_prepare
-from sparseflash.layout.params import PrepareParams, TrainParams
-from sparseflash.layout.predictor import default_rank
+from sparseflash.layout.params import PredictorParams, PrepareParams, TrainParams
+from sparseflash.layout.predictors_build import rank_candidates
 from sparseflash.model.layerwise import LayerwiseModel, WidenedLayer
 from sparseflash.model.source import open_source
 from sparseflash.tools.cli import main
@@ -53,7 +53,7 @@ def test_two_trainings_side_by_side_are_planned_twice_and_lowered_to_one_first()
     with open_source(TINY_RELU2) as source:
         c = source.config
         d, n = c.hidden_size, c.intermediate_size
-        rank = default_rank(d, n, c.ffn_param_count())
+        rank = rank_candidates(d, n, c.ffn_param_count(), PredictorParams())[-1]  # the largest the rank choice tries
         training = 14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4  # one training's working set
         one = plan_prepare(source, SMALL, baseline=BASE, batch=1, train_jobs=1)
         two = plan_prepare(source, SMALL, baseline=BASE, batch=1, train_jobs=2)

@@ -92,3 +92,30 @@ def test_saved_predictors_reload_with_identical_scores(tmp_path):
     again = loaded["layer.0"]
     assert meta["source_hash"] == "x" and again.topk == 7 and again.cut == -0.25
     assert torch.equal(again.logits(x), pred.logits(x))
+
+
+def test_rank_candidates_double_from_the_size_share_up_to_the_cap():
+    from sparseflash.layout.predictors_build import rank_candidates
+
+    p = PredictorParams(size_share=0.025, max_size_share=0.1)
+    # d 256, n 1024, 524,288 FFN values: 2.5% -> rank 10, 10% -> rank 40
+    assert rank_candidates(256, 1024, 524288, p) == [10, 20, 40]
+    assert rank_candidates(128, 344, 132096, p) == [6, 12, 24]  # 10% is rank 27: not well above 24
+    assert rank_candidates(256, 1024, 524288, PredictorParams(size_share=0.1, max_size_share=0.1)) == [40]
+    # 135M shape: 2.5% is rank 31, capped at rank 64 -> one doubling; 7B: 2.5% is rank 223, nothing to try
+    assert rank_candidates(576, 1536, 3 * 576 * 1536, p) == [31, 62]
+    assert rank_candidates(4096, 11008, 3 * 4096 * 11008, p) == [223]
+
+
+def test_the_rank_choice_takes_the_smallest_rank_near_the_fewest_selected():
+    """Masks of rank 6: rank 1 cannot separate the neurons, rank 6 and 12 can; the choice keeps the
+    smallest rank whose selection at the target recall is within the tolerance of the best."""
+    from sparseflash.layout.predictors_build import _choose_rank
+
+    x, mask = synthetic(tokens=4000)
+    p = PredictorParams(rank_epochs=6, rank_tolerance=0.1, target_recall=0.9, train=TrainParams(batch=256))
+    chosen, table = _choose_rank(x, mask, [1, 6, 12], p)
+    sel = {t["rank"]: t["selected_per_token"] for t in table}
+    assert sel[1] > 1.2 * sel[6]  # too small a predictor over-selects
+    fewest = min(sel.values())
+    assert chosen == min(r for r, s in sel.items() if s <= 1.1 * fewest) and chosen > 1

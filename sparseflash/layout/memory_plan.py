@@ -115,7 +115,9 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     held = p.heldout_tokens
     coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
-    rank = p.rank or default_rank(d, n, c.ffn_param_count())
+    auto = default_rank(d, n, c.ffn_param_count())
+    rank = p.rank or max(auto, min(default_rank(d, n, c.ffn_param_count(), PredictorParams.max_size_share),
+                                   PredictorParams.max_rank))  # the largest the rank choice tries
     training = train_jobs * (14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4)
     all_predictors = 2 * c.num_layers * (rank * (d + n + 1) + n) * 4  # a layer's and its look-ahead, float32
     phase = max(per_batch, training, val * n * 16)  # forward, training and scoring never overlap

@@ -83,8 +83,15 @@ class PredictorParams:
     val_tokens: int = 8192  # held-out tokens for every reported figure
     ctx: int = 256
     thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
-    size_share: float = 0.025  # all predictors / FFN values, sets the default rank
-    rank: int | tuple[int, ...] = 0  # 0: from size_share; a tuple gives each layer its own rank
+    size_share: float = 0.025  # predictor / FFN values per layer: the smallest rank the choice tries
+    # rank 0: chosen by measurement at the first layer: size_share's rank, x2, x4, ... up to max_size_share,
+    # each trained for rank_epochs; the smallest whose neurons selected at target_recall (tune slice) are
+    # within rank_tolerance of the fewest is kept for every layer. A tuple gives each layer its own rank.
+    rank: int | tuple[int, ...] = 0
+    max_size_share: float = 0.1
+    max_rank: int = 64  # nor above this (unless size_share's rank is): larger ranks were not seen to help
+    rank_epochs: int = 8
+    rank_tolerance: float = 0.1
     topk_factor: float = 2.0  # top-k strategy predicts this many times the mean active count
     target_recall: float = 0.99  # the threshold strategy's cut is tuned for this recall
     tune_share: float = 0.1  # share of training tokens held back to tune k and the cut
@@ -109,6 +116,10 @@ class PredictorParams:
         if self.thresholds not in THRESHOLD_SETS:
             raise SparseflashError(f"--thresholds must be ppl or cett, got {self.thresholds!r}")
         check_float("--size-share", self.size_share, 0, 1, lo_open=True)
+        check_float("max_size_share", self.max_size_share, 0, 1, lo_open=True)
+        check_int("rank_epochs", self.rank_epochs, 1)
+        check_int("max_rank", self.max_rank, 1)
+        check_float("rank_tolerance", self.rank_tolerance, 0, math.inf, hi_open=True)
         for r in self.rank if isinstance(self.rank, tuple) else (self.rank,):
             check_int("--rank", r, 0)
         check_float("--topk-factor", self.topk_factor, 0, math.inf, lo_open=True, hi_open=True)

@@ -33,7 +33,7 @@ from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.calibration import LayerPass
 from sparseflash.layout.masks import pack, packed_width, unpack
 from sparseflash.layout.miss_cut import MissRun, miss_stream
-from sparseflash.layout.params import PredictorParams
+from sparseflash.layout.params import PredictorParams, TrainParams
 from sparseflash.layout.predictor import (
     Predictor,
     default_rank,
@@ -131,28 +131,63 @@ def _split(x, mask, p: PredictorParams):
     return x[:-n_tune], mask[:-n_tune], x[-n_tune:], mask[-n_tune:]
 
 
-def _train_side_by_side(jobs: list, rank: int, p: PredictorParams, progress=None) -> list[tuple[Predictor, dict]]:
+def _train_side_by_side(jobs: list, rank: int | list[int], p: PredictorParams, progress=None,
+                        train: TrainParams | None = None) -> list[tuple[Predictor, dict]]:
     """Train one predictor per (inputs, masks) job on its fit slice, each on one core (torch's intra-op
     threads set to 1 meanwhile), ``p.train_jobs`` of them side by side in threads. The matrices of a
     training step (a 512-token batch, rank ~30) are too small for two cores to split one step well
     (135M shape: 11.7 ms a step on two threads, 10.9 on one), while two steps at once use both (5.8 ms
     a step). One thread also makes the result independent of the machine's core count.
+    ``rank``: one for every job, or a list (one per job); ``train``: the schedule (default p.train).
     ``progress(job, epoch, epochs)`` after each epoch."""
-    def train(j, x, mask):
+    ranks = rank if isinstance(rank, list) else [rank] * len(jobs)
+
+    def fit(j, x, mask):
         fit_x, fit_m, _, _ = _split(x, mask, p)
-        return train_predictor(fit_x, fit_m, rank, p.train,
+        return train_predictor(fit_x, fit_m, ranks[j], train or p.train,
                                progress=None if progress is None else lambda e, total: progress(j, e, total))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         if p.train_jobs <= 1 or len(jobs) == 1:
-            return [train(j, x, m) for j, (x, m) in enumerate(jobs)]
+            return [fit(j, x, m) for j, (x, m) in enumerate(jobs)]
         with ThreadPoolExecutor(min(p.train_jobs, len(jobs))) as pool:
-            futures = [pool.submit(train, j, x, m) for j, (x, m) in enumerate(jobs)]
+            futures = [pool.submit(fit, j, x, m) for j, (x, m) in enumerate(jobs)]
             return [f.result() for f in futures]
     finally:
         torch.set_num_threads(threads)
+
+
+def rank_candidates(d: int, n: int, ffn_values: int, p: PredictorParams) -> list[int]:
+    """The ranks the choice tries: size_share's, doubled while within the cap (the predictor at most
+    max_size_share of the layer's FFN values, and rank at most max_rank unless size_share's rank is
+    larger), and the cap itself where it is well above the last doubling."""
+    lo = default_rank(d, n, ffn_values, p.size_share)
+    hi = max(lo, min(default_rank(d, n, ffn_values, p.max_size_share), p.max_rank))
+    out = [lo]
+    while out[-1] * 2 <= hi:
+        out.append(out[-1] * 2)
+    if hi > 1.25 * out[-1]:
+        out.append(hi)
+    return out
+
+
+def _choose_rank(x, mask, candidates: list[int], p: PredictorParams, progress=None) -> tuple[int, list[dict]]:
+    """Train each candidate rank for p.rank_epochs on the fit slice; on the tune slice, the neurons each
+    selects per token at the cut tuned for p.target_recall. The smallest rank within p.rank_tolerance of
+    the fewest wins."""
+    short = dataclasses.replace(p.train, epochs=p.rank_epochs)
+    trained = _train_side_by_side([(x, mask)] * len(candidates), list(candidates), p, progress, short)
+    _, _, tune_x, tune_m = _split(x, mask, p)
+    table = []
+    for rank, (pred, _) in zip(candidates, trained):
+        z = pred.logits(tune_x)
+        cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
+        table.append({"rank": rank, "selected_per_token": float((z > cut).sum(1).float().mean())})
+    fewest = min(t["selected_per_token"] for t in table)
+    chosen = next(t["rank"] for t in table if t["selected_per_token"] <= (1 + p.rank_tolerance) * fewest)
+    return chosen, table
 
 
 def _measure(trained: tuple[Predictor, dict], x, mask, p: PredictorParams, x_val, mask_val, tune_mag) -> dict:
@@ -252,8 +287,9 @@ class _Record:
 def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     c = source.config
     t0 = time.perf_counter()
-    auto = default_rank(c.hidden_size, c.intermediate_size, c.ffn_param_count(), p.size_share)
-    ranks = list(p.rank) if isinstance(p.rank, (tuple, list)) else [p.rank or auto] * c.num_layers
+    candidates = rank_candidates(c.hidden_size, c.intermediate_size, c.ffn_param_count(), p)
+    ranks = list(p.rank) if isinstance(p.rank, (tuple, list)) else [p.rank or candidates[0]] * c.num_layers
+    rank_choice = None  # rank 0: chosen at the first layer (_choose_rank)
     if len(ranks) != c.num_layers or min(ranks) < 1:
         raise SparseflashError(f"--rank needs one positive rank or {c.num_layers} comma-separated ranks, got {p.rank}")
     tap = NeuronTap.layerwise(c.num_layers, thresholds)
@@ -279,6 +315,15 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             tune_mag = rec.magnitudes()
             del rec, rec_val
             t = time.perf_counter()
+            if p.rank == 0 and rank_choice is None and len(candidates) > 1:
+                def tried(j, e, total, l=l):
+                    lp.bar.set_postfix_str(f"layer {l + 1}/{c.num_layers}: choosing the rank, "
+                                           f"rank {candidates[j]} epoch {e}/{total}")
+
+                chosen, table = _choose_rank(x, mask, candidates, p, tried)
+                ranks = [chosen] * c.num_layers
+                rank_choice = {"layer": l, "epochs": p.rank_epochs, "target_recall": p.target_recall,
+                               "tolerance": p.rank_tolerance, "candidates": table, "chosen": chosen}
             lp.bar.set_postfix_str(f"layer {l + 1}/{c.num_layers}: training")
             jobs = [(x, mask)] + ([(prev[0], mask)] if p.lookahead and l > 0 else [])
             state = ["training", "look-ahead"][: len(jobs)]
@@ -352,6 +397,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "size_share_with_lookahead": sum(param_counts.values()) / ffn_values,
         "ppl": ppl,
         # cost-aware selection's candidates, threshold strategy with nothing cached (the gate picks one)
+        "rank_choice": rank_choice,
         "miss": miss,
         "miss_share": p.miss_share,
         "threshold_reads": dict(zip(("computed_per_token", "read_per_token"), every_read.per_token())),

@@ -48,6 +48,11 @@ def report_text(r: dict, out_dir: str) -> str:
     lines.append(f"  perplexity: dense {p['dense']:.3f}, oracle {p['oracle']:.3f}, predicted top-k "
                  f"{p['predicted_topk']:.3f}, predicted threshold {p['predicted_threshold']:.3f} "
                  f"(runtime default: {r['strategy']}, {r['predicted_over_true']:.2f}x the true active count)")
+    if r.get("rank_choice"):
+        ch = r["rank_choice"]
+        lines.append(f"  rank chosen at layer {ch['layer']}: {ch['chosen']} (neurons selected a token at recall "
+                     f"{ch['target_recall']:g}, {ch['epochs']} epochs: " + ", ".join(
+                         f"rank {t['rank']} {t['selected_per_token']:.1f}" for t in ch["candidates"]) + ")")
     if r.get("miss"):
         lines.append(f"  cost-aware miss cuts (threshold; a cache of {r['miss_share']:.0%} of each layer's neurons): "
                      + ", ".join(

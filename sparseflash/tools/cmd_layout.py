@@ -118,7 +118,8 @@ def register(sub) -> None:
     q.add_argument("--heldout-tokens", type=int, default=PrepareParams.heldout_tokens)
     q.add_argument("--cett-tokens", type=int, default=PrepareParams.cett_tokens,
                    help="threshold-sample tokens (the CETT search)")
-    q.add_argument("--rank", type=int, default=PrepareParams.rank)
+    q.add_argument("--rank", type=int, default=PrepareParams.rank,
+                   help="predictor rank (default 0: chosen by measurement at the first layer)")
     q.add_argument("--epochs", type=int, default=PrepareParams.epochs, help="predictor training epochs")
     q.add_argument("--gate-rise", type=float, default=PrepareParams.gate_rise_pct, metavar="PCT",
                    help="quality gate: the predicted mode must keep held-out perplexity within this rise over dense "

@@ -42,8 +42,9 @@ def register(sub) -> None:
     p.add_argument("--ctx", type=int, default=d.ctx)
     p.add_argument("--thresholds", choices=THRESHOLD_SETS, default=d.thresholds, help="which profile thresholds")
     p.add_argument("--rank", default=str(d.rank), help="predictor rank, or one per layer comma-separated "
-                   "(default 0: from --size-share)")
-    p.add_argument("--size-share", type=float, default=d.size_share, help="predictor size / FFN size")
+                   "(default 0: chosen by measurement at the first layer, from --size-share's rank up to 10%% of the "
+                   "FFN values)")
+    p.add_argument("--size-share", type=float, default=d.size_share, help="predictor size / FFN size: the rank chosen with --rank 0 starts here")
     p.add_argument("--topk-factor", type=float, default=d.topk_factor, help="top-k predicts this x the mean active count")
     p.add_argument("--target-recall", type=float, default=d.target_recall, help="recall the threshold cut is tuned for")
     p.add_argument("--epochs", type=int, default=TrainParams.epochs)
