@@ -10,7 +10,7 @@ from tiny_models import TINY_RELU2
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.memory_plan import MIN_CETT_TOKENS, fit_plan, plan_prepare
 from sparseflash.layout.params import PredictorParams, PrepareParams, TrainParams
-from sparseflash.layout.predictors_build import rank_candidates
+from sparseflash.layout.predictor_training import rank_candidates
 from sparseflash.model.layerwise import LayerwiseModel, WidenedLayer
 from sparseflash.model.source import open_source
 from sparseflash.tools.cli import main

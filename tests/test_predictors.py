@@ -95,7 +95,7 @@ def test_saved_predictors_reload_with_identical_scores(tmp_path):
 
 
 def test_rank_candidates_double_from_the_size_share_up_to_the_cap():
-    from sparseflash.layout.predictors_build import rank_candidates
+    from sparseflash.layout.predictor_training import rank_candidates
 
     p = PredictorParams(size_share=0.025, max_size_share=0.1)
     # d 256, n 1024, 524,288 FFN values: 2.5% -> rank 10, 10% -> rank 40
@@ -110,7 +110,7 @@ def test_rank_candidates_double_from_the_size_share_up_to_the_cap():
 def test_the_rank_choice_takes_the_smallest_rank_near_the_fewest_selected():
     """Masks of rank 6: rank 1 cannot separate the neurons, rank 6 and 12 can; the choice keeps the
     smallest rank whose selection at the target recall is within the tolerance of the best."""
-    from sparseflash.layout.predictors_build import _choose_rank
+    from sparseflash.layout.predictor_training import _choose_rank
 
     x, mask = synthetic(tokens=4000)
     p = PredictorParams(rank_epochs=6, rank_tolerance=0.1, target_recall=0.9, train=TrainParams(batch=256))

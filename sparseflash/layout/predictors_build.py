@@ -21,7 +21,6 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +32,14 @@ from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.calibration import LayerPass
 from sparseflash.layout.masks import pack, packed_width, unpack
 from sparseflash.layout.miss_cut import MissRun, miss_stream
-from sparseflash.layout.params import PredictorParams, TrainParams
+from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
     Predictor,
-    default_rank,
     recall_and_sparsity,
-    train_predictor,
     tune_cut,
     tune_miss_cut,
 )
+from sparseflash.layout.predictor_training import _choose_rank, _split, _train_side_by_side, rank_candidates
 from sparseflash.layout.predictors_report import plot_report
 from sparseflash.model.perplexity import windows
 from sparseflash.model.source import CheckpointSource
@@ -122,72 +120,6 @@ def _join_parts(parts: Path, path: Path, meta: dict) -> None:
     _save_weights(path, preds, meta)
     del preds
     shutil.rmtree(parts)
-
-
-def _split(x, mask, p: PredictorParams):
-    """(fit inputs, fit masks, tune inputs, tune masks): the last tune_share of the training tokens
-    tunes k and the cut."""
-    n_tune = max(1, int(len(x) * p.tune_share))
-    return x[:-n_tune], mask[:-n_tune], x[-n_tune:], mask[-n_tune:]
-
-
-def _train_side_by_side(jobs: list, rank: int | list[int], p: PredictorParams, progress=None,
-                        train: TrainParams | None = None) -> list[tuple[Predictor, dict]]:
-    """Train one predictor per (inputs, masks) job on its fit slice, each on one core (torch's intra-op
-    threads set to 1 meanwhile), ``p.train_jobs`` of them side by side in threads. The matrices of a
-    training step (a 512-token batch, rank ~30) are too small for two cores to split one step well
-    (135M shape: 11.7 ms a step on two threads, 10.9 on one), while two steps at once use both (5.8 ms
-    a step). One thread also makes the result independent of the machine's core count.
-    ``rank``: one for every job, or a list (one per job); ``train``: the schedule (default p.train).
-    ``progress(job, epoch, epochs)`` after each epoch."""
-    ranks = rank if isinstance(rank, list) else [rank] * len(jobs)
-
-    def fit(j, x, mask):
-        fit_x, fit_m, _, _ = _split(x, mask, p)
-        return train_predictor(fit_x, fit_m, ranks[j], train or p.train,
-                               progress=None if progress is None else lambda e, total: progress(j, e, total))
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if p.train_jobs <= 1 or len(jobs) == 1:
-            return [fit(j, x, m) for j, (x, m) in enumerate(jobs)]
-        with ThreadPoolExecutor(min(p.train_jobs, len(jobs))) as pool:
-            futures = [pool.submit(fit, j, x, m) for j, (x, m) in enumerate(jobs)]
-            return [f.result() for f in futures]
-    finally:
-        torch.set_num_threads(threads)
-
-
-def rank_candidates(d: int, n: int, ffn_values: int, p: PredictorParams) -> list[int]:
-    """The ranks the choice tries: size_share's, doubled while within the cap (the predictor at most
-    max_size_share of the layer's FFN values, and rank at most max_rank unless size_share's rank is
-    larger), and the cap itself where it is well above the last doubling."""
-    lo = default_rank(d, n, ffn_values, p.size_share)
-    hi = max(lo, min(default_rank(d, n, ffn_values, p.max_size_share), p.max_rank))
-    out = [lo]
-    while out[-1] * 2 <= hi:
-        out.append(out[-1] * 2)
-    if hi > 1.25 * out[-1]:
-        out.append(hi)
-    return out
-
-
-def _choose_rank(x, mask, candidates: list[int], p: PredictorParams, progress=None) -> tuple[int, list[dict]]:
-    """Train each candidate rank for p.rank_epochs on the fit slice; on the tune slice, the neurons each
-    selects per token at the cut tuned for p.target_recall. The smallest rank within p.rank_tolerance of
-    the fewest wins."""
-    short = dataclasses.replace(p.train, epochs=p.rank_epochs)
-    trained = _train_side_by_side([(x, mask)] * len(candidates), list(candidates), p, progress, short)
-    _, _, tune_x, tune_m = _split(x, mask, p)
-    table = []
-    for rank, (pred, _) in zip(candidates, trained):
-        z = pred.logits(tune_x)
-        cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
-        table.append({"rank": rank, "selected_per_token": float((z > cut).sum(1).float().mean())})
-    fewest = min(t["selected_per_token"] for t in table)
-    chosen = next(t["rank"] for t in table if t["selected_per_token"] <= (1 + p.rank_tolerance) * fewest)
-    return chosen, table
 
 
 def _measure(trained: tuple[Predictor, dict], x, mask, p: PredictorParams, x_val, mask_val, tune_mag) -> dict:

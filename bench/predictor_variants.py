@@ -1,0 +1,132 @@
+"""Predictor variants side by side on one prepared model: rank and training target, measured on
+held-out text (the "What the predictor's training and size buy" table of docs/fetchless.md).
+
+    python bench/predictor_variants.py --model CKPT --prepared PREP_DIR --corpus TRAIN.txt.zst \
+        --heldout EVAL.txt.zst --ranks 6,16,32 --variants plain,contrib1,contrib0.5 --out F.json
+
+Per layer, the FFN inputs, active masks (the profile's PPL-p% thresholds in PREP_DIR/profile) and
+neuron magnitudes of the training and held-out tokens are recorded from a dense forward (the model
+is held whole: a small-model tool). Each (rank, variant) trains every layer's predictor with
+prepare's schedule on the fit slice (the last 10% of the training tokens tunes the cuts), then
+reports neurons selected per token (summed over layers) on the held-out tokens at the cut tuned for
+count recall 0.99 and at the cuts tuned to keep 0.99 / 0.98 / 0.95 of the active contribution, with
+the contribution share each actually keeps there. Variants: ``plain`` (prepare's BCE),
+``contribG`` (each active neuron's BCE term weighted by (its magnitude / the mean active magnitude)^G,
+clamped at 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+from sparseflash.layout.activations import NeuronTap
+from sparseflash.layout.params import TrainParams
+from sparseflash.layout.predictor import Predictor, contribution_recall, default_rank, tune_cut, tune_miss_cut
+from sparseflash.layout.schema import predictor_logits
+from sparseflash.model.loader import open_dense
+from sparseflash.model.perplexity import windows
+from sparseflash.model.text import corpus_ids
+
+
+def record(model, tap, seqs):
+    c = model.config
+    xs, ms, gs = ([[] for _ in range(c.num_layers)] for _ in range(3))
+
+    def hook(layer, x, a):
+        xs[layer].append(x.detach().half())
+        ms[layer].append(tap.active(layer, a))
+        gs[layer].append(tap.magnitude(layer, a).half())
+
+    net = tap.transformer(c, hook)
+    with torch.no_grad():
+        for i in range(0, len(seqs), 8):
+            net(seqs[i : i + 8])
+    return [(torch.cat(x), torch.cat(m), torch.cat(g)) for x, m, g in zip(xs, ms, gs)]
+
+
+def train(x, mask, mag, rank, variant, p: TrainParams):
+    """prepare's predictor training (layout/predictor.train_predictor), with the positive terms weighted
+    as the variant says."""
+    g = torch.Generator().manual_seed(p.seed)
+    d, n = x.shape[1], mask.shape[1]
+    w1 = (torch.randn(rank, d, generator=g) / math.sqrt(d)).requires_grad_()
+    b1 = torch.zeros(rank, requires_grad=True)
+    w2 = (torch.randn(n, rank, generator=g) / math.sqrt(rank)).requires_grad_()
+    rate = (mask.sum(0, dtype=torch.float32) / len(mask)).clamp(1e-6, 1 - 1e-6)
+    b2 = torch.log(rate / (1 - rate)).requires_grad_()
+    pos = mask.float().mean()
+    pos_weight = torch.clamp((1 - pos) / pos, max=p.max_pos_weight)
+    gamma = None if variant == "plain" else float(variant[len("contrib"):] or 1)
+    mean_active = (mag.float() * mask).sum() / mask.sum()
+    opt = torch.optim.Adam([w1, b1, w2, b2], lr=p.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs * math.ceil(len(x) / p.batch))
+    for _ in range(p.epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), p.batch):
+            idx = order[i : i + p.batch]
+            z = predictor_logits(x[idx].float(), w1, b1, w2, b2)
+            with torch.no_grad():
+                weight = pos_weight if gamma is None else \
+                    pos_weight * (mag[idx].float() / mean_active).clamp(max=20) ** gamma
+                grad = torch.where(mask[idx], (torch.sigmoid(z) - 1) * weight, torch.sigmoid(z)) / z.numel()
+            opt.zero_grad()
+            z.backward(grad)
+            opt.step()
+            sched.step()
+    return Predictor(w1.detach(), b1.detach(), w2.detach(), b2.detach())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prepared", required=True, help="a prepare output folder (its profile's thresholds)")
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--heldout", required=True)
+    ap.add_argument("--tokens", type=int, default=24576)
+    ap.add_argument("--heldout-tokens", type=int, default=4096)
+    ap.add_argument("--ranks", default="0", help="comma-separated; 0: the 2.5%% rule")
+    ap.add_argument("--variants", default="plain")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    model = open_dense(a.model)
+    c = model.config
+    tap = NeuronTap(model.weights, [float(t) for t in np.load(f"{a.prepared}/profile/thresholds.npz")["ppl"]])
+    rec = record(model, tap, windows(corpus_ids(a.corpus, model.tokenizer, a.tokens), 256, a.tokens))
+    val = record(model, tap, windows(corpus_ids(a.heldout, model.tokenizer, a.heldout_tokens), 256,
+                                     a.heldout_tokens))
+    rows = []
+    for rank in (int(r) or default_rank(c.hidden_size, c.intermediate_size, c.ffn_param_count())
+                 for r in a.ranks.split(",")):
+        for variant in a.variants.split(","):
+            t = time.time()
+            row = {"rank": rank, "variant": variant, "active": 0.0, "selected_count_0.99": 0.0}
+            for l in range(c.num_layers):
+                x, m, g = rec[l]
+                nt = int(len(x) * 0.1)
+                pred = train(x[:-nt], m[:-nt], g[:-nt], rank, variant, TrainParams())
+                xv, mv, gv = val[l]
+                z = pred.logits(xv)
+                row["active"] += float(mv.sum(1).float().mean())
+                row["selected_count_0.99"] += float((z > tune_cut(pred, x[-nt:], m[-nt:], 0.99)).sum(1).float().mean())
+                for share in (0.99, 0.98, 0.95):
+                    cut = tune_miss_cut(pred, x[-nt:], m[-nt:], g[-nt:], share)
+                    row[f"selected_contrib_{share}"] = row.get(f"selected_contrib_{share}", 0.0) + \
+                        float((z > cut).sum(1).float().mean())
+                    row[f"kept_contrib_{share}"] = row.get(f"kept_contrib_{share}", 0.0) + \
+                        contribution_recall(z > cut, mv, gv) / c.num_layers
+            row["seconds"] = time.time() - t
+            rows.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    with open(a.out, "w") as f:
+        json.dump({"model": a.model, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
