@@ -51,19 +51,27 @@ def test_a_prohibitive_miss_penalty_computes_only_what_is_in_memory(tmp_path):
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=_predictors(2), strategy="threshold", n_hot=8)
     ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(4))
     for penalty, reads in ((0.0, True), (1e9, False)):
-        model = open_streamed(path, "40%ffn", io_buffer_bytes=4096, lookahead=False, miss_penalty=penalty)
-        try:
-            model.engine.trace = [[] for _ in range(2)]
-            cache = KVCache(model.layout.config, ids.shape[1])
-            for i in range(ids.shape[1]):
-                model.transformer(ids[:, i : i + 1], cache=cache, start=i)
-            misses = sum(s.misses for s in model.engine.stats)
-            computed = np.concatenate([p for layer in model.engine.trace for p in layer])
-        finally:
-            model.close()
-        assert (misses > 0) == reads
-        if not reads:
-            assert len(computed) and computed.max() < 8  # the hot region only
+        _check_reads(path, ids, reads, lookahead=False, miss_penalty=penalty)
+
+
+def _check_reads(path, ids, reads: bool, **policy):
+    """Decode ``ids`` token by token on a 2-layer layout with 8 hot neurons: reads happen or not as said,
+    and without reads only the hot region is computed."""
+    model = open_streamed(path, "40%ffn", io_buffer_bytes=4096, **policy)
+    try:
+        model.engine.trace = [[] for _ in range(2)]
+        cache = KVCache(model.layout.config, ids.shape[1])
+        for i in range(ids.shape[1]):
+            model.transformer(ids[:, i : i + 1], cache=cache, start=i)
+        misses = sum(s.misses + s.prefetched for s in model.engine.stats)
+        computed = np.concatenate([p for layer in model.engine.trace for p in layer])
+        cut = model.engine.predictors.own[1].miss_cut
+    finally:
+        model.close()
+    assert (misses > 0) == reads
+    if not reads:
+        assert len(computed) and computed.max() < 8  # the hot region only
+    return cut
 
 
 def test_the_miss_cut_keeps_the_target_share_of_the_contribution():
@@ -115,20 +123,7 @@ def test_a_layout_miss_cut_above_every_score_reads_nothing_outside_memory(tmp_pa
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=preds, strategy="threshold", n_hot=8, gate=gate)
     ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(4))
     for use, reads in ((False, True), (True, validated_share > 0.4)):
-        model = open_streamed(path, "40%ffn", io_buffer_bytes=4096, lookahead=True, miss_cut=use)
-        try:
-            assert model.engine.predictors.own[1].miss_cut == 1e9
-            model.engine.trace = [[] for _ in range(2)]
-            cache = KVCache(model.layout.config, ids.shape[1])
-            for i in range(ids.shape[1]):
-                model.transformer(ids[:, i : i + 1], cache=cache, start=i)
-            misses = sum(s.misses + s.prefetched for s in model.engine.stats)
-            computed = np.concatenate([p for layer in model.engine.trace for p in layer])
-        finally:
-            model.close()
-        assert (misses > 0) == reads
-        if not reads:
-            assert len(computed) and computed.max() < 8  # the hot region only
+        assert _check_reads(path, ids, reads, lookahead=True, miss_cut=use) == 1e9
 
 
 class _FixedScores:
