@@ -65,13 +65,13 @@ def _check_reads(path, ids, reads: bool, **policy):
             model.transformer(ids[:, i : i + 1], cache=cache, start=i)
         misses = sum(s.misses + s.prefetched for s in model.engine.stats)
         computed = np.concatenate([p for layer in model.engine.trace for p in layer])
-        cut = model.engine.predictors.own[1].miss_cut
+        cut = model.engine.predictors.own[1].miss_cut, model.engine.miss_cut_layers()
     finally:
         model.close()
     assert (misses > 0) == reads
     if not reads:
         assert len(computed) and computed.max() < 8  # the hot region only
-    return cut
+    return cut  # (layer 1's miss cut, layers that apply it)
 
 
 def test_the_miss_cut_keeps_the_target_share_of_the_contribution():
@@ -123,7 +123,8 @@ def test_a_layout_miss_cut_above_every_score_reads_nothing_outside_memory(tmp_pa
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=preds, strategy="threshold", n_hot=8, gate=gate)
     ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(4))
     for use, reads in ((False, True), (True, validated_share > 0.4)):
-        assert _check_reads(path, ids, reads, lookahead=True, miss_cut=use) == 1e9
+        cut, layers = _check_reads(path, ids, reads, lookahead=True, miss_cut=use)
+        assert cut == 1e9 and layers == (2 if use and not reads else 0)
 
 
 class _FixedScores:

@@ -23,9 +23,9 @@ def test_attention_time_leaves_out_the_norms(tmp_path):
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(2), strategy="topk")
     model = open_streamed(path, "40%ffn", io_buffer_bytes=4096)
     norm = model.transformer.norm
-    pause = 0.05  # far above a tiny model's attention, even its first (warm-up) call on a loaded machine
+    pause = 0.2  # far above a tiny model's attention, even its first (warm-up) call on a loaded machine
 
-    def slow_norm(*args):  # a norm that takes 50 ms: time between FFN calls that is not attention
+    def slow_norm(*args):  # a norm that takes 200 ms: time between FFN calls that is not attention
         time.sleep(pause)
         return norm(*args)
 

@@ -208,6 +208,13 @@ class StreamingFFN:
             return None
         return cache.slot_of >= 0
 
+    def miss_cut_layers(self) -> int:
+        """How many layers apply the layout's miss cut in this run."""
+        if self.strategy == "all":
+            return 0
+        return sum(self.predictors.own[l].miss_cut is not None and self._cached(l) is not None
+                   for l in range(len(self.caches)))
+
     def _cost_offset(self, l: int) -> np.ndarray | None:
         """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot
         region included: computing it costs no read), -miss_penalty where it would have to be read."""

@@ -127,6 +127,7 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
         "device": {"ffn": engine.policy.device, "resident": model.transformer.device.type},
         "strategy": engine.strategy,
         "quality_gate": model.layout.header.predictors.gate if model.layout.header.predictors else None,
+        "miss_cut_layers": engine.miss_cut_layers(),
         "peak_rss_bytes": peak_rss_bytes(),
     }
     if model.device_bytes_before is not None:  # a real GPU: what the run added to device memory
@@ -168,8 +169,14 @@ def _gate_note(summary: dict) -> str:
         return ""
     rise = gate.get("rise_pct", {}).get(gate["strategy"])
     what = "exact, predicted modes missed" if gate["strategy"] == "all" else f"held-out ppl {rise:+.2f}%"
+    miss = ""
+    if gate.get("miss_recall") is not None:
+        used = summary.get("miss_cut_layers", 0)
+        miss = (f"; miss cut {gate['miss_recall']:g} on {used} layers" if used else
+                f"; miss cut {gate['miss_recall']:g} not used (off, or the cache is under the validated "
+                f"{gate.get('miss_share', 0):.0%})")
     return (f" (quality gate: {'fallback, ' if gate.get('fallback') else ''}{what}, bound "
-            f"+{gate['max_rise_pct']:g}%{'; model too dense to gain' if gate.get('too_dense') else ''})")
+            f"+{gate['max_rise_pct']:g}%{miss}{'; model too dense to gain' if gate.get('too_dense') else ''})")
 
 
 def stream_generate(model: StreamedModel, prompt: list[int], n: int, sampling: Sampling = Sampling(),
