@@ -111,7 +111,7 @@ def _signal_midway(monkeypatch, writer: str, signum: int) -> None:
     """Make the writer send ``signum`` to this process once its temporary exists, as `kill` would."""
     import gguf
 
-    from sparseflash.layout import format_writer, predictors_build, profile_plots
+    from sparseflash.layout import format_writer, predictor_training, profile_plots
 
     def kill_then(real):
         def wrapper(*a, **k):
@@ -120,7 +120,7 @@ def _signal_midway(monkeypatch, writer: str, signum: int) -> None:
             return real(*a, **k)
         return wrapper
     target = {"layout": (format_writer._Sink, "pad_to"), "export-gguf": (gguf.GGUFWriter, "write_tensor_data"),
-              "profile": (profile_plots, "write_plots"), "predictors": (predictors_build, "train_predictor")}[writer]
+              "profile": (profile_plots, "write_plots"), "predictors": (predictor_training, "train_predictor")}[writer]
     monkeypatch.setattr(*target, kill_then(getattr(*target)))
 
 
