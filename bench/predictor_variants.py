@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
@@ -27,8 +26,13 @@ import torch
 
 from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.params import TrainParams
-from sparseflash.layout.predictor import Predictor, contribution_recall, default_rank, tune_cut, tune_miss_cut
-from sparseflash.layout.schema import predictor_logits
+from sparseflash.layout.predictor import (
+    contribution_recall,
+    default_rank,
+    train_predictor,
+    tune_cut,
+    tune_miss_cut,
+)
 from sparseflash.model.loader import open_dense
 from sparseflash.model.perplexity import windows
 from sparseflash.model.text import corpus_ids
@@ -50,36 +54,15 @@ def record(model, tap, seqs):
     return [(torch.cat(x), torch.cat(m), torch.cat(g)) for x, m, g in zip(xs, ms, gs)]
 
 
-def train(x, mask, mag, rank, variant, p: TrainParams):
-    """prepare's predictor training (layout/predictor.train_predictor), with the positive terms weighted
-    as the variant says."""
-    g = torch.Generator().manual_seed(p.seed)
-    d, n = x.shape[1], mask.shape[1]
-    w1 = (torch.randn(rank, d, generator=g) / math.sqrt(d)).requires_grad_()
-    b1 = torch.zeros(rank, requires_grad=True)
-    w2 = (torch.randn(n, rank, generator=g) / math.sqrt(rank)).requires_grad_()
-    rate = (mask.sum(0, dtype=torch.float32) / len(mask)).clamp(1e-6, 1 - 1e-6)
-    b2 = torch.log(rate / (1 - rate)).requires_grad_()
-    pos = mask.float().mean()
-    pos_weight = torch.clamp((1 - pos) / pos, max=p.max_pos_weight)
-    gamma = None if variant == "plain" else float(variant[len("contrib"):] or 1)
-    mean_active = (mag.float() * mask).sum() / mask.sum()
-    opt = torch.optim.Adam([w1, b1, w2, b2], lr=p.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs * math.ceil(len(x) / p.batch))
-    for _ in range(p.epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), p.batch):
-            idx = order[i : i + p.batch]
-            z = predictor_logits(x[idx].float(), w1, b1, w2, b2)
-            with torch.no_grad():
-                weight = pos_weight if gamma is None else \
-                    pos_weight * (mag[idx].float() / mean_active).clamp(max=20) ** gamma
-                grad = torch.where(mask[idx], (torch.sigmoid(z) - 1) * weight, torch.sigmoid(z)) / z.numel()
-            opt.zero_grad()
-            z.backward(grad)
-            opt.step()
-            sched.step()
-    return Predictor(w1.detach(), b1.detach(), w2.detach(), b2.detach())
+def train(x, mask, mag, rank, variant):
+    """prepare's predictor training (layout/predictor.train_predictor); ``contribG`` weights each active
+    entry by (its magnitude / the mean active magnitude)^G, clamped at 20."""
+    scale = None
+    if variant != "plain":
+        gamma = float(variant[len("contrib"):] or 1)
+        mean_active = (mag.float() * mask).sum() / mask.sum()
+        scale = (mag.float() / mean_active).clamp(max=20) ** gamma
+    return train_predictor(x, mask, rank, TrainParams(), pos_scale=scale)[0]
 
 
 def main():
@@ -110,7 +93,7 @@ def main():
             for l in range(c.num_layers):
                 x, m, g = rec[l]
                 nt = int(len(x) * 0.1)
-                pred = train(x[:-nt], m[:-nt], g[:-nt], rank, variant, TrainParams())
+                pred = train(x[:-nt], m[:-nt], g[:-nt], rank, variant)
                 xv, mv, gv = val[l]
                 z = pred.logits(xv)
                 row["active"] += float(mv.sum(1).float().mean())

@@ -119,3 +119,16 @@ def test_the_rank_choice_takes_the_smallest_rank_near_the_fewest_selected():
     assert sel[1] > 1.2 * sel[6]  # too small a predictor over-selects
     fewest = min(sel.values())
     assert chosen == min(r for r, s in sel.items() if s <= 1.1 * fewest) and chosen > 1
+
+
+def test_a_positive_scale_of_one_is_plain_training_and_other_scales_move_only_the_active_terms():
+    x, mask = synthetic(tokens=1200)
+    p = TrainParams(epochs=2, batch=256)
+    plain, _ = train_predictor(x, mask, 4, p)
+    ones, _ = train_predictor(x, mask, 4, p, pos_scale=torch.ones(mask.shape))
+    assert all(torch.equal(getattr(plain, k), getattr(ones, k)) for k in ("w1", "b1", "w2", "b2"))
+    inactive_only = torch.where(mask, 1.0, 5.0)  # scales where nothing is active: no effect either
+    same, _ = train_predictor(x, mask, 4, p, pos_scale=inactive_only)
+    assert torch.equal(plain.w2, same.w2)
+    heavier, _ = train_predictor(x, mask, 4, p, pos_scale=torch.where(mask, 3.0, 1.0))
+    assert not torch.equal(plain.w2, heavier.w2)

@@ -37,7 +37,7 @@ from sparseflash.errors import SparseflashError
 from sparseflash.layout.format_extents import COST_CHUNK_BYTES
 from sparseflash.layout.layout_weights import ROW_BLOCK_BYTES
 from sparseflash.layout.params import PredictorParams, TrainParams
-from sparseflash.layout.predictor import default_rank
+from sparseflash.layout.predictor_training import rank_candidates
 from sparseflash.model.layerwise import head_block_bytes
 from sparseflash.model.source import CheckpointSource
 from sparseflash.units import fmt_bytes
@@ -115,9 +115,7 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     held = p.heldout_tokens
     coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
-    auto = default_rank(d, n, c.ffn_param_count())
-    rank = p.rank or max(auto, min(default_rank(d, n, c.ffn_param_count(), PredictorParams.max_size_share),
-                                   PredictorParams.max_rank))  # the largest the rank choice tries
+    rank = p.rank or rank_candidates(d, n, c.ffn_param_count(), PredictorParams())[-1]  # the largest tried
     training = train_jobs * (14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4)
     all_predictors = 2 * c.num_layers * (rank * (d + n + 1) + n) * 4  # a layer's and its look-ahead, float32
     phase = max(per_batch, training, val * n * 16)  # forward, training and scoring never overlap

@@ -175,7 +175,7 @@ class PrepareParams:
     ppl_p: float = ProfileParams.ppl_p
     cett: float = ProfileParams.cett_bound
     predictor_tokens: int = 32768
-    rank: int = 0  # 0: from the size share (2.5% of FFN values)
+    rank: int = 0  # 0: chosen by measurement (PredictorParams.rank)
     epochs: int = TrainParams.epochs
     miss_recalls: tuple[float, ...] = PredictorParams.miss_recalls  # cost-aware candidates (PredictorParams)
     order: str = LayoutParams.order

@@ -88,7 +88,7 @@ def bce_logits_grad(z: torch.Tensor, target: torch.Tensor, pos_weight: torch.Ten
 
 def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: TrainParams = TrainParams(),
                     x_val: torch.Tensor | None = None, mask_val: torch.Tensor | None = None,
-                    progress=None) -> tuple[Predictor, dict]:
+                    progress=None, pos_scale: torch.Tensor | None = None) -> tuple[Predictor, dict]:
     """Fit a predictor on inputs x (tokens, d) and active masks (tokens, neurons) bool. x may be
     float16 (how prepare records it): each batch is widened to float32 as it is used, so the
     results equal those of training on x.float(), without a float32 copy of every input.
@@ -96,7 +96,9 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
     The loss is the positive-weighted BCE over every (token, neuron); its gradient is taken in closed
     form (``bce_logits_grad``). Returns the predictor (topk/cut left at defaults) and a log with the
     loss per epoch (``train_loss``: the epoch's first batch, before its update; ``val_loss``: all of x_val);
-    ``progress(epoch, epochs)`` is called after each epoch.
+    ``progress(epoch, epochs)`` is called after each epoch. ``pos_scale`` (tokens, neurons), if given,
+    multiplies each active entry's weight in the gradient (bench/predictor_variants.py weights them by
+    contribution; the logged losses stay unweighted).
     """
     g = torch.Generator().manual_seed(params.seed)
     d, n = x.shape[1], mask.shape[1]
@@ -125,7 +127,8 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
                 with torch.no_grad():
                     if i == 0:  # the epoch's loss, on its first batch before the update (costs one batch)
                         log["train_loss"].append(float(loss_fn(z, mb)))
-                    grad = bce_logits_grad(z, mb, pos_weight)
+                    grad = bce_logits_grad(z, mb, pos_weight if pos_scale is None else
+                                           pos_weight * pos_scale[idx].float())
                 opt.zero_grad()
                 z.backward(grad)  # the loss's own backward, in closed form: a third of the step's time
                 opt.step()

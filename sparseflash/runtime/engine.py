@@ -187,11 +187,13 @@ class StreamingFFN:
             positions = np.arange(self.regions[l].n_neurons)
         elif self.policy.eviction in ("predicted", "forecast"):  # the logits also rank the cached neurons
             positions, scores = self.predictors.own[l].predict(x, self.strategy, self.policy.margin, scores=True,
-                                                               offset=self._cost_offset(l), cached=self._cached(l))
+                                                               offset=self._cost_offset(l),
+                                                               cached=self._cached(l, self.predictors.own[l]))
             self.caches[l].note_scores(scores)
         else:
             positions = self.predictors.own[l].predict(x, self.strategy, self.policy.margin,
-                                                       offset=self._cost_offset(l), cached=self._cached(l))
+                                                       offset=self._cost_offset(l),
+                                                       cached=self._cached(l, self.predictors.own[l]))
         s.predictor_s += time.perf_counter() - t
         s.predicted += len(positions)
         s.per_layer_predicted.append(len(positions))
@@ -199,12 +201,14 @@ class StreamingFFN:
             self.trace[l].append(positions)
         return positions
 
-    def _cached(self, l: int) -> np.ndarray | None:
-        """Per stored position, whether layer l's neuron is in memory (hot region included), for the
-        layout's miss cut; None when the policy does not use it or layer l's cache is smaller than the
-        one the cut was validated with (prepare's gate): there the cut would drop more than it measured."""
+    def _cached(self, l: int, predictor) -> np.ndarray | None:
+        """Per stored position, whether layer l's neuron is in memory (hot region included), for
+        ``predictor``'s miss cut; None when it has none, the policy does not use it, or layer l's cache is
+        smaller than the one the cut was validated with (prepare's gate): there the cut would drop more
+        than it measured."""
         cache = self.caches[l]
-        if not self.policy.miss_cut or cache.capacity < self.predictors.miss_share * cache.neurons:
+        if (predictor.miss_cut is None or not self.policy.miss_cut
+                or cache.capacity < self.predictors.miss_share * cache.neurons):
             return None
         return cache.slot_of >= 0
 
@@ -212,8 +216,7 @@ class StreamingFFN:
         """How many layers apply the layout's miss cut in this run."""
         if self.strategy == "all":
             return 0
-        return sum(self.predictors.own[l].miss_cut is not None and self._cached(l) is not None
-                   for l in range(len(self.caches)))
+        return sum(self._cached(l, self.predictors.own[l]) is not None for l in range(len(self.caches)))
 
     def _cost_offset(self, l: int) -> np.ndarray | None:
         """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot
@@ -235,7 +238,7 @@ class StreamingFFN:
             if ahead is None:
                 return
             wanted, scores = ahead.predict(x, self.strategy, self.policy.margin, scores=True,
-                                           offset=self._cost_offset(nxt), cached=self._cached(nxt))
+                                           offset=self._cost_offset(nxt), cached=self._cached(nxt, ahead))
             if self.policy.eviction in ("predicted", "forecast"):  # rank layer nxt's cache by the look-ahead
                 cache.note_lookahead(scores)
             missing = plan_prefetch(cache, wanted, self.policy.min_slots, self.fetcher.prefetch_limit())
