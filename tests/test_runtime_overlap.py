@@ -175,3 +175,45 @@ def _teacher_forced(model):
     out = [model.transformer(ids[:, :2], cache=cache, start=0)]
     out += [model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(2, ids.shape[1])]
     return torch.cat(out, dim=1)
+
+
+def test_a_layers_own_read_is_queued_before_the_next_layers_look_ahead(tmp_path):
+    """On the host the I/O threads take reads in order: the read a layer waits for goes first, the
+    look-ahead read of the next layer after it (queued first, it would delay the wait)."""
+    from test_runtime_timeline import random_predictors
+
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(3), strategy="topk")
+    model = open_streamed(path, "30%ffn", io_buffer_bytes=4096)
+    engine = model.engine
+    order, layer_now = [], []
+    layer = engine._layer
+
+    def tracked(l, *args):
+        layer_now.append(l)
+        return layer(l, *args)
+
+    engine._layer = tracked
+    log = ReadLog(engine)
+    submit = engine.fetcher.reader.submit
+
+    def ordered(layer, positions, dest, dest_slots):
+        order.append((len(engine.stats), layer_now[-1] if layer_now else None, layer))
+        return submit(layer, positions, dest, dest_slots)
+
+    engine.fetcher.reader.submit = ordered
+    try:
+        ids = torch.randint(0, 4096, (1, 10), generator=torch.Generator().manual_seed(3))
+        cache = KVCache(model.layout.config, 10)
+        for i in range(10):
+            model.transformer(ids[:, i : i + 1], cache=cache, start=i)
+    finally:
+        model.close()
+    both = 0
+    for step in {s for s, _, _ in order}:
+        for l in range(3):
+            own = [k for k, (s, during, layer) in enumerate(order) if s == step and during == l and layer == l]
+            ahead = [k for k, (s, during, layer) in enumerate(order) if s == step and during == l and layer == l + 1]
+            if own and ahead:
+                both += 1
+                assert own[0] < ahead[0], f"step {step} layer {l}: the look-ahead read was queued first"
+    assert both > 0 and log.reads  # some layer step had both reads: the order was tested

@@ -118,8 +118,9 @@ class StreamingFFN:
             staged = self._take_staged(l)
         try:
             positions = self._predict(l, x, s)  # 2. predicted active set, as stored positions
-            self._start_prefetch(l + 1, x, s)  # 3. layer l+1's look-ahead read runs while this layer works
-            y = self._layer_steps(l, x, s, cache, positions, staged)
+            # 3. layer l+1's look-ahead read runs while this layer works; it is queued after this layer's
+            # own read (on the host), which the layer waits for
+            y = self._layer_steps(l, x, s, cache, positions, staged, lambda: self._start_prefetch(l + 1, x, s))
         except BaseException:
             if staged is not None:
                 self._drop_staged(staged)
@@ -129,7 +130,10 @@ class StreamingFFN:
         return y
 
     def _layer_steps(self, l: int, x: torch.Tensor, s: TokenStats, cache: NeuronCache, positions: np.ndarray,
-                     staged: tuple[Fetch, int] | None) -> torch.Tensor:
+                     staged: tuple[Fetch, int] | None, ahead) -> torch.Tensor:
+        """Steps 4-6 of layer l; ``ahead()`` starts layer l+1's look-ahead read, once: on the host right
+        after the layer's own read is queued (the I/O threads take reads in order, so a look-ahead
+        read queued first would delay the read this layer waits for), otherwise first."""
         plan = plan_layer(cache, positions)  # 4. hits and misses
         s.hits += len(plan.hit_slots)
         s.misses += len(plan.missing)  # staged neurons included: read for this step, one layer early
@@ -139,6 +143,7 @@ class StreamingFFN:
         x = x.float().contiguous()
         y = torch.zeros((x.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)
         if plan.fits and self.on_gpu:  # 5. read the misses, then one kernel call over hits and misses
+            ahead()
             new = cache.reserve(len(plan.missing), protect=plan.hit_slots)
             self._read(l, plan.missing, new, s)
             cache.touch(new)
@@ -146,6 +151,7 @@ class StreamingFFN:
         elif plan.fits:  # 5. (host) the misses are read while the hits compute; then the misses compute
             new = cache.reserve(len(plan.missing), protect=plan.hit_slots)
             fetch = self.fetcher.start(l, plan.missing, new) if len(plan.missing) else None
+            self._guarded(fetch, ahead)
             self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
             if staged is not None:  # then the staged neurons, read during layer l-1
                 self._guarded(fetch, self._compute_staged, l, x, staged[0], y, s)
@@ -153,6 +159,7 @@ class StreamingFFN:
                 self._land(fetch, s)
                 self._compute(l, x, new, y, s)
         else:  # 5'. more neurons than the cache holds: accumulate the output over batches
+            ahead()
             self._compute_in_batches(l, x, plan, y, s, staged[0] if staged is not None else None)
         ahead = self._prefetch.get(l + 1)
         if ahead is not None and ahead.done():  # 6. settle a finished look-ahead read now (GPU: queue its upload)

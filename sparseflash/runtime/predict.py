@@ -8,7 +8,7 @@ no predictor).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from sparseflash.layout.format import LayoutFile
 from sparseflash.layout.schema import ModelHeader, PredictorSpec
 
 STRATEGIES = (*schema.STRATEGIES, "all")
+FUSED_TOKENS = 8  # host predictions for at most this many tokens run as one Numba call (kernels/predictor.py)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ class LayerPredictor:
     topk: int
     cut: float
     miss_cut: float | None = None  # cost-aware selection: a neuron not in memory is read only above it
+    # the same four tensors as float32 numpy arrays (host tensors only), for the fused decode path
+    _host: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.w1.device.type == "cpu":
+            host = tuple(np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
+                         for t in (self.w1, self.b1, self.w2, self.b2))
+            object.__setattr__(self, "_host", host)
 
     @property
     def nbytes(self) -> int:
@@ -51,7 +60,13 @@ class LayerPredictor:
         also every neuron's highest logit over the tokens (float32, stored order). ``offset`` (neurons,)
         is added to the logits before the strategy picks (cost-aware selection), not to the scores.
         ``cached`` (neurons,) bool, where the neuron is in memory: with a miss cut, a picked neuron that
-        is not cached is kept only if some token's logit exceeds the miss cut (less the margin)."""
+        is not cached is kept only if some token's logit exceeds the miss cut (less the margin).
+
+        On the host, for up to FUSED_TOKENS tokens (threshold) or one (top-k), the logits and the choice
+        are two Numba calls (kernels/predictor.py) instead of a dozen torch and numpy ones."""
+        if self._host is not None and x.device.type == "cpu" and (
+                x.shape[0] <= (FUSED_TOKENS if strategy == "threshold" else 1)):
+            return self._predict_fused(x, strategy, margin, scores, offset, cached)
         z = self.logits(x)
         pick = z if offset is None else z + torch.from_numpy(offset).to(z.device)
         if strategy == "topk":
@@ -67,6 +82,25 @@ class LayerPredictor:
         if scores:
             return positions, top
         return positions
+
+    def _predict_fused(self, x: torch.Tensor, strategy: str, margin: float, scores: bool,
+                       offset: np.ndarray | None, cached: np.ndarray | None):
+        from sparseflash.kernels import predictor as kernel
+
+        top = kernel.top_logits(x.detach().float().numpy(), *self._host)
+        miss = None if self.miss_cut is None or cached is None else self.miss_cut - margin
+        if strategy == "topk":  # one token: its k best (cost offset included), then the miss cut
+            pick = top if offset is None else top + offset
+            k = min(len(pick), int(np.ceil(self.topk * (1 + margin))))
+            if k <= 0:
+                positions = np.zeros(0, dtype=np.int64)
+            else:
+                positions = np.sort(np.argpartition(-pick, k - 1)[:k]) if k < len(pick) else np.arange(len(pick))
+            if miss is not None and len(positions):
+                positions = positions[cached[positions] | (top[positions] > np.float32(miss))]
+        else:
+            positions = kernel.select(top, self.cut - margin, offset, cached if miss is not None else None, miss)
+        return (positions, top) if scores else positions
 
 
 @dataclass(frozen=True)

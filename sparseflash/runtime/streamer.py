@@ -142,6 +142,10 @@ class BundleReader:
             if start < end:
                 dest_bytes[s, start - p * bb : end - p * bb] = raw[start - lo : end - lo]
 
+    def _read_pieces(self, work: list) -> None:
+        for args in work:
+            self._read_piece(*args)
+
     def submit(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> Future:
         """Start reading the bundles of sorted ``positions`` into ``dest[dest_slots]``; the future's
         result is a ReadResult (or raises StreamError)."""
@@ -151,13 +155,15 @@ class BundleReader:
         bb = self.regions[layer].bundle_bytes
         pieces = plan_reads(positions, bb, self.merge_gap_blocks, self.buffer_bytes // BLOCK)
         t0 = time.perf_counter()
-        futures = []
-        for a, b in pieces:
-            # positions whose bytes overlap this piece
-            lo = np.searchsorted(positions, (a * BLOCK) // bb, side="left")
-            hi = np.searchsorted(positions, -(-(b * BLOCK) // bb), side="left")
-            futures.append(self.pool.submit(self._read_piece, layer, a, b, positions[lo:hi], dest,
-                                            dest_slots[lo:hi]))
+        # positions whose bytes overlap each piece
+        los = np.searchsorted(positions, [a * BLOCK // bb for a, _ in pieces], side="left")
+        his = np.searchsorted(positions, [-(-(b * BLOCK) // bb) for _, b in pieces], side="left")
+        work = [(layer, a, b, positions[lo:hi], dest, dest_slots[lo:hi])
+                for (a, b), lo, hi in zip(pieces, los, his)]
+        # one task per thread, each reading its share of the pieces in turn: as many reads in flight as
+        # threads, without a task hand-off per piece
+        groups = min(self.threads, len(work))
+        futures = [self.pool.submit(self._read_pieces, work[g::groups]) for g in range(groups)]
         result = Future()
         nbytes = sum((b - a) * BLOCK for a, b in pieces)
         remaining = [len(futures)]
