@@ -11,6 +11,11 @@ and prints the check's own throughput (digest + finite check, GB/s) over the lay
 
 With ``--devices cpu,cuda`` (on a machine with a GPU) every budget runs on both, side by side; the
 dense row is the in-memory CPU run.
+
+``--repeat R`` (default 3) runs every configuration R times, in interleaved rounds (dense, each
+budget, dense, ...), and reports each configuration's median decode tokens/s (the other figures are
+the median run's) and the spread: the machines are shared, and one run of each drifted by up to 1.5x
+between neighbouring runs.
 """
 
 from __future__ import annotations
@@ -66,28 +71,38 @@ def main() -> None:
     p.add_argument("--devices", default="cpu", help="comma-separated: cpu, cuda")
     p.add_argument("--verify", choices=["on", "off", "both"], default="on",
                    help="per-read bundle verification in the streamed rows (both: each budget twice)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of every configuration (median reported)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.repeat < 1:
+        raise SystemExit("bench: --repeat must be >= 1")
     layout = args.layout
     if layout is None:
         from sparseflash.layout.pipeline import prepare_bundled
 
         layout = str(prepare_bundled(quiet=True, log=lambda m: print(m, file=sys.stderr)))
     common = ["-p", args.prompt, "-n", str(args.n), "--greedy", "--ignore-eos"]
-    rows = []
-    dense = run_cli(["run", *(["-m", args.checkpoint] if args.checkpoint else []), *common])
-    dense["config"] = "dense (in memory)"
-    rows.append(dense)
+    configs = [("dense (in memory)", ["run", *(["-m", args.checkpoint] if args.checkpoint else []), *common])]
     devices = args.devices.split(",")
     checks = {"on": [True], "off": [False], "both": [True, False]}[args.verify]
     for budget in args.budgets.split(","):
         for device in devices:
             for check in checks:
-                r = run_cli(["run", "-m", layout, "--budget", budget, "--device", device, *common,
-                             *([] if check else ["--no-verify"])])
-                r["config"] = (f"streamed {budget}" + (f" {device}" if len(devices) > 1 else "")
-                               + ("" if len(checks) == 1 else (" verified" if check else " --no-verify")))
-                rows.append(r)
+                configs.append((f"streamed {budget}" + (f" {device}" if len(devices) > 1 else "")
+                                + ("" if len(checks) == 1 else (" verified" if check else " --no-verify")),
+                                ["run", "-m", layout, "--budget", budget, "--device", device, *common,
+                                 *([] if check else ["--no-verify"])]))
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    for _ in range(args.repeat):  # interleaved rounds: a slow spell of the machine hits every configuration
+        for name, cli in configs:
+            runs[name].append(run_cli(cli))
+    rows = []
+    for name, _ in configs:
+        ordered = sorted(runs[name], key=lambda r: r["decode_tokens_per_s"])
+        r = dict(ordered[len(ordered) // 2], config=name, runs_decode_tokens_per_s=[x["decode_tokens_per_s"]
+                                                                                  for x in runs[name]])
+        rows.append(r)
+    dense = rows[0]
     base = baseline_rss()
     check_gbps = verification_gbps(layout) if args.verify == "both" else None
     if args.json:
@@ -96,12 +111,15 @@ def main() -> None:
     mib = 2**20
     print(f"{os.path.basename(layout)}: {args.n} tokens, greedy; baseline RSS (interpreter + torch + numba + "
           f"compiled kernels) {base / mib:.0f} MiB")
-    print(f"{'config':<27}{'tok/s':>8}{'vs dense':>10}{'FFN KiB/tok':>13}{'% dense':>9}{'hit rate':>10}"
+    print(f"median of {args.repeat} interleaved run(s) per configuration; tok/s range in brackets")
+    print(f"{'config':<27}{'tok/s':>8}{'range':>14}{'vs dense':>10}{'FFN KiB/tok':>13}{'% dense':>9}{'hit rate':>10}"
           f"{'budget MiB':>12}{'peak RSS MiB':>14}{'RSS - base':>12}")
     d_tps = dense["decode_tokens_per_s"]
     for r in rows:
         streamed = r["engine"] == "streamed"
-        print(f"{r['config']:<27}{r['decode_tokens_per_s']:>8.1f}{r['decode_tokens_per_s'] / d_tps:>9.2f}x"
+        spread = r["runs_decode_tokens_per_s"]
+        print(f"{r['config']:<27}{r['decode_tokens_per_s']:>8.1f}{f'[{min(spread):.0f}-{max(spread):.0f}]':>14}"
+              f"{r['decode_tokens_per_s'] / d_tps:>9.2f}x"
               f"{(r['decode_bytes_per_token'] / 1024 if streamed else 0):>13.1f}"
               f"{(r['decode_dense_share'] * 100 if streamed else 100):>8.1f}%"
               f"{(r['hit_rate'] * 100 if streamed else 100):>9.1f}%"

@@ -142,3 +142,20 @@ def test_kernels_import_nothing_else_from_the_package():
     for source in source_dir.glob("*.py"):
         for module in re.findall(r"^\s*(?:from|import) (sparseflash[\w.]*)", source.read_text(), re.M):
             assert module.startswith("sparseflash.kernels"), f"{source.name} imports {module}"
+
+
+@pytest.mark.parametrize("storage", ["f16", "bf16", "f32"])
+def test_first_non_finite_row_finds_inf_and_nan_in_each_float_storage(storage):
+    from sparseflash.kernels import from_f32
+    from sparseflash.kernels.finite import first_non_finite_row
+
+    values = np.random.default_rng(0).standard_normal((40, 96)).astype(np.float32) * 100
+    values[:, 0] = 65000.0 if storage == "f16" else 3e38  # large but finite: not flagged
+    assert first_non_finite_row(from_f32(values, storage), storage) is None
+    for bad, row in ((np.inf, 31), (-np.inf, 17), (np.nan, 5)):
+        values[row, 77] = bad
+        assert first_non_finite_row(from_f32(values, storage), storage) == row
+    with pytest.raises(ValueError, match="storage"):
+        first_non_finite_row(values, "q8")
+    with pytest.raises(ValueError, match="2-D"):
+        first_non_finite_row(values[0], "f32")

@@ -96,3 +96,23 @@ def test_an_unchecked_open_can_be_asked_for(layout, tmp_path):
         open_streamed(bad, "100%ffn", strategy="all")
     model = open_streamed(bad, "100%ffn", strategy="all", verify=False)
     model.close()
+
+
+@pytest.mark.parametrize("byte", [5, 300])  # in the part of the bundle before / after the piece boundary
+def test_a_bundle_cut_by_two_reads_is_checked_once_both_are_in(tmp_path, byte):
+    """Each read piece checks the bundles whole in it as it lands; a bundle cut by a piece boundary
+    (384-byte bundles, 4096-byte pieces) is checked once both pieces are in."""
+    _, path = tiny_layout(tmp_path, "llama-relu", dtype="f16", n_hot=2)
+    with LayoutFile.open(path) as f:
+        region = f.layers[1]
+    bb = region.bundle_bytes
+    assert 4096 % bb, "the test needs bundles that straddle a 4096-byte boundary"
+    p = 4096 // bb  # the bundle across the region's first piece boundary
+    bad = tmp_path / "bad.sflash"
+    _flip(path, region.offset + p * bb + byte, bad)
+    model = open_streamed(bad, "100%ffn", strategy="all", io_buffer_bytes=4096, io_threads=2)
+    try:
+        with pytest.raises(StreamError, match=rf"digests\[{p}\]"):
+            model.transformer(torch.arange(3)[None])
+    finally:
+        model.close()

@@ -63,6 +63,10 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
         storage = regions[0].dtype
         if backend == "cpu":
             kernel.warmup((storage,))  # compile (or load) before the first token, not during it
+        if not on_gpu and predictors.own:
+            from sparseflash.kernels import predictor as predictor_kernel
+
+            predictor_kernel.warmup()  # the fused decode-time predictor (runtime/predict.py), likewise
         caches = [NeuronCache(r.n_neurons, r.n_hot + memory.slots_per_layer, r.bundle_len, STORAGE_NP[r.dtype],
                               policy.window, policy.eviction, host_slots=not on_gpu) for r in regions]
         # per-neuron biases are gathered by slot on the host

@@ -27,6 +27,7 @@ import numpy as np
 
 from sparseflash.errors import SparseflashError
 from sparseflash.kernels import KernelInputError, check_quantized
+from sparseflash.kernels.finite import first_non_finite_row
 from sparseflash.layout.format import QUANT_TYPES, LayoutError, check_digests
 from sparseflash.layout.format_extents import BLOCK
 from sparseflash.runtime.iomodel import DeviceModel
@@ -137,14 +138,19 @@ class BundleReader:
             count = (nbytes - skip) // bb
             rows = np.lib.stride_tricks.as_strided(raw[skip:], shape=(count, bb), strides=(bb, 1))
             dest_bytes[dest_slots[whole]] = rows[(positions[whole] * bb - lo - skip) // bb]
+            if self.verify:  # on this thread, as soon as the piece is in (the checks overlap the other reads),
+                # every bundle whole in the buffer (gaps read through too), in place: no copy of the piece
+                first = (lo + skip) // bb
+                count = min(count, region.n_neurons - first)
+                check_bundles(self.path, region, np.arange(first, first + count), rows[:count])
         for p, s in zip(positions[~whole], dest_slots[~whole]):  # bundles cut by the piece's ends
             start, end = max(p * bb, lo), min((p + 1) * bb, hi)
             if start < end:
                 dest_bytes[s, start - p * bb : end - p * bb] = raw[start - lo : end - lo]
+        return positions[~whole], dest_slots[~whole]  # not checked yet: whole only once every piece is in
 
-    def _read_pieces(self, work: list) -> None:
-        for args in work:
-            self._read_piece(*args)
+    def _read_pieces(self, work: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self._read_piece(*args) for args in work]
 
     def submit(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> Future:
         """Start reading the bundles of sorted ``positions`` into ``dest[dest_slots]``; the future's
@@ -176,9 +182,13 @@ class BundleReader:
                     return
             t1 = time.perf_counter()  # the last piece landed: the read's span ends here, before any check
             errors = [f.exception() for f in futures if f.exception() is not None]
-            if not errors and self.verify:
+            if not errors and self.verify:  # the bundles cut by pieces' ends, now whole
+                cut = [part for f in futures for part in f.result()]
+                cut_pos = np.concatenate([c[0] for c in cut]) if cut else np.zeros(0, np.int64)
+                cut_pos, first = np.unique(cut_pos, return_index=True)
+                cut_slots = np.concatenate([c[1] for c in cut])[first] if len(cut_pos) else cut_pos
                 try:
-                    self._check(layer, positions, dest, dest_slots)
+                    self._check(layer, cut_pos, dest, cut_slots)
                 except StreamError as e:
                     errors.append(e)
             if errors:
@@ -244,8 +254,6 @@ def _first_non_finite(rows: np.ndarray, region) -> int | None:
                 except KernelInputError:
                     return i
         return None
-    if region.dtype == "bf16":  # exponent bits all ones: inf or NaN
-        bad = ((rows & 0x7F80) == 0x7F80).any(axis=1)
-    else:
-        bad = ~np.isfinite(rows).all(axis=1)
-    return int(np.argmax(bad)) if bad.any() else None
+    if rows.dtype == np.uint8:  # raw bytes (a read's buffer): the storage's bits
+        rows = rows.view(np.uint32 if region.dtype == "f32" else np.uint16)
+    return first_non_finite_row(rows, region.dtype)  # exponent bits all ones: inf or NaN

@@ -1,0 +1,40 @@
+"""Which rows of float bundles hold an inf or NaN: one pass over the bits, in Numba, without the GIL.
+
+A float is inf or NaN exactly when its exponent bits are all ones: 0x7C00 of an f16, 0x7F80 of a
+bf16 (kept as uint16 bits), 0x7F800000 of an f32. numpy's isfinite on f16 rows runs at ~1 GB/s on one
+core here, slower than the disk; this runs at memory speed, and a reader thread checking what it read
+does not hold up the thread that computes. Arrays in, an index out; nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_EXPONENT = {"f16": (np.uint16, 0x7C00), "bf16": (np.uint16, 0x7F80), "f32": (np.uint32, 0x7F800000)}
+
+
+@njit(nogil=True, cache=True)
+def _first_bad_row(bits, mask):
+    # bits (rows, m) unsigned; the first row with an element whose masked bits equal mask, else -1
+    for i in range(bits.shape[0]):
+        bad = False
+        for j in range(bits.shape[1]):
+            bad |= (bits[i, j] & mask) == mask
+        if bad:
+            return i
+    return -1
+
+
+def first_non_finite_row(rows: np.ndarray, storage: str) -> int | None:
+    """Index of the first row of ``rows`` ((n, m) in ``storage``: f16, bf16 bits or f32) holding an inf
+    or NaN, None when every value is finite."""
+    if storage not in _EXPONENT:
+        raise ValueError(f"storage must be one of {tuple(_EXPONENT)}, got {storage!r}")
+    view, mask = _EXPONENT[storage]
+    rows = np.ascontiguousarray(rows)
+    if rows.ndim != 2 or rows.dtype.itemsize != np.dtype(view).itemsize:
+        raise ValueError(f"{storage} rows must be 2-D with {np.dtype(view).itemsize}-byte values, got "
+                         f"{rows.ndim}-D {rows.dtype}")
+    i = _first_bad_row(rows.view(view), view(mask))
+    return None if i < 0 else int(i)
