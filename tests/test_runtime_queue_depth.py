@@ -157,3 +157,31 @@ def test_io_report_rows_put_achieved_next_to_the_model():
 def test_a_model_measured_at_qd1_only_keeps_the_default_plan():
     qd1 = DeviceModel(100e-6, 1e9, "small file", (QueueLevel(1, 100e-6, 1e9),))
     assert qd1.plan_io() == DEFAULT_IO
+
+
+def test_a_stall_during_one_pass_does_not_bend_a_level(tmp_path, monkeypatch):
+    """A fake disk that answers in 1 ms but stalls (40 ms a read) through the first pass over the
+    depths: each cell keeps its fastest pass, so every level is the fast disk's."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(8 << 20))
+    state = {"stall": False}
+
+    def disk(fd, bufs, offset):
+        time.sleep(0.04 if state["stall"] else 0.001)
+        return len(bufs[0])
+
+    row = diskprobe._depth_row
+    seen = []
+
+    def depth_row(fd, direct, file_bytes, size, depth, seconds, seed):
+        seen.append(seed)
+        state["stall"] = seed == 0  # the first pass (seed 0 + pass 0) stalls
+        return row(fd, direct, file_bytes, size, depth, seconds, seed)
+
+    monkeypatch.setattr(os, "preadv", disk)
+    monkeypatch.setattr(diskprobe, "_depth_row", depth_row)
+    model, rows = diskprobe.probe_file(path, seconds_per_size=0.01, depths=(2, 4), seconds_per_depth=0.2)
+    assert set(seen) == {0, 1} and diskprobe.PASSES == 2
+    for r in rows:
+        if r["depth"] > 1:
+            assert r["median_s"] < 0.01, r  # 1 ms reads shared by the depth, not the stalled 40 ms

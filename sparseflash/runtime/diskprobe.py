@@ -31,6 +31,7 @@ from sparseflash.paths import note as stderr_note
 from sparseflash.runtime.iomodel import DeviceModel, QueueLevel
 
 SIZES = (4096, 16384, 65536, 262144, 1048576)
+PASSES = 2  # each (depth, size) cell is measured in this many passes over the grid; the fastest is kept
 DEPTHS = (2, 4, 8, 16)  # queue depths probed beyond QD1, each with DEPTH_SIZES
 DEPTH_SIZES = (4096, 65536, 262144, 1048576)
 MIN_SPAN = 4  # a size is probed only if the file holds this many reads of it (distinct random offsets)
@@ -148,13 +149,25 @@ def probe_file(path: str | os.PathLike, seconds_per_size: float = 0.4, seed: int
         rows = _qd1_rows(fd, direct, file_bytes, sizes, seconds_per_size, np.random.default_rng(seed))
         latency, bandwidth = _fit(rows)
         levels = [QueueLevel(1, latency, bandwidth)]
-        depth_sizes = [s for s in DEPTH_SIZES if s in sizes]
-        for depth in depths:
-            if len(depth_sizes) < 2:
-                break
-            measured = [_depth_row(fd, direct, file_bytes, s, depth, seconds_per_depth, seed) for s in depth_sizes]
-            rows += measured
-            levels.append(QueueLevel(depth, *_fit(measured)))
+        depth_sizes = [s for s in DEPTH_SIZES if s in sizes] if len(depths) else []
+        if len(depth_sizes) >= 2:
+            # the grid is walked PASSES times, each cell for a share of its time, and each cell keeps its
+            # fastest pass: a disk that stalls for a moment (seen: 42 ms a read at depth 4 for one
+            # 0.15 s window, on a disk that streams at 0.8 GB/s) can only slow a pass, so the fastest is
+            # the better estimate of what the device does, and one stall no longer bends a whole level
+            best: dict[tuple[int, int], dict] = {}
+            for k in range(PASSES):
+                for depth in depths:
+                    for size in depth_sizes:
+                        row = _depth_row(fd, direct, file_bytes, size, depth, seconds_per_depth / PASSES,
+                                         seed + k)
+                        old = best.get((depth, size))
+                        if old is None or row["median_s"] < old["median_s"]:
+                            best[(depth, size)] = dict(row, passes=PASSES)
+            for depth in depths:
+                measured = [best[(depth, size)] for size in depth_sizes]
+                rows += measured
+                levels.append(QueueLevel(depth, *_fit(measured)))
     finally:
         os.close(fd)
     model = DeviceModel(latency_s=latency, bandwidth_bps=bandwidth, levels=tuple(levels),
