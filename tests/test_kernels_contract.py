@@ -159,3 +159,16 @@ def test_first_non_finite_row_finds_inf_and_nan_in_each_float_storage(storage):
         first_non_finite_row(values, "q8")
     with pytest.raises(ValueError, match="2-D"):
         first_non_finite_row(values[0], "f32")
+
+
+def test_first_non_finite_row_with_an_index_reads_only_those_rows():
+    from sparseflash.kernels.finite import first_non_finite_row
+
+    rows = np.ones((6, 8), dtype=np.float16)
+    rows[1, 3] = np.nan
+    rows[4, 0] = np.inf
+    assert first_non_finite_row(rows, "f16", np.array([5, 2, 0])) is None  # the bad rows are not asked for
+    assert first_non_finite_row(rows, "f16", np.array([5, 4, 1])) == 1  # k of rows[index[k]]
+    assert first_non_finite_row(rows, "f16", np.array([], dtype=np.int64)) is None
+    with pytest.raises(ValueError, match="index"):
+        first_non_finite_row(rows, "f16", np.array([6]))

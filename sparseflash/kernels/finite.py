@@ -15,20 +15,27 @@ _EXPONENT = {"f16": (np.uint16, 0x7C00), "bf16": (np.uint16, 0x7F80), "f32": (np
 
 
 @njit(nogil=True, cache=True)
-def _first_bad_row(bits, mask):
-    # bits (rows, m) unsigned; the first row with an element whose masked bits equal mask, else -1
-    for i in range(bits.shape[0]):
+def _first_bad_row(bits, index, mask):
+    # bits (rows, m) unsigned; the first k whose row index[k] (row k without index) has an element whose
+    # masked bits equal mask, else -1
+    count = index.size if index.size else bits.shape[0]
+    for k in range(count):
+        i = index[k] if index.size else k
         bad = False
         for j in range(bits.shape[1]):
             bad |= (bits[i, j] & mask) == mask
         if bad:
-            return i
+            return k
     return -1
 
 
-def first_non_finite_row(rows: np.ndarray, storage: str) -> int | None:
+_ALL = np.zeros(0, dtype=np.int64)
+
+
+def first_non_finite_row(rows: np.ndarray, storage: str, index: np.ndarray | None = None) -> int | None:
     """Index of the first row of ``rows`` ((n, m) in ``storage``: f16, bf16 bits or f32) holding an inf
-    or NaN, None when every value is finite."""
+    or NaN, None when every value is finite; with ``index`` (non-empty), the rows rows[index[k]] in turn,
+    read in place, and the k of the first bad one."""
     if storage not in _EXPONENT:
         raise ValueError(f"storage must be one of {tuple(_EXPONENT)}, got {storage!r}")
     view, mask = _EXPONENT[storage]
@@ -36,5 +43,11 @@ def first_non_finite_row(rows: np.ndarray, storage: str) -> int | None:
     if rows.ndim != 2 or rows.dtype.itemsize != np.dtype(view).itemsize:
         raise ValueError(f"{storage} rows must be 2-D with {np.dtype(view).itemsize}-byte values, got "
                          f"{rows.ndim}-D {rows.dtype}")
-    i = _first_bad_row(rows.view(view), view(mask))
+    if index is not None:
+        index = np.ascontiguousarray(index, dtype=np.int64)
+        if not index.size:
+            return None
+        if index.min() < 0 or index.max() >= len(rows):
+            raise ValueError(f"index outside [0, {len(rows)})")
+    i = _first_bad_row(rows.view(view), _ALL if index is None else index, view(mask))
     return None if i < 0 else int(i)

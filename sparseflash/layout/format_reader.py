@@ -221,10 +221,12 @@ class LayoutFile:
         self.close()
 
 
-def check_digests(path: object, layer: FfnLayer, positions: np.ndarray, rows: np.ndarray) -> None:
+def check_digests(path: object, layer: FfnLayer, positions: np.ndarray, rows: np.ndarray,
+                  index: np.ndarray | None = None) -> None:
     """Raise LayoutChecksumError naming the layer and stored position of the first record in
-    ``rows`` (read for stored ``positions``) whose xxh3_64 digest is not the one in the index."""
-    bad = np.flatnonzero(record_digests(rows) != layer.digests[np.asarray(positions)])
+    ``rows`` (read for stored ``positions``; with ``index``, rows[index[i]] holds positions[i]) whose
+    xxh3_64 digest is not the one in the index."""
+    bad = np.flatnonzero(record_digests(rows, index) != layer.digests[np.asarray(positions)])
     if len(bad):
         p = int(np.asarray(positions)[bad[0]])
         raise LayoutChecksumError(path, f"index.layers[{layer.index}].digests[{p}]",

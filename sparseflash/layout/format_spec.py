@@ -117,10 +117,13 @@ def stored_shape(tag: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] // group * group_bytes)
 
 
-def record_digests(rows: np.ndarray) -> np.ndarray:
-    """xxh3_64 of each row's bytes (rows: (n, ...) any dtype, C-contiguous per row) as uint64 (n,)."""
+def record_digests(rows: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    """xxh3_64 of each row's bytes (rows: (n, ...) any dtype, C-contiguous per row) as uint64 (n,); with
+    ``index``, of rows[index[i]] in turn (len(index),), read in place (no gathered copy)."""
     flat = np.ascontiguousarray(rows).reshape(len(rows), -1).view(np.uint8)
-    return np.fromiter((xxhash.xxh3_64_intdigest(row) for row in flat), dtype=np.uint64, count=len(flat))
+    picked = flat if index is None else (flat[int(i)] for i in index)
+    count = len(flat) if index is None else len(index)
+    return np.fromiter((xxhash.xxh3_64_intdigest(row) for row in picked), dtype=np.uint64, count=count)
 
 
 def align_up(offset: int, alignment: int) -> int:

@@ -138,11 +138,9 @@ class BundleReader:
             count = (nbytes - skip) // bb
             rows = np.lib.stride_tricks.as_strided(raw[skip:], shape=(count, bb), strides=(bb, 1))
             dest_bytes[dest_slots[whole]] = rows[(positions[whole] * bb - lo - skip) // bb]
-            if self.verify:  # on this thread, as soon as the piece is in (the checks overlap the other reads),
-                # every bundle whole in the buffer (gaps read through too), in place: no copy of the piece
-                first = (lo + skip) // bb
-                count = min(count, region.n_neurons - first)
-                check_bundles(self.path, region, np.arange(first, first + count), rows[:count])
+            if self.verify:  # on this thread, as soon as the piece is in (the checks overlap the other reads):
+                # the wanted bundles whole in it, where they now are, in place (no gathered copy)
+                check_bundles(self.path, region, positions[whole], dest, dest_slots[whole])
         for p, s in zip(positions[~whole], dest_slots[~whole]):  # bundles cut by the piece's ends
             start, end = max(p * bb, lo), min((p + 1) * bb, hi)
             if start < end:
@@ -225,15 +223,19 @@ class BundleReader:
 CHECK_BLOCK_BYTES = 1 << 20  # bundles checked at a time after a read (their copy and mask are transient)
 
 
-def check_bundles(path: str, region, positions: np.ndarray, rows: np.ndarray) -> None:
-    """The bundles read for stored ``positions`` of ``region`` (an FfnLayer record), ``rows``, are the
-    ones written (digests) and hold finite values; else a StreamError naming layer and neuron."""
+def check_bundles(path: str, region, positions: np.ndarray, rows: np.ndarray, index: np.ndarray | None = None
+                  ) -> None:
+    """The bundles read for stored ``positions`` of ``region`` (an FfnLayer record), ``rows`` (with
+    ``index``: rows[index[i]] holds positions[i], checked in place), are the ones written (digests) and
+    hold finite values; else a StreamError naming layer and neuron."""
+    if index is not None and not len(index):
+        return
     try:
-        check_digests(path, region, positions, rows)
+        check_digests(path, region, positions, rows, index)
     except LayoutError as e:
         raise StreamError(f"{e}: the file changed on disk or the disk returned bad data; copy it again or "
                           "rebuild the layout (`--no-verify` would use these bytes as they are)") from None
-    bad = _first_non_finite(rows, region)
+    bad = _first_non_finite(rows, region, index)
     if bad is not None:
         raise StreamError(f"{path}: layer {region.index}, stored neuron {int(positions[bad])}: {_NON_FINITE}")
 
@@ -242,9 +244,12 @@ _NON_FINITE = ("holds non-finite weights although its digest matches: the layout
                "with `sparseflash prepare`")
 
 
-def _first_non_finite(rows: np.ndarray, region) -> int | None:
-    """Index of the first row holding an inf/NaN value (or quantization scale), None if all are finite."""
+def _first_non_finite(rows: np.ndarray, region, index: np.ndarray | None = None) -> int | None:
+    """Index (into ``index`` when given: the rows rows[index]) of the first row holding an inf/NaN value
+    (or quantization scale), None if all are finite."""
     if region.dtype in QUANT_TYPES:
+        if index is not None:
+            rows = rows[index]  # a read piece's wanted rows: at most one I/O buffer
         try:
             check_quantized(rows, region.d_model, region.gated, region.dtype)
         except KernelInputError:
@@ -254,6 +259,4 @@ def _first_non_finite(rows: np.ndarray, region) -> int | None:
                 except KernelInputError:
                     return i
         return None
-    if rows.dtype == np.uint8:  # raw bytes (a read's buffer): the storage's bits
-        rows = rows.view(np.uint32 if region.dtype == "f32" else np.uint16)
-    return first_non_finite_row(rows, region.dtype)  # exponent bits all ones: inf or NaN
+    return first_non_finite_row(rows, region.dtype, index)  # exponent bits all ones: inf or NaN
