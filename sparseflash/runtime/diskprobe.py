@@ -149,7 +149,7 @@ def probe_file(path: str | os.PathLike, seconds_per_size: float = 0.4, seed: int
         rows = _qd1_rows(fd, direct, file_bytes, sizes, seconds_per_size, np.random.default_rng(seed))
         latency, bandwidth = _fit(rows)
         levels = [QueueLevel(1, latency, bandwidth)]
-        depth_sizes = [s for s in DEPTH_SIZES if s in sizes] if len(depths) else []
+        depth_sizes = [s for s in DEPTH_SIZES if s in sizes]
         if len(depth_sizes) >= 2:
             # the grid is walked PASSES times, each cell for a share of its time, and each cell keeps its
             # fastest pass: a disk that stalls for a moment (seen: 42 ms a read at depth 4 for one

@@ -161,8 +161,8 @@ class StreamingFFN:
         else:  # 5'. more neurons than the cache holds: accumulate the output over batches
             ahead()
             self._compute_in_batches(l, x, plan, y, s, staged[0] if staged is not None else None)
-        ahead = self._prefetch.get(l + 1)
-        if ahead is not None and ahead.done():  # 6. settle a finished look-ahead read now (GPU: queue its upload)
+        pending = self._prefetch.get(l + 1)
+        if pending is not None and pending.done():  # 6. settle a finished look-ahead read now (GPU: queue its upload)
             self._finish_prefetch(l + 1, s)
         if self.b_down[l] is not None:
             y = y + self.b_down[l]

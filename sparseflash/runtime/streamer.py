@@ -186,7 +186,7 @@ class BundleReader:
                 cut_pos, first = np.unique(cut_pos, return_index=True)
                 cut_slots = np.concatenate([c[1] for c in cut])[first] if len(cut_pos) else cut_pos
                 try:
-                    self._check(layer, cut_pos, dest, cut_slots)
+                    check_bundles(self.path, self.regions[layer], cut_pos, dest, cut_slots)
                 except StreamError as e:
                     errors.append(e)
             if errors:
@@ -201,14 +201,6 @@ class BundleReader:
             f.add_done_callback(done)
         return result
 
-    def _check(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> None:
-        """Check the bundles a read landed, CHECK_BLOCK_BYTES of them at a time: a read may be a whole
-        layer's misses, and gathering them (and their finite-value mask) at once would hold a copy
-        of the read beside it, outside the budget (80 MB for one layer of the 1B shape)."""
-        step = max(1, CHECK_BLOCK_BYTES // self.regions[layer].bundle_bytes)
-        for i in range(0, len(positions), step):
-            check_bundles(self.path, self.regions[layer], positions[i : i + step], dest[dest_slots[i : i + step]])
-
     def read(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> ReadResult:
         return self.submit(layer, positions, dest, dest_slots).result()
 
@@ -218,9 +210,6 @@ class BundleReader:
             if fd is not None:
                 os.close(fd)
         self._buffered_fd = None
-
-
-CHECK_BLOCK_BYTES = 1 << 20  # bundles checked at a time after a read (their copy and mask are transient)
 
 
 def check_bundles(path: str, region, positions: np.ndarray, rows: np.ndarray, index: np.ndarray | None = None
