@@ -180,6 +180,9 @@ def parse_args(argv):
                    help="instead: a random-weight llama shape of bench_prepare.py (vs_llamacpp_shapes.py)")
     p.add_argument("--layout-dir", default=None, help="with --shape: a prepared layout folder (model.sflash) to use")
     p.add_argument("--checkpoint", default=None, help="with --shape: the checkpoint (default: bench_prepare's cache)")
+    p.add_argument("--prepare-tokens", type=int, default=None,
+                   help="with --shape: calibration tokens of the layout it prepares (held-out: half); only the "
+                        "predicted row uses what calibration builds (default: bench_prepare's figures)")
     p.add_argument("--dry-run", action="store_true", help="with --shape: print the plan (sizes, cap, steps) and stop")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per prompt (default 64; 16 with --quick)")
     p.add_argument("--cap-share", type=float, default=0.7,

@@ -91,10 +91,26 @@ def choose_resident_dtype(shape, allowance: int, size_share: float) -> tuple[str
     return next((r["resident_dtype"] for r in rows if r["fits"]), None), rows
 
 
+def shape_params(shape, prepare_tokens: int | None):
+    """bench_prepare's parameters for ``shape``; ``prepare_tokens`` (``--prepare-tokens``) lowers its
+    calibration tokens to that many and its held-out tokens to half as many (at least one window).
+    Only the predicted configuration uses what calibration builds (predictors, thresholds); on random
+    weights its figures mean nothing anyway, so a shorter preparation changes no exact or window row."""
+    from prepare_worker import bench_params
+
+    from sparseflash.layout.params import ProfileParams
+
+    params = bench_params(shape)
+    if not prepare_tokens:
+        return params
+    held = max(ProfileParams.ctx, prepare_tokens // 2)
+    return replace(params, profile_tokens=prepare_tokens, predictor_tokens=prepare_tokens,
+                   cett_tokens=min(params.cett_tokens, prepare_tokens), heldout_tokens=min(params.heldout_tokens, held))
+
+
 def plan(args) -> dict:
     """Where everything is and will go, the cap and the resident dtype: no model is read."""
     from bench_prepare import SHAPES, bench_dir
-    from prepare_worker import bench_params
 
     from sparseflash.layout.params import PredictorParams
     from sparseflash.layout.pipeline import cache_root
@@ -105,9 +121,12 @@ def plan(args) -> dict:
     gguf = work / f"{checkpoint.name}-f16.gguf"
     gguf_bytes = gguf.stat().st_size if gguf.exists() else shape_bytes(shape, "f16")["gguf_bytes_estimate"]
     allowance = int(args.cap_share * gguf_bytes)
-    params = bench_params(shape)
+    tokens = getattr(args, "prepare_tokens", None)
+    params = shape_params(shape, tokens)
     dtype, table = choose_resident_dtype(shape, allowance, PredictorParams.size_share)
-    layout_dir = Path(args.layout_dir).resolve() if args.layout_dir else work / f"prepared-{shape.name}-{dtype or 'q4'}"
+    suffix = f"-t{tokens}" if tokens else ""
+    layout_dir = (Path(args.layout_dir).resolve() if args.layout_dir
+                  else work / f"prepared-{shape.name}-{dtype or 'q4'}{suffix}")
     layout = layout_dir / "model.sflash"
     texts = ("read CAL HELD < <(python -c 'from sparseflash.layout.pipeline import bundled_texts as b; "
              "print(*b())')")
@@ -127,7 +146,8 @@ def plan(args) -> dict:
             "gguf": str(gguf), "gguf_exists": gguf.exists(), "gguf_bytes": gguf_bytes, "cap_share": args.cap_share,
             "weight_allowance_bytes": allowance, "resident_dtype": dtype, "resident_dtype_table": table,
             "layout": str(layout), "layout_given": bool(args.layout_dir), "layout_exists": layout.exists(),
-            "prepare_params": {**asdict(replace(params, resident_dtype=dtype))}, "setup_steps": steps,
+            "prepare_params": {**asdict(replace(params, resident_dtype=dtype))}, "prepare_tokens": tokens,
+            "setup_steps": steps,
             "configs": {name: {"worker": w, "policy": {**AUTO_IO, **p} if w != "llama-mmap" else {}}
                         for name, (w, p) in CONFIGS.items()}}
 
@@ -157,7 +177,6 @@ def setup_shape(job: dict) -> dict:
     """Make what the plan lacks (checkpoint, GGUF, layout), probe the disk, tokenize the prompts and
     measure the layout's fixed memory: the figures the measured runs need."""
     from bench_prepare import SHAPES, build_checkpoint
-    from prepare_worker import bench_params
 
     from sparseflash.layout.pipeline import bundled_texts, prepare
     from sparseflash.model.gguf_export import export_gguf
@@ -179,7 +198,7 @@ def setup_shape(job: dict) -> dict:
             raise SystemExit(f"--layout-dir {layout.parent} holds no model.sflash")
         log(f"preparing {layout} (resident {p['resident_dtype']}) ...")
         calib, held = bundled_texts()
-        params = replace(bench_params(shape), resident_dtype=p["resident_dtype"] or "q4")
+        params = replace(shape_params(shape, p.get("prepare_tokens")), resident_dtype=p["resident_dtype"] or "q4")
         prepare(checkpoint, calib, held, layout.parent, params, quiet=True, log=log)
     tok = TextTokenizer.from_file(checkpoint / "tokenizer.json")
     prompt_ids = [tok.encode(t) for t in job["prompts"]]

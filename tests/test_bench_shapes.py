@@ -58,3 +58,18 @@ def test_config_rows_follow_the_schema():
     assert row["device_model_gbps"] == pytest.approx((80 << 20) / 0.16 / 1e9)
     assert row["peak_mib"] == pytest.approx(50)
     assert {"name", "decode_tok_s", "disk_mib_per_token", "achieved_gbps", "peak_mib"} <= set(row)
+
+
+def test_prepare_tokens_shorten_calibration_and_name_the_layout(tmp_path):
+    default = shapes.shape_params(SHAPES["7b"], None)
+    short = shapes.shape_params(SHAPES["7b"], 512)
+    assert (default.profile_tokens, default.heldout_tokens) == (2048, 512)
+    assert (short.profile_tokens, short.predictor_tokens, short.cett_tokens, short.heldout_tokens) == (512, 512, 512, 256)
+    assert short.rank == default.rank and short.epochs == default.epochs  # nothing else changes
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_vs_llamacpp.py"), "--shape", "7b",
+                          "--cap-share", "0.5", "--dry-run", "--prepare-tokens", "512", "--checkpoint",
+                          str(tmp_path / "none"), "--work-dir", str(tmp_path / "work")], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    p = json.loads(out.stdout)
+    assert p["prepare_tokens"] == 512 and p["prepare_params"]["profile_tokens"] == 512
+    assert p["layout"].endswith("prepared-7b-f16-t512/model.sflash")
