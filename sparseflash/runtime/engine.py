@@ -114,7 +114,8 @@ class StreamingFFN:
         self._finish_prefetch(l, s)  # 1. this layer's look-ahead read (started during layer l-1) lands
         staged = self._take_staged(l)  # (strategy all) its read into a staging half, landing or landed
         if staged is None and self.staging is not None and self.strategy == "all":
-            self._start_staged(l, np.zeros(0, np.int64), s, ahead=False)  # the step's first layer: read now
+            # the first step (later steps read layer 0 during the previous step's last layer): read now
+            self._start_staged(l, np.zeros(0, np.int64), s, ahead=False)
             staged = self._take_staged(l)
         try:
             positions = self._predict(l, x, s)  # 2. predicted active set, as stored positions
@@ -234,6 +235,8 @@ class StreamingFFN:
         return np.where(self.caches[l].slot_of >= 0, np.float32(bonus), np.float32(-penalty))
 
     def _start_prefetch(self, nxt: int, x: torch.Tensor, s: TokenStats) -> None:
+        if nxt == len(self.regions) and self.strategy == "all":
+            nxt = 0  # wrap around: the next step's first layer, all of which it needs whatever its tokens
         if nxt >= len(self.regions) or nxt in self._prefetch:
             return
         t = time.perf_counter()
