@@ -75,19 +75,31 @@ def shape_bytes(shape, dtype: str) -> dict:
     return {"resident_bytes": resident, "ffn_bytes": ffn, "gguf_bytes_estimate": shape.params() * 2}
 
 
+def staged_cache_share(share: float, layers: int) -> float:
+    """The neuron cache's share of each layer once strategy ``all``'s staging region has taken its bytes
+    from ``share`` (runtime/budget.py): its two halves each hold one layer's misses, so with c of each
+    layer cached they cost 2 (1 - c) / L of the FFN, and c + 2 (1 - c) / L = share. A cache that holds
+    every layer needs no staging."""
+    if share >= 1:
+        return share
+    return max(0.0, (share - 2 / layers) / (1 - 2 / layers))
+
+
 def choose_resident_dtype(shape, allowance: int, size_share: float) -> tuple[str | None, list[dict]]:
     """The first of RESIDENT_DTYPES whose resident tensors, predictors (estimated from ``size_share``,
-    own + look-ahead), I/O buffers and a MIN_CACHE_SHARE neuron cache fit ``allowance`` bytes; None
-    when none does. Also the table of what each needs."""
+    own + look-ahead), I/O buffers and a neuron cache of MIN_CACHE_SHARE of the FFN (after the staging
+    region exact streaming takes from it) fit ``allowance`` bytes; None when none does. Also the table
+    of what each needs."""
     rows = []
     for dtype in RESIDENT_DTYPES:
         b = shape_bytes(shape, dtype)
         predictors = int(2 * size_share * b["ffn_bytes"] / 2 * PREDICTOR_BYTES_PER_VALUE)
         io = min(IO_BYTES, allowance // 16)  # session.io_policy's limit
         cache = allowance - b["resident_bytes"] - predictors - io
+        share = staged_cache_share(cache / b["ffn_bytes"], shape.layers)
         rows.append({"resident_dtype": dtype, "resident_bytes": b["resident_bytes"], "predictor_bytes_estimate": predictors,
                      "io_buffer_bytes": io, "cache_bytes": cache, "cache_share_of_ffn": cache / b["ffn_bytes"],
-                     "fits": cache >= MIN_CACHE_SHARE * b["ffn_bytes"]})
+                     "cache_share_after_staging": share, "fits": share >= MIN_CACHE_SHARE})
     return next((r["resident_dtype"] for r in rows if r["fits"]), None), rows
 
 

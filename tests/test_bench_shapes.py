@@ -24,17 +24,28 @@ def dry_run(shape: str, share: float, tmp_path) -> dict:
     return json.loads(out.stdout)
 
 
-def test_the_7b_plan_keeps_f16_at_half_and_quantizes_below(tmp_path):
+def test_the_7b_plan_keeps_f16_at_60_percent_and_quantizes_at_half(tmp_path):
     half = dry_run("7b", 0.5, tmp_path)
     b = shapes.shape_bytes(SHAPES["7b"], "f16")
     assert half["weight_allowance_bytes"] == int(0.5 * b["gguf_bytes_estimate"])
-    assert half["resident_dtype"] == "f16"
     f16 = half["resident_dtype_table"][0]
     assert f16["resident_bytes"] + f16["predictor_bytes_estimate"] + f16["io_buffer_bytes"] + f16["cache_bytes"] \
         == half["weight_allowance_bytes"]
-    assert dry_run("7b", 0.4, tmp_path)["resident_dtype"] == "q8"  # f16 leaves too little cache at 40%
+    # at half, f16 leaves 12% of the FFN for bundles, of which the staging region takes half: q8
+    assert f16["cache_share_of_ffn"] > shapes.MIN_CACHE_SHARE > f16["cache_share_after_staging"]
+    assert half["resident_dtype"] == "q8"
+    assert dry_run("7b", 0.6, tmp_path)["resident_dtype"] == "f16"
     assert any("export-gguf" in s for s in half["setup_steps"]) and any("prepare" in s for s in half["setup_steps"])
     assert not (tmp_path / "work").exists()  # a dry run makes nothing
+
+
+def test_the_staging_region_comes_out_of_the_cache_estimate():
+    # c + 2 (1 - c) / L = share: the halves hold one layer's misses each
+    for share, layers in ((0.3, 22), (0.12, 32), (0.5, 4)):
+        c = shapes.staged_cache_share(share, layers)
+        assert c + 2 * (1 - c) / layers == pytest.approx(share)
+    assert shapes.staged_cache_share(0.05, 32) == 0.0  # the staging alone would take more
+    assert shapes.staged_cache_share(1.2, 22) == 1.2  # every layer cached: no staging
 
 
 def test_resident_bytes_of_the_7b_shape():
@@ -72,4 +83,4 @@ def test_prepare_tokens_shorten_calibration_and_name_the_layout(tmp_path):
                          check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     p = json.loads(out.stdout)
     assert p["prepare_tokens"] == 512 and p["prepare_params"]["profile_tokens"] == 512
-    assert p["layout"].endswith("prepared-7b-f16-t512/model.sflash")
+    assert p["layout"].endswith("prepared-7b-q8-t512/model.sflash")
