@@ -2,11 +2,14 @@
 prediction, I/O wait, compute, bookkeeping, head) per token and per layer, next to dense in-memory
 decoding of the same model, and the Python functions that cost the most (cProfile).
 
-    python bench/profile_decode.py [--layout F.sflash] [--budget 25%ffn] [-n 64] [--top 25] [--json F]
+    python bench/profile_decode.py [--layout F.sflash] [--budget 25%ffn] [--strategy all] [-n 64] [--top 25]
+        [--no-dense] [--json F]
 
-Without --layout it uses (and, the first time, prepares) the bundled model's cached layout. The
-decode rows exclude the prompt step. cProfile slows Python code, so its table is run separately
-from the timed one; read its shares, not its seconds.
+Without --layout it uses (and, the first time, prepares) the bundled model's cached layout and
+compares with the bundled model decoding densely in memory; with --layout there is no dense row (a
+model larger than memory cannot run densely). The decode rows exclude the prompt step. cProfile slows
+Python code, so its table is run separately from the timed one; read its shares, not its seconds.
+The us/layer column is what does or does not grow with depth: compare layouts of 22 and 32 layers.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def default_layout() -> str:
 
 
 def dense_decode_s(layout_path: str, n: int) -> float:
-    """Seconds per decoded token of the dense in-memory model the layout was made from."""
+    """Seconds per decoded token of the bundled model (the default layout's source) dense in memory."""
     from sparseflash.model.checkpoint import default_model_dir
     from sparseflash.model.loader import open_dense
 
@@ -54,13 +57,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layout", default=None)
     ap.add_argument("--budget", default="25%ffn")
+    ap.add_argument("--strategy", default=None, help="topk, threshold or all (default: the layout's)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense in-memory row (bundled model)")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     path = a.layout or default_layout()
-    model = open_streamed(path, a.budget)
+    model = open_streamed(path, a.budget, **({"strategy": a.strategy} if a.strategy else {}))
     try:
         ids = model.tokenizer.encode(PROMPT)
         stream_generate(model, ids, 4, Sampling(greedy=True), stop_at_eos=False)  # warm the kernels
@@ -77,21 +82,23 @@ def main() -> None:
         prof.disable()
     finally:
         model.close()
-    dense = dense_decode_s(path, a.n)
+    dense = dense_decode_s(path, a.n) if a.layout is None and not a.no_dense else None
     layers = rows.shape[1]
-    print(f"{os.path.basename(path)} at {a.budget}, {a.n} tokens, {layers} layers; load {os.getloadavg()[0]:.1f}")
+    print(f"{os.path.basename(path)} at {a.budget}, strategy {model.engine.strategy}, {a.n} tokens, {layers} layers; "
+          f"load {os.getloadavg()[0]:.1f}")
     print(f"{'part':<12}{'ms/token':>10}{'share':>8}{'us/layer':>10}")
     for p, v in per_token.items():
         print(f"{p:<12}{v * 1e3:>10.3f}{v / step:>8.1%}{v / layers * 1e6:>10.1f}")
-    print(f"{'step':<12}{step * 1e3:>10.3f}  (streamed decode {1 / step:.1f} tok/s; dense in memory "
-          f"{1 / dense:.1f} tok/s; ratio {dense / step:.2f}x)")
+    versus = f"; dense in memory {1 / dense:.1f} tok/s; ratio {dense / step:.2f}x" if dense else ""
+    print(f"{'step':<12}{step * 1e3:>10.3f}  (streamed decode {1 / step:.2f} tok/s{versus})")
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(a.top)
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[-6000:])
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"layout": path, "budget": a.budget, "tokens": a.n, "per_token_s": per_token, "step_s": step,
-                       "per_layer_s": per_layer, "dense_step_s": dense, "summary": summary,
+                       "per_layer_s": per_layer, "dense_step_s": dense, "summary": summary, "layers": layers,
+                       "strategy": model.engine.strategy,
                        "load_avg": os.getloadavg()}, f, indent=1)
 
 
