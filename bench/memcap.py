@@ -256,3 +256,28 @@ def read_ahead_kb(path) -> int | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+@dataclass(frozen=True)
+class DeviceReads:
+    """The block device's own read counters (/sys/dev/block/M:m/stat): every process's reads of the
+    device, so they mean something only on a quiet machine. ``busy_s`` is the time the device had at
+    least one request in flight (io_ticks), which bounds its achieved bandwidth from below."""
+
+    bytes: int
+    reads: int
+    busy_s: float
+
+    def __sub__(self, other: DeviceReads) -> DeviceReads:
+        return DeviceReads(self.bytes - other.bytes, self.reads - other.reads, self.busy_s - other.busy_s)
+
+
+def device_reads(path) -> DeviceReads | None:
+    """Counters of the block device holding ``path``; None when they cannot be read."""
+    dev = os.stat(path).st_dev
+    try:
+        f = (Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}") / "stat").read_text().split()
+        # fields: reads, merged, sectors read, ms reading, writes, ..., io_ticks (ms busy) is the 10th
+        return DeviceReads(int(f[2]) * 512, int(f[0]), int(f[9]) / 1e3)
+    except (OSError, ValueError, IndexError):
+        return None

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from memcap import V1, V2, MemoryCgroups, cached_bytes, process_read_bytes
+from memcap import V1, V2, MemoryCgroups, cached_bytes, device_reads, process_read_bytes
 
 from sparseflash.errors import SparseflashError
 
@@ -318,6 +318,8 @@ def run_measured(job: dict) -> dict:
     result["peak_reset"] = cap.reset_peak()  # from here on the peak is that of generation
     io1 = process_read_bytes()
     result["load_read_bytes"] = io1 - io0
+    weights = job["gguf"] if config == "llama-mmap" else job["layout"]
+    dev0 = device_reads(weights)
 
     runs, started = [], time.perf_counter()
     for i, prompt in enumerate(job["prompt_ids"]):
@@ -330,6 +332,10 @@ def run_measured(job: dict) -> dict:
             f"decode {steps / run['decode_s'] if run['decode_s'] > 0 else 0:.2f} tok/s")
         runs.append(run)
     result["gen_read_bytes"] = process_read_bytes() - io1
+    dev1 = device_reads(weights)
+    if dev0 is not None and dev1 is not None:  # the device's view of the same span (every process's reads)
+        d = dev1 - dev0
+        result.update(device_read_bytes=d.bytes, device_reads=d.reads, device_busy_s=d.busy_s)
     result["runs"] = runs
     if config.startswith("sf-stream"):
         result["engine_bytes_read"] = sum(r["engine_bytes_read"] for r in runs)

@@ -275,6 +275,13 @@ def config_row(name: str, r: dict) -> dict:
     else:
         row["achieved_gbps"] = r["gen_read_bytes"] / wall / 1e9 if wall > 0 else 0.0
         row["achieved_gbps_definition"] = "disk bytes / generation wall time (page faults: no busy time to observe)"
+    if r.get("device_busy_s"):  # the block device's counters over generation: the same measure for every engine
+        tokens = s["generated_tokens"] or 1
+        row.update(device_mib_per_token=r["device_read_bytes"] / tokens / MiB,
+                   device_gbps_busy=r["device_read_bytes"] / r["device_busy_s"] / 1e9,
+                   device_gbps_wall=r["device_read_bytes"] / wall / 1e9 if wall > 0 else 0.0,
+                   device_busy_share=r["device_busy_s"] / wall if wall > 0 else 0.0,
+                   device_kib_per_request=r["device_read_bytes"] / max(r["device_reads"], 1) / 1024)
     row.update(tokens=s["generated_tokens"], prefill_s=s["prefill_s"], load_s=s["load_s"], cap_bytes=s["cap_bytes"],
                oom_kills=s["oom_kills"], loadavg_before=r.get("loadavg_before"), loadavg_after=r.get("loadavg_after"))
     if name == "sparseflash-predicted":
@@ -347,11 +354,15 @@ def run_shape(args) -> int:
 def table(report: dict) -> str:
     lines = [f"# llama.cpp vs sparseflash, cap {report['cap_share']:.0%} of the weights, {report['tokens']} tokens x "
              f"{len(report['prompts'])} prompts; load {report['loadavg_before'][0]:.2f} -> {report['loadavg_after'][0]:.2f}",
-             f"{'shape':<6}{'config':<24}{'tok/s':>8}{'MiB/tok':>9}{'GB/s':>7}{'model GB/s':>11}{'peak MiB':>10}"]
+             f"{'shape':<6}{'config':<28}{'tok/s':>8}{'MiB/tok':>9}{'GB/s':>7}{'model GB/s':>11}{'peak MiB':>10}"
+             f"{'dev MiB/tok':>12}{'dev GB/s busy':>14}{'busy':>6}"]
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for m in report["models"]:
         for c in m["configs"]:
-            lines.append(f"{m['shape']:<6}{c['name']:<24}{f(c['decode_tok_s']):>8}{f(c['disk_mib_per_token'], 1):>9}"
+            busy = c.get("device_busy_share")
+            lines.append(f"{m['shape']:<6}{c['name']:<28}{f(c['decode_tok_s']):>8}{f(c['disk_mib_per_token'], 1):>9}"
                          f"{f(c['achieved_gbps']):>7}{f(c.get('device_model_gbps')):>11}{f(c['peak_mib'], 0):>10}"
+                         f"{f(c.get('device_mib_per_token'), 1):>12}{f(c.get('device_gbps_busy')):>14}"
+                         f"{'-' if busy is None else f'{busy:.0%}':>6}"
                          + (f"  {c['error']}" if c.get("error") else ""))
     return "\n".join(lines)

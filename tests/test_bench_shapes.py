@@ -68,6 +68,14 @@ def test_config_rows_follow_the_schema():
     assert row["achieved_gbps"] == pytest.approx((80 << 20) / 0.2 / 1e9)
     assert row["device_model_gbps"] == pytest.approx((80 << 20) / 0.16 / 1e9)
     assert row["peak_mib"] == pytest.approx(50)
+    assert "device_mib_per_token" not in row  # no device counters in the run: no device columns
+    row = shapes.config_row("sparseflash-exact", dict(r, device_read_bytes=66 << 20, device_reads=33, device_busy_s=2.0))
+    assert row["device_mib_per_token"] == pytest.approx(66 / 22)
+    assert row["device_gbps_busy"] == pytest.approx((66 << 20) / 2.0 / 1e9)
+    assert row["device_busy_share"] == pytest.approx(2.0 / 5.0)
+    assert row["device_kib_per_request"] == pytest.approx(2048)
+    assert "dev GB/s busy" in shapes.table({"cap_share": 0.5, "tokens": 10, "prompts": ["a"], "loadavg_before": [0],
+                                             "loadavg_after": [0], "models": [{"shape": "1b", "configs": [row]}]})
     assert {"name", "decode_tok_s", "disk_mib_per_token", "achieved_gbps", "peak_mib"} <= set(row)
 
 
@@ -84,3 +92,13 @@ def test_prepare_tokens_shorten_calibration_and_name_the_layout(tmp_path):
     p = json.loads(out.stdout)
     assert p["prepare_tokens"] == 512 and p["prepare_params"]["profile_tokens"] == 512
     assert p["layout"].endswith("prepared-7b-q8-t512/model.sflash")
+
+
+def test_device_read_counters_are_read_and_subtract():
+    from memcap import DeviceReads, device_reads
+
+    before = device_reads(ROOT / "README.md")
+    if before is None:
+        pytest.skip("no block-device counters for this file system")
+    assert before.bytes >= 0 and before.busy_s >= 0
+    assert (DeviceReads(10, 2, 1.5) - DeviceReads(4, 1, 0.5)) == DeviceReads(6, 1, 1.0)
