@@ -268,11 +268,9 @@ class StreamingFFN:
         if half is None:
             return
         rest = np.nonzero(self.caches[nxt].slot_of < 0)[0]
-        if len(exclude):
-            rest = rest[~np.isin(rest, exclude)]
+        rest = rest[~np.isin(rest, exclude)] if len(exclude) else rest
         view = self.staging.take(nxt, half)
-        rest = rest[: view.capacity]
-        if not len(rest):
+        if not len(rest := rest[: view.capacity]):
             self.staging.give_back(half)
             return
         try:
