@@ -240,7 +240,7 @@ def layout_facts(layout: Path, positions: int, allowance: int) -> dict:
         mem = plan_memory(lm.file.layers, resident_bytes(lm.weights), preds, io["io_threads"] * io["io_buffer_bytes"],
                           Budget(nbytes=1 << 60), Policy.min_slots)
         return {"layout_weight_bytes": lm.weight_bytes, "ffn_bytes": lm.ffn_bytes, "resident_bytes": mem.resident,
-                "resident_dtype": lm.header.provenance.get("resident_dtype"), "predictor_bytes": preds,
+                "resident_dtype": lm.header.resident_dtype, "predictor_bytes": preds,
                 "min_budget_bytes": mem.minimum, "io_plan": io, "device_model": device.to_dict(),
                 "kv_bytes": 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * positions}  # f32 KV cache
     finally:

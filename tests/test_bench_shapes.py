@@ -102,3 +102,18 @@ def test_device_read_counters_are_read_and_subtract():
         pytest.skip("no block-device counters for this file system")
     assert before.bytes >= 0 and before.busy_s >= 0
     assert (DeviceReads(10, 2, 1.5) - DeviceReads(4, 1, 0.5)) == DeviceReads(6, 1, 1.0)
+
+
+def test_layout_facts_report_the_stored_resident_dtype(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from layouts import tiny_layout
+
+    import sparseflash.runtime.diskprobe as diskprobe
+    from sparseflash.runtime.iomodel import DeviceModel
+
+    monkeypatch.setattr(diskprobe, "device_model_for", lambda path: DeviceModel())  # no probe in a unit test
+    _, f16 = tiny_layout(tmp_path / "a", "llama-relu2", dtype="f16")
+    _, q8 = tiny_layout(tmp_path / "b", "nemotron", dtype="f16", resident_dtype="q8")
+    a, b = shapes.layout_facts(Path(f16), 16, 1 << 30), shapes.layout_facts(Path(q8), 16, 1 << 30)
+    assert (a["resident_dtype"], b["resident_dtype"]) == ("f16", "q8")
+    assert b["min_budget_bytes"] > b["resident_bytes"] > 0
