@@ -2,7 +2,7 @@
 prediction, I/O wait, compute, bookkeeping, head) per token and per layer, next to dense in-memory
 decoding of the same model, and the Python functions that cost the most (cProfile).
 
-    python bench/profile_decode.py [--layout F.sflash] [--budget 25%ffn] [--strategy all] [-n 64] [--top 25]
+    python bench/profile_decode.py [--layout F.sflash] [--budget 25%ffn] [--strategy all] [--io-threads N] [-n 64] [--top 25]
         [--no-dense] [--json F]
 
 Without --layout it uses (and, the first time, prepares) the bundled model's cached layout and
@@ -59,13 +59,15 @@ def main() -> None:
     ap.add_argument("--budget", default="25%ffn")
     ap.add_argument("--strategy", default=None, help="topk, threshold or all (default: the layout's)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense in-memory row (bundled model)")
+    ap.add_argument("--io-threads", type=int, default=None, help="reads in flight (default: planned from the disk)")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     path = a.layout or default_layout()
-    model = open_streamed(path, a.budget, **({"strategy": a.strategy} if a.strategy else {}))
+    kw = {k: v for k, v in (("strategy", a.strategy), ("io_threads", a.io_threads)) if v is not None}
+    model = open_streamed(path, a.budget, **kw)
     try:
         ids = model.tokenizer.encode(PROMPT)
         stream_generate(model, ids, 4, Sampling(greedy=True), stop_at_eos=False)  # warm the kernels
@@ -84,7 +86,8 @@ def main() -> None:
         model.close()
     dense = dense_decode_s(path, a.n) if a.layout is None and not a.no_dense else None
     layers = rows.shape[1]
-    print(f"{os.path.basename(path)} at {a.budget}, strategy {model.engine.strategy}, {a.n} tokens, {layers} layers; "
+    print(f"{os.path.basename(path)} at {a.budget}, strategy {model.engine.strategy}, {a.n} tokens, {layers} layers, "
+          f"{model.engine.fetcher.reader.threads} reads in flight; "
           f"load {os.getloadavg()[0]:.1f}")
     print(f"{'part':<12}{'ms/token':>10}{'share':>8}{'us/layer':>10}")
     for p, v in per_token.items():
@@ -98,7 +101,7 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump({"layout": path, "budget": a.budget, "tokens": a.n, "per_token_s": per_token, "step_s": step,
                        "per_layer_s": per_layer, "dense_step_s": dense, "summary": summary, "layers": layers,
-                       "strategy": model.engine.strategy,
+                       "strategy": model.engine.strategy, "io_threads": model.engine.fetcher.reader.threads,
                        "load_avg": os.getloadavg()}, f, indent=1)
 
 

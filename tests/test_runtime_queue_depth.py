@@ -185,3 +185,14 @@ def test_a_stall_during_one_pass_does_not_bend_a_level(tmp_path, monkeypatch):
     for r in rows:
         if r["depth"] > 1:
             assert r["median_s"] < 0.01, r  # 1 ms reads shared by the depth, not the stalled 40 ms
+
+
+def test_plan_io_keeps_two_reads_in_flight_on_a_disk_fastest_at_qd1():
+    """The probe's bare reads say one in flight is best, but each piece's check runs after its read:
+    the plan keeps a second read going meanwhile, unless only one fits the memory or the depth limit."""
+    qd1_best = DeviceModel(80e-6, 2.3e9, "test", (QueueLevel(1, 80e-6, 2.3e9), QueueLevel(2, 35e-6, 1.7e9),
+                                                 QueueLevel(4, 29e-6, 2.1e9), QueueLevel(8, 12e-6, 1.4e9)))
+    depth, size = qd1_best.plan_io(1 << 20, 32 << 20)
+    assert (depth, size) == (4, 1 << 20)  # the best depth >= 2 (QD2 is below 95% of QD4)
+    assert qd1_best.plan_io(1 << 20, 4096) == (1, 4096)  # room for one block only
+    assert qd1_best.plan_io(1 << 20, 32 << 20, max_depth=1) == (1, 1 << 20)

@@ -27,6 +27,9 @@ from sparseflash.paths import input_file
 DEFAULT_IO = (4, 1 << 20)  # (reads in flight, bytes per read) without a measured queue-depth model
 REQUEST_SIZES = tuple(BLOCK << k for k in range(9))  # 4 KiB .. 1 MiB: the request sizes plan_io considers
 GOOD_ENOUGH = 0.95  # plan_io's choices reach this share of the best modelled throughput
+# Each piece's check and commit run on its I/O thread after the read: with one read in flight the disk
+# idles meanwhile, which the probe (bare reads) does not see. Plans keep at least this many in flight.
+MIN_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,9 @@ class DeviceModel:
         """(reads in flight, bytes per read) for streaming: among measured depths <= ``max_depth`` and
         request sizes <= ``max_request_bytes`` (or exactly ``request_bytes``) whose buffers (depth x
         size) fit ``memory_bytes`` and that reach GOOD_ENOUGH of the best modelled throughput: the
-        largest requests (fewest pieces, each costing the host CPU time), then the fewest in flight. Without depths measured beyond QD1: DEFAULT_IO, cut to the limits."""
+        largest requests (fewest pieces, each costing the host CPU time), then the fewest in flight, but not
+        fewer than MIN_IN_FLIGHT (a read overlaps the previous piece's check) where such a depth was
+        measured and fits. Without depths measured beyond QD1: DEFAULT_IO, cut to the limits."""
         if request_bytes is not None:
             sizes = [max(BLOCK, request_bytes // BLOCK * BLOCK)]
         else:
@@ -97,8 +102,12 @@ class DeviceModel:
         if len(self.depths) < 2:  # nothing measured beyond QD1: the model cannot tell, keep the default
             size = sizes[0] if request_bytes is not None else max(BLOCK, min(DEFAULT_IO[1], max_request_bytes))
             return max(1, min(DEFAULT_IO[0], max_depth, memory_bytes // size)), size
-        options = [(self.level(q).throughput(s), q * s, q, s) for q in self.depths if q <= max_depth
-                   for s in sizes if q * s <= memory_bytes] or [(0.0, sizes[0], 1, sizes[0])]
+        def options_at(depths):
+            return [(self.level(q).throughput(s), q * s, q, s) for q in depths if q <= max_depth
+                    for s in sizes if q * s <= memory_bytes]
+
+        options = (options_at([q for q in self.depths if q >= MIN_IN_FLIGHT]) or options_at(self.depths)
+                   or [(0.0, sizes[0], 1, sizes[0])])
         best = max(o[0] for o in options)
         _, _, depth, size = min((o for o in options if o[0] >= GOOD_ENOUGH * best), key=lambda o: (-o[3], o[2]))
         return depth, size
