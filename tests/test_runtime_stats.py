@@ -58,3 +58,35 @@ def test_needed_count_is_optional_and_changes_nothing_else(tmp_path):
     assert needed[1] == [None] * len(ids[0])
     # the default: counted on the host, not on cuda (it would wait for the GPU at every layer)
     assert Policy(Budget(nbytes=1)).counts_needed and not Policy(Budget(nbytes=1), device="cuda").counts_needed
+
+
+@pytest.mark.parametrize("count", [True, False])
+def test_down_norms_are_widened_once_per_neuron_and_only_when_counting(tmp_path, monkeypatch, count):
+    from sparseflash.runtime import fetcher
+
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(2), strategy="topk")
+    widened = []
+    real = fetcher.down_columns
+
+    def counted(rows, d_model, storage):
+        widened.append(len(rows))
+        return real(rows, d_model, storage)
+
+    monkeypatch.setattr(fetcher, "down_columns", counted)
+    model = open_streamed(path, "25%ffn", io_buffer_bytes=4096, count_needed=count)
+    try:
+        _decode(model, torch.arange(8)[None])
+        engine = model.engine
+        reads = sum(s.misses for s in engine.stats)  # bundles read while decoding (the hot region before)
+        if not count:
+            assert widened == [] and engine.fetcher.norms is None
+            return
+        seen = sum(int((~np.isnan(k)).sum()) for k in engine.fetcher.norms.known)
+        assert sum(widened) == seen < reads + sum(r.n_hot for r in engine.regions)  # bundles read again (a small cache) are not widened again
+        d = model.layout.config.hidden_size
+        for l, cache in enumerate(engine.caches):
+            held = np.nonzero(cache.position_of >= 0)[0]
+            truth = np.linalg.norm(real(cache.slots[held], d, engine.regions[l].dtype), axis=1)
+            np.testing.assert_allclose(cache.down_norm[held], truth, rtol=1e-6)
+    finally:
+        model.close()

@@ -150,3 +150,52 @@ def test_reads_exact_bundles_of_any_size_across_piece_ends(tmp_path, bundle_byte
                 assert np.array_equal(dest[slots], expected[positions])
         finally:
             reader.close()
+
+
+def test_values_are_scanned_at_a_bundles_first_read_and_digests_at_every_read(layout, monkeypatch, tmp_path):
+    """A matching digest means the bytes already found finite; a later read is still digest-checked."""
+    from sparseflash.runtime import streamer
+
+    path, regions, expected = layout
+    scanned = []
+    real = streamer._first_non_finite
+
+    def counted(rows, region, index=None):
+        scanned.append(len(rows) if index is None else len(index))
+        return real(rows, region, index)
+
+    monkeypatch.setattr(streamer, "_first_non_finite", counted)
+    reader = BundleReader(path, regions, DeviceModel(), threads=2, buffer_bytes=8192, verify=True)
+    try:
+        first = [0, 1, 5, 17, 18, 19, 100, 159]
+        dest, _ = _read(reader, regions, 1, first)
+        np.testing.assert_array_equal(dest, expected[1][first])
+        assert sum(scanned) == len(first)
+        dest, _ = _read(reader, regions, 1, [5, 17, 20, 159])  # three seen, one new
+        np.testing.assert_array_equal(dest, expected[1][[5, 17, 20, 159]])
+        assert sum(scanned) == len(first) + 1
+        assert set(np.flatnonzero(reader.finite[1])) == {*first, 20} and not reader.finite[0].any()
+    finally:
+        reader.close()
+    # the same neurons changed on disk: caught by their digests although their values were scanned before
+    bad = tmp_path / "changed.sflash"
+    blob = bytearray(open(path, "rb").read())
+    r = regions[1]
+    blob[r.offset + 17 * r.bundle_bytes + 3] ^= 0x20
+    bad.write_bytes(bytes(blob))
+    reader = BundleReader(str(bad), regions, DeviceModel(), threads=2, buffer_bytes=8192, verify=True)
+    reader.finite[1][:] = True
+    try:
+        with pytest.raises(StreamError, match=r"digests\[17\]"):
+            _read(reader, regions, 1, [16, 17])
+    finally:
+        reader.close()
+
+
+def test_a_run_of_rows_is_copied_through_a_slice():
+    from sparseflash.runtime.streamer import _run_or_index
+
+    assert _run_or_index(np.array([3, 4, 5])) == slice(3, 6)
+    assert _run_or_index(np.array([7])) == slice(7, 8)
+    for rows in ([3, 5, 6], [4, 3], []):
+        assert isinstance(_run_or_index(np.array(rows, dtype=np.int64)), np.ndarray)

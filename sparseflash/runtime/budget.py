@@ -15,7 +15,7 @@ from sparseflash.errors import SparseflashError
 from sparseflash.layout.format import FfnLayer
 from sparseflash.runtime.policy import Budget
 
-INDEX_BYTES_PER_NEURON = 8  # slot_of (int64)
+INDEX_BYTES_PER_NEURON = 8 + 4 + 1  # slot_of (int64), down-column norm (runtime/fetcher.py), values checked (streamer.py)
 # position_of, last_use, uses (int64), pinned (bool), score and down norm (float32)
 INDEX_BYTES_PER_SLOT = 8 * 3 + 1 + 4 + 4
 STAGING_BUFFERS = 3  # --device cuda: one for the look-ahead prefetch, two to pipeline demand reads

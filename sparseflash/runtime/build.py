@@ -80,9 +80,9 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
                               STAGING_BUFFERS)
             weights = lm.weights.to(torch_device())
             predictors = predictors.to(torch_device())
-            fetcher = DeviceFetcher(reader, caches, lm.config.hidden_size, storage, gpu)
+            fetcher = DeviceFetcher(reader, caches, lm.config.hidden_size, storage, gpu, policy.counts_needed)
         else:
-            fetcher = HostFetcher(reader, caches, lm.config.hidden_size, storage)
+            fetcher = HostFetcher(reader, caches, lm.config.hidden_size, storage, policy.counts_needed)
         compute = SparseCompute(kernel, lm.config.ffn_kind, storage, b_up, b_gate, gpu)
         area = (StagingArea(regions, memory.staging_rows, [STORAGE_NP[r.dtype] for r in regions])
                 if memory.staging_rows else None)

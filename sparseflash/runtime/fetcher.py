@@ -8,8 +8,11 @@ pinned staging buffers into device memory. One interface for both:
 - ``abandon(fetch)``: wait for it to end and give its slots back (closing with a read in flight).
 
 Slots are committed to the cache index only after their read succeeded: a failed read releases
-its reserved slots and re-raises, so the cache stays consistent. Committing also records each new
-bundle's down-column norm (cache.down_norm), which turns activations into magnitudes.
+its reserved slots and re-raises, so the cache stays consistent. Where the run counts truly active
+neurons (Policy.count_needed), committing also records each bundle's down-column norm
+(cache.down_norm), which turns activations into magnitudes. A neuron's norm is a constant: it is
+computed from the first read of its bundle and kept per stored position (DownNorms), so a bundle read
+again costs a lookup, not a widening of its down column.
 """
 
 from __future__ import annotations
@@ -49,22 +52,43 @@ def down_columns(rows: np.ndarray, d_model: int, storage: str) -> np.ndarray:
     return schema.to_float32(rows[:, -d_model:], storage)
 
 
+class DownNorms:
+    """||W_down[:, i]|| per stored position of each layer, filled from the first read of each bundle
+    (NaN: not seen yet). 4 bytes per neuron (runtime/budget.py: INDEX_BYTES_PER_NEURON)."""
+
+    def __init__(self, neurons: list[int], d_model: int, storage: str):
+        self.known = [np.full(n, np.nan, dtype=np.float32) for n in neurons]
+        self.d_model, self.storage = d_model, storage
+
+    def of(self, layer: int, positions: np.ndarray, rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
+        """Norms of ``positions``, whose bundles are ``rows[picks]`` (host rows in the storage dtype)."""
+        known = self.known[layer]
+        new = np.nonzero(np.isnan(known[positions]))[0]
+        block = max(1, (1 << 20) // (4 * self.d_model))  # widen at most ~1 MiB of down columns at a time
+        for i in range(0, len(new), block):
+            part = new[i : i + block]
+            down = down_columns(rows[picks[part]], self.d_model, self.storage)
+            known[positions[part]] = np.linalg.norm(down, axis=1)
+        return known[positions]
+
+
 def commit_rows(cache: NeuronCache, slots: np.ndarray, positions: np.ndarray, rows: np.ndarray,
-                picks: np.ndarray, d_model: int, storage: str, pinned: bool = False) -> None:
-    """Mark ``slots`` as holding ``positions`` and record the norms of their down columns, read from
-    ``rows[picks]`` (host bundle rows in the storage dtype)."""
+                picks: np.ndarray, norms: DownNorms | None, layer: int, pinned: bool = False) -> None:
+    """Mark ``slots`` as holding ``positions`` and, with ``norms``, record their down-column norms
+    (bundles in ``rows[picks]``, host rows in the storage dtype)."""
     cache.commit(slots, positions, pinned)
-    block = max(1, (1 << 20) // (4 * d_model))  # widen at most ~1 MiB of down columns at a time
-    for i in range(0, len(picks), block):
-        down = down_columns(rows[picks[i : i + block]], d_model, storage)
-        cache.down_norm[slots[i : i + block]] = np.linalg.norm(down, axis=1)
+    if norms is not None:
+        cache.down_norm[slots] = norms.of(layer, positions, rows, picks)
 
 
 class HostFetcher:
     """Reads bundles into the layers' host cache slots."""
 
-    def __init__(self, reader: BundleReader, caches: list[NeuronCache], d_model: int, storage: str):
+    def __init__(self, reader: BundleReader, caches: list[NeuronCache], d_model: int, storage: str,
+                 norms: bool = True):
+        """``norms``: record down-column norms on commit (needed to count truly active neurons)."""
         self.reader, self.caches, self.d_model, self.storage = reader, caches, d_model, storage
+        self.norms = DownNorms([c.neurons for c in caches], d_model, storage) if norms else None
 
     def prefetch_limit(self) -> int | None:
         """Most bundles a look-ahead read may take now (None: no limit beyond the cache's room)."""
@@ -82,7 +106,7 @@ class HostFetcher:
         except BaseException:
             cache.release(fetch.slots)
             raise
-        commit_rows(cache, fetch.slots, fetch.positions, cache.slots, fetch.slots, self.d_model, self.storage, pinned)
+        commit_rows(cache, fetch.slots, fetch.positions, cache.slots, fetch.slots, self.norms, fetch.layer, pinned)
         return result
 
     def fill(self, layer: int, positions: np.ndarray, slots: np.ndarray, pinned: bool = False) -> ReadResult:
@@ -102,8 +126,9 @@ class DeviceFetcher(HostFetcher):
     (runtime/gpu.py:DeviceCache). Demand reads go in staging-buffer-sized chunks, two in flight:
     while one chunk's rows are copied up (asynchronously, on the copy stream) the next is read."""
 
-    def __init__(self, reader: BundleReader, caches: list[NeuronCache], d_model: int, storage: str, device_cache):
-        super().__init__(reader, caches, d_model, storage)
+    def __init__(self, reader: BundleReader, caches: list[NeuronCache], d_model: int, storage: str, device_cache,
+                 norms: bool = True):
+        super().__init__(reader, caches, d_model, storage, norms)
         self.gpu = device_cache
 
     def prefetch_limit(self) -> int:
@@ -131,8 +156,8 @@ class DeviceFetcher(HostFetcher):
             raise
         n = len(fetch.positions)
         self.gpu.upload(fetch.layer, buf, n, fetch.slots)  # queued on the copy stream; returns at once
-        commit_rows(self.caches[fetch.layer], fetch.slots, fetch.positions, buf.host, np.arange(n), self.d_model,
-                    self.storage, pinned)
+        commit_rows(self.caches[fetch.layer], fetch.slots, fetch.positions, buf.host, np.arange(n), self.norms,
+                    fetch.layer, pinned)
         self.gpu.release(buf)  # handed out again only once its upload has read it (the buffer's event)
         return result
 

@@ -7,10 +7,11 @@ buffers, from an O_DIRECT descriptor; where the file system refuses O_DIRECT the
 to buffered reads and drops what it read from the page cache, so every read is a disk read.
 Short reads are completed, EINTR is retried, and any other OSError becomes a StreamError naming
 the file and offset; slots of a failed read are never committed, so the cache stays consistent.
-With ``verify`` every bundle read is checked against its digest in the index (and its values, or
-quantization scales, must be finite) before the read is reported done: a bundle changed on disk
-or corrupted on the way is a StreamError naming the layer and the stored neuron, never a wrong
-answer.
+With ``verify`` every bundle read is checked against its digest in the index before the read is
+reported done, and its values (or quantization scales) must be finite: a bundle changed on disk or
+corrupted on the way is a StreamError naming the layer and the stored neuron, never a wrong answer.
+The values are scanned at the first read of each bundle only: a later read whose digest matches
+holds the same bytes, already found finite.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class BundleReader:
                  buffer_bytes: int = 1 << 20, preadv=os.preadv, verify: bool = False):
         self.path = path
         self.verify = verify  # check every bundle against its digest (regions must be FfnLayer records)
+        # per stored position: values already found finite (a matching digest means the same bytes)
+        self.finite = [np.zeros(r.n_neurons if verify else 0, dtype=bool) for r in regions]
         self.regions = regions  # FfnLayer records: offset, bundle_bytes
         self.device = device
         largest = max((r.length for r in regions), default=BLOCK)
@@ -137,10 +140,10 @@ class BundleReader:
             skip = -lo % bb  # bytes before the first bundle boundary in the piece
             count = (nbytes - skip) // bb
             rows = np.lib.stride_tricks.as_strided(raw[skip:], shape=(count, bb), strides=(bb, 1))
-            dest_bytes[dest_slots[whole]] = rows[(positions[whole] * bb - lo - skip) // bb]
+            dest_bytes[_run_or_index(dest_slots[whole])] = rows[_run_or_index((positions[whole] * bb - lo - skip) // bb)]
             if self.verify:  # on this thread, as soon as the piece is in (the checks overlap the other reads):
                 # the wanted bundles whole in it, where they now are, in place (no gathered copy)
-                check_bundles(self.path, region, positions[whole], dest, dest_slots[whole])
+                check_bundles(self.path, region, positions[whole], dest, dest_slots[whole], self.finite[layer])
         for p, s in zip(positions[~whole], dest_slots[~whole]):  # bundles cut by the piece's ends
             start, end = max(p * bb, lo), min((p + 1) * bb, hi)
             if start < end:
@@ -186,7 +189,7 @@ class BundleReader:
                 cut_pos, first = np.unique(cut_pos, return_index=True)
                 cut_slots = np.concatenate([c[1] for c in cut])[first] if len(cut_pos) else cut_pos
                 try:
-                    check_bundles(self.path, self.regions[layer], cut_pos, dest, cut_slots)
+                    check_bundles(self.path, self.regions[layer], cut_pos, dest, cut_slots, self.finite[layer])
                 except StreamError as e:
                     errors.append(e)
             if errors:
@@ -212,11 +215,20 @@ class BundleReader:
         self._buffered_fd = None
 
 
-def check_bundles(path: str, region, positions: np.ndarray, rows: np.ndarray, index: np.ndarray | None = None
-                  ) -> None:
+def _run_or_index(rows: np.ndarray) -> slice | np.ndarray:
+    """Increasing row numbers as a slice where they are one run (a copy through a slice needs no
+    gathered temporary: 3-5x faster than fancy indexing), else the array itself."""
+    if len(rows) and np.all(np.diff(rows) == 1):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+def check_bundles(path: str, region, positions: np.ndarray, rows: np.ndarray, index: np.ndarray | None = None,
+                  finite: np.ndarray | None = None) -> None:
     """The bundles read for stored ``positions`` of ``region`` (an FfnLayer record), ``rows`` (with
     ``index``: rows[index[i]] holds positions[i], checked in place), are the ones written (digests) and
-    hold finite values; else a StreamError naming layer and neuron."""
+    hold finite values; else a StreamError naming layer and neuron. ``finite`` (per stored position):
+    positions whose values were already found finite, skipped by the scan and set by it."""
     if index is not None and not len(index):
         return
     try:
@@ -224,9 +236,17 @@ def check_bundles(path: str, region, positions: np.ndarray, rows: np.ndarray, in
     except LayoutError as e:
         raise StreamError(f"{e}: the file changed on disk or the disk returned bad data; copy it again or "
                           "rebuild the layout (`--no-verify` would use these bytes as they are)") from None
+    if finite is not None:
+        new = np.flatnonzero(~finite[positions])
+        if not len(new):
+            return
+        positions = positions[new]
+        index = new if index is None else index[new]
     bad = _first_non_finite(rows, region, index)
     if bad is not None:
         raise StreamError(f"{path}: layer {region.index}, stored neuron {int(positions[bad])}: {_NON_FINITE}")
+    if finite is not None:
+        finite[positions] = True
 
 
 _NON_FINITE = ("holds non-finite weights although its digest matches: the layout was written wrong; rebuild it "
