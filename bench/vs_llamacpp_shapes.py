@@ -25,7 +25,10 @@ reads of the process, /proc/self/io), achieved_gbps and peak_mib (cgroup peak wh
 RSS). achieved_gbps is sparseflash's bytes read over the time its reads were in flight, next to
 device_model_gbps, the disk model's figure for the same reads at the same queue depth; llama.cpp's
 page faults have no observable busy time, so its figure is disk bytes over generation wall time (a
-lower bound). Load average is recorded around every configuration and the whole run.
+lower bound). After each configuration the disk is read for 3 s at the sparseflash plan's request
+size and reads in flight (disk_now_gbps): a shared disk drifts from the cached model, so
+achieved_share_of_now = achieved_gbps / disk_now_gbps is the like-for-like share. Load average is
+recorded around every configuration and the whole run.
 
     python bench/bench_vs_llamacpp.py --shape quick --cap-share 0.5 --out F.json [--layout-dir D]
         [--checkpoint C] [--work-dir W] [--dry-run]
@@ -282,6 +285,9 @@ def config_row(name: str, r: dict) -> dict:
                    device_gbps_wall=r["device_read_bytes"] / wall / 1e9 if wall > 0 else 0.0,
                    device_busy_share=r["device_busy_s"] / wall if wall > 0 else 0.0,
                    device_kib_per_request=r["device_read_bytes"] / max(r["device_reads"], 1) / 1024)
+    now = r.get("disk_now_gbps")
+    row.update(disk_now_gbps=now, achieved_share_of_now=row["achieved_gbps"] / now
+               if now and row.get("device_model_gbps") is not None else None)
     row.update(tokens=s["generated_tokens"], prefill_s=s["prefill_s"], load_s=s["load_s"], cap_bytes=s["cap_bytes"],
                oom_kills=s["oom_kills"], loadavg_before=r.get("loadavg_before"), loadavg_after=r.get("loadavg_after"))
     if name == "sparseflash-predicted":
@@ -341,6 +347,7 @@ def run_shape(args) -> int:
                 r = run_worker(dict(job, config=config, stream_policy={**AUTO_IO, **policy}), Path(tmp), args.timeout,
                                cgroups)
                 r.update(loadavg_before=load, loadavg_after=os.getloadavg())
+                r["disk_now_gbps"] = disk_now(setup["layout"], setup)
             model["configs"].append(config_row(name, r))
             model.setdefault("raw", {})[name] = r
             log(f"  {name}: " + (r["error"] if "error" in r else f"{model['configs'][-1]['decode_tok_s']:.2f} tok/s"))
@@ -351,11 +358,24 @@ def run_shape(args) -> int:
     return 0
 
 
+def disk_now(layout: str, setup: dict) -> float | None:
+    """GB/s the disk gives right now at the sparseflash plan's request size and reads in flight (3 s of
+    direct reads of the layout file, after each configuration): the limit next to its achieved rate,
+    since a shared disk drifts from the cached device model (docs/figures.md)."""
+    from sparseflash.runtime.diskprobe import rate_now
+
+    io = setup.get("io_plan") or {}
+    try:
+        return rate_now(layout, io.get("io_buffer_bytes", 1 << 20), io.get("io_threads", 4), seconds=3.0) / 1e9
+    except OSError:
+        return None
+
+
 def table(report: dict) -> str:
     lines = [f"# llama.cpp vs sparseflash, cap {report['cap_share']:.0%} of the weights, {report['tokens']} tokens x "
              f"{len(report['prompts'])} prompts; load {report['loadavg_before'][0]:.2f} -> {report['loadavg_after'][0]:.2f}",
              f"{'shape':<6}{'config':<28}{'tok/s':>8}{'MiB/tok':>9}{'GB/s':>7}{'model GB/s':>11}{'peak MiB':>10}"
-             f"{'dev MiB/tok':>12}{'dev GB/s busy':>14}{'busy':>6}"]
+             f"{'dev MiB/tok':>12}{'dev GB/s busy':>14}{'busy':>6}{'disk now':>9}"]
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for m in report["models"]:
         for c in m["configs"]:
@@ -363,6 +383,6 @@ def table(report: dict) -> str:
             lines.append(f"{m['shape']:<6}{c['name']:<28}{f(c['decode_tok_s']):>8}{f(c['disk_mib_per_token'], 1):>9}"
                          f"{f(c['achieved_gbps']):>7}{f(c.get('device_model_gbps')):>11}{f(c['peak_mib'], 0):>10}"
                          f"{f(c.get('device_mib_per_token'), 1):>12}{f(c.get('device_gbps_busy')):>14}"
-                         f"{'-' if busy is None else f'{busy:.0%}':>6}"
+                         f"{'-' if busy is None else f'{busy:.0%}':>6}{f(c.get('disk_now_gbps')):>9}"
                          + (f"  {c['error']}" if c.get("error") else ""))
     return "\n".join(lines)

@@ -77,6 +77,19 @@ def test_config_rows_follow_the_schema():
     assert "dev GB/s busy" in shapes.table({"cap_share": 0.5, "tokens": 10, "prompts": ["a"], "loadavg_before": [0],
                                              "loadavg_after": [0], "models": [{"shape": "1b", "configs": [row]}]})
     assert {"name", "decode_tok_s", "disk_mib_per_token", "achieved_gbps", "peak_mib"} <= set(row)
+    assert row["achieved_share_of_now"] is None  # no same-minute disk figure: no share of it
+    row = shapes.config_row("sparseflash-exact", dict(r, disk_now_gbps=0.5))
+    assert row["disk_now_gbps"] == 0.5 and row["achieved_share_of_now"] == pytest.approx(row["achieved_gbps"] / 0.5)
+    llama = {k: v for k, v in r.items() if k != "engine_bytes_read"}  # page faults: no read spans to time
+    assert shapes.config_row("llama.cpp-mmap", dict(llama, disk_now_gbps=0.5))["achieved_share_of_now"] is None
+
+
+def test_the_disk_is_read_now_at_the_plans_request_size_and_depth(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    gbps = shapes.disk_now(str(path), {"io_plan": {"io_threads": 2, "io_buffer_bytes": 65536}})
+    assert gbps is not None and gbps > 0
+    assert shapes.disk_now(str(tmp_path / "missing.bin"), {}) is None  # a run's figure, never a crash
 
 
 def test_prepare_tokens_shorten_calibration_and_name_the_layout(tmp_path):

@@ -176,6 +176,20 @@ def probe_file(path: str | os.PathLike, seconds_per_size: float = 0.4, seed: int
     return model, rows
 
 
+def rate_now(path: str | os.PathLike, size: int, depth: int, seconds: float = 2.0, seed: int = 0) -> float:
+    """Bytes per second the disk under ``path`` gives now to ``depth`` readers of ``size``-byte reads at
+    random aligned offsets of ``path`` (direct I/O): the limit to put next to a run's achieved rate
+    when the disk's speed drifts (a shared device) away from the cached model's."""
+    fd, direct = _open_direct(os.fspath(path))
+    try:
+        file_bytes = os.fstat(fd).st_size // BLOCK * BLOCK
+        size = max(BLOCK, min(int(size), file_bytes // MIN_SPAN) // BLOCK * BLOCK)
+        row = _depth_row(fd, direct, file_bytes, size, max(1, int(depth)), seconds, seed)
+    finally:
+        os.close(fd)
+    return row["mb_per_s"] * 1e6
+
+
 def device_model_for(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                      note: Callable[[str], None] = stderr_note) -> DeviceModel:
     """The device model of the disk holding ``path`` (a layout file): measured once per file system by
