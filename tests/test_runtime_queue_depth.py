@@ -101,6 +101,37 @@ def test_a_cached_model_without_depths_is_measured_again(tmp_path, monkeypatch):
     assert diskprobe.device_model_for(path, cache_dir=cache, note=pytest.fail) == FAST_DEEP
 
 
+def test_probe_command_measures_again_and_replaces_the_cached_model(tmp_path, monkeypatch, capsys):
+    from sparseflash.tools.cli import main
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(1 << 20))
+    monkeypatch.setenv("SPARSEFLASH_CACHE", str(tmp_path / "cache"))
+    cached = diskprobe.cache_file_for(path)
+    cached.parent.mkdir()
+    stale = DeviceModel(100e-6, 2.3e9, "an older probe", (QueueLevel(1, 100e-6, 2.3e9), QueueLevel(4, 50e-6, 2.1e9)))
+    cached.write_text(json.dumps(stale.to_dict()))
+    assert diskprobe.device_model_for(path, note=pytest.fail) == stale  # a run reuses the cache
+    monkeypatch.setattr(diskprobe, "probe_file", lambda p: (FAST_DEEP, []))
+    assert main(["probe", "-m", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cache_file"] == str(cached) and DeviceModel.from_dict(out) == FAST_DEEP
+    assert DeviceModel.from_file(cached) == FAST_DEEP  # replaced: the next run plans from the new figures
+    assert main(["probe", "-m", str(path)]) == 0
+    assert "4 in flight" in capsys.readouterr().out
+
+    def broken(p):
+        raise SparseflashError(f"{p}: 4096 bytes is too small to measure read sizes")
+
+    monkeypatch.setattr(diskprobe, "probe_file", broken)  # an explicit probe fails loudly, the cache stays
+    assert main(["probe", "-m", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too small to measure" in err[0]
+    assert DeviceModel.from_file(cached) == FAST_DEEP
+    assert main(["probe", "-m", str(tmp_path / "missing.sflash")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
     _, path = tiny_layout(tmp_path_factory.mktemp("lay"), "nemotron", dtype="f16")

@@ -190,20 +190,28 @@ def rate_now(path: str | os.PathLike, size: int, depth: int, seconds: float = 2.
     return row["mb_per_s"] * 1e6
 
 
+def cache_file_for(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the device model of the file system holding ``path`` is cached (OSError if ``path`` is missing)."""
+    cache_dir = Path(cache_dir or os.environ.get("SPARSEFLASH_CACHE", Path.home() / ".cache" / "sparseflash"))
+    return cache_dir / f"device-{os.stat(path).st_dev}.json"
+
+
 def device_model_for(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                     note: Callable[[str], None] = stderr_note) -> DeviceModel:
+                     note: Callable[[str], None] = stderr_note, refresh: bool = False) -> DeviceModel:
     """The device model of the disk holding ``path`` (a layout file): measured once per file system by
     reading ``path``, then cached as JSON in ``cache_dir`` (default: $SPARSEFLASH_CACHE or
     ~/.cache/sparseflash). When it cannot be measured, ``note`` is told why and the default
-    DeviceModel is returned (not cached, so the next run tries again)."""
-    cache_dir = Path(cache_dir or os.environ.get("SPARSEFLASH_CACHE", Path.home() / ".cache" / "sparseflash"))
+    DeviceModel is returned (not cached, so the next run tries again). ``refresh`` measures again and
+    replaces the cached model (`sparseflash probe`: a shared disk's speed drifts), and raises
+    instead of falling back when the disk cannot be measured."""
     try:
-        device = os.stat(path).st_dev
+        cache_file = cache_file_for(path, cache_dir)
     except OSError as e:
+        if refresh:
+            raise
         note(f"cannot measure the disk under {path} ({e.strerror}); using the default device model")
         return DeviceModel()
-    cache_file = cache_dir / f"device-{device}.json"
-    if cache_file.is_file():
+    if cache_file.is_file() and not refresh:
         try:
             cached = DeviceModel.from_file(cache_file)
             if cached.levels:
@@ -213,13 +221,15 @@ def device_model_for(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
     try:
         model, rows = probe_file(path)
     except (OSError, SparseflashError) as e:
+        if refresh:
+            raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         d = DeviceModel()
         note(f"cannot measure the disk under {path} ({reason}); using the default device model "
              f"({d.latency_s * 1e6:.0f} us + bytes / {d.bandwidth_bps / 1e9:.0f} GB/s)")
         return d
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
         try:
             tmp.write_text(json.dumps({**model.to_dict(), "rows": rows}))
@@ -227,5 +237,7 @@ def device_model_for(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
         finally:
             tmp.unlink(missing_ok=True)
     except OSError:
+        if refresh:
+            raise
         pass  # a read-only or full cache only costs a probe per run
     return model

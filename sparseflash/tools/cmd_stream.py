@@ -1,4 +1,4 @@
-"""CLI: ``sparseflash io-report``."""
+"""CLI: ``sparseflash io-report`` and ``sparseflash probe``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,24 @@ def cmd_io_report(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from sparseflash.paths import input_file
+    from sparseflash.runtime.diskprobe import cache_file_for, device_model_for
+
+    input_file(args.model, "layout file")
+    model = device_model_for(args.model, refresh=True)
+    where = str(cache_file_for(args.model))
+    if args.json:
+        print(json.dumps({**model.to_dict(), "cache_file": where}))
+        return 0
+    print(f"{model.source}")
+    for lv in model.levels or (model.level(1),):
+        print(f"  {lv.depth:>2} in flight: {lv.latency_s * 1e6:7.0f} us + bytes / {lv.bandwidth_bps / 1e9:5.2f} GB/s"
+              f"   (1 MiB reads: {lv.throughput(1 << 20) / 1e9:.2f} GB/s)")
+    print(f"cached in {where}; every run on this file system plans its reads from it")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("io-report", help="FFN I/O per token: dense-stream, sparse, sparse+window, oracle")
     p.add_argument("-m", "--model", nargs="+", required=True, help="layout file(s); several give an order ablation")
@@ -53,3 +71,8 @@ def register(sub) -> None:
                         "selection) at these comma-separated budgets, e.g. 25%%ffn,50%%ffn (eval/ablation.py)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_io_report)
+
+    p = sub.add_parser("probe", help="measure the disk under a layout again and replace its cached device model")
+    p.add_argument("-m", "--model", required=True, help="layout file (its disk is read, never written)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_probe)
