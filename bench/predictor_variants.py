@@ -10,7 +10,11 @@ is held whole: a small-model tool). Each (rank, variant) trains every layer's pr
 prepare's schedule on the fit slice (the last 10% of the training tokens tunes the cuts), then
 reports neurons selected per token (summed over layers) on the held-out tokens at the cut tuned for
 count recall 0.99 and at the cuts tuned to keep 0.99 / 0.98 / 0.95 of the active contribution, with
-the contribution share each actually keeps there. Variants: ``plain`` (prepare's BCE),
+the contribution share each actually keeps there. With ``--adaptive``, also an adaptive k per token
+from the score distribution: each token keeps its highest-scoring neurons until their predicted
+probabilities (sigmoid of the logits) sum to q of the token's total, with q tuned on the same slice for
+count recall 0.99 (bisection); reported with the count recall each rule reaches on the held-out tokens,
+so the fixed cut and the adaptive k are compared at what they actually keep. Variants: ``plain`` (prepare's BCE),
 ``contribG`` (each active neuron's BCE term weighted by (its magnitude / the mean active magnitude)^G,
 clamped at 20).
 """
@@ -65,6 +69,28 @@ def train(x, mask, mag, rank, variant):
     return train_predictor(x, mask, rank, TrainParams(), pos_scale=scale)[0]
 
 
+def adaptive_mask(z: torch.Tensor, q: float) -> torch.Tensor:
+    """Per token (row), the highest-scoring neurons whose sigmoid probabilities sum to q of the row's total."""
+    zs, order = torch.sort(z.float(), dim=1, descending=True)
+    cum = torch.cumsum(torch.sigmoid(zs), dim=1)
+    k = torch.searchsorted(cum, (q * cum[:, -1:]).contiguous()) + 1  # (tokens, 1): neurons kept per token
+    keep_sorted = torch.arange(z.shape[1])[None, :] < k
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def count_recall(selected: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((selected & mask).sum()) / max(1, int(mask.sum()))
+
+
+def tune_adaptive(z: torch.Tensor, mask: torch.Tensor, target: float) -> float:
+    """The smallest q (bisection, 30 steps) whose adaptive selection reaches ``target`` count recall."""
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if count_recall(adaptive_mask(z, mid), mask) >= target else (mid, hi)
+    return hi
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -75,6 +101,7 @@ def main():
     ap.add_argument("--heldout-tokens", type=int, default=4096)
     ap.add_argument("--ranks", default="0", help="comma-separated; 0: the 2.5%% rule")
     ap.add_argument("--variants", default="plain")
+    ap.add_argument("--adaptive", action="store_true", help="also the adaptive k per token (see above)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -97,7 +124,19 @@ def main():
                 xv, mv, gv = val[l]
                 z = pred.logits(xv)
                 row["active"] += float(mv.sum(1).float().mean())
-                row["selected_count_0.99"] += float((z > tune_cut(pred, x[-nt:], m[-nt:], 0.99)).sum(1).float().mean())
+                fixed = z > tune_cut(pred, x[-nt:], m[-nt:], 0.99)
+                row["selected_count_0.99"] += float(fixed.sum(1).float().mean())
+                if a.adaptive:
+                    q = tune_adaptive(pred.logits(x[-nt:].float()), m[-nt:], 0.99)
+                    adaptive = adaptive_mask(z, q)
+                    for name, sel in (("cut", fixed), ("adaptive", adaptive)):
+                        row[f"heldout_recall_{name}"] = row.get(f"heldout_recall_{name}", 0.0) + \
+                            count_recall(sel, mv) / c.num_layers
+                        row[f"heldout_contrib_{name}"] = row.get(f"heldout_contrib_{name}", 0.0) + \
+                            contribution_recall(sel, mv, gv) / c.num_layers
+                    row["selected_adaptive_0.99"] = row.get("selected_adaptive_0.99", 0.0) + \
+                        float(adaptive.sum(1).float().mean())
+                    row.setdefault("adaptive_q", []).append(round(q, 5))
                 for share in (0.99, 0.98, 0.95):
                     cut = tune_miss_cut(pred, x[-nt:], m[-nt:], g[-nt:], share)
                     row[f"selected_contrib_{share}"] = row.get(f"selected_contrib_{share}", 0.0) + \
