@@ -362,12 +362,13 @@ def disk_now(layout: str, setup: dict) -> float | None:
     """GB/s the disk gives right now at the sparseflash plan's request size and reads in flight (3 s of
     direct reads of the layout file, after each configuration): the limit next to its achieved rate,
     since a shared disk drifts from the cached device model (docs/figures.md)."""
+    from sparseflash.errors import SparseflashError
     from sparseflash.runtime.diskprobe import rate_now
 
     io = setup.get("io_plan") or {}
     try:
         return rate_now(layout, io.get("io_buffer_bytes", 1 << 20), io.get("io_threads", 4), seconds=3.0) / 1e9
-    except OSError:
+    except (OSError, SparseflashError):
         return None
 
 

@@ -90,6 +90,8 @@ def test_the_disk_is_read_now_at_the_plans_request_size_and_depth(tmp_path):
     gbps = shapes.disk_now(str(path), {"io_plan": {"io_threads": 2, "io_buffer_bytes": 65536}})
     assert gbps is not None and gbps > 0
     assert shapes.disk_now(str(tmp_path / "missing.bin"), {}) is None  # a run's figure, never a crash
+    (tmp_path / "small.bin").write_bytes(bytes(5000))
+    assert shapes.disk_now(str(tmp_path / "small.bin"), {}) is None
 
 
 def test_prepare_tokens_shorten_calibration_and_name_the_layout(tmp_path):

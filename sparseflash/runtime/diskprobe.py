@@ -183,6 +183,8 @@ def rate_now(path: str | os.PathLike, size: int, depth: int, seconds: float = 2.
     fd, direct = _open_direct(os.fspath(path))
     try:
         file_bytes = os.fstat(fd).st_size // BLOCK * BLOCK
+        if file_bytes < MIN_SPAN * BLOCK:
+            raise SparseflashError(f"{path}: {file_bytes} bytes is too small to measure reads")
         size = max(BLOCK, min(int(size), file_bytes // MIN_SPAN) // BLOCK * BLOCK)
         row = _depth_row(fd, direct, file_bytes, size, max(1, int(depth)), seconds, seed)
     finally:
