@@ -87,6 +87,6 @@ def test_down_norms_are_widened_once_per_neuron_and_only_when_counting(tmp_path,
         for l, cache in enumerate(engine.caches):
             held = np.nonzero(cache.position_of >= 0)[0]
             truth = np.linalg.norm(real(cache.slots[held], d, engine.regions[l].dtype), axis=1)
-            np.testing.assert_allclose(cache.down_norm[held], truth, rtol=1e-6)
+            np.testing.assert_allclose(engine.fetcher.norms.of(l, cache.position_of[held]), truth, rtol=1e-6)
     finally:
         model.close()

@@ -16,8 +16,8 @@ from sparseflash.layout.format import FfnLayer
 from sparseflash.runtime.policy import Budget
 
 INDEX_BYTES_PER_NEURON = 8 + 4 + 1  # slot_of (int64), down-column norm (runtime/fetcher.py), values checked (streamer.py)
-# position_of, last_use, uses (int64), pinned (bool), score and down norm (float32)
-INDEX_BYTES_PER_SLOT = 8 * 3 + 1 + 4 + 4
+# position_of, last_use, uses (int64), pinned (bool), score (float32)
+INDEX_BYTES_PER_SLOT = 8 * 3 + 1 + 4
 STAGING_BUFFERS = 3  # --device cuda: one for the look-ahead prefetch, two to pipeline demand reads
 
 
@@ -116,7 +116,7 @@ def staging_region_bytes(regions: Sequence[FfnLayer], rows: int) -> int:
     if rows <= 0:
         return 0
     largest = max(r.bundle_bytes for r in regions)
-    per_row = largest + max(largest // r.bundle_bytes for r in regions) * (8 + 4)
+    per_row = largest + max(largest // r.bundle_bytes for r in regions) * 8
     return 2 * rows * per_row
 
 

@@ -1,8 +1,7 @@
 """Neuron cache of one layer: preallocated bundle slots, O(1) insert and delete.
 
 ``slots`` (capacity, bundle_len) holds bundles in the storage dtype; ``slot_of[position]`` and
-``position_of[slot]`` keep the index in step; free slots are a stack. ``down_norm[slot]`` is the
-norm of the slot's down column (set when it is filled), which turns activations into magnitudes. Pinned slots (the hot region)
+``position_of[slot]`` keep the index in step; free slots are a stack. Pinned slots (the hot region)
 are never evicted. Eviction picks victims among unprotected slots. ``window`` K protects every neuron
 used by the current token or by one of the K tokens before it (last use >= step - K); this is what
 ``--window K`` means everywhere (the ``window`` policy, eval/simulate.py, io-report's sweeps).
@@ -41,7 +40,6 @@ class NeuronCache:
         self.uses = np.zeros(capacity, dtype=np.int64)
         self.pinned = np.zeros(capacity, dtype=bool)
         self.score = np.zeros(capacity, dtype=np.float32)  # predictor score (policy "predicted")
-        self.down_norm = np.zeros(capacity, dtype=np.float32)  # ||down_i|| of the bundle in each slot
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # stack: the top gives the lowest free slot
         self._n_free = capacity  # self._free[:self._n_free] are free
         self.window, self.policy = window, policy

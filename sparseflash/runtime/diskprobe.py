@@ -239,7 +239,6 @@ def device_model_for(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
         finally:
             tmp.unlink(missing_ok=True)
     except OSError:
-        if refresh:
+        if refresh:  # a read-only or full cache only costs a probe per run; an explicit probe must keep it
             raise
-        pass  # a read-only or full cache only costs a probe per run
     return model

@@ -326,7 +326,7 @@ class StreamingFFN:
         cache = self.caches[l] if cache is None else cache
         acts = self.compute(l, x, cache, slots, y, activations=s.needed is not None)
         if acts is not None:
-            s.needed += count_active(acts, cache.down_norm[slots], self.regions[l].threshold)
+            s.needed += count_active(acts, self.fetcher.norms.of(l, cache.position_of[slots]), self.regions[l].threshold)
         s.ffn_s += time.perf_counter() - t
 
     def _compute_in_batches(self, l: int, x: torch.Tensor, plan: LayerPlan, y: torch.Tensor, s: TokenStats,

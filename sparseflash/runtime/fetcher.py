@@ -9,10 +9,10 @@ pinned staging buffers into device memory. One interface for both:
 
 Slots are committed to the cache index only after their read succeeded: a failed read releases
 its reserved slots and re-raises, so the cache stays consistent. Where the run counts truly active
-neurons (Policy.count_needed), committing also records each bundle's down-column norm
-(cache.down_norm), which turns activations into magnitudes. A neuron's norm is a constant: it is
-computed from the first read of its bundle and kept per stored position (DownNorms), so a bundle read
-again costs a lookup, not a widening of its down column.
+neurons (Policy.count_needed), committing also learns each new neuron's down-column norm, which turns
+activations into magnitudes. A neuron's norm is a constant: it is computed from the first read of its
+bundle and kept per stored position (``fetcher.norms``, DownNorms), so a bundle read again costs
+nothing, and whoever holds a slot's stored position can look its norm up.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class DownNorms:
         self.known = [np.full(n, np.nan, dtype=np.float32) for n in neurons]
         self.d_model, self.storage = d_model, storage
 
-    def of(self, layer: int, positions: np.ndarray, rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
-        """Norms of ``positions``, whose bundles are ``rows[picks]`` (host rows in the storage dtype)."""
+    def learn(self, layer: int, positions: np.ndarray, rows: np.ndarray, picks: np.ndarray) -> None:
+        """Record the norms of ``positions`` not seen yet, whose bundles are ``rows[picks]`` (host rows in
+        the storage dtype)."""
         known = self.known[layer]
         new = np.nonzero(np.isnan(known[positions]))[0]
         block = max(1, (1 << 20) // (4 * self.d_model))  # widen at most ~1 MiB of down columns at a time
@@ -69,16 +70,19 @@ class DownNorms:
             part = new[i : i + block]
             down = down_columns(rows[picks[part]], self.d_model, self.storage)
             known[positions[part]] = np.linalg.norm(down, axis=1)
-        return known[positions]
+
+    def of(self, layer: int, positions: np.ndarray) -> np.ndarray:
+        """The norms of ``positions`` (each read, hence learnt, before)."""
+        return self.known[layer][positions]
 
 
 def commit_rows(cache: NeuronCache, slots: np.ndarray, positions: np.ndarray, rows: np.ndarray,
                 picks: np.ndarray, norms: DownNorms | None, layer: int, pinned: bool = False) -> None:
-    """Mark ``slots`` as holding ``positions`` and, with ``norms``, record their down-column norms
+    """Mark ``slots`` as holding ``positions`` and, with ``norms``, learn their down-column norms
     (bundles in ``rows[picks]``, host rows in the storage dtype)."""
     cache.commit(slots, positions, pinned)
     if norms is not None:
-        cache.down_norm[slots] = norms.of(layer, positions, rows, picks)
+        norms.learn(layer, positions, rows, picks)
 
 
 class HostFetcher:

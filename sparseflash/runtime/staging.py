@@ -23,16 +23,15 @@ from sparseflash.layout.format import FfnLayer
 
 class StagedSlots:
     """One staging half seen as a layer's slots: ``slots`` (rows, bundle_len) in the storage dtype,
-    ``position_of`` (the stored position each row holds, -1 for none) and ``down_norm``, the parts
-    of a NeuronCache that the fetcher commits to and the compute step reads."""
+    ``position_of`` (the stored position each row holds, -1 for none), the parts of a NeuronCache
+    that the fetcher commits to and the compute step reads."""
 
-    def __init__(self, buffer: np.ndarray, bundle_len: int, dtype, position_of: np.ndarray, down_norm: np.ndarray):
-        """A view of ``buffer`` (bytes); the index arrays are the half's, shared by every layer's view."""
+    def __init__(self, buffer: np.ndarray, bundle_len: int, dtype, position_of: np.ndarray):
+        """A view of ``buffer`` (bytes); the index array is the half's, shared by every layer's view."""
         itemsize = np.dtype(dtype).itemsize
         rows = buffer.nbytes // (bundle_len * itemsize)
         self.slots = buffer[: rows * bundle_len * itemsize].view(dtype).reshape(rows, bundle_len)
         self.position_of = position_of[:rows]
-        self.down_norm = down_norm[:rows]
 
     @property
     def capacity(self) -> int:
@@ -57,16 +56,16 @@ class StagingArea:
         most = rows * max(largest // r.bundle_bytes for r in regions)  # rows of the smallest bundles
         self.rows = rows
         self._buffers = [np.zeros(rows * largest, dtype=np.uint8) for _ in range(2)]
-        index = self._index = [(np.full(most, -1, dtype=np.int64), np.zeros(most, dtype=np.float32)) for _ in range(2)]
+        index = self._index = [np.full(most, -1, dtype=np.int64) for _ in range(2)]
         # every layer's view of both halves, made once; a half's index is shared by its views
-        self._views = [[StagedSlots(b, r.bundle_len, dt, *ix) for b, ix in zip(self._buffers, index)]
+        self._views = [[StagedSlots(b, r.bundle_len, dt, ix) for b, ix in zip(self._buffers, index)]
                        for r, dt in zip(regions, dtypes)]
         self._busy = [False, False]
 
     @property
     def nbytes(self) -> int:
         """Bytes held: both halves and their index (what the memory plan counts)."""
-        return sum(b.nbytes for b in self._buffers) + sum(a.nbytes + b.nbytes for a, b in self._index)
+        return sum(b.nbytes for b in self._buffers) + sum(a.nbytes for a in self._index)
 
     def free_half(self) -> int | None:
         """A half nobody holds, or None."""
