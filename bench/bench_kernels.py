@@ -17,6 +17,9 @@ bundle bytes the kernel reads (active neurons x bundle_nbytes), so q4 moves fewe
 neuron than f16 for the same work. --linear adds x @ W.T for a 4096 x 4096 matrix:
 quant_linear (q8, q4) next to torch f32 and f16 matmuls.
 
+--threads times the host kernel on one thread and split across the cores, side by side, at sizes
+around the split rule (kernels/cpu.py: _MIN_WORK_PER_THREAD), and prints which the rule picks.
+
 --clock cpu times the CPU time of the calling thread (time.thread_time) instead of wall time,
 with every kernel and torch on that one thread: on a machine shared with other busy processes
 the wall time mostly measures time slicing, the thread's CPU time (memory stalls included)
@@ -266,6 +269,36 @@ def print_quality(rows: list[dict]) -> None:
         print(f"{layer:>5} {part:>5} " + " ".join(f"{errors[s]:>7.4f}" for s in storages))
 
 
+THREAD_SIZES = ((256, (64, 256)), (1024, (128, 512)), (2048, (128, 512, 2048)), (4096, (256, 512, 2048)))
+
+
+def threads_split(repeats: int) -> list[dict]:
+    """Per (d, active neurons): the host kernel's median us on one thread and split across the cores."""
+    from sparseflash.kernels import cpu
+
+    rows, keep = [], cpu._MIN_WORK_PER_THREAD
+    try:
+        for d, ks in THREAD_SIZES:
+            n = max(ks)
+            bundles = (np.random.default_rng(0).standard_normal((n, 2 * d), dtype=np.float32) * 0.05).astype(np.float16)
+            x = np.random.default_rng(1).standard_normal((1, d), dtype=np.float32)
+            for k in ks:
+                slots = np.sort(np.random.default_rng(k).choice(n, k, replace=False))
+                row = {"d": d, "active": k, "elements": k * 2 * d}
+                for name, work in (("one_thread_us", 1 << 62), ("split_us", 1)):
+                    cpu._MIN_WORK_PER_THREAD = work
+                    fn = functools.partial(cpu.sparse_ffn, x, bundles, slots, "relu2", storage="f16")
+                    for _ in range(WARMUP):
+                        fn()
+                    row[name] = statistics.median(call_ms(fn) for _ in range(repeats)) * 1e3
+                cpu._MIN_WORK_PER_THREAD = keep
+                row["rule_threads"] = cpu.thread_count(k, 2 * d)
+                rows.append(row)
+    finally:
+        cpu._MIN_WORK_PER_THREAD = keep
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", choices=STORAGE_CHOICES, default=["f16"],
@@ -282,7 +315,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per (shape, share) (median)")
     parser.add_argument("--backends", nargs="+", default=["reference", "cpu", "cuda"],
                         choices=("reference", "cpu", "cuda"), help="sparse back ends (cuda only if present)")
+    parser.add_argument("--threads", action="store_true", help="only time the host kernel on one thread vs split "
+                        "across the cores, at sizes around the split rule")
     args = parser.parse_args(argv)
+    if args.threads:
+        rows = threads_split(max(args.repeats, 50))
+        print(json.dumps(rows, indent=1) if args.json else "\n".join(
+            f"d={r['d']:>5} active={r['active']:>5} elements={r['elements']:>8}: one thread {r['one_thread_us']:7.1f} us, "
+            f"split {r['split_us']:7.1f} us; the rule uses {r['rule_threads']}" for r in rows))
+        return
     if args.quality:
         rows = quality()
         if args.json:

@@ -43,6 +43,18 @@ def test_backend_matches_reference_on_same_stored_weights(backend, kind, storage
     np.testing.assert_allclose(acts, acts_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_thread_count_splits_only_calls_large_enough_to_pay(monkeypatch):
+    from sparseflash.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)
+    work = cpu._MIN_WORK_PER_THREAD
+    assert cpu.thread_count(256, 512) == 1  # the bundled model's decode step: one thread
+    assert cpu.thread_count(2 * work // 512, 512) == 2  # two threads' worth of work
+    assert cpu.thread_count(2 * work // 512 - 1, 512) == 1
+    assert cpu.thread_count(8, work) == 1  # fewer rows than a chunk: never split
+    assert cpu.thread_count(10_000, 1 << 20) == 2  # never more than the cores
+
+
 @pytest.mark.parametrize("kind", ["relu2", "reglu", "swiglu", "geglu_tanh"])
 @pytest.mark.parametrize("backend", ["cpu", "dense"])
 def test_batch_of_one_without_biases(backend, kind):
@@ -163,6 +175,7 @@ def test_cpu_threads_split_the_active_set_without_changing_the_result(monkeypatc
     from sparseflash.kernels import cpu
 
     monkeypatch.setattr(cpu, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu, "_MIN_WORK_PER_THREAD", 1)  # split this small call as a large one would be
     layer = random_layer(D, 1024, "relu2glu", "f16", biases=True)
     x, slots = tokens(2), random_active_set(1024, 0.5)
 

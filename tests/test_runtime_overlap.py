@@ -29,12 +29,12 @@ class ReadLog:
         submit = reader.submit
         last = len(engine.caches) - 1
 
-        def logged(layer, positions, dest, dest_slots):
+        def logged(layer, positions, dest, dest_slots, inline_ok=False):
             wrap = last > 0 and layer == 0 and len(engine._current.timeline) == last
             self.reads.append((len(engine.stats) + wrap, layer, np.asarray(positions).copy()))
             for l, c in enumerate(engine.caches):
                 self.peak_used[l] = max(self.peak_used[l], c.used)
-            return submit(layer, positions, dest, dest_slots)
+            return submit(layer, positions, dest, dest_slots, inline_ok)
 
         reader.submit = logged
 
@@ -105,9 +105,9 @@ class LayerLog(ReadLog):
         self.when = []
         submit = engine.fetcher.reader.submit
 
-        def logged(layer, positions, dest, dest_slots):
+        def logged(layer, positions, dest, dest_slots, inline_ok=False):
             self.when.append((len(engine.stats), layer, len(engine._current.timeline)))
-            return submit(layer, positions, dest, dest_slots)
+            return submit(layer, positions, dest, dest_slots, inline_ok)
 
         engine.fetcher.reader.submit = logged
 
@@ -204,9 +204,9 @@ def test_a_layers_own_read_is_queued_before_the_next_layers_look_ahead(tmp_path)
     log = ReadLog(engine)
     submit = engine.fetcher.reader.submit
 
-    def ordered(layer, positions, dest, dest_slots):
+    def ordered(layer, positions, dest, dest_slots, inline_ok=False):
         order.append((len(engine.stats), layer_now[-1] if layer_now else None, layer))
-        return submit(layer, positions, dest, dest_slots)
+        return submit(layer, positions, dest, dest_slots, inline_ok)
 
     engine.fetcher.reader.submit = ordered
     try:

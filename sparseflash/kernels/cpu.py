@@ -149,7 +149,12 @@ def _neuron_range(x, bundles, slots, act_code, gated, gate_bias, up_bias, acts, 
                 _axpy(y[t], acts[t, j], bundles[s, down:])
 
 
-_MIN_NEURONS_PER_THREAD = 64  # below this a second thread costs more than it saves
+# A second thread pays only for large calls: handing chunks to a helper costs 100-200 us, and on a
+# shared 2-core machine one thread already runs ~2.5-15G bundle elements/s (memory bound); there the
+# split lost up to 4M elements a call and was even at 8-16M (`python bench/bench_kernels.py --threads`,
+# docs/runtime.md). So each thread gets at least this many elements (neurons x bundle_len x tokens).
+_MIN_WORK_PER_THREAD = 4 << 20
+_MIN_CHUNK = 32  # neurons (or rows) in a chunk, at least
 _CHUNKS_PER_THREAD = 4  # pieces of the active set handed out on demand, so a slow core takes fewer
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -195,27 +200,29 @@ def run_chunks(work: Callable[[int], None], n_chunks: int, threads: int) -> None
 def chunk_bounds(k: int, threads: int) -> list[int]:
     """Edges of the chunks [b[c], b[c + 1]) that k neurons (or rows) are cut into for `threads` threads.
 
-    _CHUNKS_PER_THREAD chunks per thread, whole groups of four, at least _MIN_NEURONS_PER_THREAD / 2 each.
+    _CHUNKS_PER_THREAD chunks per thread, whole groups of four, at least _MIN_CHUNK each.
     """
     size = -(-k // (threads * _CHUNKS_PER_THREAD))
-    size = max(_MIN_NEURONS_PER_THREAD // 2, (size + 3) // 4 * 4)
+    size = max(_MIN_CHUNK, (size + 3) // 4 * 4)
     return list(range(0, k, size)) + [k]
 
 
-def thread_count(k: int) -> int:
-    """Threads worth using for k neurons (or rows): _threads(), but each with >= _MIN_NEURONS_PER_THREAD."""
-    return max(1, min(_threads(), k // _MIN_NEURONS_PER_THREAD))
+def thread_count(k: int, row_len: int) -> int:
+    """Threads worth using for k neurons (or rows) of ``row_len`` elements (or bytes) each: _threads(), but
+    each with >= _MIN_WORK_PER_THREAD elements and _MIN_CHUNK rows."""
+    return max(1, min(_threads(), k * row_len // _MIN_WORK_PER_THREAD, k // _MIN_CHUNK))
 
 
-def run_neurons(kernel: Callable[..., None], common: tuple, k: int, y: np.ndarray) -> None:
+def run_neurons(kernel: Callable[..., None], common: tuple, k: int, row_len: int, y: np.ndarray) -> None:
     """Compute y for k active neurons with a range kernel, split into chunks that the threads take on demand.
 
     kernel(*common, lo, hi, y_part) computes active neurons [lo, hi) into y_part (batch, d),
+    ``row_len`` is a bundle's length (elements of the kernel's view), which sizes the work for thread_count;
     overwriting it (_neuron_range, or cpu_quant's). y (batch, d) float32 receives the sum.
     Each chunk has its own partial output, summed in chunk order, so the result does not
     depend on which thread ran which chunk.
     """
-    threads = thread_count(k)
+    threads = thread_count(k, row_len * y.shape[0])  # work grows with the tokens too
     if threads == 1:
         kernel(*common, 0, k, y)
         return
@@ -275,7 +282,7 @@ def sparse_ffn(
         return finish(call, y)
     common = (_writable(call.x), kernel_view(call.bundles, call.storage), _writable(call.slots),
               call.kind.activation_code, call.kind.gated, gate_bias, up_bias, acts)
-    run_neurons(_neuron_range, common, call.slots.size, y)
+    run_neurons(_neuron_range, common, call.slots.size, call.bundles.shape[1], y)
     return finish(call, y)
 
 

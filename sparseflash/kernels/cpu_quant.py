@@ -279,7 +279,7 @@ def sparse_ffn(call: FFNCall) -> Any:
     vals, scales = _views(call.bundles, call.storage)
     common = (_writable(call.x), vals, scales, _writable(call.slots), call.kind.activation_code, call.kind.gated,
               gate_bias, up_bias, acts)
-    run_neurons(_qneuron_range, common, k, y)
+    run_neurons(_qneuron_range, common, k, call.bundles.shape[1], y)
     return finish(call, y)
 
 
@@ -312,7 +312,7 @@ def quant_linear(x: Any, w: Any, storage: str, *, out: Any = None) -> np.ndarray
     y = call.out if call.out is not None else np.empty((call.x.shape[0], rows), dtype=np.float32)
     vals, scales = _views(call.w, storage)
     common = (_writable(call.x), vals, scales)
-    threads = thread_count(rows)
+    threads = thread_count(rows, call.w.shape[1] * call.x.shape[0])
     if threads == 1:
         _qlinear_range(*common, 0, rows, y)
     else:

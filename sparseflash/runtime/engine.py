@@ -151,7 +151,7 @@ class StreamingFFN:
             self._compute(l, x, np.concatenate([plan.hit_slots, new]), y, s)
         elif plan.fits:  # 5. (host) the misses are read while the hits compute; then the misses compute
             new = cache.reserve(len(plan.missing), protect=plan.hit_slots)
-            fetch = self.fetcher.start(l, plan.missing, new) if len(plan.missing) else None
+            fetch = self.fetcher.start(l, plan.missing, new, demand=True) if len(plan.missing) else None
             self._guarded(fetch, ahead)
             self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
             if staged is not None:  # then the staged neurons, read during layer l-1

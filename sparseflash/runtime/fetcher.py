@@ -98,10 +98,13 @@ class HostFetcher:
         """Most bundles a look-ahead read may take now (None: no limit beyond the cache's room)."""
         return None
 
-    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray, into=None) -> Fetch:
-        """``into``: the slots' owner when not the layer's cache (a staging half, runtime/staging.py)."""
+    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray, into=None, demand: bool = False) -> Fetch:
+        """``into``: the slots' owner when not the layer's cache (a staging half, runtime/staging.py);
+        ``demand``: the caller waits for this read next (a small one may then be read on its thread:
+        BundleReader.submit's ``inline_ok``)."""
         cache = self.caches[layer] if into is None else into
-        return Fetch(layer, positions, slots, self.reader.submit(layer, positions, cache.slots, slots), cache=cache)
+        return Fetch(layer, positions, slots, self.reader.submit(layer, positions, cache.slots, slots, demand),
+                     cache=cache)
 
     def finish(self, fetch: Fetch, pinned: bool = False) -> ReadResult:
         cache = fetch.cache
@@ -114,7 +117,7 @@ class HostFetcher:
         return result
 
     def fill(self, layer: int, positions: np.ndarray, slots: np.ndarray, pinned: bool = False) -> ReadResult:
-        return self.finish(self.start(layer, positions, slots), pinned)
+        return self.finish(self.start(layer, positions, slots, demand=True), pinned)
 
     def abandon(self, fetch: Fetch) -> None:
         """Wait for the read to end (its outcome no longer matters) and release its slots."""
@@ -139,12 +142,12 @@ class DeviceFetcher(HostFetcher):
         # a look-ahead read takes one staging buffer, only while a demand read would still have two
         return self.gpu.staging_rows if self.gpu.free_buffers() >= STAGING_BUFFERS else 0
 
-    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray, into=None) -> Fetch:
+    def start(self, layer: int, positions: np.ndarray, slots: np.ndarray, into=None, demand: bool = False) -> Fetch:
         if into is not None:
             raise ValueError("internal: staging regions are a host feature; a device read fills cache slots")
         buf = self.gpu.acquire()
         try:
-            future = self.reader.submit(layer, positions, buf.host, np.arange(len(positions)))
+            future = self.reader.submit(layer, positions, buf.host, np.arange(len(positions)), demand)
         except BaseException:
             self.gpu.release(buf)
             raise

@@ -2,9 +2,13 @@
 
 Missing positions become coalesced 4096-aligned extents (planner.plan_reads, merging gaps the
 device model says are cheaper to read through at the reader's queue depth), cut into pieces no
-larger than one I/O buffer. Pieces are read by a thread pool (one thread per read in flight) with ``os.preadv`` (which releases the GIL) into page-aligned
-buffers, from an O_DIRECT descriptor; where the file system refuses O_DIRECT the reader falls back
-to buffered reads and drops what it read from the page cache, so every read is a disk read.
+larger than one I/O buffer. Pieces are read by a thread pool (one thread per read in flight) into
+page-aligned buffers, from an O_DIRECT descriptor: each thread's pieces in one native call that reads
+(libc ``pread``) and copies without the GIL (runtime/nativeio.py), and in Python (``os.preadv``) from
+the first piece that call could not read in full. Where the file system refuses O_DIRECT the reader
+falls back to buffered reads and drops what it read from the page cache, so every read is a disk read.
+A demand read (the caller waits for it next) of a few pieces is read on the calling thread when the
+device model says that is quicker than the measured hand-off to a thread plus the parallel reads.
 Short reads are completed, EINTR is retried, and any other OSError becomes a StreamError naming
 the file and offset; slots of a failed read are never committed, so the cache stays consistent.
 With ``verify`` every bundle read is checked against its digest in the index before the read is
@@ -31,8 +35,11 @@ from sparseflash.kernels import KernelInputError, check_quantized
 from sparseflash.kernels.finite import first_non_finite_row
 from sparseflash.layout.format import QUANT_TYPES, LayoutError, check_digests
 from sparseflash.layout.format_extents import BLOCK
+from sparseflash.runtime import nativeio
 from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.planner import plan_reads
+
+HANDOFF_TRIPS = 9  # round trips timed to measure the hand-off to an I/O thread (their median)
 
 
 class StreamError(SparseflashError):
@@ -65,6 +72,9 @@ class BundleReader:
         # reading a gap costs less than a request's latency at this queue depth; never more than a buffer
         self.merge_gap_blocks = min(device.gap_bytes(threads), self.buffer_bytes) // BLOCK
         self._preadv = preadv
+        # the native loop (runtime/nativeio.py) reads the plain case without the GIL; an injected preadv
+        # (tests: faults) keeps every read in Python
+        self.native = preadv is os.preadv and nativeio.available()
         self.direct = False
         self.fd = self._open(io)
         self._buffered_fd = None
@@ -72,6 +82,7 @@ class BundleReader:
         self._lock = threading.Lock()
         self.threads = threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparseflash-io")
+        self._handoff_s: float | None = None  # measured at first use (handoff_s)
 
     def _open(self, io: str) -> int:
         flag = getattr(os, "O_DIRECT", 0)
@@ -97,6 +108,7 @@ class BundleReader:
         buf = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = mmap.mmap(-1, self.buffer_bytes)  # page-aligned for O_DIRECT
+            self._local.array = np.frombuffer(buf, dtype=np.uint8)
         return memoryview(buf)
 
     def _fallback_to_buffered(self) -> int:
@@ -150,29 +162,67 @@ class BundleReader:
                 dest_bytes[s, start - p * bb : end - p * bb] = raw[start - lo : end - lo]
         return positions[~whole], dest_slots[~whole]  # not checked yet: whole only once every piece is in
 
-    def _read_pieces(self, work: list) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self._read_piece(*args) for args in work]
+    def _read_task(self, layer: int, firsts: np.ndarray, ends: np.ndarray, los: np.ndarray, his: np.ndarray,
+                   positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Read pieces i (blocks [firsts[i], ends[i]), holding positions[los[i]:his[i]]) in turn; returns
+        the (positions, slots) of the bundles cut by the pieces' ends, unchecked. The plain case runs in
+        the native loop (no GIL); from a piece it could not read in full, the rest go through Python."""
+        region, start, cut_parts = self.regions[layer], 0, []
+        if self.native and self.direct:
+            self._buffer()
+            cut = np.zeros(len(positions), dtype=bool)
+            stop = nativeio.read_copy(self.fd, region.offset, firsts, ends, los, his, self._local.array, positions,
+                                      region.bundle_bytes, dest.view(np.uint8), dest_slots, cut)
+            start = len(firsts) if stop < 0 else stop
+            if start:
+                mine = np.concatenate([np.arange(a, b) for a, b in zip(los[:start], his[:start])])
+                whole, cut_rows = mine[~cut[mine]], mine[cut[mine]]
+                if self.verify:  # the bundles whole in their piece, where they now are, in place
+                    check_bundles(self.path, region, positions[whole], dest, dest_slots[whole], self.finite[layer])
+                cut_parts.append((positions[cut_rows], dest_slots[cut_rows]))
+        for i in range(start, len(firsts)):
+            lo, hi = los[i], his[i]
+            cut_parts.append(self._read_piece(layer, int(firsts[i]), int(ends[i]), positions[lo:hi], dest,
+                                              dest_slots[lo:hi]))
+        return cut_parts
 
-    def submit(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> Future:
+    def submit(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray,
+               inline_ok: bool = False) -> Future:
         """Start reading the bundles of sorted ``positions`` into ``dest[dest_slots]``; the future's
-        result is a ReadResult (or raises StreamError)."""
+        result is a ReadResult (or raises StreamError). ``inline_ok``: the caller will wait for this read
+        at once (a demand read), so where the device model says its pieces one after another take less
+        than handing them to the I/O threads and reading them in parallel (``inline_pays``), they are read
+        on the calling thread and the future is already done."""
         positions = np.asarray(positions, dtype=np.int64)
         order = np.argsort(positions, kind="stable")
         positions, dest_slots = positions[order], np.asarray(dest_slots, dtype=np.int64)[order]
         bb = self.regions[layer].bundle_bytes
-        pieces = plan_reads(positions, bb, self.merge_gap_blocks, self.buffer_bytes // BLOCK)
+        pieces = np.asarray(plan_reads(positions, bb, self.merge_gap_blocks, self.buffer_bytes // BLOCK),
+                            dtype=np.int64).reshape(-1, 2)
         t0 = time.perf_counter()
+        firsts, ends = pieces[:, 0].copy(), pieces[:, 1].copy()
         # positions whose bytes overlap each piece
-        los = np.searchsorted(positions, [a * BLOCK // bb for a, _ in pieces], side="left")
-        his = np.searchsorted(positions, [-(-(b * BLOCK) // bb) for _, b in pieces], side="left")
-        work = [(layer, a, b, positions[lo:hi], dest, dest_slots[lo:hi])
-                for (a, b), lo, hi in zip(pieces, los, his)]
+        los = np.searchsorted(positions, firsts * BLOCK // bb, side="left")
+        his = np.searchsorted(positions, -(-(ends * BLOCK) // bb), side="left")
+        nbytes = int((ends - firsts).sum()) * BLOCK
+        result = Future()
+        if inline_ok and len(pieces) and self.inline_pays(len(pieces), nbytes):
+            try:
+                cut = self._read_task(layer, firsts, ends, los, his, positions, dest, dest_slots)
+                t1 = time.perf_counter()
+                self._check_cut(layer, [cut], dest)
+            except BaseException as e:
+                result.set_exception(e)
+                return result
+            result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1,
+                                         self.device.read_time(len(pieces), nbytes)))
+            return result
         # one task per thread, each reading its share of the pieces in turn: as many reads in flight as
         # threads, without a task hand-off per piece
-        groups = min(self.threads, len(work))
-        futures = [self.pool.submit(self._read_pieces, work[g::groups]) for g in range(groups)]
-        result = Future()
-        nbytes = sum((b - a) * BLOCK for a, b in pieces)
+        groups = min(self.threads, len(pieces))
+        futures = [self.pool.submit(self._read_task, layer,
+                                    *(np.ascontiguousarray(a[g::groups]) for a in (firsts, ends, los, his)),
+                                    positions, dest, dest_slots) for g in range(groups)]
         remaining = [len(futures)]
         lock = threading.Lock()
 
@@ -183,13 +233,9 @@ class BundleReader:
                     return
             t1 = time.perf_counter()  # the last piece landed: the read's span ends here, before any check
             errors = [f.exception() for f in futures if f.exception() is not None]
-            if not errors and self.verify:  # the bundles cut by pieces' ends, now whole
-                cut = [part for f in futures for part in f.result()]
-                cut_pos = np.concatenate([c[0] for c in cut]) if cut else np.zeros(0, np.int64)
-                cut_pos, first = np.unique(cut_pos, return_index=True)
-                cut_slots = np.concatenate([c[1] for c in cut])[first] if len(cut_pos) else cut_pos
+            if not errors:
                 try:
-                    check_bundles(self.path, self.regions[layer], cut_pos, dest, cut_slots, self.finite[layer])
+                    self._check_cut(layer, [f.result() for f in futures], dest)
                 except StreamError as e:
                     errors.append(e)
             if errors:
@@ -203,6 +249,38 @@ class BundleReader:
         for f in futures:
             f.add_done_callback(done)
         return result
+
+    def _check_cut(self, layer: int, parts: list, dest: np.ndarray) -> None:
+        """With ``verify``: check the bundles cut by pieces' ends (``parts``: per task, the (positions,
+        slots) pairs its pieces left), now that every piece is in."""
+        if not self.verify:
+            return
+        cut = [part for task in parts for part in task]
+        cut_pos = np.concatenate([c[0] for c in cut]) if cut else np.zeros(0, np.int64)
+        cut_pos, first = np.unique(cut_pos, return_index=True)
+        cut_slots = np.concatenate([c[1] for c in cut])[first] if len(cut_pos) else cut_pos
+        check_bundles(self.path, self.regions[layer], cut_pos, dest, cut_slots, self.finite[layer])
+
+    def inline_pays(self, requests: int, nbytes: int) -> bool:
+        """Reading ``requests`` pieces (``nbytes`` in all) one after another on the calling thread takes
+        no longer, by the device model, than the hand-off to the I/O threads (measured: ``handoff_s``)
+        plus the same reads in parallel."""
+        serial = self.device.read_time(requests, nbytes)
+        return serial <= self.handoff_s + self.device.read_time(requests, nbytes, min(self.threads, requests))
+
+    @property
+    def handoff_s(self) -> float:
+        """Seconds from handing a task to an I/O thread to having its result back, for a task that does
+        nothing: the median of a few round trips, measured at the first call (on a shared 2-core VM
+        100-300 us, several disk latencies; on an idle desktop ~10-30 us)."""
+        if self._handoff_s is None:
+            trips = []
+            for _ in range(HANDOFF_TRIPS):
+                t = time.perf_counter()
+                self.pool.submit(int).result()
+                trips.append(time.perf_counter() - t)
+            self._handoff_s = float(np.median(trips))
+        return self._handoff_s
 
     def read(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray) -> ReadResult:
         return self.submit(layer, positions, dest, dest_slots).result()

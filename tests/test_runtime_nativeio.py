@@ -1,0 +1,140 @@
+"""The native read loop (runtime/nativeio.py) and the demand reads on the calling thread: the same
+bytes as the Python path, a hand-over to Python where the loop cannot finish, and the rule that picks
+the calling thread."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from sparseflash.runtime import nativeio
+from sparseflash.runtime.iomodel import DeviceModel, QueueLevel
+from sparseflash.runtime.streamer import BundleReader, StreamError
+
+N, OFFSET = 97, 3 * 4096
+
+
+def _region_file(tmp_path, bundle_bytes, tail=4096):
+    rng = np.random.default_rng(bundle_bytes)
+    data = rng.integers(0, 256, N * bundle_bytes, dtype=np.uint8)
+    path = tmp_path / f"region-{bundle_bytes}.bin"
+    path.write_bytes(bytes(OFFSET) + data.tobytes() + bytes(tail))
+    region = SimpleNamespace(offset=OFFSET, bundle_bytes=bundle_bytes, length=N * bundle_bytes)
+    return str(path), region, data.reshape(N, bundle_bytes)
+
+
+def _direct_reader(path, region, **kw):
+    reader = BundleReader(path, [region], DeviceModel(), **kw)
+    if not (reader.direct and reader.native):
+        reader.close()
+        pytest.skip("no O_DIRECT on this file system (or no pread): the native loop is not used here")
+    return reader
+
+
+@pytest.mark.parametrize("bundle_bytes", [384, 1024, 5000, 12288])
+def test_native_loop_gives_the_python_paths_bytes(tmp_path, monkeypatch, bundle_bytes):
+    path, region, expected = _region_file(tmp_path, bundle_bytes)
+    calls = []
+    real = nativeio.read_copy
+    monkeypatch.setattr(nativeio, "read_copy", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(7)
+    for buffer_bytes in (4096, 16384, 1 << 20):  # small buffers: many pieces, bundles cut by their ends
+        reader = _direct_reader(path, region, threads=2, buffer_bytes=buffer_bytes)
+        try:
+            for _ in range(4):
+                positions = np.sort(rng.choice(N, size=int(rng.integers(1, N)), replace=False))
+                slots = rng.permutation(len(positions) + 3)[: len(positions)]
+                got = {}
+                for native in (True, False):
+                    reader.native = native
+                    dest = np.zeros((len(positions) + 3, bundle_bytes), dtype=np.uint8)
+                    reader.read(0, positions, dest, slots)
+                    got[native] = dest
+                np.testing.assert_array_equal(got[True][slots], expected[positions])
+                np.testing.assert_array_equal(got[True], got[False])
+        finally:
+            reader.close()
+    assert calls  # the native loop ran
+
+
+def test_a_piece_the_loop_cannot_finish_is_redone_in_python(tmp_path, monkeypatch):
+    """The loop stops at a piece (here: told to after one piece per task); Python reads that piece and
+    the rest, and the bundles cut between the two halves are still whole and exact."""
+    path, region, expected = _region_file(tmp_path, 1000)
+    real = nativeio.read_copy
+
+    def first_piece_only(fd, offset, firsts, ends, los, his, *rest):
+        stop = real(fd, offset, firsts[:1], ends[:1], los[:1], his[:1], *rest)
+        return stop if stop >= 0 or len(firsts) == 1 else 1
+
+    monkeypatch.setattr(nativeio, "read_copy", first_piece_only)
+    python_pieces = []
+    real_piece = BundleReader._read_piece
+    monkeypatch.setattr(BundleReader, "_read_piece", lambda self, *a: python_pieces.append(a[1]) or real_piece(self, *a))
+    reader = _direct_reader(path, region, threads=1, buffer_bytes=8192)
+    try:
+        positions = np.arange(0, N, 2)
+        dest = np.zeros((len(positions), 1000), dtype=np.uint8)
+        reader.read(0, positions, dest, np.arange(len(positions)))
+        np.testing.assert_array_equal(dest, expected[positions])
+        assert python_pieces  # the rest went through Python
+    finally:
+        reader.close()
+
+
+def test_a_file_cut_short_is_a_stream_error_after_the_hand_over(tmp_path):
+    path, region, _ = _region_file(tmp_path, 4096, tail=0)
+    short = tmp_path / "short.bin"
+    short.write_bytes(open(path, "rb").read()[: OFFSET + 40 * 4096 + 100])  # ends inside bundle 40
+    reader = _direct_reader(str(short), region, threads=2, buffer_bytes=8192)
+    try:
+        dest = np.zeros((3, 4096), dtype=np.uint8)
+        with pytest.raises(StreamError, match="unexpected end of file|Invalid argument"):
+            reader.read(0, np.array([1, 40, 60]), dest, np.arange(3))
+    finally:
+        reader.close()
+
+
+def test_a_small_demand_read_runs_on_the_calling_thread(tmp_path, monkeypatch):
+    path, region, expected = _region_file(tmp_path, 1024)
+    reader = BundleReader(path, [region], DeviceModel(latency_s=1e-4, bandwidth_bps=2e9,
+                                                            levels=(QueueLevel(4, 2.5e-5, 2e9),)), threads=4,
+                          buffer_bytes=8192)
+    handed = []
+    real_submit = reader.pool.submit
+    monkeypatch.setattr(reader.pool, "submit", lambda *a, **k: handed.append(a) or real_submit(*a, **k))
+    try:
+        assert 0 < reader.handoff_s < 1.0 and reader.handoff_s == reader.handoff_s  # measured once, kept
+        handed.clear()
+        reader._handoff_s = 2e-4  # two disk latencies
+        assert reader.inline_pays(1, 4096) and reader.inline_pays(2, 8192)
+        assert not reader.inline_pays(40, 40 * 4096)  # many pieces: in parallel on the I/O threads
+        dest = np.zeros((2, 1024), dtype=np.uint8)
+        future = reader.submit(0, np.array([4, 5]), dest, np.arange(2), inline_ok=True)
+        assert future.done() and not handed  # read before submit returned, no hand-off
+        np.testing.assert_array_equal(dest, expected[[4, 5]])  # one block
+        assert future.result().requests == 1 and future.result().bytes == 4096
+        reader.submit(0, np.array([3, 4]), dest, np.arange(2)).result()  # not a demand read: the I/O threads
+        assert handed
+        handed.clear()
+        reader._handoff_s = 0.0  # a hand-off that costs nothing: parallel always pays
+        reader.submit(0, np.arange(0, N, 8), np.zeros((13, 1024), np.uint8), np.arange(13), inline_ok=True).result()
+        assert handed
+    finally:
+        reader.close()
+
+
+def test_inline_read_errors_come_back_through_the_future(tmp_path):
+    path, region, _ = _region_file(tmp_path, 4096, tail=0)
+    short = tmp_path / "short.bin"
+    short.write_bytes(open(path, "rb").read()[: OFFSET + 10 * 4096])
+    reader = BundleReader(str(short), [region], DeviceModel(), threads=2, buffer_bytes=8192)
+    reader._handoff_s = 1.0  # always inline
+    try:
+        future = reader.submit(0, np.array([50]), np.zeros((1, 4096), np.uint8), np.arange(1), inline_ok=True)
+        assert future.done()
+        with pytest.raises(StreamError):
+            future.result()
+    finally:
+        reader.close()
+
