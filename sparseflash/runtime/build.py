@@ -38,6 +38,7 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
     BudgetError when the budget cannot hold the engine's minimum. ``plugin_bytes``: compression
     plugins the run holds, counted in the budget."""
     from sparseflash.kernels import get_backend
+    from sparseflash.kernels.halfbits import KERNEL_DTYPE
 
     regions = lm.file.layers
     if any(r.compressed for r in regions):
@@ -67,6 +68,10 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
             from sparseflash.kernels import predictor as predictor_kernel
 
             predictor_kernel.warmup()  # the fused decode-time predictor (runtime/predict.py), likewise
+            if backend == "cpu" and storage in KERNEL_DTYPE:
+                from sparseflash.kernels import step
+
+                step.warmup((KERNEL_DTYPE[storage],))  # the fused host step (runtime/fused.py)
         caches = [NeuronCache(r.n_neurons, r.n_hot + memory.slots_per_layer, r.bundle_len, STORAGE_NP[r.dtype],
                               policy.window, policy.eviction, host_slots=not on_gpu) for r in regions]
         # per-neuron biases are gathered by slot on the host

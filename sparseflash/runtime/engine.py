@@ -6,7 +6,8 @@ teacher forcing run unchanged on top of it. It is handed its parts, built by run
 the caches, the predictors, a fetcher (fills slots: runtime/fetcher.py), a compute step (runs the
 kernel over slots: runtime/compute.py); planning is runtime/planner.py. ``__call__`` is the one
 per-layer loop, and shows the I/O/compute overlap: layer l+1's look-ahead read runs on the I/O
-threads while layer l reads its misses and computes.
+threads while layer l reads its misses and computes. On the host, a one-token step of the threshold
+strategy does steps 2-5 with one native call for the cached neurons (runtime/fused.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sparseflash.runtime.budget import MemoryPlan
 from sparseflash.runtime.cache import NeuronCache
 from sparseflash.runtime.compute import SparseCompute, count_active
 from sparseflash.runtime.fetcher import Fetch, HostFetcher
+from sparseflash.runtime.fused import FusedStep
 from sparseflash.runtime.planner import LayerPlan, plan_layer, plan_prefetch, plan_prefetch_free
 from sparseflash.runtime.policy import Policy
 from sparseflash.runtime.predict import Predictors
@@ -47,6 +49,7 @@ class StreamingFFN:
         self._step_t: float | None = None  # start of the forward step in progress (begin_step)
         self._ahead_bytes = 0  # bundle bytes of the look-ahead read the current layer started
         self._attention_t = 0.0  # attention time noted since the previous FFN call (note_attention)
+        self.fused = FusedStep(self) if FusedStep.usable(self) else None  # the host decode step in one call
 
     @property
     def strategy(self) -> str:
@@ -112,6 +115,8 @@ class StreamingFFN:
     def _layer(self, l: int, x: torch.Tensor, s: TokenStats) -> torch.Tensor:
         cache = self.caches[l]
         self._finish_prefetch(l, s)  # 1. this layer's look-ahead read (started during layer l-1) lands
+        if self.fused is not None and self.fused.applies(x):  # 2-5 with one native call (runtime/fused.py)
+            return self._settle(l, self.fused(self, l, x, s), s)
         staged = self._take_staged(l)  # (strategy all) its read into a staging half, landing or landed
         if staged is None and self.staging is not None and self.strategy == "all":
             # the first step (later steps read layer 0 during the previous step's last layer): read now
@@ -162,12 +167,13 @@ class StreamingFFN:
         else:  # 5'. more neurons than the cache holds: accumulate the output over batches
             ahead()
             self._compute_in_batches(l, x, plan, y, s, staged[0] if staged is not None else None)
+        return self._settle(l, y, s)
+
+    def _settle(self, l: int, y: torch.Tensor, s: TokenStats) -> torch.Tensor:
         pending = self._prefetch.get(l + 1)
         if pending is not None and pending.done():  # 6. settle a finished look-ahead read now (GPU: queue its upload)
             self._finish_prefetch(l + 1, s)
-        if self.b_down[l] is not None:
-            y = y + self.b_down[l]
-        return y
+        return y if self.b_down[l] is None else y + self.b_down[l]
 
     def _record_layer(self, l: int, s: TokenStats, span: float, before: tuple) -> None:
         """Append layer l's row to the token's timeline (TokenStats.TIMELINE_FIELDS)."""
@@ -285,14 +291,11 @@ class StreamingFFN:
 
     def _take_staged(self, l: int) -> tuple[Fetch, int] | None:
         """Layer l's staged read (started during layer l-1), now the layer's to land and compute over."""
-        if self._staged is None:
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0].layer != l:  # the caller did not run the layers in order: not wanted
+            self._drop_staged(staged)
             return None
-        fetch, half = self._staged
-        self._staged = None
-        if fetch.layer != l:  # the caller did not run the layers in order: that read is not wanted
-            self._drop_staged((fetch, half))
-            return None
-        return fetch, half
+        return staged
 
     def _drop_staged(self, staged: tuple[Fetch, int]) -> None:
         """Wait for a staged read to end, unwanted, and free its half."""
@@ -301,23 +304,22 @@ class StreamingFFN:
 
     def _compute_staged(self, l: int, x: torch.Tensor, fetch: Fetch, y: torch.Tensor, s: TokenStats) -> None:
         """Wait for the layer's staged read (counted as I/O wait) and compute over its rows."""
-        t = time.perf_counter()
-        result = self.fetcher.finish(fetch)
-        s.add_read(result, time.perf_counter() - t)
+        self._wait(fetch, s)
         self._compute(l, x, fetch.slots, y, s, fetch.cache)
 
     def _finish_prefetch(self, l: int, s: TokenStats) -> None:
-        fetch = self._prefetch.pop(l, None)
-        if fetch is not None:
-            t = time.perf_counter()
-            result = self.fetcher.finish(fetch)
-            s.add_read(result, time.perf_counter() - t)
+        if (fetch := self._prefetch.pop(l, None)) is not None:
+            self._wait(fetch, s)
+
+    def _wait(self, fetch: Fetch, s: TokenStats) -> None:
+        """Wait for a read and commit its slots (counted as I/O wait)."""
+        t = time.perf_counter()
+        s.add_read(self.fetcher.finish(fetch), time.perf_counter() - t)
 
     def _read(self, l: int, positions: np.ndarray, slots: np.ndarray, s: TokenStats) -> None:
         if len(positions):
             t = time.perf_counter()
-            result = self.fetcher.fill(l, positions, slots)
-            s.add_read(result, time.perf_counter() - t)
+            s.add_read(self.fetcher.fill(l, positions, slots), time.perf_counter() - t)
 
     def _compute(self, l: int, x: torch.Tensor, slots: np.ndarray, y: torch.Tensor, s: TokenStats,
                  cache=None) -> None:
@@ -389,10 +391,8 @@ class StreamingFFN:
             raise
 
     def _land(self, fetch: Fetch, s: TokenStats) -> None:
-        """Wait for a read this step started and commit its slots (counted as I/O wait)."""
-        t = time.perf_counter()
-        result = self.fetcher.finish(fetch)
-        s.add_read(result, time.perf_counter() - t)
+        """Wait for a read this step started, commit its slots and mark them used."""
+        self._wait(fetch, s)
         self.caches[fetch.layer].touch(fetch.slots)
 
     def close(self) -> None:

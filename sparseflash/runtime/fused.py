@@ -1,0 +1,87 @@
+"""The host decode step of the streaming FFN with the predictor, the choice, the cache split and the
+kernel over the cached neurons in one native call (kernels/step.py).
+
+It applies where that call can stand for the engine's own steps 2-5 (runtime/engine.py): on the
+host, one token, the ``threshold`` strategy, bundles in a float storage. The engine's ``_layer``
+hands such a step here; everything else (the read of the misses, the look-ahead read of layer l+1,
+the kernel over the misses, batches when the misses do not fit, the statistics) is the engine's, so
+the two paths choose, read and compute the same neurons (tests/test_runtime_fused.py).
+
+Time: the native call is counted as compute (``compute_s``: the own prediction, the choice and the
+kernel over the cached neurons); ``predict_s`` holds the look-ahead prediction only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from sparseflash.kernels import step
+from sparseflash.kernels.halfbits import KERNEL_DTYPE, kernel_view
+from sparseflash.kernels.kinds import ffn_kind
+from sparseflash.runtime.compute import count_active
+from sparseflash.runtime.planner import LayerPlan
+
+_NO_BIAS = np.zeros(0, dtype=np.float32)
+
+
+class FusedStep:
+    """Per-layer kernel views of the caches and the FFN kind, for the fused host step."""
+
+    def __init__(self, engine):
+        kind = ffn_kind(engine.compute.kind)
+        self.act_code, self.gated = kind.activation_code, kind.gated
+        self.views = [kernel_view(c.slots, engine.compute.storage) for c in engine.caches]
+
+    @staticmethod
+    def usable(engine) -> bool:
+        """Whether the engine's runs may take this step at all (per call, ``applies`` checks the token)."""
+        return (not engine.on_gpu and engine.strategy == "threshold" and engine.compute.storage in KERNEL_DTYPE
+                and engine.compute.kernel.name == "cpu"
+                and all(p._host is not None for p in engine.predictors.own.values()))
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return x.shape[0] == 1 and x.device.type == "cpu"
+
+    def __call__(self, engine, l: int, x: torch.Tensor, s) -> torch.Tensor:
+        """Layer l's FFN output for one token x (1, d): steps 2-5 of the engine's layer step."""
+        cache, p, policy = engine.caches[l], engine.predictors.own[l], engine.policy
+        t = time.perf_counter()
+        xf = np.ascontiguousarray(x.detach().float().numpy())
+        y = np.empty_like(xf)
+        offset = (policy.cached_bonus, policy.miss_penalty) if policy.cached_bonus or policy.miss_penalty else None
+        miss_cut = p.miss_cut - policy.margin if engine._cached(l, p) is not None else None
+        b_gate, b_up = engine.compute.b_gate[l], engine.compute.b_up[l]
+        top, positions, hit_slots, missing, acts = step.select_and_run_hits(
+            xf, *p._host, p.cut - policy.margin, cache.slot_of, self.views[l], self.act_code, self.gated,
+            _NO_BIAS if b_gate is None else b_gate[cache.position_of], _NO_BIAS if b_up is None else b_up[cache.position_of],
+            y, offset=offset, miss_cut=miss_cut)
+        s.ffn_s += time.perf_counter() - t
+        if policy.eviction in ("predicted", "forecast"):
+            cache.note_scores(top)
+        s.predicted += len(positions)
+        s.per_layer_predicted.append(len(positions))
+        if engine.trace is not None:
+            engine.trace[l].append(positions)
+        s.hits += len(hit_slots)
+        s.misses += len(missing)
+        cache.touch(hit_slots)
+        if s.needed is not None and len(hit_slots):
+            s.needed += count_active(acts, engine.fetcher.norms.of(l, cache.position_of[hit_slots]),
+                                     engine.regions[l].threshold)
+        xt, yt = torch.from_numpy(xf), torch.from_numpy(y)
+        ahead = lambda: engine._start_prefetch(l + 1, x, s)  # noqa: E731
+        room = cache.free_count() + cache.evictable_count(protect=hit_slots)
+        if len(missing) <= room:  # the misses are read (on this thread when small), then computed
+            new = cache.reserve(len(missing), protect=hit_slots)
+            fetch = engine.fetcher.start(l, missing, new, demand=True) if len(missing) else None
+            engine._guarded(fetch, ahead)
+            if fetch is not None:
+                engine._land(fetch, s)
+                engine._compute(l, xt, new, yt, s)
+        else:  # more than the cache holds beside the hits (already computed): batches
+            ahead()
+            engine._compute_in_batches(l, xt, LayerPlan(hit_slots[:0], missing, room), yt, s)
+        return yt
