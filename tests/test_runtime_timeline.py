@@ -26,7 +26,7 @@ def random_predictors(layers: int, n: int = 160, d: int = 64, topk: int = 24) ->
     return preds
 
 
-@pytest.mark.parametrize("strategy", ["all", "topk"])
+@pytest.mark.parametrize("strategy", ["all", "topk", "threshold"])  # threshold: the fused host step
 def test_layer_times_add_up_to_the_token_time(tmp_path, strategy):
     dense, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(2), strategy="topk")
     model = open_streamed(path, "30%ffn", strategy=strategy, io_buffer_bytes=4096)
@@ -57,6 +57,24 @@ def test_layer_times_add_up_to_the_token_time(tmp_path, strategy):
         assert rows[:, 3].sum() == pytest.approx(s.ffn_s, abs=1e-9)
         assert rows[:, 0].sum() == pytest.approx(s.attention_s, abs=1e-9)
         assert rows[:, 5].sum() == s.bytes_read
+
+
+def test_a_demand_read_on_the_calling_thread_is_io_wait(tmp_path):
+    """Reads done inside the caller's thread (small demand reads) count as I/O wait, not bookkeeping."""
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(2), strategy="threshold")
+    model = open_streamed(path, "100%ffn", io_buffer_bytes=4096, lookahead=False)  # the misses fit: no batches
+    model.engine.fetcher.reader._handoff_s = 1.0  # every demand read on this thread
+    ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(model.layout.config, 8)
+    try:
+        for i in range(8):
+            model.transformer(ids[:, i : i + 1], cache=cache, start=i)
+        stats = model.engine.stats
+    finally:
+        model.close()
+    assert sum(s.requests for s in stats) > 0
+    for s in stats:  # every read ran inside the step, on this thread: its whole span is waiting
+        assert s.io_wait_s >= sum(b - a for a, b in s.read_spans) * (1 - 1e-9)
 
 
 def test_read_busy_time_is_the_union_of_read_spans():

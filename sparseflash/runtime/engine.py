@@ -45,8 +45,7 @@ class StreamingFFN:
         self.trace: list[list[np.ndarray]] | None = None  # set to [[] per layer] to record predicted sets
         self._current = TokenStats()
         self._prefetch: dict[int, Fetch] = {}  # layer -> its look-ahead read in flight
-        self._last_t = time.perf_counter()
-        self._step_t: float | None = None  # start of the forward step in progress (begin_step)
+        self._last_t, self._step_t = time.perf_counter(), None  # _step_t: the forward step in progress began
         self._ahead_bytes = 0  # bundle bytes of the look-ahead read the current layer started
         self._attention_t = 0.0  # attention time noted since the previous FFN call (note_attention)
         self.fused = FusedStep(self) if FusedStep.usable(self) else None  # the host decode step in one call
@@ -312,9 +311,10 @@ class StreamingFFN:
             self._wait(fetch, s)
 
     def _wait(self, fetch: Fetch, s: TokenStats) -> None:
-        """Wait for a read and commit its slots (counted as I/O wait)."""
+        """Wait for a read and commit its slots (counted as I/O wait, with the read itself if it ran here)."""
         t = time.perf_counter()
-        s.add_read(self.fetcher.finish(fetch), time.perf_counter() - t)
+        result = self.fetcher.finish(fetch)
+        s.add_read(result, time.perf_counter() - t + (result.seconds if fetch.inline else 0.0))
 
     def _read(self, l: int, positions: np.ndarray, slots: np.ndarray, s: TokenStats) -> None:
         if len(positions):
