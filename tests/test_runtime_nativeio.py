@@ -138,3 +138,45 @@ def test_inline_read_errors_come_back_through_the_future(tmp_path):
     finally:
         reader.close()
 
+
+@pytest.mark.parametrize("native", [True, False])
+def test_checks_are_the_same_in_the_loop_and_in_python(tmp_path, monkeypatch, native):
+    """Digests at every read, values at a bundle's first read only, in both paths: a bundle holding a NaN
+    whose digest matches (a layout written wrong) is caught at its first read and not after it was
+    found finite; a byte changed on disk is caught by the digest even for a bundle seen before."""
+    from sparseflash.layout.format import record_digests
+
+    bb, n = 512, 64  # f16 bundles of 256 values, 8 to a block
+    values = np.random.default_rng(3).standard_normal((n, bb // 2)).astype(np.float16)
+    values[7, 100] = np.nan
+    path = tmp_path / "f16.bin"
+    path.write_bytes(bytes(OFFSET) + values.tobytes() + bytes(4096))
+    region = SimpleNamespace(offset=OFFSET, bundle_bytes=bb, length=n * bb, n_neurons=n, index=0, dtype="f16",
+                             digests=record_digests(values))
+    calls = []
+    real = nativeio.read_copy_checked
+    monkeypatch.setattr(nativeio, "read_copy_checked", lambda *a: calls.append(1) or real(*a))
+    reader = BundleReader(str(path), [region], DeviceModel(), threads=2, buffer_bytes=8192, verify=True)
+    reader.native = native and reader.native
+    if native and not (reader.native and reader.direct and nativeio.CHECKS):
+        reader.close()
+        pytest.skip("the native checks are not available here")
+    dest = np.zeros((4, bb // 2), dtype=np.float16)
+    try:
+        with pytest.raises(StreamError, match="stored neuron 7.*non-finite"):
+            reader.read(0, np.array([3, 7, 9]), dest, np.arange(3))
+        assert not reader.finite[0][7]
+        reader.read(0, np.array([3, 5, 9]), dest, np.arange(3))
+        np.testing.assert_array_equal(dest[:3], values[[3, 5, 9]])
+        assert reader.finite[0][[3, 5, 9]].all()
+        reader.finite[0][7] = True  # as if found finite before: its digest matches, so it is not scanned again
+        reader.read(0, np.array([7]), dest, np.arange(1))
+        blob = bytearray(path.read_bytes())
+        blob[OFFSET + 5 * bb + 10] ^= 0x01  # neuron 5 changes on disk after it was read and scanned
+        path.write_bytes(bytes(blob))
+        with pytest.raises(StreamError, match=r"digests\[5\]"):
+            reader.read(0, np.array([5]), dest, np.arange(1))
+    finally:
+        reader.close()
+    assert bool(calls) == native
+

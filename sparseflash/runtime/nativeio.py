@@ -10,7 +10,13 @@ Numba call per task does the reads (libc ``pread`` on the O_DIRECT descriptor) a
 It handles only the plain case: every read returns its full length. Anything else (an error, EINTR,
 a short read, O_DIRECT refused) stops it at that piece, and the caller redoes that piece and the
 rest in Python (runtime/streamer.py), where every such case has its one-line error or its retry.
-Digests and the finite scan stay with the caller.
+
+With ``digests`` (the region's per-neuron xxh3_64 digests) it also checks each bundle that is whole
+in its piece, where it now is: its digest (the ``XXH3_64bits`` function of the xxhash package's own
+extension, bound at import; where it cannot be bound, ``CHECKS`` is False and the
+caller checks in Python) and, at its first read (``seen``), that no float value is inf or NaN
+(exponent bits all ones). It reports the first bundle that fails; the caller re-checks that one in
+Python for the message. Bundles cut by a piece's end are the caller's to check once every piece is in.
 """
 
 from __future__ import annotations
@@ -23,6 +29,72 @@ from numba import njit, types
 from sparseflash.layout.format_extents import BLOCK
 
 _pread = types.ExternalFunction("pread", types.int64(types.int32, types.voidptr, types.uint64, types.int64))
+_xxh3 = types.ExternalFunction("XXH3_64bits", types.uint64(types.voidptr, types.uint64))
+# the float exponent mask that marks inf/NaN, per value width in bytes (f16 and bf16 bits share width 2)
+EXPONENT_MASK = {"f16": (2, 0x7C00), "bf16": (2, 0x7F80), "f32": (4, 0x7F800000)}
+
+
+def _bind_xxh3() -> bool:
+    """Make the xxhash extension's XXH3_64bits callable from compiled code (False where it is not there)."""
+    try:
+        import ctypes
+
+        import xxhash._xxhash as extension
+        from llvmlite import binding
+
+        address = ctypes.cast(ctypes.CDLL(extension.__file__).XXH3_64bits, ctypes.c_void_p).value
+        binding.add_symbol("XXH3_64bits", address)
+        return True
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
+CHECKS = _bind_xxh3()  # whether the native loop can check digests itself
+
+
+@njit(nogil=True, cache=True)
+def _finite(row, width, mask):
+    # row (bytes,) uint8 of little-endian floats width bytes wide: no value has all exponent bits set
+    bad = False
+    if width == 2:
+        for i in range(0, row.size, 2):
+            bad |= ((np.uint32(row[i]) | (np.uint32(row[i + 1]) << 8)) & mask) == mask
+    else:
+        for i in range(0, row.size, 4):
+            v = (np.uint32(row[i]) | (np.uint32(row[i + 1]) << 8) | (np.uint32(row[i + 2]) << 16)
+                 | (np.uint32(row[i + 3]) << 24))
+            bad |= (v & mask) == mask
+    return not bad
+
+
+@njit(nogil=True, cache=True)
+def _read_copy_checked(fd, region_offset, firsts, ends, los, his, buf, positions, bb, dest, dest_slots, cut,
+                       digests, seen, width, mask, bad):
+    # as _read_copy, and each bundle whole in its piece checked in place: digest, then (first read, float
+    # storage: width > 0) finite values; bad[0] = the first j that failed (else left as is)
+    for i in range(firsts.size):
+        lo = firsts[i] * BLOCK
+        hi = ends[i] * BLOCK
+        if _pread(fd, buf.ctypes.data, hi - lo, region_offset + lo) != hi - lo:
+            return i
+        for j in range(los[i], his[i]):
+            p0 = positions[j] * bb
+            start = max(p0, lo)
+            end = min(p0 + bb, hi)
+            if start < end:
+                dest[dest_slots[j], start - p0 : end - p0] = buf[start - lo : end - lo]
+            cut[j] = p0 < lo or p0 + bb > hi
+            if cut[j] or bad[0] >= 0:
+                continue
+            row = dest[dest_slots[j], :bb]
+            if _xxh3(row.ctypes.data, bb) != digests[positions[j]]:
+                bad[0] = j
+            elif width and not seen[positions[j]]:
+                if _finite(row, width, mask):
+                    seen[positions[j]] = True
+                else:
+                    bad[0] = j
+    return -1
 
 
 @njit(nogil=True, cache=True)
@@ -53,6 +125,21 @@ def read_copy(fd: int, region_offset: int, firsts: np.ndarray, ends: np.ndarray,
     the first piece that was not (the pieces before it are done)."""
     return int(_read_copy(fd, region_offset, firsts, ends, los, his, buf, positions, bundle_bytes, dest, dest_slots,
                           cut))
+
+
+def read_copy_checked(fd: int, region_offset: int, firsts: np.ndarray, ends: np.ndarray, los: np.ndarray,
+                      his: np.ndarray, buf: np.ndarray, positions: np.ndarray, bundle_bytes: int, dest: np.ndarray,
+                      dest_slots: np.ndarray, cut: np.ndarray, digests: np.ndarray, seen: np.ndarray,
+                      storage: str) -> tuple[int, int]:
+    """``read_copy`` that also checks each bundle whole in its piece (needs ``CHECKS``): its xxh3_64
+    digest against ``digests`` (per stored position, uint64) and, where ``seen`` (per stored position,
+    bool; set here) is False and ``storage`` is a float one, its values. Returns (stop, bad): stop as
+    read_copy's, bad the first position index whose check failed (-1: none)."""
+    width, mask = EXPONENT_MASK.get(storage, (0, 0))
+    bad = np.full(1, -1, dtype=np.int64)
+    stop = _read_copy_checked(fd, region_offset, firsts, ends, los, his, buf, positions, bundle_bytes, dest,
+                              dest_slots, cut, digests, seen, width, np.uint32(mask), bad)
+    return int(stop), int(bad[0])
 
 
 def available() -> bool:

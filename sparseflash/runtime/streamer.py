@@ -171,13 +171,22 @@ class BundleReader:
         if self.native and self.direct:
             self._buffer()
             cut = np.zeros(len(positions), dtype=bool)
-            stop = nativeio.read_copy(self.fd, region.offset, firsts, ends, los, his, self._local.array, positions,
-                                      region.bundle_bytes, dest.view(np.uint8), dest_slots, cut)
+            args = (self.fd, region.offset, firsts, ends, los, his, self._local.array, positions, region.bundle_bytes,
+                    dest.view(np.uint8), dest_slots, cut)
+            checked = self.verify and nativeio.CHECKS and region.dtype in nativeio.EXPONENT_MASK
+            if checked:  # digests and first-read value scans in the loop too
+                stop, bad = nativeio.read_copy_checked(*args, region.digests, self.finite[layer], region.dtype)
+                if bad >= 0:  # the check in Python names the neuron and what is wrong with it
+                    check_bundles(self.path, region, positions[bad : bad + 1], dest, dest_slots[bad : bad + 1])
+                    raise StreamError(f"{self.path}: layer {region.index}, stored neuron {int(positions[bad])} "
+                                      "failed its check when read")
+            else:
+                stop = nativeio.read_copy(*args)
             start = len(firsts) if stop < 0 else stop
             if start:
                 mine = np.concatenate([np.arange(a, b) for a, b in zip(los[:start], his[:start])])
                 whole, cut_rows = mine[~cut[mine]], mine[cut[mine]]
-                if self.verify:  # the bundles whole in their piece, where they now are, in place
+                if self.verify and not checked:  # the bundles whole in their piece, where they now are, in place
                     check_bundles(self.path, region, positions[whole], dest, dest_slots[whole], self.finite[layer])
                 cut_parts.append((positions[cut_rows], dest_slots[cut_rows]))
         for i in range(start, len(firsts)):
