@@ -3,7 +3,7 @@ prediction, I/O wait, compute, bookkeeping, head) per token and per layer, next 
 decoding of the same model, and the Python functions that cost the most (cProfile).
 
     python bench/profile_decode.py [--layout F.sflash] [--budget 25%ffn] [--strategy all] [--io-threads N] [-n 64] [--top 25]
-        [--warm 4] [--no-dense] [--json F]
+        [--warm 4] [--no-verify] [--no-dense] [--json F]
 
 Without --layout it uses (and, the first time, prepares) the bundled model's cached layout and
 compares with the bundled model decoding densely in memory; with --layout there is no dense row (a
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense in-memory row (bundled model)")
     ap.add_argument("--io-threads", type=int, default=None, help="reads in flight (default: planned from the disk)")
     ap.add_argument("-n", type=int, default=64)
+    ap.add_argument("--no-verify", action="store_true", help="do not check bundles as they are read (run --no-verify)")
     ap.add_argument("--warm", type=int, default=4, help="tokens decoded untimed first (compiles the kernels; "
                     "with many, the cache fills: 100%%ffn --warm 64 times a run that reads nothing)")
     ap.add_argument("--top", type=int, default=25)
@@ -69,6 +70,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     path = a.layout or default_layout()
     kw = {k: v for k, v in (("strategy", a.strategy), ("io_threads", a.io_threads)) if v is not None}
+    if a.no_verify:
+        kw["verify"] = False
     model = open_streamed(path, a.budget, **kw)
     try:
         ids = model.tokenizer.encode(PROMPT)

@@ -180,3 +180,27 @@ def test_checks_are_the_same_in_the_loop_and_in_python(tmp_path, monkeypatch, na
         reader.close()
     assert bool(calls) == native
 
+
+
+def test_a_read_is_dealt_to_as_many_threads_as_pay_for_their_hand_off(tmp_path, monkeypatch):
+    path, region, expected = _region_file(tmp_path, 4096)
+    disk = DeviceModel(latency_s=1e-4, bandwidth_bps=2e9,
+                       levels=(QueueLevel(2, 5e-5, 2e9), QueueLevel(4, 2.5e-5, 2e9)))
+    reader = BundleReader(path, [region], disk, threads=4, buffer_bytes=4096)
+    handed = []
+    real_submit = reader.pool.submit
+    monkeypatch.setattr(reader.pool, "submit", lambda *a, **k: handed.append(a) or real_submit(*a, **k))
+    try:
+        reader._handoff_s = 1e-3  # a hand-off costs ten disk latencies
+        assert reader.task_count(4, 4 * 4096) == 1
+        assert reader.task_count(200, 200 * 4096) == 4  # 15 ms of latency saved: worth three more hand-offs
+        reader._handoff_s = 0.0
+        assert reader.task_count(4, 4 * 4096) == 4 and reader.task_count(1, 4096) == 1
+        reader._handoff_s = 1e-3
+        positions = np.array([0, 10, 20, 30])  # four pieces
+        dest = np.zeros((4, 4096), dtype=np.uint8)
+        reader.read(0, positions, dest, np.arange(4))
+        assert len(handed) == 1  # one task read all four
+        np.testing.assert_array_equal(dest, expected[positions])
+    finally:
+        reader.close()

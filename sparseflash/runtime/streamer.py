@@ -226,9 +226,9 @@ class BundleReader:
             result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1,
                                          self.device.read_time(len(pieces), nbytes)))
             return result
-        # one task per thread, each reading its share of the pieces in turn: as many reads in flight as
-        # threads, without a task hand-off per piece
-        groups = min(self.threads, len(pieces))
+        # one task per thread used, each reading its share of the pieces in turn, without a task hand-off
+        # per piece; as many tasks as pay for their hand-off (task_count)
+        groups = self.task_count(len(pieces), nbytes)
         futures = [self.pool.submit(self._read_task, layer,
                                     *(np.ascontiguousarray(a[g::groups]) for a in (firsts, ends, los, his)),
                                     positions, dest, dest_slots) for g in range(groups)]
@@ -269,6 +269,16 @@ class BundleReader:
         cut_pos, first = np.unique(cut_pos, return_index=True)
         cut_slots = np.concatenate([c[1] for c in cut])[first] if len(cut_pos) else cut_pos
         check_bundles(self.path, self.regions[layer], cut_pos, dest, cut_slots, self.finite[layer])
+
+    def task_count(self, requests: int, nbytes: int) -> int:
+        """I/O threads to deal ``requests`` pieces (``nbytes`` in all) to: the count g (at most the threads
+        and the pieces) that minimises g hand-offs plus the device model's time at g reads in flight. A
+        read of a few small pieces takes one or two threads (each hand-off costs both threads CPU time on
+        a machine with few cores), a large one all of them."""
+        most = max(1, min(self.threads, requests))
+        if most == 1:
+            return 1
+        return min(range(1, most + 1), key=lambda g: g * self.handoff_s + self.device.read_time(requests, nbytes, g))
 
     def inline_pays(self, requests: int, nbytes: int) -> bool:
         """Reading ``requests`` pieces (``nbytes`` in all) one after another on the calling thread takes
