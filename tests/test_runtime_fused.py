@@ -14,6 +14,7 @@ from sparseflash.kernels import predictor as predictor_kernel
 from sparseflash.kernels.bundles import pack_bundles
 from sparseflash.kernels.halfbits import kernel_view
 from sparseflash.model.transformer import KVCache
+from sparseflash.runtime.compute import count_active
 from sparseflash.runtime.session import open_streamed
 
 
@@ -86,12 +87,13 @@ def test_step_kernel_is_the_predictor_choice_then_the_sparse_ffn_of_the_cached_o
     slot_of = np.full(n, -1, dtype=np.int64)
     slot_of[held] = np.arange(slots)
     up_bias = rng.standard_normal(slots, dtype=np.float32)
+    norms = rng.uniform(0.0, 0.5, n).astype(np.float32)  # down-column norms by stored position
     top_ref = predictor_kernel.top_logits(x, w1, b1, w2, b2)
     for offset, miss_cut in ((None, None), ((0.5, 2.0), None), (None, 3.0), ((1.0, 0.5), 2.5)):
         y = np.empty((1, d), dtype=np.float32)
-        top, positions, hit_slots, missing, acts = step.select_and_run_hits(
+        top, positions, hit_slots, missing, acts, active = step.select_and_run_hits(
             x, w1, b1, w2, b2, 1.0, slot_of, kernel_view(bundles, storage), 0, False, np.zeros(0, np.float32),
-            up_bias, y, offset=offset, miss_cut=miss_cut)
+            up_bias, y, offset=offset, miss_cut=miss_cut, norms=norms, threshold=0.05)
         cached = slot_of >= 0
         off = None if offset is None else np.where(cached, offset[0], -offset[1]).astype(np.float32)
         want = predictor_kernel.select(top_ref, 1.0, off, cached if miss_cut is not None else None, miss_cut)
@@ -102,6 +104,8 @@ def test_step_kernel_is_the_predictor_choice_then_the_sparse_ffn_of_the_cached_o
         y_ref = get_backend("cpu").sparse_ffn(x, bundles, hit_slots, "relu2", storage=storage, up_bias=up_bias)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
         assert acts.shape == (1, len(hit_slots))
+        held_norms = norms[positions[cached[positions]]]
+        assert active == count_active(acts, held_norms, 0.05) and 0 < active < len(hit_slots)
 
 
 def test_step_kernel_refuses_shapes_that_do_not_agree():

@@ -25,12 +25,14 @@ from numba import njit
 from sparseflash.kernels.cpu import _neuron_range
 from sparseflash.kernels.predictor import _top_logits
 
+_NO_NORMS = np.zeros(0, dtype=np.float32)
+
 
 @njit(nogil=True, cache=True)
 def _step(x, w1, b1, w2, b2, h, top, cut, use_offset, cached_bonus, miss_penalty, use_miss_cut, miss_cut, slot_of,
-          positions, hit_slots, missing, bundles, act_code, gated, gate_bias, up_bias, acts, y):
+          positions, hit_slots, missing, bundles, act_code, gated, gate_bias, up_bias, acts, y, norms, threshold):
     _top_logits(x, w1, b1, w2, b2, h, top)
-    n_pos = n_hit = n_miss = 0
+    n_pos = n_hit = n_miss = n_active = 0
     for k in range(top.size):
         slot = slot_of[k]
         v = top[k]
@@ -49,22 +51,35 @@ def _step(x, w1, b1, w2, b2, h, top, cut, use_offset, cached_bonus, miss_penalty
         _neuron_range(x, bundles, hit_slots[:n_hit], act_code, gated, gate_bias, up_bias, acts, 0, n_hit, y)
     else:
         y[:] = 0.0
-    return n_pos, n_hit, n_miss
+    if norms.size:  # truly active among the cached: |a| x ||down|| >= threshold and > 0 (layout/schema.py)
+        j = 0
+        for k in range(n_pos):
+            if slot_of[positions[k]] >= 0:
+                m = abs(acts[0, j]) * norms[positions[k]]
+                if m >= threshold and m > 0:
+                    n_active += 1
+                j += 1
+    return n_pos, n_hit, n_miss, n_active
 
 
 def select_and_run_hits(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, cut: float,
                         slot_of: np.ndarray, bundles: np.ndarray, act_code: int, gated: bool,
                         gate_bias: np.ndarray, up_bias: np.ndarray, y: np.ndarray, *,
-                        offset: tuple[float, float] | None = None, miss_cut: float | None = None):
+                        offset: tuple[float, float] | None = None, miss_cut: float | None = None,
+                        norms: np.ndarray | None = None, threshold: float = 0.0):
     """For one token x (1, d) float32: the predictor (w1 (r, d), b1 (r,), w2 (n, r), b2 (n,) float32)
     picks stored positions (``cut``; ``offset`` (cached_bonus, miss_penalty); ``miss_cut``), and the
     FFN of those cached (``slot_of`` (n,) int64) is written into y (1, d) float32 from ``bundles``
     (slots, bundle_len) in the kernel dtype (halfbits.kernel_view). Biases are per slot (empty: none).
 
-    Returns (top, positions, hit_slots, missing, acts): every neuron's logit (n,), the selected
+    With ``norms`` (n,) float32, each neuron's down-column norm by stored position, it also counts the
+    cached neurons that are truly active (|a| x norm >= ``threshold`` and > 0, layout/schema.py).
+
+    Returns (top, positions, hit_slots, missing, acts, active): every neuron's logit (n,), the selected
     positions ascending, the slots of those in memory and the positions of those not (both in position
-    order), and the activations (1, len(hit_slots)). The arrays are checked by the caller once (the
-    engine's are fixed for a run); here only their lengths are asserted."""
+    order), the activations (1, len(hit_slots)) and the truly active count (0 without ``norms``). The
+    arrays are checked by the caller once (the engine's are fixed for a run); here only their lengths
+    are asserted."""
     n, rank = w2.shape
     if x.shape != (1, w1.shape[1]) or slot_of.shape != (n,) or y.shape != x.shape:
         raise ValueError(f"fused step: x {x.shape}, w1 {w1.shape}, w2 {w2.shape}, slot_of {slot_of.shape}, "
@@ -73,11 +88,14 @@ def select_and_run_hits(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.nd
     positions, hit_slots, missing = (np.empty(n, dtype=np.int64) for _ in range(3))
     acts = np.empty((1, n), dtype=np.float32)
     bonus, penalty = offset if offset is not None else (0.0, 0.0)
-    n_pos, n_hit, n_miss = _step(x, w1, b1, w2, b2, np.empty(rank, dtype=np.float32), top, np.float32(cut),
-                                 offset is not None, np.float32(bonus), np.float32(penalty), miss_cut is not None,
-                                 np.float32(0.0 if miss_cut is None else miss_cut), slot_of, positions, hit_slots,
-                                 missing, bundles, act_code, gated, gate_bias, up_bias, acts, y)
-    return top, positions[:n_pos], hit_slots[:n_hit], missing[:n_miss], acts[:, :n_hit]
+    if norms is not None and norms.shape != (n,):
+        raise ValueError(f"fused step: norms {norms.shape}, expected ({n},)")
+    n_pos, n_hit, n_miss, active = _step(
+        x, w1, b1, w2, b2, np.empty(rank, dtype=np.float32), top, np.float32(cut), offset is not None,
+        np.float32(bonus), np.float32(penalty), miss_cut is not None, np.float32(0.0 if miss_cut is None else miss_cut),
+        slot_of, positions, hit_slots, missing, bundles, act_code, gated, gate_bias, up_bias, acts, y,
+        _NO_NORMS if norms is None else norms, np.float32(threshold))
+    return top, positions[:n_pos], hit_slots[:n_hit], missing[:n_miss], acts[:, :n_hit], int(active)
 
 
 def warmup(dtypes=(np.float32, np.uint16, np.int16)) -> None:
@@ -86,6 +104,8 @@ def warmup(dtypes=(np.float32, np.uint16, np.int16)) -> None:
     w1, w2 = np.ones((r, d), np.float32), np.ones((n, r), np.float32)
     for dt in dtypes:
         bundles = np.zeros((n, 2 * d), dtype=dt)
-        select_and_run_hits(np.ones((1, d), np.float32), w1, np.zeros(r, np.float32), w2, np.zeros(n, np.float32),
-                            0.0, np.arange(n, dtype=np.int64), bundles, 0, False, np.zeros(0, np.float32),
-                            np.zeros(0, np.float32), np.zeros((1, d), np.float32))
+        for norms in (None, np.ones(n, np.float32)):
+            select_and_run_hits(np.ones((1, d), np.float32), w1, np.zeros(r, np.float32), w2,
+                                np.zeros(n, np.float32), 0.0, np.arange(n, dtype=np.int64), bundles, 0, False,
+                                np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((1, d), np.float32),
+                                norms=norms)

@@ -21,7 +21,6 @@ import torch
 from sparseflash.kernels import step
 from sparseflash.kernels.halfbits import KERNEL_DTYPE, kernel_view
 from sparseflash.kernels.kinds import ffn_kind
-from sparseflash.runtime.compute import count_active
 from sparseflash.runtime.planner import LayerPlan
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
@@ -54,10 +53,12 @@ class FusedStep:
         offset = (policy.cached_bonus, policy.miss_penalty) if policy.cached_bonus or policy.miss_penalty else None
         miss_cut = p.miss_cut - policy.margin if engine._cached(l, p) is not None else None
         b_gate, b_up = engine.compute.b_gate[l], engine.compute.b_up[l]
-        top, positions, hit_slots, missing, acts = step.select_and_run_hits(
+        counting = s.needed is not None
+        top, positions, hit_slots, missing, _, active = step.select_and_run_hits(
             xf, *p._host, p.cut - policy.margin, cache.slot_of, self.views[l], self.act_code, self.gated,
             _NO_BIAS if b_gate is None else b_gate[cache.position_of], _NO_BIAS if b_up is None else b_up[cache.position_of],
-            y, offset=offset, miss_cut=miss_cut)
+            y, offset=offset, miss_cut=miss_cut, norms=engine.fetcher.norms.known[l] if counting else None,
+            threshold=engine.regions[l].threshold)
         s.ffn_s += time.perf_counter() - t
         if policy.eviction in ("predicted", "forecast"):
             cache.note_scores(top)
@@ -68,19 +69,20 @@ class FusedStep:
         s.hits += len(hit_slots)
         s.misses += len(missing)
         cache.touch(hit_slots)
-        if s.needed is not None and len(hit_slots):
-            s.needed += count_active(acts, engine.fetcher.norms.of(l, cache.position_of[hit_slots]),
-                                     engine.regions[l].threshold)
+        if counting:
+            s.needed += active
         xt, yt = torch.from_numpy(xf), torch.from_numpy(y)
         ahead = lambda: engine._start_prefetch(l + 1, x, s)  # noqa: E731
+        if not len(missing):
+            ahead()
+            return yt
         room = cache.free_count() + cache.evictable_count(protect=hit_slots)
         if len(missing) <= room:  # the misses are read (on this thread when small), then computed
             new = cache.reserve(len(missing), protect=hit_slots)
-            fetch = engine.fetcher.start(l, missing, new, demand=True) if len(missing) else None
+            fetch = engine.fetcher.start(l, missing, new, demand=True)
             engine._guarded(fetch, ahead)
-            if fetch is not None:
-                engine._land(fetch, s)
-                engine._compute(l, xt, new, yt, s)
+            engine._land(fetch, s)
+            engine._compute(l, xt, new, yt, s)
         else:  # more than the cache holds beside the hits (already computed): batches
             ahead()
             engine._compute_in_batches(l, xt, LayerPlan(hit_slots[:0], missing, room), yt, s)
