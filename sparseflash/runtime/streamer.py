@@ -25,6 +25,7 @@ import mmap
 import os
 import threading
 import time
+import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,9 +73,9 @@ class BundleReader:
         # reading a gap costs less than a request's latency at this queue depth; never more than a buffer
         self.merge_gap_blocks = min(device.gap_bytes(threads), self.buffer_bytes) // BLOCK
         self._preadv = preadv
-        # the native loop (runtime/nativeio.py) reads the plain case without the GIL; an injected preadv
-        # (tests: faults) keeps every read in Python
-        self.native = preadv is os.preadv and nativeio.available()
+        # the native loop (runtime/nativeio.py) reads the plain case without the GIL; a preadv that is not
+        # the os module's own (tests inject faults that way) keeps every read in Python
+        self.native = isinstance(preadv, types.BuiltinFunctionType) and nativeio.available()
         self.direct = False
         self.fd = self._open(io)
         self._buffered_fd = None
