@@ -68,22 +68,42 @@ def _finite(row, width, mask):
 
 
 @njit(nogil=True, cache=True)
+def _piece(fd, region_offset, lo, hi, jlo, jhi, buf, positions, bb, dest, dest_slots, cut):
+    # read bytes [lo, hi) of the region into buf, copy the parts of positions[jlo:jhi] into their dest rows;
+    # False when the read did not return its full length (error, EINTR or short)
+    if _pread(fd, buf.ctypes.data, hi - lo, region_offset + lo) != hi - lo:
+        return False
+    for j in range(jlo, jhi):
+        p0 = positions[j] * bb
+        start = max(p0, lo)
+        end = min(p0 + bb, hi)
+        if start < end:
+            dest[dest_slots[j], start - p0 : end - p0] = buf[start - lo : end - lo]
+        cut[j] = p0 < lo or p0 + bb > hi
+    return True
+
+
+@njit(nogil=True, cache=True)
+def _read_copy(fd, region_offset, firsts, ends, los, his, buf, positions, bb, dest, dest_slots, cut):
+    # piece i: blocks [firsts[i], ends[i]) of the region, holding bytes of positions[los[i]:his[i]]
+    # buf (>= largest piece) uint8, page-aligned; dest (rows, >= bb) uint8; cut (len(positions),) bool out
+    for i in range(firsts.size):
+        if not _piece(fd, region_offset, firsts[i] * BLOCK, ends[i] * BLOCK, los[i], his[i], buf, positions, bb,
+                      dest, dest_slots, cut):
+            return i  # the caller redoes pieces i.. in Python
+    return -1
+
+
+@njit(nogil=True, cache=True)
 def _read_copy_checked(fd, region_offset, firsts, ends, los, his, buf, positions, bb, dest, dest_slots, cut,
                        digests, seen, width, mask, bad):
     # as _read_copy, and each bundle whole in its piece checked in place: digest, then (first read, float
     # storage: width > 0) finite values; bad[0] = the first j that failed (else left as is)
     for i in range(firsts.size):
-        lo = firsts[i] * BLOCK
-        hi = ends[i] * BLOCK
-        if _pread(fd, buf.ctypes.data, hi - lo, region_offset + lo) != hi - lo:
+        if not _piece(fd, region_offset, firsts[i] * BLOCK, ends[i] * BLOCK, los[i], his[i], buf, positions, bb,
+                      dest, dest_slots, cut):
             return i
         for j in range(los[i], his[i]):
-            p0 = positions[j] * bb
-            start = max(p0, lo)
-            end = min(p0 + bb, hi)
-            if start < end:
-                dest[dest_slots[j], start - p0 : end - p0] = buf[start - lo : end - lo]
-            cut[j] = p0 < lo or p0 + bb > hi
             if cut[j] or bad[0] >= 0:
                 continue
             row = dest[dest_slots[j], :bb]
@@ -94,25 +114,6 @@ def _read_copy_checked(fd, region_offset, firsts, ends, los, his, buf, positions
                     seen[positions[j]] = True
                 else:
                     bad[0] = j
-    return -1
-
-
-@njit(nogil=True, cache=True)
-def _read_copy(fd, region_offset, firsts, ends, los, his, buf, positions, bb, dest, dest_slots, cut):
-    # piece i: blocks [firsts[i], ends[i]) of the region, holding bytes of positions[los[i]:his[i]]
-    # buf (>= largest piece) uint8, page-aligned; dest (rows, >= bb) uint8; cut (len(positions),) bool out
-    for i in range(firsts.size):
-        lo = firsts[i] * BLOCK
-        hi = ends[i] * BLOCK
-        if _pread(fd, buf.ctypes.data, hi - lo, region_offset + lo) != hi - lo:
-            return i  # error, EINTR or short: the caller redoes pieces i.. in Python
-        for j in range(los[i], his[i]):
-            p0 = positions[j] * bb
-            start = max(p0, lo)
-            end = min(p0 + bb, hi)
-            if start < end:
-                dest[dest_slots[j], start - p0 : end - p0] = buf[start - lo : end - lo]
-            cut[j] = p0 < lo or p0 + bb > hi
     return -1
 
 
