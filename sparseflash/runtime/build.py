@@ -68,7 +68,7 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
             from sparseflash.kernels import predictor as predictor_kernel
 
             predictor_kernel.warmup()  # the fused decode-time predictor (runtime/predict.py), likewise
-            if backend == "cpu" and storage in KERNEL_DTYPE:
+            if backend == "cpu" and storage in KERNEL_DTYPE and predictors.strategy == "threshold":
                 from sparseflash.kernels import step
 
                 step.warmup((KERNEL_DTYPE[storage],))  # the fused host step (runtime/fused.py)

@@ -314,7 +314,7 @@ class StreamingFFN:
         """Wait for a read and commit its slots (counted as I/O wait, with the read itself if it ran here)."""
         t = time.perf_counter()
         result = self.fetcher.finish(fetch)
-        s.add_read(result, time.perf_counter() - t + (result.seconds if fetch.inline else 0.0))
+        s.add_read(result, time.perf_counter() - t + (result.seconds if result.inline else 0.0))
 
     def _read(self, l: int, positions: np.ndarray, slots: np.ndarray, s: TokenStats) -> None:
         if len(positions):

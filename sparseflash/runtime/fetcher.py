@@ -40,7 +40,6 @@ class Fetch:
     future: Future
     staging: object = None  # the staging buffer of a device read
     cache: object = None  # where the slots are: the layer's NeuronCache, or a StagedSlots (runtime/staging.py)
-    inline: bool = False  # read on the caller's thread inside start(): its span is I/O wait too
 
     def done(self) -> bool:
         return self.future.done()
@@ -104,8 +103,8 @@ class HostFetcher:
         ``demand``: the caller waits for this read next (a small one may then be read on its thread:
         BundleReader.submit's ``inline_ok``)."""
         cache = self.caches[layer] if into is None else into
-        future = self.reader.submit(layer, positions, cache.slots, slots, demand)
-        return Fetch(layer, positions, slots, future, cache=cache, inline=demand and future.done())
+        return Fetch(layer, positions, slots, self.reader.submit(layer, positions, cache.slots, slots, demand),
+                     cache=cache)
 
     def finish(self, fetch: Fetch, pinned: bool = False) -> ReadResult:
         cache = fetch.cache

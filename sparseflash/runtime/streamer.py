@@ -7,8 +7,8 @@ page-aligned buffers, from an O_DIRECT descriptor: each thread's pieces in one n
 (libc ``pread``) and copies without the GIL (runtime/nativeio.py), and in Python (``os.preadv``) from
 the first piece that call could not read in full. Where the file system refuses O_DIRECT the reader
 falls back to buffered reads and drops what it read from the page cache, so every read is a disk read.
-A demand read (the caller waits for it next) of a few pieces is read on the calling thread when the
-device model says that is quicker than the measured hand-off to a thread plus the parallel reads.
+A read goes to as many threads as pay for their measured hand-off, and a demand read (the caller
+waits for it next) of a few pieces is read on the calling thread when that is quickest (tasks_for).
 Short reads are completed, EINTR is retried, and any other OSError becomes a StreamError naming
 the file and offset; slots of a failed read are never committed, so the cache stays consistent.
 With ``verify`` every bundle read is checked against its digest in the index before the read is
@@ -55,6 +55,7 @@ class ReadResult:
     start: float = 0.0  # time.perf_counter() when it was submitted
     end: float = 0.0  # ... and when its last piece landed
     model_s: float = 0.0  # the device model's time for the same pieces at the same queue depth
+    inline: bool = False  # read on the calling thread inside submit(): the caller spent its whole span
 
 
 class BundleReader:
@@ -200,9 +201,8 @@ class BundleReader:
                inline_ok: bool = False) -> Future:
         """Start reading the bundles of sorted ``positions`` into ``dest[dest_slots]``; the future's
         result is a ReadResult (or raises StreamError). ``inline_ok``: the caller will wait for this read
-        at once (a demand read), so where the device model says its pieces one after another take less
-        than handing them to the I/O threads and reading them in parallel (``inline_pays``), they are read
-        on the calling thread and the future is already done."""
+        at once (a demand read), so where that is quickest (``tasks_for`` says 0) its pieces are read on
+        the calling thread and the future is already done."""
         positions = np.asarray(positions, dtype=np.int64)
         order = np.argsort(positions, kind="stable")
         positions, dest_slots = positions[order], np.asarray(dest_slots, dtype=np.int64)[order]
@@ -216,7 +216,11 @@ class BundleReader:
         his = np.searchsorted(positions, -(-(ends * BLOCK) // bb), side="left")
         nbytes = int((ends - firsts).sum()) * BLOCK
         result = Future()
-        if inline_ok and len(pieces) and self.inline_pays(len(pieces), nbytes):
+        if not len(pieces):
+            result.set_result(ReadResult())
+            return result
+        groups = self.tasks_for(len(pieces), nbytes, inline_ok)
+        if groups == 0:
             try:
                 cut = self._read_task(layer, firsts, ends, los, his, positions, dest, dest_slots)
                 t1 = time.perf_counter()
@@ -225,11 +229,10 @@ class BundleReader:
                 result.set_exception(e)
                 return result
             result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1,
-                                         self.device.read_time(len(pieces), nbytes)))
+                                         self.device.read_time(len(pieces), nbytes), inline=True))
             return result
         # one task per thread used, each reading its share of the pieces in turn, without a task hand-off
-        # per piece; as many tasks as pay for their hand-off (task_count)
-        groups = self.task_count(len(pieces), nbytes)
+        # per piece
         futures = [self.pool.submit(self._read_task, layer,
                                     *(np.ascontiguousarray(a[g::groups]) for a in (firsts, ends, los, his)),
                                     positions, dest, dest_slots) for g in range(groups)]
@@ -254,8 +257,6 @@ class BundleReader:
                 result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1,
                                              self.device.read_time(len(pieces), nbytes, self.threads)))
 
-        if not futures:
-            result.set_result(ReadResult())
         for f in futures:
             f.add_done_callback(done)
         return result
@@ -271,22 +272,15 @@ class BundleReader:
         cut_slots = np.concatenate([c[1] for c in cut])[first] if len(cut_pos) else cut_pos
         check_bundles(self.path, self.regions[layer], cut_pos, dest, cut_slots, self.finite[layer])
 
-    def task_count(self, requests: int, nbytes: int) -> int:
-        """I/O threads to deal ``requests`` pieces (``nbytes`` in all) to: the count g (at most the threads
-        and the pieces) that minimises g hand-offs plus the device model's time at g reads in flight. A
-        read of a few small pieces takes one or two threads (each hand-off costs both threads CPU time on
-        a machine with few cores), a large one all of them."""
-        most = max(1, min(self.threads, requests))
-        if most == 1:
-            return 1
-        return min(range(1, most + 1), key=lambda g: g * self.handoff_s + self.device.read_time(requests, nbytes, g))
-
-    def inline_pays(self, requests: int, nbytes: int) -> bool:
-        """Reading ``requests`` pieces (``nbytes`` in all) one after another on the calling thread takes
-        no longer, by the device model, than the hand-off to the I/O threads (measured: ``handoff_s``)
-        plus the same reads in parallel."""
-        serial = self.device.read_time(requests, nbytes)
-        return serial <= self.handoff_s + self.device.read_time(requests, nbytes, min(self.threads, requests))
+    def tasks_for(self, requests: int, nbytes: int, inline_ok: bool = False) -> int:
+        """How many I/O threads to deal ``requests`` pieces (``nbytes`` in all) to, 0 meaning none (read on
+        the calling thread, an option only with ``inline_ok``): the count g that minimises g hand-offs
+        (measured: ``handoff_s``) plus the device model's time at g reads in flight (at depth 1 for 0).
+        A demand read of a piece or two stays on the caller's thread, a read of a few small pieces takes
+        one or two threads (each hand-off costs both threads CPU time on a machine with few cores), and
+        a large one all of them."""
+        options = range(0 if inline_ok else 1, min(self.threads, requests) + 1)
+        return min(options, key=lambda g: g * self.handoff_s + self.device.read_time(requests, nbytes, max(g, 1)))
 
     @property
     def handoff_s(self) -> float:
