@@ -11,6 +11,7 @@ from sparseflash.model.loader import open_dense
 from sparseflash.model.source import open_source
 from sparseflash.model.text import corpus_ids
 from sparseflash.runtime.iomodel import DeviceModel
+from sparseflash.runtime.policy import EVICTION_POLICIES
 from sparseflash.tools.cli import main
 
 # small and quick: its predictors are weak (held-out ppl +5-55% over dense), so the quality gate gets a
@@ -94,11 +95,11 @@ def test_io_report_orders_the_modes(prepared, heldout_ids):
     for curve in (sweep["lru"], sweep["oracle"]):  # a bigger cache never reads more
         assert all(b <= a + 1e-9 for a, b in zip(curve, curve[1:]))
     ev = r["layouts"][0]["eviction"]
-    assert set(ev) == {"lru", "lfu", "predicted", "forecast", "window", "belady"}
+    assert set(ev) == {"lru", "lfu", "predicted", "forecast", "frequency", "window", "belady"}
     floor = ev["belady"]["neurons_fetched_per_token"]
-    for policy in ("lru", "lfu", "predicted", "forecast", "window"):  # same sets, same cache: Belady is the floor
+    for policy in EVICTION_POLICIES:  # same sets, same cache: Belady is the floor
         assert ev[policy]["neurons_fetched_per_token"] >= floor - 1e-9
-    for policy in ("lru", "lfu", "predicted", "forecast", "window"):  # bytes read hold at least the neurons fetched
+    for policy in EVICTION_POLICIES:  # bytes read hold at least the neurons fetched
         assert ev[policy]["bytes_per_token"] >= ev[policy]["neurons_fetched_per_token"] * 1024
 
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparseflash.runtime.cache import NeuronCache
+from sparseflash.runtime.cache import FREQUENCY_DECAY, NeuronCache
 
 NEURONS, CAPACITY = 40, 12
 
@@ -26,9 +26,16 @@ class ReferenceCache:
         self.window, self.policy, self.step = window, policy, 0
         self.pinned = set(pinned)
         self.held = {p: {"last": 0, "uses": 0, "score": 0.0} for p in pinned}
+        self.used_at: dict[int, list[int]] = {}  # every token that used each neuron (kept after eviction)
+
+    def use(self, p):
+        self.used_at.setdefault(p, []).append(self.step)
 
     def key(self, p):
         h = self.held[p]
+        if self.policy == "frequency":  # recent use rate + the predicted probability now (rounded: float noise)
+            rate = (1 - FREQUENCY_DECAY) * sum(FREQUENCY_DECAY ** (self.step - u) for u in self.used_at.get(p, []))
+            return (round(rate + 1 / (1 + np.exp(-h["score"])), 6), h["last"])
         return {"lfu": (h["uses"], h["last"]), "predicted": (h["score"], h["last"])}.get(self.policy, (h["last"],))
 
     def evictable(self, protect=()):
@@ -50,7 +57,7 @@ class ReferenceCache:
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops, st.integers(0, 3), st.sampled_from(["lru", "lfu", "predicted", "window"]), st.integers(0, 3))
+@given(ops, st.integers(0, 3), st.sampled_from(["lru", "lfu", "predicted", "frequency", "window"]), st.integers(0, 3))
 def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned):
     cache = NeuronCache(NEURONS, CAPACITY, 2, np.float32, window=window, policy=policy)
     scores = np.random.default_rng(len(operations)).standard_normal(NEURONS).astype(np.float32)
@@ -83,6 +90,7 @@ def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned):
             for p in hits:
                 ref.held[p]["last"] = ref.step
                 ref.held[p]["uses"] += 1
+                ref.use(p)
             cache.touch(cache.lookup(np.array(hits, dtype=np.int64)))
             missing = positions[cache.lookup(positions) < 0]
             assert sorted(missing.tolist()) == sorted(set(arg) - set(hits))
@@ -102,6 +110,7 @@ def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned):
             cache.touch(new)
             for p in missing.tolist():
                 ref.held[p] = {"last": ref.step, "uses": 1, "score": 0.0}
+                ref.use(p)
             for p in positions:  # everything needed is now cached and holds its own bytes
                 assert cache.slots[cache.slot_of[p], 0] == p
         cache.check()
@@ -151,6 +160,24 @@ def test_predicted_policy_evicts_the_lowest_score_first():
     assert cache.position_of[cache.evictable()].tolist() == [5, 6]
 
 
+def test_frequency_policy_adds_the_recent_use_rate_to_the_predicted_probability():
+    cache = NeuronCache(10, 3, 1, np.float32, window=0, policy="frequency")
+    s = cache.reserve(3)
+    cache.commit(s, np.array([4, 5, 6]))
+    for _ in range(20):  # 4 fires on 20 tokens in a row
+        cache.tick()
+        cache.touch(cache.lookup(np.array([4])))
+    cache.tick()
+    cache.touch(cache.lookup(np.array([5])))  # 5 once, most recently
+    cache.tick()
+    # the predictor rates 4 below 5 now (sigmoid: 0.047 vs 0.119), but 4's rate, 0.98^2 (1 - 0.98^20) =
+    # 0.32 uses a token, outweighs 5's 0.02 x 0.98: 4 scores 0.37, 5 0.14, 6 (never used) 0.018
+    cache.note_scores(np.array([0, 0, 0, 0, -3.0, -2.0, -4.0, 0, 0, 0], dtype=np.float32))
+    assert cache.position_of[cache.evictable()].tolist() == [6, 5, 4]
+    cache.note_scores(np.array([0, 0, 0, 0, -9.0, 9.0, -9.0, 0, 0, 0], dtype=np.float32))
+    assert cache.position_of[cache.evictable()].tolist() == [6, 4, 5]  # a confident prediction wins
+
+
 def test_window_policy_drops_neurons_that_left_the_window():
     cache = NeuronCache(10, 4, 1, np.float32, window=1, policy="window")
     s = cache.reserve(2)
@@ -164,7 +191,7 @@ def test_window_policy_drops_neurons_that_left_the_window():
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.lists(st.integers(0, NEURONS - 1), max_size=CAPACITY // 2, unique=True), max_size=12),
-       st.sampled_from(["lru", "lfu", "predicted", "window"]), st.integers(1, 4))
+       st.sampled_from(["lru", "lfu", "predicted", "frequency", "window"]), st.integers(1, 4))
 def test_evictable_count_counts_what_evictable_ranks(steps, policy, window):
     cache = NeuronCache(NEURONS, CAPACITY, 4, np.float32, window=window, policy=policy)
     for need in steps:

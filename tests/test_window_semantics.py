@@ -50,6 +50,19 @@ def test_simulator_follows_the_hand_worked_trace(window, expected):
     assert [m.tolist() for m in misses] == expected
 
 
+# frequency (decayed use counts), window 0, two slots: 0 is used three times, then 1 once. At t4 the
+# victim is 1 (rate 0.98 against 0's 2.94 x 0.98^2 = 2.82), where LRU would evict 0 (last used at t2)
+FREQ_TRACE = [[0], [0], [0], [1], [2], [0]]
+FREQ_EXPECTED = {"frequency": [[0], [], [], [1], [2], []], "lru": [[0], [], [], [1], [2], [0]]}
+
+
+@pytest.mark.parametrize("policy", ["frequency", "lru"])
+def test_frequency_keeps_the_often_used_neuron_in_cache_and_simulator(policy):
+    assert _cache_misses(FREQ_TRACE, 0, policy) == FREQ_EXPECTED[policy]
+    misses = simulate_layer([np.array(p) for p in FREQ_TRACE], n_hot=0, capacity=2, policy=policy, window=0)
+    assert [m.tolist() for m in misses] == FREQ_EXPECTED[policy]
+
+
 def test_window_k_protects_the_k_tokens_before_the_current_one():
     # tokens 1..3 use {0, 1}, {2}, {3}; at token 4 with window 2, tokens 2 and 3 are in the window
     cache = NeuronCache(neurons=8, capacity=8, bundle_len=1, dtype=np.float32, window=2, policy="lru")

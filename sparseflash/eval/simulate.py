@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparseflash.layout.format_extents import extent_bytes, plan_extents
+from sparseflash.runtime.cache import FREQUENCY_DECAY
 
 
 @dataclass
@@ -26,7 +27,11 @@ class SimResult:
 def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: str = "lru", window: int = 0):
     """Per token, the positions that must be read. ``trace[t]`` holds stored positions needed at t;
     positions < n_hot are resident. ``capacity`` counts unpinned slots. ``window`` K protects the
-    neurons used by token t or by one of the K tokens before it (runtime/cache.py's rule)."""
+    neurons used by token t or by one of the K tokens before it (runtime/cache.py's rule). Policies:
+    ``lru``, ``lfu``, ``belady`` (the future known), ``frequency`` (runtime/cache.py's default without
+    its predictor term, which a trace does not hold: lowest recent use rate first, then oldest)."""
+    if policy not in ("lru", "lfu", "belady", "frequency"):
+        raise ValueError(f"cannot simulate eviction policy {policy!r} (a trace holds no predictor scores)")
     needed = [np.asarray(p, dtype=np.int64)[np.asarray(p) >= n_hot] for p in trace]
     next_use = None
     if policy == "belady":
@@ -39,6 +44,7 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
         next_use.reverse()
     cached: dict[int, int] = {}  # position -> last use (lru) or next use (belady)
     uses: dict[int, int] = {}
+    rate: dict[int, tuple[float, int]] = {}  # frequency: position -> (decayed uses, as of token)
     out = []
     for t, need in enumerate(needed):
         need_set = set(need.tolist())
@@ -47,12 +53,17 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
             if p in cached:
                 cached[p] = next_use[t][p] if next_use else t
                 uses[p] = uses.get(p, 0) + 1
+            f, since = rate.get(p, (0.0, t))
+            rate[p] = (f * FREQUENCY_DECAY ** (t - since) + 1.0, t)
         free = capacity - len(cached)
         overflow = len(miss) - free
         if overflow > 0:
             candidates = [p for p in cached if p not in need_set]
             if policy == "belady":
                 candidates.sort(key=lambda p: -cached[p])
+            elif policy == "frequency":
+                candidates = [p for p in candidates if cached[p] < t - window] or candidates
+                candidates.sort(key=lambda p: (rate[p][0] * FREQUENCY_DECAY ** (t - rate[p][1]), cached[p]))
             elif policy == "lfu":
                 candidates = [p for p in candidates if cached[p] < t - window] or candidates
                 candidates.sort(key=lambda p: (uses.get(p, 0), cached[p]))

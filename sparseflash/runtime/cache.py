@@ -14,6 +14,11 @@ Beyond the window the policy is
 - ``forecast``: like ``predicted``, but the score is a forecast of the next tokens' use: per neuron, an
   exponential average (``FORECAST_DECAY``) over tokens of the predicted probability sigmoid(logit);
   a look-ahead prediction (``note_lookahead``) refreshes the scores of the layer before its own;
+- ``frequency`` (the default): lowest sum of two probabilities first, then oldest: the current token's
+  predicted probability sigmoid(logit) (as ``predicted``) plus the neuron's recent use rate, its use
+  count decayed by ``FREQUENCY_DECAY`` per token (kept per neuron, in memory or not) times
+  (1 - decay), so a neuron that fired often over the last ~50 tokens stays, though this token does
+  not predict it (docs/fetchless.md, "Eviction");
 - ``window``: LLM in a Flash's plain sliding window: at each new token every neuron outside the
   window is dropped (slots are freed eagerly, not kept until the space is needed).
 """
@@ -24,6 +29,7 @@ import numpy as np
 
 NEVER = np.iinfo(np.int64).min // 2
 FORECAST_DECAY = 0.5  # policy "forecast": weight of the past in the average of predicted probabilities
+FREQUENCY_DECAY = 0.98  # policy "frequency": per-token decay of each neuron's use count
 
 
 class NeuronCache:
@@ -45,6 +51,14 @@ class NeuronCache:
         self.window, self.policy = window, policy
         self._forecast = np.zeros(neurons if policy == "forecast" else 0, dtype=np.float32)  # per neuron
         self.step = 0  # token counter, advanced by tick()
+        # policy "frequency": per neuron, uses decayed by FREQUENCY_DECAY per token, as of _freq_step
+        self._freq = np.zeros(neurons if policy == "frequency" else 0, dtype=np.float64)
+        self._freq_step = np.zeros(neurons if policy == "frequency" else 0, dtype=np.int64)
+
+    @property
+    def scored(self) -> bool:
+        """Whether the policy ranks by the predictor's logits (the engine then calls ``note_scores``)."""
+        return self.policy in ("predicted", "forecast", "frequency")
 
     @property
     def nbytes(self) -> int:
@@ -88,6 +102,14 @@ class NeuronCache:
         """Mark slots as used by the current token."""
         self.last_use[slots] = self.step
         self.uses[slots] += 1
+        if self.policy == "frequency":
+            pos = self.position_of[slots]
+            self._freq[pos] = self._frequency(pos) + 1.0
+            self._freq_step[pos] = self.step
+
+    def _frequency(self, positions: np.ndarray) -> np.ndarray:
+        """Decayed use counts of ``positions`` now (policy "frequency")."""
+        return self._freq[positions] * FREQUENCY_DECAY ** (self.step - self._freq_step[positions])
 
     def free_count(self) -> int:
         return self._n_free
@@ -111,6 +133,9 @@ class NeuronCache:
         cand = np.nonzero(self._evictable_mask(protect))[0]
         if self.policy == "lfu":
             order = np.lexsort((self.last_use[cand], self.uses[cand]))
+        elif self.policy == "frequency":
+            rate = self._frequency(self.position_of[cand]) * (1 - FREQUENCY_DECAY)  # uses per token, recently
+            order = np.lexsort((self.last_use[cand], rate + _sigmoid(self.score[cand])))
         elif self.policy in ("predicted", "forecast"):
             order = np.lexsort((self.last_use[cand], self.score[cand]))
         else:

@@ -198,7 +198,7 @@ class StreamingFFN:
         t = time.perf_counter()
         if self.strategy == "all":
             positions = np.arange(self.regions[l].n_neurons)
-        elif self.policy.eviction in ("predicted", "forecast"):  # the logits also rank the cached neurons
+        elif self.caches[l].scored:  # the logits also rank the cached neurons
             positions, scores = self.predictors.own[l].predict(x, self.strategy, self.policy.margin, scores=True,
                                                                offset=self._cost_offset(l),
                                                                cached=self._cached(l, self.predictors.own[l]))
@@ -254,7 +254,7 @@ class StreamingFFN:
                 return
             wanted, scores = ahead.predict(x, self.strategy, self.policy.margin, scores=True,
                                            offset=self._cost_offset(nxt), cached=self._cached(nxt, ahead))
-            if self.policy.eviction in ("predicted", "forecast"):  # rank layer nxt's cache by the look-ahead
+            if cache.scored:  # rank layer nxt's cache by the look-ahead
                 cache.note_lookahead(scores)
             missing = plan_prefetch(cache, wanted, self.policy.min_slots, self.fetcher.prefetch_limit())
         if len(missing):

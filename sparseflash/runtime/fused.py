@@ -60,7 +60,7 @@ class FusedStep:
             y, offset=offset, miss_cut=miss_cut, norms=engine.fetcher.norms.known[l] if counting else None,
             threshold=engine.regions[l].threshold)
         s.ffn_s += time.perf_counter() - t
-        if policy.eviction in ("predicted", "forecast"):
+        if cache.scored:
             cache.note_scores(top)
         s.predicted += len(positions)
         s.per_layer_predicted.append(len(positions))

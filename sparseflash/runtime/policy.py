@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sparseflash.errors import SparseflashError
 
-EVICTION_POLICIES = ("lru", "lfu", "predicted", "forecast", "window")
+EVICTION_POLICIES = ("lru", "lfu", "predicted", "forecast", "frequency", "window")
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 BUDGET_FORMS = "bytes (2GiB, 500MB), a share of the model's weight bytes (40%) or of its FFN bytes (25%ffn)"
@@ -69,7 +69,7 @@ class Policy:
 
     budget: Budget
     window: int = 4  # neurons used in the last `window` tokens are protected from eviction
-    eviction: str = "predicted"  # beyond the window: lru | lfu | predicted | forecast | window (docs/runtime.md)
+    eviction: str = "frequency"  # beyond the window: lru | lfu | predicted | forecast | frequency | window (docs/runtime.md)
     io: str = "direct"  # direct (O_DIRECT) | buffered (page cache dropped after each read)
     io_threads: int = 4
     io_buffer_bytes: int = 1 << 20  # per thread; counted in the budget

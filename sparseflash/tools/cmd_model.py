@@ -150,7 +150,8 @@ def register(sub) -> None:
                    "model (40%%) or of its FFN bytes for hot region + cache (25%%ffn); without it, run dense")
     r.add_argument("--window", type=int, default=Policy.window, help="tokens whose neurons are protected from eviction")
     r.add_argument("--eviction", choices=list(EVICTION_POLICIES), default=Policy.eviction,
-                   help="beyond the window: lru, lfu, predicted (lowest predictor score first) or window "
+                   help="beyond the window: frequency (default: predicted probability now + recent use rate, "
+                        "lowest first), predicted (lowest predictor score first), forecast, lru, lfu or window "
                         "(drop everything outside the window)")
     r.add_argument("--strategy", choices=["topk", "threshold", "all"], default=Policy.strategy,
                    help="active-set prediction (default: the layout's)")

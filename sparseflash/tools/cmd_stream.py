@@ -65,10 +65,10 @@ def register(sub) -> None:
                    help="bytes (2GiB), share of the model (40%%) or share of the FFN bytes for hot region + cache (25%%ffn)")
     p.add_argument("-o", "--out", default=None, help="directory for io_report.json/.md and io_vs_budget.png")
     p.add_argument("--no-eviction", action="store_true",
-                   help="skip the eviction-policy comparison (four more engine passes over the tokens)")
+                   help="skip the eviction-policy comparison (five more engine passes over the tokens)")
     p.add_argument("--ablation", default=None, metavar="BUDGETS",
-                   help="instead of the modes: the fetch ablation (look-ahead, forecast eviction, cost-aware "
-                        "selection) at these comma-separated budgets, e.g. 25%%ffn,50%%ffn (eval/ablation.py)")
+                   help="instead of the modes: the fetch ablation (cost-aware selection, look-ahead, "
+                        "eviction, the oracle and online floors) at these comma-separated budgets, e.g. 25%%ffn,50%%ffn (eval/ablation.py)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_io_report)
 
