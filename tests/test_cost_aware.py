@@ -14,10 +14,10 @@ from sparseflash.runtime.predict import LayerPredictor
 from sparseflash.runtime.session import open_streamed
 
 
-def _layer_predictor(n=12, d=6, topk=3, cut=0.0, miss_cut=None):
+def _layer_predictor(n=12, d=6, topk=3, cut=0.0, miss_cut=None, cached_cut=None):
     g = torch.Generator().manual_seed(0)
     return LayerPredictor(torch.randn(4, d, generator=g), torch.zeros(4), torch.randn(n, 4, generator=g),
-                          torch.zeros(n), topk, cut, miss_cut)
+                          torch.zeros(n), topk, cut, miss_cut, cached_cut)
 
 
 def test_the_offset_moves_the_choice_but_not_the_scores():
@@ -103,6 +103,39 @@ def test_the_miss_cut_drops_only_missing_neurons_below_it():
     assert np.array_equal(_layer_predictor(cut=-0.5).predict(x, "threshold", cached=cached), plain)
 
 
+def test_the_cached_cut_computes_neurons_in_memory_down_to_it():
+    """As the engine applies it (an offset of cut - cached_cut on cached neurons, with the miss cut): a
+    cached neuron is computed above the cached cut, a missing one is read only above the miss cut."""
+    p = _layer_predictor(cut=1.0, miss_cut=1.2, cached_cut=-1.5)
+    assert p.cached_bonus == 2.5 and _layer_predictor(cut=0.5).cached_bonus == 0.0
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(2))
+    top = p.logits(x).max(dim=0).values.numpy()
+    cached = np.arange(12) % 3 == 0
+    offset = np.where(cached, np.float32(p.cached_bonus), np.float32(0.0))
+    for tokens in (x, torch.cat([x] * 20)):  # the fused choice (few tokens) and the torch one (many)
+        got = p.predict(tokens, "threshold", offset=offset, cached=cached)
+        assert np.array_equal(got, np.nonzero((cached & (top > -1.5)) | (~cached & (top > 1.2)))[0])
+    assert (cached & (top > -1.5) & (top <= 1.0)).sum() == 2  # this draw has cached neurons between the two cuts
+
+
+def test_the_engine_offsets_cached_neurons_only_where_the_miss_cut_applies(tmp_path):
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=_predictors(2), strategy="threshold", n_hot=8)
+    for use in (True, False):
+        model = open_streamed(path, "40%ffn", io_buffer_bytes=4096, miss_cut=use)
+        try:
+            engine = model.engine
+            p = _layer_predictor(n=engine.caches[0].neurons, cut=1.0, miss_cut=2.0, cached_cut=-0.5)
+            offset = engine._cost_offset(0, p)
+            if use:
+                held = engine.caches[0].slot_of >= 0
+                assert held.sum() == 8 and np.array_equal(offset, np.where(held, np.float32(1.5), np.float32(0)))
+            else:
+                assert offset is None
+            assert engine._cost_offset(0, _layer_predictor(n=engine.caches[0].neurons, cut=1.0)) is None
+        finally:
+            model.close()
+
+
 def _miss_gate(strategy="threshold"):
     return {"strategy": strategy, "own_strategy": strategy, "fallback": False, "max_rise_pct": 1.0,
             "ppl_dense": 20.0, "ppl": {strategy: 20.1}, "rise_pct": {strategy: 0.5},
@@ -137,18 +170,20 @@ class _FixedScores:
         return self.z
 
 
-@pytest.mark.parametrize("share, kept_n2", [(2 / 3, [1, 0, 0, 0]), (1.0, [1, 0, 0, 1])])
-def test_the_gate_validation_keeps_what_its_cache_holds_and_reads_above_the_miss_cut(share, kept_n2):
+@pytest.mark.parametrize("share, cached_cut, kept_n2", [(2 / 3, None, [1, 0, 0, 0]), (1.0, None, [1, 0, 0, 1]),
+                                                       (1.0, -0.5, [1, 0, 0, 1]), (1.0, -2.0, [1, 1, 1, 1])])
+def test_the_gate_validation_keeps_what_its_cache_holds_and_reads_above_the_miss_cut(share, cached_cut, kept_n2):
     """Worked by hand (cut 0, miss cut 1, one window of 4 tokens, an LRU cache of 2 or 3 neurons):
     neurons 0 and 2 are read at token 0; neuron 1 waits until its logit passes the miss cut at token 2;
     neuron 2, not picked at tokens 1-2, is evicted from a 2-neuron cache by then (neurons 0 and 1 were
-    used later), so at token 3 only the 3-neuron cache still holds it."""
+    used later), so at token 3 only the 3-neuron cache still holds it. With a cached cut of -2, neuron 2
+    (logit -1 at tokens 1-2, in memory) is computed at every token; a cached cut of -0.5 is above -1."""
     from sparseflash.layout.miss_cut import MissRun as _MissRun
 
     z = [[2, 0.5, 2], [0.5, 0.5, -1], [0.5, 2, -1], [0.5, 0.5, 0.5]]
     run = _MissRun(ctx=4, layers=1, share=share)
     a = torch.ones(4, 3)
-    kept = run.hook(_FixedScores(z, 0.0), 1.0)(0, slice(0, 4), torch.zeros(4, 2), a)
+    kept = run.hook(_FixedScores(z, 0.0), 1.0, cached_cut)(0, slice(0, 4), torch.zeros(4, 2), a)
     assert kept[:, 0].tolist() == [1, 1, 1, 1] and kept[:, 1].tolist() == [0, 0, 1, 1]
     assert kept[:, 2].tolist() == kept_n2
     assert run.read[0] == 3  # each neuron read once: the first time it is computed

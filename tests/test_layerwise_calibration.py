@@ -154,7 +154,7 @@ def test_predictor_metrics_equal_training_on_in_memory_recordings(prepared):
         metrics = _measure(trained[0], x, mask, PREDICTORS, x_val, mask_val, tune_mag)
         saved = report["layers"][layer]
         for key in ("recall_topk", "sparsity_topk", "recall_threshold", "sparsity_threshold", "true_sparsity", "topk",
-                    "cut", "miss_cuts", "recall_miss", "sparsity_miss"):
+                    "cut", "miss_cuts", "cached_cut", "recall_miss", "sparsity_miss"):
             assert saved[key] == metrics[key], (layer, key)
         if layer > 0:
             ahead = _measure(trained[1], rec[layer - 1][0], mask, PREDICTORS, rec_val[layer - 1][0], mask_val, tune_mag)

@@ -18,7 +18,7 @@ from sparseflash.runtime.compute import count_active
 from sparseflash.runtime.session import open_streamed
 
 
-def _decode(path, ids, fused: bool, budget, miss_cut=None, **policy):
+def _decode(path, ids, fused: bool, budget, miss_cut=None, cached_cut=None, **policy):
     """Per token: logits, predicted sets and the statistics, decoding ``ids`` one token at a time."""
     model = open_streamed(path, budget, io_buffer_bytes=4096, io_threads=2, **policy)
     try:
@@ -27,8 +27,9 @@ def _decode(path, ids, fused: bool, budget, miss_cut=None, **policy):
         if not fused:
             engine.fused = None
         if miss_cut is not None:  # every layer's own predictor with a miss cut above its cut
-            for l, p in engine.predictors.own.items():
-                engine.predictors.own[l] = dataclasses.replace(p, miss_cut=p.cut + miss_cut)
+            for l, p in engine.predictors.own.items():  # and, optionally, a cut for cached neurons below it
+                engine.predictors.own[l] = dataclasses.replace(
+                    p, miss_cut=p.cut + miss_cut, cached_cut=None if cached_cut is None else p.cut + cached_cut)
         engine.trace = [[] for _ in engine.caches]
         cache = KVCache(model.layout.config, ids.shape[1])
         logits = [model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(ids.shape[1])]
@@ -46,16 +47,21 @@ def _decode(path, ids, fused: bool, budget, miss_cut=None, **policy):
     ("nemotron", "f32", "25%ffn", {"eviction": "forecast", "cached_bonus": 0.5, "miss_penalty": 1.0}),
     ("nemotron", "bf16", "40%ffn", {"eviction": "lru", "window": 1, "margin": 0.5}),
     ("llama-silu", "f16", "30%ffn", {"eviction": "predicted", "miss_cut": 0.3}),  # gated, with biases
+    ("nemotron", "f16", "40%ffn", {"miss_cut": 0.3, "cached_cut": -1.0}),  # validated cuts both sides
 ])
 def test_fused_and_step_by_step_paths_agree(tmp_path, family, dtype, budget, policy):
     _, path = tiny_layout(tmp_path, family, dtype=dtype, preds=_predictors(2), strategy="threshold", n_hot=8)
     ids = torch.randint(0, 4096, (1, 10), generator=torch.Generator().manual_seed(4))
-    miss_cut = policy.pop("miss_cut", None)
-    fused, plain = (_decode(path, ids, f, budget, miss_cut, **policy) for f in (True, False))
+    miss_cut, cached_cut = policy.pop("miss_cut", None), policy.pop("cached_cut", None)
+    fused, plain = (_decode(path, ids, f, budget, miss_cut, cached_cut, **policy) for f in (True, False))
     assert [np.array_equal(a, b) for a, b in zip(fused[1], plain[1])] == [True, True]  # the same neurons
     assert fused[2] == plain[2]  # the same hits, misses, reads and truly active counts, token by token
     assert sum(s[2] for s in fused[2]) > 0  # misses were read
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
+    if cached_cut is not None:  # the lower cut computes more cached neurons, and reads no more
+        base = _decode(path, ids, True, budget, miss_cut, None, **policy)
+        assert sum(s[0] for s in fused[2]) > sum(s[0] for s in base[2])
+        assert sum(s[2] for s in fused[2]) <= sum(s[2] for s in base[2])
 
 
 def test_fused_step_with_misses_beyond_the_cache_goes_through_batches(tmp_path):

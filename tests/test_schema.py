@@ -117,6 +117,16 @@ def test_a_miss_cut_is_read_back(layout, tmp_path):
     assert [p.miss_cut for p in header.predictors.layers] == [2.5, 2.5]
     assert header.predictors.lookahead[1].miss_cut is None  # optional: absent where none was validated
     assert header.predictors.to_json()["layers"][0]["miss_cut"] == 2.5
+    assert header.predictors.layers[0].cached_cut is None  # optional too
+
+
+def test_a_cached_cut_is_read_back(layout, tmp_path):
+    good = _with_header(layout, tmp_path / "cached.sflash", _set(
+        "predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": 2.5, "cached_cut": -0.5}] * 2))
+    with LayoutFile.open(good) as f:
+        header = schema.read_header(good, f.header)
+    assert [p.cached_cut for p in header.predictors.layers] == [-0.5, -0.5]
+    assert header.predictors.to_json()["layers"][0]["cached_cut"] == -0.5
 
 
 LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
@@ -153,6 +163,12 @@ LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "gate dense ppl zero": (_gate(ppl_dense=0), "gate.ppl_dense"),
     "miss cut not a number": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": "x"}] * 2),
                               "layers[0].miss_cut"),
+    "cached cut above the cut": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": 2.5,
+                                                              "cached_cut": 1.5}] * 2), "layers[0].cached_cut"),
+    "cached cut without a miss cut": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4,
+                                                                  "cached_cut": 0.5}] * 2), "layers[0].cached_cut"),
+    "cached cut not a number": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": 2.5,
+                                                            "cached_cut": [0]}] * 2), "layers[0].cached_cut"),
     "gate miss recall without its rise": (_gate(miss_recalls=[0.9], miss_rise_pct={"0.8": 0.5}, miss_recall=0.9),
                                           "gate.miss_rise_pct"),
     "gate miss recalls not a list": (_gate(miss_recalls=0.9), "gate.miss_recalls"),

@@ -131,7 +131,8 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
             if p is None:
                 return None
             miss = float(p.miss_cuts[miss_at]) if miss_at is not None and len(p.miss_cuts) > miss_at else None
-            return PredictorSpec(int(p.topk), float(p.cut), int(p.rank), miss)
+            cached = None if miss is None or getattr(p, "cached_cut", None) is None else float(p.cached_cut)
+            return PredictorSpec(int(p.topk), float(p.cut), int(p.rank), miss, cached)
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),
                                        report, gate)

@@ -1,7 +1,8 @@
 """Cost-aware selection, validated: the held-out streams of the predictors pass that measure each
 candidate miss cut (docs/fetchless.md). A neuron the threshold strategy picks is computed if it is
-in a simulated cache or passes the cut (then it is read); perplexity, computed and read neurons are
-what the quality gate decides on."""
+in a simulated cache or passes the cut (then it is read); a neuron in the cache is computed down to
+the predictor's lower cached cut; perplexity, computed and read neurons are what the quality gate
+decides on."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ class MissRun:
     """The FFN hook of one cost-aware candidate's held-out stream: within each window, token by token,
     a neuron the threshold strategy picks is computed if it is in memory (a least-recently-used cache
     of ``share`` of the layer's neurons, filled by the neurons computed) or if its logit passes the
-    miss cut (then it is read). The window's first token starts with nothing in memory. Counts per
-    layer: computed and read neurons, tokens."""
+    miss cut (then it is read); with ``cached_cut``, a neuron in memory is computed if its logit
+    passes that (lower) cut instead. The window's first token starts with nothing in memory. Counts
+    per layer: computed and read neurons, tokens."""
 
     def __init__(self, ctx: int, layers: int, share: float):
         self.ctx, self.share = ctx, share
@@ -28,10 +30,11 @@ class MissRun:
         self.read = np.zeros(layers)
         self.tokens = np.zeros(layers)
 
-    def hook(self, pred: Predictor, miss_cut: float):
+    def hook(self, pred: Predictor, miss_cut: float, cached_cut: float | None = None):
         def select(layer, rows, x, a):
             z = pred.logits(x).view(-1, self.ctx, pred.neurons)
-            pick, strong = z > pred.cut, z > max(pred.cut, miss_cut)
+            pick = z > (pred.cut if cached_cut is None else min(pred.cut, cached_cut))  # if in memory
+            strong = z > max(pred.cut, miss_cut)
             keep = torch.empty_like(pick)
             capacity = max(1, round(self.share * pred.neurons))
             last = torch.full(pick[:, 0].shape, -1.0)  # the position each neuron was last computed at (-1: never)
@@ -39,7 +42,7 @@ class MissRun:
                 held = torch.zeros_like(pick[:, 0])
                 held.scatter_(1, torch.topk(last, min(capacity, pred.neurons), dim=1).indices, True)
                 held &= last >= 0
-                keep[:, t] = pick[:, t] & (held | strong[:, t])
+                keep[:, t] = (pick[:, t] & held) | strong[:, t]
                 self.read[layer] += float((keep[:, t] & ~held).sum())
                 last[keep[:, t]] = t
             self.computed[layer] += float(keep.sum())

@@ -103,6 +103,10 @@ class PredictorParams:
     # the validation's cache holds this share of each layer's neurons (the runtime applies a miss cut only
     # where its cache, hot region included, is at least as large)
     miss_share: float = 0.25
+    # with a miss cut, a neuron in memory is computed down to a lower cut: the one that keeps this share of
+    # the active neurons' contribution (tuned as the miss cuts; never above the threshold cut): computing it
+    # costs no read, and the quality it buys is what lets the gate keep a stricter miss cut
+    cached_share: float = 0.9995
     lookahead: bool = True
     train: TrainParams = TrainParams()
     train_jobs: int = 2  # trainings side by side (a layer's and its look-ahead's), one core each
@@ -128,6 +132,7 @@ class PredictorParams:
         for r in self.miss_recalls:
             check_float("--miss-recalls", r, 0, 1, lo_open=True)
         check_float("miss_share", self.miss_share, 0, 1, lo_open=True)
+        check_float("cached_share", self.cached_share, 0, 1, lo_open=True)
         check_int("train_jobs", self.train_jobs, 1)
 
 
@@ -178,6 +183,7 @@ class PrepareParams:
     rank: int = 0  # 0: chosen by measurement (PredictorParams.rank)
     epochs: int = TrainParams.epochs
     miss_recalls: tuple[float, ...] = PredictorParams.miss_recalls  # cost-aware candidates (PredictorParams)
+    cached_share: float = PredictorParams.cached_share  # the cut for neurons in memory (PredictorParams)
     order: str = LayoutParams.order
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype
@@ -199,6 +205,7 @@ class PrepareParams:
         check_float("cett", self.cett, 0, 1)
         for r in self.miss_recalls:
             check_float("miss_recalls", r, 0, 1, lo_open=True)
+        check_float("cached_share", self.cached_share, 0, 1, lo_open=True)
         self.layout_params()  # order, hot fraction and dtype checked there
 
     def layout_params(self) -> LayoutParams:

@@ -34,6 +34,8 @@ class Predictor:
     # cost-aware selection: per target contribution recall (PredictorParams.miss_recalls), the logit cut a
     # neuron that is not in memory must pass to be read (tune_miss_cut)
     miss_cuts: tuple[float, ...] = ()
+    # with a miss cut, the logit cut for neurons in memory (PredictorParams.cached_share; <= cut); None: cut
+    cached_cut: float | None = None
 
     @property
     def rank(self) -> int:

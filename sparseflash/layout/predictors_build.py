@@ -60,6 +60,8 @@ def _save_weights(path: Path, preds: dict[str, Predictor], meta: dict) -> None:
         tensors[f"{key}.cut"] = torch.tensor([p.cut], dtype=torch.float32)
         if p.miss_cuts:
             tensors[f"{key}.miss_cuts"] = torch.tensor(p.miss_cuts, dtype=torch.float32)
+        if p.cached_cut is not None:
+            tensors[f"{key}.cached_cut"] = torch.tensor([p.cached_cut], dtype=torch.float32)
     save_file(tensors, str(path), metadata={"sparseflash": json.dumps(meta)})
 
 
@@ -91,7 +93,9 @@ class StoredPredictors(Mapping):
         t = {part: self._file.get_tensor(f"{key}.{part}") for part in ("w1", "b1", "w2", "b2", "topk", "cut")}
         miss = (tuple(float(v) for v in self._file.get_tensor(f"{key}.miss_cuts"))
                 if f"{key}.miss_cuts" in self._names else ())  # files from before cost-aware cuts have none
-        return Predictor(t["w1"], t["b1"], t["w2"], t["b2"], int(t["topk"][0]), float(t["cut"][0]), miss)
+        cached = (float(self._file.get_tensor(f"{key}.cached_cut")[0]) if f"{key}.cached_cut" in self._names
+                  else None)  # nor from before the cut for neurons in memory
+        return Predictor(t["w1"], t["b1"], t["w2"], t["b2"], int(t["topk"][0]), float(t["cut"][0]), miss, cached)
 
     def __iter__(self):
         return iter(self._keys)
@@ -131,6 +135,7 @@ def _measure(trained: tuple[Predictor, dict], x, mask, p: PredictorParams, x_val
     pred.topk = min(pred.neurons, max(1, math.ceil(p.topk_factor * mean_active)))
     pred.cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
     pred.miss_cuts = tuple(tune_miss_cut(pred, tune_x, tune_m, tune_mag, r) for r in p.miss_recalls)
+    pred.cached_cut = min(pred.cut, tune_miss_cut(pred, tune_x, tune_m, tune_mag, p.cached_share))
     r_top, s_top = recall_and_sparsity(pred.predict_topk(x_val), mask_val)
     r_thr, s_thr = recall_and_sparsity(pred.predict_threshold(x_val), mask_val)
     true_sparsity = 1.0 - float(mask_val.float().mean())
@@ -138,7 +143,7 @@ def _measure(trained: tuple[Predictor, dict], x, mask, p: PredictorParams, x_val
     miss = [recall_and_sparsity(z_val > max(pred.cut, c), mask_val) for c in pred.miss_cuts]
     return {"rank": pred.rank, "topk": pred.topk, "cut": pred.cut, "recall_topk": r_top, "sparsity_topk": s_top,
             "recall_threshold": r_thr, "sparsity_threshold": s_thr, "true_sparsity": true_sparsity,
-            "miss_cuts": list(pred.miss_cuts), "recall_miss": [m[0] for m in miss],
+            "miss_cuts": list(pred.miss_cuts), "cached_cut": pred.cached_cut, "recall_miss": [m[0] for m in miss],
             "sparsity_miss": [m[1] for m in miss], "train_loss": log["train_loss"][-1]}
 
 
@@ -273,7 +278,8 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                 trained[f"lookahead.{l}"] = preds[1][0]
                 metrics["lookahead"] = {k: m_ahead[k] for k in ("topk", "cut", "recall_topk", "sparsity_topk",
                                                                 "recall_threshold", "sparsity_threshold",
-                                                                "miss_cuts", "recall_miss", "sparsity_miss")}
+                                                                "miss_cuts", "cached_cut", "recall_miss",
+                                                                "sparsity_miss")}
             train_s += time.perf_counter() - t
             _save_weights(parts / f"layer_{l:04d}.safetensors", trained, {})
             param_counts.update({k: pr.param_count for k, pr in trained.items()})
@@ -287,7 +293,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             lp.run("predicted_topk", l, w, lambda i, rows, xx, a, pr=pred: a * pr.predict_topk(xx))
             lp.run("predicted_threshold", l, w, every_read.hook(pred, -math.inf))  # = a * predict_threshold
             for r, cut in zip(p.miss_recalls, pred.miss_cuts):
-                lp.run(miss_stream(r), l, w, miss_runs[r].hook(pred, cut))
+                lp.run(miss_stream(r), l, w, miss_runs[r].hook(pred, cut, pred.cached_cut))
         ppl = {}
         for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
             total, count = lp.nll(name)
@@ -332,6 +338,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "rank_choice": rank_choice,
         "miss": miss,
         "miss_share": p.miss_share,
+        "cached_share": p.cached_share,
         "threshold_reads": dict(zip(("computed_per_token", "read_per_token"), every_read.per_token())),
         "strategy": strategy,
         "predicted_over_true": (1 - mean[f"sparsity_{strategy}"]) / max(1 - mean["true_sparsity"], 1e-12),

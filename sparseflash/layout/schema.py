@@ -135,6 +135,8 @@ class PredictorSpec:
     cut: float
     rank: int
     miss_cut: float | None = None
+    # with the miss cut: the (lower) cut a neuron in memory must pass to be computed; None: ``cut``
+    cached_cut: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ class PredictorsHeader:
             out = {"topk": p.topk, "cut": p.cut, "rank": p.rank}
             if p.miss_cut is not None:
                 out["miss_cut"] = p.miss_cut
+            if p.cached_cut is not None:
+                out["cached_cut"] = p.cached_cut
             return out
 
         out = {"strategy": self.strategy, "layers": [spec(p) for p in self.layers],
@@ -258,12 +262,15 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
     def spec(entry, where: str, optional: bool) -> PredictorSpec | None:
         if entry is None and optional:
             return None
-        c.object(entry, where, ("topk", "cut", "rank", "miss_cut"), optional=("miss_cut",))
-        miss = entry.get("miss_cut")
+        c.object(entry, where, ("topk", "cut", "rank", "miss_cut", "cached_cut"), optional=("miss_cut", "cached_cut"))
+        miss, cached, cut = entry.get("miss_cut"), entry.get("cached_cut"), c.number(entry["cut"], f"{where}.cut")
+        if cached is not None and (miss is None or c.number(cached, f"{where}.cached_cut") > cut):
+            c.fail(f"{where}.cached_cut", "needs a miss_cut and must be at most the cut", cached)
         # a writer keeps at least one neuron (layout/predictors_build.py); top-k 0 would run only the hot ones
-        return PredictorSpec(c.int(entry["topk"], f"{where}.topk", 1, n), c.number(entry["cut"], f"{where}.cut"),
+        return PredictorSpec(c.int(entry["topk"], f"{where}.topk", 1, n), cut,
                              c.int(entry["rank"], f"{where}.rank", 1, 1 << 20),
-                             None if miss is None else c.number(miss, f"{where}.miss_cut"))
+                             None if miss is None else c.number(miss, f"{where}.miss_cut"),
+                             None if cached is None else float(cached))
 
     for key in ("layers", "lookahead"):
         if not isinstance(doc[key], list) or len(doc[key]) != layers_n:

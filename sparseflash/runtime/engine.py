@@ -198,15 +198,13 @@ class StreamingFFN:
         t = time.perf_counter()
         if self.strategy == "all":
             positions = np.arange(self.regions[l].n_neurons)
-        elif self.caches[l].scored:  # the logits also rank the cached neurons
-            positions, scores = self.predictors.own[l].predict(x, self.strategy, self.policy.margin, scores=True,
-                                                               offset=self._cost_offset(l),
-                                                               cached=self._cached(l, self.predictors.own[l]))
-            self.caches[l].note_scores(scores)
-        else:
-            positions = self.predictors.own[l].predict(x, self.strategy, self.policy.margin,
-                                                       offset=self._cost_offset(l),
-                                                       cached=self._cached(l, self.predictors.own[l]))
+        else:  # with a scored eviction policy the logits also rank the cached neurons
+            p, scored = self.predictors.own[l], self.caches[l].scored
+            out = p.predict(x, self.strategy, self.policy.margin, scores=scored, offset=self._cost_offset(l, p),
+                            cached=self._cached(l, p))
+            positions = out[0] if scored else out
+            if scored:
+                self.caches[l].note_scores(out[1])
         s.predictor_s += time.perf_counter() - t
         s.predicted += len(positions)
         s.per_layer_predicted.append(len(positions))
@@ -231,10 +229,12 @@ class StreamingFFN:
             return 0
         return sum(self._cached(l, self.predictors.own[l]) is not None for l in range(len(self.caches)))
 
-    def _cost_offset(self, l: int) -> np.ndarray | None:
+    def _cost_offset(self, l: int, predictor) -> np.ndarray | None:
         """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot
-        region included: computing it costs no read), -miss_penalty where it would have to be read."""
-        bonus, penalty = self.policy.cached_bonus, self.policy.miss_penalty
+        region included: it costs no read; plus ``predictor``'s validated one where its miss cut applies),
+        -miss_penalty where it would have to be read."""
+        validated = predictor.cached_bonus if self._cached(l, predictor) is not None else 0.0
+        bonus, penalty = self.policy.cached_bonus + validated, self.policy.miss_penalty
         if not bonus and not penalty:
             return None
         return np.where(self.caches[l].slot_of >= 0, np.float32(bonus), np.float32(-penalty))
@@ -253,7 +253,7 @@ class StreamingFFN:
             if ahead is None:
                 return
             wanted, scores = ahead.predict(x, self.strategy, self.policy.margin, scores=True,
-                                           offset=self._cost_offset(nxt), cached=self._cached(nxt, ahead))
+                                           offset=self._cost_offset(nxt, ahead), cached=self._cached(nxt, ahead))
             if cache.scored:  # rank layer nxt's cache by the look-ahead
                 cache.note_lookahead(scores)
             missing = plan_prefetch(cache, wanted, self.policy.min_slots, self.fetcher.prefetch_limit())

@@ -50,8 +50,10 @@ class FusedStep:
         t = time.perf_counter()
         xf = np.ascontiguousarray(x.detach().float().numpy())
         y = np.empty_like(xf)
-        offset = (policy.cached_bonus, policy.miss_penalty) if policy.cached_bonus or policy.miss_penalty else None
-        miss_cut = p.miss_cut - policy.margin if engine._cached(l, p) is not None else None
+        validated = engine._cached(l, p) is not None  # the miss cut applies, and the cached cut with it
+        bonus = policy.cached_bonus + (p.cached_bonus if validated else 0.0)
+        offset = (bonus, policy.miss_penalty) if bonus or policy.miss_penalty else None
+        miss_cut = p.miss_cut - policy.margin if validated else None
         b_gate, b_up = engine.compute.b_gate[l], engine.compute.b_up[l]
         counting = s.needed is not None
         top, positions, hit_slots, missing, _, active = step.select_and_run_hits(

@@ -33,6 +33,7 @@ class LayerPredictor:
     topk: int
     cut: float
     miss_cut: float | None = None  # cost-aware selection: a neuron not in memory is read only above it
+    cached_cut: float | None = None  # and, where the miss cut applies, one in memory is computed above this
     # the same four tensors as float32 numpy arrays (host tensors only), for the fused decode path
     _host: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -49,7 +50,13 @@ class LayerPredictor:
     def to(self, device: torch.device | str) -> LayerPredictor:
         """The same predictor with its tensors on ``device`` (a new object)."""
         return LayerPredictor(*(t.to(device) for t in (self.w1, self.b1, self.w2, self.b2)), self.topk, self.cut,
-                              self.miss_cut)
+                              self.miss_cut, self.cached_cut)
+
+    @property
+    def cached_bonus(self) -> float:
+        """Where the miss cut applies: the logit offset that moves a cached neuron's cut down to
+        ``cached_cut`` (a cached neuron is picked if logit + offset > cut); 0 without one."""
+        return 0.0 if self.cached_cut is None else max(0.0, self.cut - self.cached_cut)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return schema.predictor_logits(x, self.w1, self.b1, self.w2, self.b2)
@@ -143,7 +150,7 @@ def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = N
         parts = (torch.from_numpy(np.asarray(f.tensor(schema.predictor_tensor(kind, layer, part), verify=verify),
                                              dtype=np.float32))
                  for part in schema.PREDICTOR_PARTS)
-        return LayerPredictor(*parts, spec.topk, spec.cut, spec.miss_cut)
+        return LayerPredictor(*parts, spec.topk, spec.cut, spec.miss_cut, spec.cached_cut)
 
     own = {l: load("layer", l, spec) for l, spec in enumerate(meta.layers)}
     ahead = {l: load("lookahead", l, spec) for l, spec in enumerate(meta.lookahead)
