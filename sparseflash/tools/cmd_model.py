@@ -161,7 +161,8 @@ def register(sub) -> None:
                    help="reads in flight (default: chosen, with their size, from the disk's measured model)")
     r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
     r.add_argument("--no-miss-cut", action="store_true",
-                   help="read every predicted neuron that is not in memory (ignore the layout's validated miss cut)")
+                   help="read every predicted neuron that is not in memory and compute those in memory as predicted "
+                        "(ignore the layout's validated miss and cached cuts)")
     r.add_argument("--no-verify", action="store_true",
                    help="do not check bundles against their digests as they are read, nor resident tensors at load "
                         "(a few %% faster; bytes changed on disk would then run to wrong tokens)")
