@@ -172,6 +172,7 @@ LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "gate miss recall without its rise": (_gate(miss_recalls=[0.9], miss_rise_pct={"0.8": 0.5}, miss_recall=0.9),
                                           "gate.miss_rise_pct"),
     "gate miss recalls not a list": (_gate(miss_recalls=0.9), "gate.miss_recalls"),
+    "gate cached share above one": (_gate(cached_share=1.5), "gate.cached_share"),
 }
 
 

@@ -56,6 +56,7 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
         "miss_rise_pct": miss_rise,
         "miss_recall": miss_recall,
         "miss_share": float(predictors_report.get("miss_share", 0.0)),
+        **({"cached_share": float(predictors_report["cached_share"])} if "cached_share" in predictors_report else {}),
     }
 
 
@@ -71,7 +72,9 @@ def gate_line(gate: dict) -> str:
     if gate.get("miss_recall") is not None:
         r = gate["miss_recall"]
         line += (f"; cost-aware: a neuron not in memory is read only above the cut keeping {r:g} of the active "
-                 f"contribution ({gate['miss_rise_pct'][f'{r:g}']:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
+                 f"contribution" + (f", one in memory is computed down to the cut keeping {gate['cached_share']:g}"
+                                    if "cached_share" in gate else "")
+                 + f" ({gate['miss_rise_pct'][f'{r:g}']:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
                  "applied where a run's cache is at least that large)")
     elif gate.get("miss_recalls") and gate["strategy"] == "threshold":
         line += "; cost-aware: no miss cut within the bound"

@@ -7,7 +7,8 @@ from .schema_check import REBUILD, _Check
 
 GATE_KEYS = ("strategy", "own_strategy", "fallback", "max_rise_pct", "ppl_dense", "ppl", "rise_pct",
              "predicted_share", "heldout_tokens", "ppl_p", "ppl_p_sparsity", "min_sparsity", "too_dense")
-GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share")  # cost-aware selection (optional: newer)
+# cost-aware selection (optional: newer)
+GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share", "cached_share")
 
 
 def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
@@ -40,8 +41,9 @@ def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
     rises = c.object(gate.get("miss_rise_pct", {}), f"{where}.miss_rise_pct")
     for k, v in rises.items():
         c.number(v, f"{where}.miss_rise_pct.{k}")
-    if "miss_share" in gate and not 0 <= c.number(gate["miss_share"], f"{where}.miss_share") <= 1:
-        c.fail(f"{where}.miss_share", "must be in [0, 1]", gate["miss_share"])
+    for key in ("miss_share", "cached_share"):
+        if key in gate and not 0 <= c.number(gate[key], f"{where}.{key}") <= 1:
+            c.fail(f"{where}.{key}", "must be in [0, 1]", gate[key])
     chosen_miss = gate.get("miss_recall")
     if chosen_miss is not None:
         c.number(chosen_miss, f"{where}.miss_recall")
