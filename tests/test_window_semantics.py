@@ -79,3 +79,8 @@ def test_window_k_protects_the_k_tokens_before_the_current_one():
         eager.commit(eager.reserve(len(need)), np.array(need))
     eager.tick()
     assert sorted(eager.position_of[eager.position_of >= 0].tolist()) == [2, 3]
+
+
+def test_the_simulator_refuses_a_policy_it_cannot_replay():
+    with pytest.raises(ValueError, match="predicted"):  # a trace holds no predictor scores
+        simulate_layer([np.array([0])], n_hot=0, capacity=2, policy="predicted")
