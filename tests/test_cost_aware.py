@@ -1,6 +1,8 @@
 """Cost-aware selection (a cached neuron costs no read, a missing one costs a read) and eviction by
 forecast: the pieces, each checked against its definition."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -148,7 +150,7 @@ def _miss_gate(strategy="threshold"):
 def test_a_layout_miss_cut_above_every_score_reads_nothing_outside_memory(tmp_path, validated_share):
     """The layout records a miss cut no neuron reaches: with it, nothing outside the hot region is read or
     computed; with --no-miss-cut (Policy.miss_cut False), or a cache smaller than the share the cut was
-    validated with, the same predictions are read."""
+    validated with, the same predictions are read (there the run's predictor has no miss cut at all)."""
     preds = _predictors(2)
     for p in preds.values():
         p.miss_cuts = (1e9,)
@@ -157,7 +159,24 @@ def test_a_layout_miss_cut_above_every_score_reads_nothing_outside_memory(tmp_pa
     ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(4))
     for use, reads in ((False, True), (True, validated_share > 0.4)):
         cut, layers = _check_reads(path, ids, reads, lookahead=True, miss_cut=use)
-        assert cut == 1e9 and layers == (2 if use and not reads else 0)
+        assert cut == (1e9 if validated_share < 0.4 else None) and layers == (2 if use and not reads else 0)
+
+
+@pytest.mark.parametrize("share, larger, want", [
+    (0.3, ((0.5, 4.0),), 2.0),  # the 25% cut: the larger validation needs half the layer in memory
+    (0.6, ((0.5, 4.0),), 4.0),  # the stricter cut validated with half the layer
+    (1.0, ((0.5, 4.0), (0.75, 6.0)), 6.0),  # the largest validated share the cache holds
+    (0.2, ((0.5, 4.0),), None),  # under every validated cache: no miss cut
+])
+def test_a_run_takes_the_miss_cut_validated_with_the_largest_cache_it_holds(share, larger, want):
+    from sparseflash.runtime.predict import Predictors
+
+    p = dataclasses.replace(_layer_predictor(cut=0.0, miss_cut=2.0, cached_cut=-1.0), larger_miss_cuts=larger)
+    fitted = Predictors("threshold", {0: p}, {0: p}, 0.25).for_caches([share])
+    assert fitted.own[0].miss_cut == want and fitted.lookahead[0].miss_cut == want
+    assert fitted.own[0].cached_cut == -1.0 and fitted.miss_share == 0.0
+    none_at_base = dataclasses.replace(p, miss_cut=None)  # no cut held the bound with the 25% cache
+    assert Predictors("threshold", {0: none_at_base}, {}, 0.25).for_caches([0.6]).own[0].miss_cut == 4.0
 
 
 class _FixedScores:

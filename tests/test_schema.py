@@ -129,6 +129,16 @@ def test_a_cached_cut_is_read_back(layout, tmp_path):
     assert header.predictors.to_json()["layers"][0]["cached_cut"] == -0.5
 
 
+def test_larger_miss_cuts_are_read_back(layout, tmp_path):
+    good = _with_header(layout, tmp_path / "larger.sflash", _set("predictors.layers", [
+        {"topk": 8, "cut": 1.0, "rank": 4, "cached_cut": 0.5, "larger_miss_cuts": [[0.5, 3.0], [0.75, 4.0]]}] * 2))
+    with LayoutFile.open(good) as f:
+        header = schema.read_header(good, f.header)
+    assert header.predictors.layers[0].larger_miss_cuts == ((0.5, 3.0), (0.75, 4.0))
+    assert header.predictors.layers[0].miss_cut is None  # no cut held the bound with the smallest cache
+    assert header.predictors.to_json()["layers"][0]["larger_miss_cuts"] == [[0.5, 3.0], [0.75, 4.0]]
+
+
 LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "model is a list": (_set("model", [1, 2]), "header.model"),
     "model is a string": (_set("model", "llama"), "header.model"),
@@ -173,6 +183,16 @@ LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
                                           "gate.miss_rise_pct"),
     "gate miss recalls not a list": (_gate(miss_recalls=0.9), "gate.miss_recalls"),
     "gate cached share above one": (_gate(cached_share=1.5), "gate.cached_share"),
+    "gate larger share not a list": (_gate(miss_larger={"share": 0.5}), "gate.miss_larger"),
+    "gate larger share out of range": (_gate(miss_larger=[{"share": 2.0, "miss_rise_pct": {}, "miss_recall": None}]),
+                                       "miss_larger[0].share"),
+    "gate larger recall without its rise": (_gate(miss_larger=[{"share": 0.5, "miss_rise_pct": {"0.9": 0.5},
+                                                                 "miss_recall": 0.8}]), "miss_larger[0]"),
+    "larger miss cuts not pairs": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": 2.5,
+                                                               "larger_miss_cuts": [0.5]}] * 2), "larger_miss_cuts"),
+    "larger miss cuts descending": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": 2.5,
+                                                                "larger_miss_cuts": [[0.75, 3], [0.5, 2]]}] * 2),
+                                    "larger_miss_cuts"),
 }
 
 

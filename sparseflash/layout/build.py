@@ -124,15 +124,20 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
     pred_header = None
     if predictors:
         # cost-aware selection: the miss cut of the recall prepare's gate validated, where one was
-        miss_at = (gate["miss_recalls"].index(gate["miss_recall"])
-                   if gate is not None and gate.get("miss_recall") is not None else None)
+        # (and, per larger validated cache share, the recall kept with it)
+        recalls = gate.get("miss_recalls", []) if gate is not None else []
+        miss_at = recalls.index(gate["miss_recall"]) if gate is not None and gate.get("miss_recall") is not None else None
+        larger_at = [(e["share"], recalls.index(e["miss_recall"])) for e in (gate or {}).get("miss_larger", [])
+                     if e["miss_recall"] is not None]
 
         def spec(p):
             if p is None:
                 return None
             miss = float(p.miss_cuts[miss_at]) if miss_at is not None and len(p.miss_cuts) > miss_at else None
-            cached = None if miss is None or getattr(p, "cached_cut", None) is None else float(p.cached_cut)
-            return PredictorSpec(int(p.topk), float(p.cut), int(p.rank), miss, cached)
+            larger = tuple((float(s), float(p.miss_cuts[i])) for s, i in larger_at if len(p.miss_cuts) > i)
+            cached = (None if (miss is None and not larger) or getattr(p, "cached_cut", None) is None
+                      else float(p.cached_cut))
+            return PredictorSpec(int(p.topk), float(p.cut), int(p.rank), miss, cached, larger)
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),
                                        report, gate)

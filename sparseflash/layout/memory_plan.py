@@ -130,7 +130,8 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
         "predictors": {"layer": layer, "head block": head,
                        # dense, oracle, both strategies and one per cost-aware miss cut (held-out streams)
                        "hidden states": _states(preds_tokens, d, spill_bytes)
-                       + (4 + len(p.miss_recalls)) * _states(val, d, spill_bytes),
+                       + (4 + len(p.miss_recalls) * (1 + len(p.larger_miss_shares)))
+                       * _states(val, d, spill_bytes),
                        # inputs twice (float16, kept and the previous layer's), packed and bool masks, and the
                        # tune slice's magnitudes (float16) for the miss cuts
                        "inputs + masks": (preds_tokens + val) * (2 * d * 2 + n // 8 + n)

@@ -12,8 +12,8 @@ import torch
 from sparseflash.layout.predictor import Predictor
 
 
-def miss_stream(recall: float) -> str:
-    return f"miss_{recall:g}"
+def miss_stream(recall: float, share: float | None = None) -> str:
+    return f"miss_{recall:g}" if share is None else f"miss_{recall:g}_at_{share:g}"
 
 
 class MissRun:

@@ -103,6 +103,9 @@ class PredictorParams:
     # the validation's cache holds this share of each layer's neurons (the runtime applies a miss cut only
     # where its cache, hot region included, is at least as large)
     miss_share: float = 0.25
+    # the candidates are validated again with these larger caches: a run whose cache holds one of these
+    # shares applies the sparsest cut validated at the largest share it holds
+    larger_miss_shares: tuple[float, ...] = (0.5,)
     # with a miss cut, a neuron in memory is computed down to a lower cut: the one that keeps this share of
     # the active neurons' contribution (tuned as the miss cuts; never above the threshold cut): computing it
     # costs no read, and the quality it buys is what lets the gate keep a stricter miss cut
@@ -132,6 +135,8 @@ class PredictorParams:
         for r in self.miss_recalls:
             check_float("--miss-recalls", r, 0, 1, lo_open=True)
         check_float("miss_share", self.miss_share, 0, 1, lo_open=True)
+        for s in self.larger_miss_shares:
+            check_float("larger_miss_shares", s, self.miss_share, 1, lo_open=True)
         check_float("cached_share", self.cached_share, 0, 1, lo_open=True)
         check_int("train_jobs", self.train_jobs, 1)
 
@@ -184,6 +189,7 @@ class PrepareParams:
     epochs: int = TrainParams.epochs
     miss_recalls: tuple[float, ...] = PredictorParams.miss_recalls  # cost-aware candidates (PredictorParams)
     cached_share: float = PredictorParams.cached_share  # the cut for neurons in memory (PredictorParams)
+    larger_miss_shares: tuple[float, ...] = PredictorParams.larger_miss_shares  # validated again (PredictorParams)
     order: str = LayoutParams.order
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype
@@ -206,6 +212,8 @@ class PrepareParams:
         for r in self.miss_recalls:
             check_float("miss_recalls", r, 0, 1, lo_open=True)
         check_float("cached_share", self.cached_share, 0, 1, lo_open=True)
+        for s in self.larger_miss_shares:
+            check_float("larger_miss_shares", s, 0, 1, lo_open=True)
         self.layout_params()  # order, hot fraction and dtype checked there
 
     def layout_params(self) -> LayoutParams:

@@ -56,7 +56,7 @@ def _stamp(params: PrepareParams, step: str) -> dict:
     p = dataclasses.asdict(params)
     keep = {"profile": ("profile_tokens", "cett_tokens", "heldout_tokens", "ppl_p", "cett"),
             "predictors": ("profile_tokens", "heldout_tokens", "ppl_p", "cett", "predictor_tokens", "rank", "epochs",
-                           "miss_recalls", "cached_share"),
+                           "miss_recalls", "cached_share", "larger_miss_shares"),
             "layout": tuple(p)}[step]
     return json.loads(json.dumps({k: p[k] for k in keep}))  # as prepare.json reads back (tuples as lists)
 
@@ -143,6 +143,7 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
                          PredictorParams(tokens=params.predictor_tokens, val_tokens=params.heldout_tokens,
                                          rank=params.rank, train=TrainParams(epochs=params.epochs),
                                          miss_recalls=params.miss_recalls, cached_share=params.cached_share,
+                                         larger_miss_shares=params.larger_miss_shares,
                                          batch=plan.batch, spill_bytes=plan.spill_bytes,
                                          train_jobs=plan.train_jobs),
                          record.source_hash, quiet)

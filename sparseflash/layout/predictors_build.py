@@ -236,9 +236,11 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     train_s = 0.0
     prev = None  # the previous layer's (inputs, held-out inputs): the look-ahead predictors' features
     streams = {"train": train, "dense": val, "oracle": val, "predicted_topk": val, "predicted_threshold": val,
-               **{miss_stream(r): val for r in p.miss_recalls}}
+               **{miss_stream(r): val for r in p.miss_recalls},
+               **{miss_stream(r, s): val for r in p.miss_recalls for s in p.larger_miss_shares}}
     n_tune = max(1, int(train.numel() * p.tune_share))  # as _split takes it
     miss_runs = {r: MissRun(p.ctx, c.num_layers, p.miss_share) for r in p.miss_recalls}
+    larger_runs = {(r, s): MissRun(p.ctx, c.num_layers, s) for r in p.miss_recalls for s in p.larger_miss_shares}
     every_read = MissRun(p.ctx, c.num_layers, p.miss_share)  # the threshold stream, counted the same way
     with LayerPass(source, streams, p.batch, "predictors", quiet, p.spill_bytes, out) as lp:
         for l, w in lp.layers():
@@ -294,6 +296,8 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             lp.run("predicted_threshold", l, w, every_read.hook(pred, -math.inf))  # = a * predict_threshold
             for r, cut in zip(p.miss_recalls, pred.miss_cuts):
                 lp.run(miss_stream(r), l, w, miss_runs[r].hook(pred, cut, pred.cached_cut))
+                for s in p.larger_miss_shares:
+                    lp.run(miss_stream(r, s), l, w, larger_runs[r, s].hook(pred, cut, pred.cached_cut))
         ppl = {}
         for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
             total, count = lp.nll(name)
@@ -307,6 +311,15 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                          # every neuron above the miss cut (nothing in memory), held-out tokens, per layer
                          "strong_share": 1.0 - float(np.mean([m["sparsity_miss"][i] for m in layers])),
                          "strong_recall": float(np.mean([m["recall_miss"][i] for m in layers]))})
+        larger = []  # the same candidates with larger caches
+        for s in p.larger_miss_shares:
+            runs = []
+            for r in p.miss_recalls:
+                total, count = lp.nll(miss_stream(r, s))
+                per_token = larger_runs[r, s].per_token()
+                runs.append({"recall": r, "ppl": math.exp(total / count), "computed_per_token": per_token[0],
+                             "read_per_token": per_token[1]})
+            larger.append({"share": s, "miss": runs})
     del prev
     shutil.rmtree(out / "record", ignore_errors=True)
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
@@ -338,6 +351,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "rank_choice": rank_choice,
         "miss": miss,
         "miss_share": p.miss_share,
+        "miss_larger": larger,
         "cached_share": p.cached_share,
         "threshold_reads": dict(zip(("computed_per_token", "read_per_token"), every_read.per_token())),
         "strategy": strategy,

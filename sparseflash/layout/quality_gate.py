@@ -38,6 +38,12 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
     miss_rise = {f"{m['recall']:g}": _rise(float(m["ppl"]), dense) for m in miss}
     within = [m for m in miss if _rise(float(m["ppl"]), dense) <= max_rise_pct]
     miss_recall = min((float(m["recall"]) for m in within), default=None) if chosen == "threshold" else None
+    larger = []  # the same choice with each larger validated cache
+    for entry in predictors_report.get("miss_larger") or []:
+        ok = [float(m["recall"]) for m in entry["miss"] if _rise(float(m["ppl"]), dense) <= max_rise_pct]
+        larger.append({"share": float(entry["share"]),
+                       "miss_rise_pct": {f"{m['recall']:g}": _rise(float(m["ppl"]), dense) for m in entry["miss"]},
+                       "miss_recall": min(ok, default=None) if chosen == "threshold" else None})
     return {
         "strategy": chosen,
         "own_strategy": own,
@@ -57,6 +63,7 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
         "miss_recall": miss_recall,
         "miss_share": float(predictors_report.get("miss_share", 0.0)),
         **({"cached_share": float(predictors_report["cached_share"])} if "cached_share" in predictors_report else {}),
+        **({"miss_larger": larger} if larger else {}),
     }
 
 
@@ -78,6 +85,11 @@ def gate_line(gate: dict) -> str:
                  "applied where a run's cache is at least that large)")
     elif gate.get("miss_recalls") and gate["strategy"] == "threshold":
         line += "; cost-aware: no miss cut within the bound"
+    for entry in gate.get("miss_larger", []):
+        r = entry["miss_recall"]
+        if r is not None:
+            rise = entry["miss_rise_pct"][f"{r:g}"]
+            line += f"; with {entry['share']:.0%} of each layer in memory: the cut keeping {r:g} ({rise:+.2f}%)"
     if gate["too_dense"]:
         line += (f"; model too dense to gain: PPL-{gate['ppl_p']:g}% sparsity {gate['ppl_p_sparsity']:.1%} "
                  f"< {gate['min_sparsity']:.0%}")

@@ -137,6 +137,8 @@ class PredictorSpec:
     miss_cut: float | None = None
     # with the miss cut: the (lower) cut a neuron in memory must pass to be computed; None: ``cut``
     cached_cut: float | None = None
+    # (share, cut): the miss cut validated with a cache of that larger share of the layer (ascending shares)
+    larger_miss_cuts: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ class PredictorsHeader:
                 out["miss_cut"] = p.miss_cut
             if p.cached_cut is not None:
                 out["cached_cut"] = p.cached_cut
+            if p.larger_miss_cuts:
+                out["larger_miss_cuts"] = [list(pair) for pair in p.larger_miss_cuts]
             return out
 
         out = {"strategy": self.strategy, "layers": [spec(p) for p in self.layers],
@@ -262,15 +266,23 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
     def spec(entry, where: str, optional: bool) -> PredictorSpec | None:
         if entry is None and optional:
             return None
-        c.object(entry, where, ("topk", "cut", "rank", "miss_cut", "cached_cut"), optional=("miss_cut", "cached_cut"))
+        optional = ("miss_cut", "cached_cut", "larger_miss_cuts")
+        c.object(entry, where, ("topk", "cut", "rank") + optional, optional=optional)
         miss, cached, cut = entry.get("miss_cut"), entry.get("cached_cut"), c.number(entry["cut"], f"{where}.cut")
-        if cached is not None and (miss is None or c.number(cached, f"{where}.cached_cut") > cut):
-            c.fail(f"{where}.cached_cut", "needs a miss_cut and must be at most the cut", cached)
+        larger = entry.get("larger_miss_cuts", [])
+        if not isinstance(larger, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in larger):
+            c.fail(f"{where}.larger_miss_cuts", "must be a list of [share, cut] pairs", larger)
+        larger = tuple((c.number(s, f"{where}.larger_miss_cuts"), c.number(v, f"{where}.larger_miss_cuts"))
+                       for s, v in larger)
+        if any(not 0 < s <= 1 for s, _ in larger) or list(larger) != sorted(larger):
+            c.fail(f"{where}.larger_miss_cuts", "shares must be in (0, 1], ascending", entry["larger_miss_cuts"])
+        if cached is not None and ((miss is None and not larger) or c.number(cached, f"{where}.cached_cut") > cut):
+            c.fail(f"{where}.cached_cut", "needs a miss cut and must be at most the cut", cached)
         # a writer keeps at least one neuron (layout/predictors_build.py); top-k 0 would run only the hot ones
         return PredictorSpec(c.int(entry["topk"], f"{where}.topk", 1, n), cut,
                              c.int(entry["rank"], f"{where}.rank", 1, 1 << 20),
                              None if miss is None else c.number(miss, f"{where}.miss_cut"),
-                             None if cached is None else float(cached))
+                             None if cached is None else float(cached), larger)
 
     for key in ("layers", "lookahead"):
         if not isinstance(doc[key], list) or len(doc[key]) != layers_n:

@@ -8,7 +8,7 @@ from .schema_check import REBUILD, _Check
 GATE_KEYS = ("strategy", "own_strategy", "fallback", "max_rise_pct", "ppl_dense", "ppl", "rise_pct",
              "predicted_share", "heldout_tokens", "ppl_p", "ppl_p_sparsity", "min_sparsity", "too_dense")
 # cost-aware selection (optional: newer)
-GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share", "cached_share")
+GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share", "cached_share", "miss_larger")
 
 
 def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
@@ -49,3 +49,16 @@ def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
         c.number(chosen_miss, f"{where}.miss_recall")
         if f"{chosen_miss:g}" not in rises:
             c.fail(f"{where}.miss_rise_pct", f"has no entry for the chosen miss recall {chosen_miss:g}; {REBUILD}")
+    larger = gate.get("miss_larger", [])
+    if not isinstance(larger, list):
+        c.fail(f"{where}.miss_larger", "must be a list", type(larger).__name__)
+    for i, entry in enumerate(larger):
+        at = f"{where}.miss_larger[{i}]"
+        c.object(entry, at, ("share", "miss_rise_pct", "miss_recall"))
+        if not 0 < c.number(entry["share"], f"{at}.share") <= 1:
+            c.fail(f"{at}.share", "must be in (0, 1]", entry["share"])
+        table = c.object(entry["miss_rise_pct"], f"{at}.miss_rise_pct")
+        for k, v in table.items():
+            c.number(v, f"{at}.miss_rise_pct.{k}")
+        if entry["miss_recall"] is not None and f"{c.number(entry['miss_recall'], f'{at}.miss_recall'):g}" not in table:
+            c.fail(f"{at}.miss_rise_pct", f"has no entry for the chosen miss recall; {REBUILD}")

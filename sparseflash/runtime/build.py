@@ -74,6 +74,7 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
                 step.warmup((KERNEL_DTYPE[storage],))  # the fused host step (runtime/fused.py)
         caches = [NeuronCache(r.n_neurons, r.n_hot + memory.slots_per_layer, r.bundle_len, STORAGE_NP[r.dtype],
                               policy.window, policy.eviction, host_slots=not on_gpu) for r in regions]
+        predictors = predictors.for_caches([c.capacity / c.neurons for c in caches])  # the miss cut each cache takes
         # per-neuron biases are gathered by slot on the host
         b_up = [None if w.b_up is None else w.b_up.float().numpy() for w in lm.weights.layers]
         b_gate = [None if w.b_gate is None else w.b_gate.float().numpy() for w in lm.weights.layers]

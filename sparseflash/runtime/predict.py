@@ -8,6 +8,7 @@ no predictor).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,8 @@ class LayerPredictor:
     cut: float
     miss_cut: float | None = None  # cost-aware selection: a neuron not in memory is read only above it
     cached_cut: float | None = None  # and, where the miss cut applies, one in memory is computed above this
+    # (share, cut): miss cuts validated with larger caches (Predictors.for_caches picks the one that applies)
+    larger_miss_cuts: tuple[tuple[float, float], ...] = ()
     # the same four tensors as float32 numpy arrays (host tensors only), for the fused decode path
     _host: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -50,7 +53,7 @@ class LayerPredictor:
     def to(self, device: torch.device | str) -> LayerPredictor:
         """The same predictor with its tensors on ``device`` (a new object)."""
         return LayerPredictor(*(t.to(device) for t in (self.w1, self.b1, self.w2, self.b2)), self.topk, self.cut,
-                              self.miss_cut, self.cached_cut)
+                              self.miss_cut, self.cached_cut, self.larger_miss_cuts)
 
     @property
     def cached_bonus(self) -> float:
@@ -129,6 +132,19 @@ class Predictors:
         move = lambda d: {l: p.to(device) for l, p in d.items()}  # noqa: E731
         return Predictors(self.strategy, move(self.own), move(self.lookahead), self.miss_share)
 
+    def for_caches(self, shares: list[float]) -> Predictors:
+        """The predictors as a run with these caches applies them: layer l's (own and look-ahead) miss cut
+        is the one validated with the largest cache share at most ``shares[l]`` (its cache's slots over
+        its neurons, hot region included), or none where no validated cache is that small; the result's
+        ``miss_share`` is 0, since the choice is made."""
+        def fit(l: int, p: LayerPredictor) -> LayerPredictor:
+            validated = [(self.miss_share, p.miss_cut), *p.larger_miss_cuts]
+            fits = [(s, c) for s, c in validated if c is not None and s <= shares[l]]
+            return dataclasses.replace(p, miss_cut=max(fits)[1] if fits else None)
+
+        return Predictors(self.strategy, {l: fit(l, p) for l, p in self.own.items()},
+                          {l: fit(l, p) for l, p in self.lookahead.items()}, 0.0)
+
 
 def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = None,
                     lookahead: bool = True, verify: bool = True) -> Predictors:
@@ -150,7 +166,7 @@ def load_predictors(f: LayoutFile, header: ModelHeader, strategy: str | None = N
         parts = (torch.from_numpy(np.asarray(f.tensor(schema.predictor_tensor(kind, layer, part), verify=verify),
                                              dtype=np.float32))
                  for part in schema.PREDICTOR_PARTS)
-        return LayerPredictor(*parts, spec.topk, spec.cut, spec.miss_cut, spec.cached_cut)
+        return LayerPredictor(*parts, spec.topk, spec.cut, spec.miss_cut, spec.cached_cut, spec.larger_miss_cuts)
 
     own = {l: load("layer", l, spec) for l, spec in enumerate(meta.layers)}
     ahead = {l: load("lookahead", l, spec) for l, spec in enumerate(meta.lookahead)

@@ -170,11 +170,13 @@ def _gate_note(summary: dict) -> str:
     rise = gate.get("rise_pct", {}).get(gate["strategy"])
     what = "exact, predicted modes missed" if gate["strategy"] == "all" else f"held-out ppl {rise:+.2f}%"
     miss = ""
-    if gate.get("miss_recall") is not None:
+    validated = [(gate.get("miss_share", 0), gate.get("miss_recall"))] + [
+        (e["share"], e["miss_recall"]) for e in gate.get("miss_larger", [])]
+    validated = ", ".join(f"{r:g} with {s:.0%} in memory" for s, r in validated if r is not None)
+    if validated:
         used = summary.get("miss_cut_layers", 0)
-        miss = (f"; miss cut {gate['miss_recall']:g} on {used} layers" if used else
-                f"; miss cut {gate['miss_recall']:g} not used (off, or the cache is under the validated "
-                f"{gate.get('miss_share', 0):.0%})")
+        miss = (f"; miss cut on {used} layers ({validated})" if used else
+                f"; miss cut ({validated}) not used (off, or the cache is under the validated share)")
     return (f" (quality gate: {'fallback, ' if gate.get('fallback') else ''}{what}, bound "
             f"+{gate['max_rise_pct']:g}%{miss}{'; model too dense to gain' if gate.get('too_dense') else ''})")
 
