@@ -61,12 +61,11 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
             candidates = [p for p in cached if p not in need_set]
             if policy == "belady":
                 candidates.sort(key=lambda p: -cached[p])
-            elif policy == "frequency":
+            elif policy in ("lfu", "frequency"):
                 candidates = [p for p in candidates if cached[p] < t - window] or candidates
-                candidates.sort(key=lambda p: (rate[p][0] * FREQUENCY_DECAY ** (t - rate[p][1]), cached[p]))
-            elif policy == "lfu":
-                candidates = [p for p in candidates if cached[p] < t - window] or candidates
-                candidates.sort(key=lambda p: (uses.get(p, 0), cached[p]))
+                count = ((lambda p: uses.get(p, 0)) if policy == "lfu" else  # noqa: E731
+                         (lambda p, t=t: rate[p][0] * FREQUENCY_DECAY ** (t - rate[p][1])))  # recent use rate
+                candidates.sort(key=lambda p: (count(p), cached[p]))
             else:
                 protected = [p for p in candidates if cached[p] >= t - window]
                 candidates = sorted((p for p in candidates if cached[p] < t - window), key=lambda p: cached[p])

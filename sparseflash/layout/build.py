@@ -135,8 +135,7 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
                 return None
             miss = float(p.miss_cuts[miss_at]) if miss_at is not None and len(p.miss_cuts) > miss_at else None
             larger = tuple((float(s), float(p.miss_cuts[i])) for s, i in larger_at if len(p.miss_cuts) > i)
-            cached = (None if (miss is None and not larger) or getattr(p, "cached_cut", None) is None
-                      else float(p.cached_cut))
+            cached = None if (miss is None and not larger) or p.cached_cut is None else float(p.cached_cut)
             return PredictorSpec(int(p.topk), float(p.cut), int(p.rank), miss, cached, larger)
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),

@@ -302,24 +302,20 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
             total, count = lp.nll(name)
             ppl[name] = math.exp(total / count)
-        miss = []
-        for i, r in enumerate(p.miss_recalls):
-            total, count = lp.nll(miss_stream(r))
-            per_token = miss_runs[r].per_token()
-            miss.append({"recall": r, "ppl": math.exp(total / count),
-                         "computed_per_token": per_token[0], "read_per_token": per_token[1],
-                         # every neuron above the miss cut (nothing in memory), held-out tokens, per layer
-                         "strong_share": 1.0 - float(np.mean([m["sparsity_miss"][i] for m in layers])),
-                         "strong_recall": float(np.mean([m["recall_miss"][i] for m in layers]))})
-        larger = []  # the same candidates with larger caches
-        for s in p.larger_miss_shares:
-            runs = []
-            for r in p.miss_recalls:
-                total, count = lp.nll(miss_stream(r, s))
-                per_token = larger_runs[r, s].per_token()
-                runs.append({"recall": r, "ppl": math.exp(total / count), "computed_per_token": per_token[0],
-                             "read_per_token": per_token[1]})
-            larger.append({"share": s, "miss": runs})
+
+        def measured(r, name, run):  # one candidate's held-out stream: perplexity, computed and read neurons
+            total, count = lp.nll(name)
+            per_token = run.per_token()
+            return {"recall": r, "ppl": math.exp(total / count), "computed_per_token": per_token[0],
+                    "read_per_token": per_token[1]}
+
+        # every neuron above the miss cut (nothing in memory), held-out tokens, per layer
+        miss = [{**measured(r, miss_stream(r), miss_runs[r]),
+                 "strong_share": 1.0 - float(np.mean([m["sparsity_miss"][i] for m in layers])),
+                 "strong_recall": float(np.mean([m["recall_miss"][i] for m in layers]))}
+                for i, r in enumerate(p.miss_recalls)]
+        larger = [{"share": s, "miss": [measured(r, miss_stream(r, s), larger_runs[r, s]) for r in p.miss_recalls]}
+                  for s in p.larger_miss_shares]  # the same candidates with larger caches
     del prev
     shutil.rmtree(out / "record", ignore_errors=True)
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"

@@ -35,15 +35,16 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
     # cost-aware selection: the sparsest miss cut whose nothing-cached perplexity is within the bound
     # (measured for the threshold strategy; none when another strategy is in force)
     miss = predictors_report.get("miss") or []
-    miss_rise = {f"{m['recall']:g}": _rise(float(m["ppl"]), dense) for m in miss}
-    within = [m for m in miss if _rise(float(m["ppl"]), dense) <= max_rise_pct]
-    miss_recall = min((float(m["recall"]) for m in within), default=None) if chosen == "threshold" else None
+    def sparsest(runs):  # (rise per candidate, the sparsest candidate within the bound or None)
+        rise = {f"{m['recall']:g}": _rise(float(m["ppl"]), dense) for m in runs}
+        ok = [float(m["recall"]) for m in runs if rise[f"{m['recall']:g}"] <= max_rise_pct]
+        return rise, min(ok, default=None) if chosen == "threshold" else None
+
+    miss_rise, miss_recall = sparsest(miss)
     larger = []  # the same choice with each larger validated cache
     for entry in predictors_report.get("miss_larger") or []:
-        ok = [float(m["recall"]) for m in entry["miss"] if _rise(float(m["ppl"]), dense) <= max_rise_pct]
-        larger.append({"share": float(entry["share"]),
-                       "miss_rise_pct": {f"{m['recall']:g}": _rise(float(m["ppl"]), dense) for m in entry["miss"]},
-                       "miss_recall": min(ok, default=None) if chosen == "threshold" else None})
+        rise, recall = sparsest(entry["miss"])
+        larger.append({"share": float(entry["share"]), "miss_rise_pct": rise, "miss_recall": recall})
     return {
         "strategy": chosen,
         "own_strategy": own,

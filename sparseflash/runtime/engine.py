@@ -212,28 +212,27 @@ class StreamingFFN:
             self.trace[l].append(positions)
         return positions
 
+    def applies_miss_cut(self, predictor) -> bool:
+        """Whether ``predictor``'s miss cut (and cached cut) is in force: it has one for its layer's cache
+        (build.py fits each layer's cut to its cache: Predictors.for_caches) and the policy uses it."""
+        return predictor.miss_cut is not None and self.policy.miss_cut
+
     def _cached(self, l: int, predictor) -> np.ndarray | None:
         """Per stored position, whether layer l's neuron is in memory (hot region included), for
-        ``predictor``'s miss cut; None when it has none, the policy does not use it, or layer l's cache is
-        smaller than the one the cut was validated with (prepare's gate): there the cut would drop more
-        than it measured."""
-        cache = self.caches[l]
-        if (predictor.miss_cut is None or not self.policy.miss_cut
-                or cache.capacity < self.predictors.miss_share * cache.neurons):
-            return None
-        return cache.slot_of >= 0
+        ``predictor``'s miss cut; None when the cut is not in force."""
+        return self.caches[l].slot_of >= 0 if self.applies_miss_cut(predictor) else None
 
     def miss_cut_layers(self) -> int:
         """How many layers apply the layout's miss cut in this run."""
         if self.strategy == "all":
             return 0
-        return sum(self._cached(l, self.predictors.own[l]) is not None for l in range(len(self.caches)))
+        return sum(self.applies_miss_cut(self.predictors.own[l]) for l in range(len(self.caches)))
 
     def _cost_offset(self, l: int, predictor) -> np.ndarray | None:
         """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot
         region included: it costs no read; plus ``predictor``'s validated one where its miss cut applies),
         -miss_penalty where it would have to be read."""
-        validated = predictor.cached_bonus if self._cached(l, predictor) is not None else 0.0
+        validated = predictor.cached_bonus if self.applies_miss_cut(predictor) else 0.0
         bonus, penalty = self.policy.cached_bonus + validated, self.policy.miss_penalty
         if not bonus and not penalty:
             return None

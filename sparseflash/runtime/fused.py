@@ -50,7 +50,7 @@ class FusedStep:
         t = time.perf_counter()
         xf = np.ascontiguousarray(x.detach().float().numpy())
         y = np.empty_like(xf)
-        validated = engine._cached(l, p) is not None  # the miss cut applies, and the cached cut with it
+        validated = engine.applies_miss_cut(p)  # the miss cut applies, and the cached cut with it
         bonus = policy.cached_bonus + (p.cached_bonus if validated else 0.0)
         offset = (bonus, policy.miss_penalty) if bonus or policy.miss_penalty else None
         miss_cut = p.miss_cut - policy.margin if validated else None
