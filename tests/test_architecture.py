@@ -59,7 +59,8 @@ def test_format_and_schema_import_only_each_other():
 
 
 def test_model_imports_no_later_stage():
-    assert _violations("model", lambda n: n in NEUTRAL or _under(n, "model")) == []
+    # kernels/ is a leaf (arrays in, arrays out): the forward's native decode step uses it
+    assert _violations("model", lambda n: n in NEUTRAL or _under(n, "model", "kernels")) == []
 
 
 def test_layout_imports_neither_runtime_nor_eval():

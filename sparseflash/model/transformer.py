@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sparseflash.errors import SparseflashError
 from sparseflash.model.config import ModelConfig, rope_inv_freq
+from sparseflash.model.decode_native import NativeDecode
 from sparseflash.model.ffn import DenseFFN
 from sparseflash.model.weights import LayerWeights, ModelWeights
 
@@ -118,6 +119,8 @@ class Transformer:
         inv_freq, self.rope_scale = rope_inv_freq(config)
         self.inv_freq = inv_freq.to(self.device)
         self._norm_shift = 1.0 if config.norm == "layernorm1p" else 0.0
+        self.native_decode = True  # one-token host steps through native kernels (model/decode_native.py)
+        self._native = NativeDecode(config, self._norm_shift)
 
     def new_cache(self, max_len: int, batch: int = 1, capacity: list[int] | None = None) -> KVCache:
         """A KV cache on this model's device for ``max_len`` positions (``capacity``: slots per layer)."""
@@ -239,12 +242,20 @@ class Transformer:
                              lambda i: self._slot_and_mask(i, cache, positions))
         else:
             cos, sin = self._rope(torch.arange(start, end, device=self.device))
-            h = self._layers(h, range(len(self.weights.layers)), cos, sin, cache, lambda i: (start, _CAUSAL))
+            native = self._native_views(cache) if b * t == 1 else None
+            if native is None and self._native_ok(cache):  # a prompt step: decoding follows
+                self._native.warm()
+            if native is not None:
+                h = self._native_layers(h, native, cos, sin, cache, start)
+            else:
+                h = self._layers(h, range(len(self.weights.layers)), cos, sin, cache, lambda i: (start, _CAUSAL))
         if cache is not None:
             cache.length = end
         if last_only or keep_last is not None:
             h = h[:, -1:] if last_only else h[:, h.shape[1] - keep_last :]
-        logits = linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head).cpu()
+        logits = self._native_head(h) if b * t == 1 and self._native_ok(cache) else None
+        if logits is None:
+            logits = linear(self.norm(h, w.final_norm_w, w.final_norm_b), w.lm_head).cpu()
         if end_step is not None:
             end_step()
         return logits
@@ -265,6 +276,45 @@ class Transformer:
             x = self.norm(h, layer.ffn_norm_w, layer.ffn_norm_b)
             h = h + self.ffn(i, x.reshape(b * t, -1)).reshape(b, t, -1)
         return h
+
+    def _native_ok(self, cache: KVCache | None) -> bool:
+        return (self.native_decode and cache is not None and self.device.type == "cpu" and not cache.compressed
+                and not torch.is_grad_enabled())
+
+    def _native_views(self, cache: KVCache | None) -> list[tuple] | None:
+        """Per layer (weight views, KV views) for a one-token step on the native path, or None if it does
+        not apply (model/decode_native.py says when it does)."""
+        if not self._native_ok(cache):
+            return None
+        out = []
+        for i, layer in enumerate(self.weights.layers):
+            views, kv = self._native.layer(i, layer), self._native.kv(cache, i)
+            if views is None or kv is None:
+                return None
+            out.append((views, kv))
+        return out
+
+    def _native_layers(self, h: torch.Tensor, native: list[tuple], cos, sin, cache: KVCache, pos: int) -> torch.Tensor:
+        """The layers of one token (h (1, 1, d)) on the native path: the attention norm, the attention in
+        one call (what ``note_attention`` is told), the FFN norm, and the FFN (``self.ffn``, as on the
+        torch path) on its output."""
+        note = getattr(self.ffn, "note_attention", None)
+        hn = h.reshape(-1).numpy().copy()
+        cos_n, sin_n = cos[0].contiguous().numpy(), sin[0].contiguous().numpy()
+        for i, (views, kv) in enumerate(native):
+            xn = self._native.norm(hn, views[0])
+            t0 = time.perf_counter()
+            self._native.attend(xn, hn, views[1], kv, pos, cos_n, sin_n, cache.capacity[i])
+            if note is not None:
+                note(time.perf_counter() - t0)
+            x = torch.from_numpy(self._native.norm(hn, views[2]))[None]
+            hn += self.ffn(i, x).reshape(-1).numpy()
+        return torch.from_numpy(hn).view(1, 1, -1)
+
+    def _native_head(self, h: torch.Tensor) -> torch.Tensor | None:
+        w = self.weights
+        logits = self._native.head(h.reshape(-1).contiguous().numpy(), w.final_norm_w, w.final_norm_b, w.lm_head)
+        return None if logits is None else torch.from_numpy(logits).view(1, 1, -1)
 
     def _slot_and_mask(self, i: int, cache: KVCache, positions: torch.Tensor):
         """Decoding over a compressed cache: layer i's first slot for ``positions``, and its mask."""
