@@ -42,6 +42,11 @@ class ReferenceCache:
         return [p for p, h in self.held.items() if p not in self.pinned and p not in protect
                 and h["last"] < self.step - self.window]  # window K: the current token and the K before it
 
+    def inside(self, protect=()):
+        """Neurons in the window (not pinned, not ``protect``): evicted only when the step needs their slots."""
+        return [p for p, h in self.held.items() if p not in self.pinned and p not in protect
+                and h["last"] >= self.step - self.window]
+
     def tick(self):
         self.step += 1
         if self.policy == "window":
@@ -94,15 +99,21 @@ def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned):
             cache.touch(cache.lookup(np.array(hits, dtype=np.int64)))
             missing = positions[cache.lookup(positions) < 0]
             assert sorted(missing.tolist()) == sorted(set(arg) - set(hits))
-            candidates = ref.evictable(protect=set(hits))
+            candidates, inside = ref.evictable(protect=set(hits)), ref.inside(protect=set(hits))
             free = CAPACITY - len(ref.held)
-            if len(missing) > free + len(candidates):
+            if len(missing) > free + len(candidates) + len(inside):
                 with pytest.raises(MemoryError):
                     cache.reserve(len(missing), protect=cache.lookup(np.array(hits, dtype=np.int64)))
                 continue
+            assert cache.room(cache.lookup(np.array(hits, dtype=np.int64))) == free + len(candidates) + len(inside)
             before = held()
             new = cache.reserve(len(missing), protect=cache.lookup(np.array(hits, dtype=np.int64)))
-            ref.check_victims(before - held(), candidates, max(0, len(missing) - free))
+            gone, forced = before - held(), len(missing) - free - len(candidates)
+            if forced > 0:  # every neuron outside the window goes, then the window's lowest keys
+                assert set(candidates) <= gone
+                ref.check_victims(gone - set(candidates), inside, forced)
+            else:
+                ref.check_victims(gone, candidates, max(0, len(missing) - free))
             for p in before - held():
                 del ref.held[p]
             cache.slots[new, 0] = missing

@@ -84,3 +84,19 @@ def test_window_k_protects_the_k_tokens_before_the_current_one():
 def test_the_simulator_refuses_a_policy_it_cannot_replay():
     with pytest.raises(ValueError, match="predicted"):  # a trace holds no predictor scores
         simulate_layer([np.array([0])], n_hot=0, capacity=2, policy="predicted")
+
+
+# The window yields to the step itself: two slots, window 2, every cached neuron in the window when
+# t2 needs a third. The window's neurons go then, ranked by the policy (LRU: the oldest), rather than
+# the step reading in batches. Worked by hand:
+#   t0 miss 0 | t1 miss 1 | t2 needs 2: 0 and 1 both in the window; 0 is older -> miss 2, cache {1, 2}
+#   t3 needs 0: 1 and 2 in the window, 1 older -> miss 0, cache {2, 0} | t4 needs 2: hit
+FORCED_TRACE = [[0], [1], [2], [0], [2]]
+FORCED = [[0], [1], [2], [0], []]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "frequency"])
+def test_the_window_yields_to_the_steps_own_misses_in_cache_and_simulator(policy):
+    assert _cache_misses(FORCED_TRACE, 2, policy) == FORCED
+    misses = simulate_layer([np.array(p) for p in FORCED_TRACE], n_hot=0, capacity=2, policy=policy, window=2)
+    assert [m.tolist() for m in misses] == FORCED

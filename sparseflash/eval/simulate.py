@@ -27,7 +27,8 @@ class SimResult:
 def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: str = "lru", window: int = 0):
     """Per token, the positions that must be read. ``trace[t]`` holds stored positions needed at t;
     positions < n_hot are resident. ``capacity`` counts unpinned slots. ``window`` K protects the
-    neurons used by token t or by one of the K tokens before it (runtime/cache.py's rule). Policies:
+    neurons used by token t or by one of the K tokens before it (runtime/cache.py's rule: when the misses
+    need the room, the window's neurons go last, ranked by the policy). Policies:
     ``lru``, ``lfu``, ``belady`` (the future known), ``frequency`` (runtime/cache.py's default without
     its predictor term, which a trace does not hold: lowest recent use rate first, then oldest)."""
     if policy not in ("lru", "lfu", "belady", "frequency"):
@@ -61,15 +62,10 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
             candidates = [p for p in cached if p not in need_set]
             if policy == "belady":
                 candidates.sort(key=lambda p: -cached[p])
-            elif policy in ("lfu", "frequency"):
-                candidates = [p for p in candidates if cached[p] < t - window] or candidates
-                count = ((lambda p: uses.get(p, 0)) if policy == "lfu" else  # noqa: E731
-                         (lambda p, t=t: rate[p][0] * FREQUENCY_DECAY ** (t - rate[p][1])))  # recent use rate
-                candidates.sort(key=lambda p: (count(p), cached[p]))
-            else:
-                protected = [p for p in candidates if cached[p] >= t - window]
-                candidates = sorted((p for p in candidates if cached[p] < t - window), key=lambda p: cached[p])
-                candidates += sorted(protected, key=lambda p: cached[p])  # forced: oldest protected next
+            else:  # outside the window first, then (forced) the window's, each ranked by the policy
+                count = {"lru": lambda p: 0, "lfu": lambda p: uses.get(p, 0),  # noqa: E731
+                         "frequency": lambda p, t=t: rate[p][0] * FREQUENCY_DECAY ** (t - rate[p][1])}[policy]
+                candidates.sort(key=lambda p: (cached[p] >= t - window, count(p), cached[p]))
             for p in candidates[:overflow]:
                 del cached[p]
                 uses.pop(p, None)

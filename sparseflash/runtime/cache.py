@@ -4,7 +4,9 @@
 ``position_of[slot]`` keep the index in step; free slots are a stack. Pinned slots (the hot region)
 are never evicted. Eviction picks victims among unprotected slots. ``window`` K protects every neuron
 used by the current token or by one of the K tokens before it (last use >= step - K); this is what
-``--window K`` means everywhere (the ``window`` policy, eval/simulate.py, io-report's sweeps).
+``--window K`` means everywhere (the ``window`` policy, eval/simulate.py, io-report's sweeps). The
+window yields only to a step whose misses need its slots (``room``): they are then evicted last,
+ranked by the policy, so the step still reads its misses at once (not in batches).
 Beyond the window the policy is
 - ``lru``: oldest last use first;
 - ``lfu``: fewest uses, then oldest;
@@ -118,19 +120,36 @@ class NeuronCache:
         self._free[self._n_free : self._n_free + len(slots)] = slots
         self._n_free += len(slots)
 
-    def _evictable_mask(self, protect: np.ndarray | None) -> np.ndarray:
-        ok = (self.position_of >= 0) & ~self.pinned & (self.last_use < self.step - self.window)  # not in the window
+    def _held_mask(self, protect: np.ndarray | None) -> np.ndarray:
+        ok = (self.position_of >= 0) & ~self.pinned
         if protect is not None and len(protect):
             ok[protect] = False
         return ok
+
+    def _evictable_mask(self, protect: np.ndarray | None) -> np.ndarray:
+        return self._held_mask(protect) & (self.last_use < self.step - self.window)  # not in the window
 
     def evictable_count(self, protect: np.ndarray | None = None) -> int:
         """How many slots ``evictable(protect)`` would return (without ranking them)."""
         return int(np.count_nonzero(self._evictable_mask(protect)))
 
-    def evictable(self, protect: np.ndarray | None = None) -> np.ndarray:
-        """Slots that may be evicted now, best victims first."""
+    def room(self, protect: np.ndarray | None = None) -> int:
+        """Slots a step's misses can take without evicting ``protect`` (its hits) or a pinned slot: the free
+        ones and every other held one, the window's included (``reserve`` takes those last)."""
+        return self._n_free + int(np.count_nonzero(self._held_mask(protect)))
+
+    def evictable(self, protect: np.ndarray | None = None, forced: bool = False) -> np.ndarray:
+        """Slots that may be evicted now, best victims first; ``forced``: then the window's (but not
+        ``protect``), ranked the same way."""
         cand = np.nonzero(self._evictable_mask(protect))[0]
+        cand = cand[self._rank(cand)]
+        if not forced:
+            return cand
+        inside = np.nonzero(self._held_mask(protect) & (self.last_use >= self.step - self.window))[0]
+        return np.concatenate([cand, inside[self._rank(inside)]])
+
+    def _rank(self, cand: np.ndarray) -> np.ndarray:
+        """The order in which the policy evicts slots ``cand``: best victims first."""
         if self.policy == "lfu":
             order = np.lexsort((self.last_use[cand], self.uses[cand]))
         elif self.policy == "frequency":
@@ -140,7 +159,7 @@ class NeuronCache:
             order = np.lexsort((self.last_use[cand], self.score[cand]))
         else:
             order = np.argsort(self.last_use[cand], kind="stable")
-        return cand[order]
+        return order
 
     def evict(self, slots: np.ndarray) -> None:
         slots = np.asarray(slots, dtype=np.int64)
@@ -162,6 +181,8 @@ class NeuronCache:
         short = count - self._n_free
         if short > 0:
             victims = self.evictable(protect)
+            if len(victims) < short:  # the window yields rather than the step reading in batches
+                victims = self.evictable(protect, forced=True)
             if len(victims) < short:
                 raise MemoryError(f"cache needs {short} more slots but only {len(victims)} are evictable")
             self.evict(victims[:short])

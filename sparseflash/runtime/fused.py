@@ -78,7 +78,7 @@ class FusedStep:
         if not len(missing):
             ahead()
             return yt
-        room = cache.free_count() + cache.evictable_count(protect=hit_slots)
+        room = cache.room(protect=hit_slots)
         if len(missing) <= room:  # the misses are read (on this thread when small), then computed
             new = cache.reserve(len(missing), protect=hit_slots)
             fetch = engine.fetcher.start(l, missing, new, demand=True)

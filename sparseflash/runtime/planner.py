@@ -21,7 +21,7 @@ class LayerPlan:
 
     hit_slots: np.ndarray  # slots of the predicted positions that are cached (hot region included)
     missing: np.ndarray  # predicted stored positions to read
-    room: int  # slots that can take new bundles now without evicting the hits
+    room: int  # slots that can take new bundles now without evicting the hits (NeuronCache.room)
 
     @property
     def fits(self) -> bool:
@@ -34,8 +34,7 @@ def plan_layer(cache: NeuronCache, positions: np.ndarray) -> LayerPlan:
     slots = cache.lookup(positions)
     hit = slots >= 0
     hit_slots = slots[hit]
-    room = cache.free_count() + cache.evictable_count(protect=hit_slots)
-    return LayerPlan(hit_slots, positions[~hit], room)
+    return LayerPlan(hit_slots, positions[~hit], cache.room(protect=hit_slots))
 
 
 def plan_prefetch(cache: NeuronCache, positions: np.ndarray, keep_free: int, limit: int | None = None) -> np.ndarray:
