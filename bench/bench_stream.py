@@ -50,7 +50,7 @@ def verification_gbps(layout: str) -> float:
     import numpy as np
 
     from sparseflash.layout.format import LayoutFile
-    from sparseflash.runtime.streamer import check_bundles
+    from sparseflash.runtime.bundle_checks import check_bundles
 
     with LayoutFile.open(layout) as f:
         regions = list(f.layers)

@@ -1,6 +1,7 @@
-"""The native read loop (runtime/nativeio.py) and the demand reads on the calling thread: the same
-bytes as the Python path, a hand-over to Python where the loop cannot finish, and the rule that picks
-the calling thread."""
+"""The native read loop (runtime/nativeio.py) of the I/O threads and the demand reads on the calling
+thread: the same bytes as the Python path, a hand-over to Python where the loop cannot finish, and the
+rule that picks the calling thread. These readers use threads (``use_aio=False``); the kernel's queue,
+the default where there is one, is tests/test_runtime_aio.py's."""
 
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ def _region_file(tmp_path, bundle_bytes, tail=4096):
 
 
 def _direct_reader(path, region, **kw):
-    reader = BundleReader(path, [region], DeviceModel(), **kw)
+    reader = BundleReader(path, [region], DeviceModel(), use_aio=False, **kw)
     if not (reader.direct and reader.native):
         reader.close()
         pytest.skip("no O_DIRECT on this file system (or no pread): the native loop is not used here")
@@ -99,7 +100,7 @@ def test_a_small_demand_read_runs_on_the_calling_thread(tmp_path, monkeypatch):
     path, region, expected = _region_file(tmp_path, 1024)
     reader = BundleReader(path, [region], DeviceModel(latency_s=1e-4, bandwidth_bps=2e9,
                                                             levels=(QueueLevel(4, 2.5e-5, 2e9),)), threads=4,
-                          buffer_bytes=8192)
+                          buffer_bytes=8192, use_aio=False)
     handed = []
     real_submit = reader.pool.submit
     monkeypatch.setattr(reader.pool, "submit", lambda *a, **k: handed.append(a) or real_submit(*a, **k))
@@ -131,7 +132,7 @@ def test_inline_read_errors_come_back_through_the_future(tmp_path):
     path, region, _ = _region_file(tmp_path, 4096, tail=0)
     short = tmp_path / "short.bin"
     short.write_bytes(open(path, "rb").read()[: OFFSET + 10 * 4096])
-    reader = BundleReader(str(short), [region], DeviceModel(), threads=2, buffer_bytes=8192)
+    reader = BundleReader(str(short), [region], DeviceModel(), threads=2, buffer_bytes=8192, use_aio=False)
     reader._handoff_s = 1.0  # always inline
     try:
         future = reader.submit(0, np.array([50]), np.zeros((1, 4096), np.uint8), np.arange(1), inline_ok=True)
@@ -159,7 +160,8 @@ def test_checks_are_the_same_in_the_loop_and_in_python(tmp_path, monkeypatch, na
     calls = []
     real = nativeio.read_copy_checked
     monkeypatch.setattr(nativeio, "read_copy_checked", lambda *a: calls.append(1) or real(*a))
-    reader = BundleReader(str(path), [region], DeviceModel(), threads=2, buffer_bytes=8192, verify=True)
+    reader = BundleReader(str(path), [region], DeviceModel(), threads=2, buffer_bytes=8192, verify=True,
+                          use_aio=False)
     reader.native = native and reader.native
     if native and not (reader.native and reader.direct and nativeio.CHECKS):
         reader.close()
@@ -189,7 +191,7 @@ def test_a_read_is_dealt_to_as_many_threads_as_pay_for_their_hand_off(tmp_path, 
     path, region, expected = _region_file(tmp_path, 4096)
     disk = DeviceModel(latency_s=1e-4, bandwidth_bps=2e9,
                        levels=(QueueLevel(2, 5e-5, 2e9), QueueLevel(4, 2.5e-5, 2e9)))
-    reader = BundleReader(path, [region], disk, threads=4, buffer_bytes=4096)
+    reader = BundleReader(path, [region], disk, threads=4, buffer_bytes=4096, use_aio=False)
     handed = []
     real_submit = reader.pool.submit
     monkeypatch.setattr(reader.pool, "submit", lambda *a, **k: handed.append(a) or real_submit(*a, **k))

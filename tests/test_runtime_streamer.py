@@ -154,17 +154,17 @@ def test_reads_exact_bundles_of_any_size_across_piece_ends(tmp_path, bundle_byte
 
 def test_values_are_scanned_at_a_bundles_first_read_and_digests_at_every_read(layout, monkeypatch, tmp_path):
     """A matching digest means the bytes already found finite; a later read is still digest-checked."""
-    from sparseflash.runtime import streamer
+    from sparseflash.runtime import bundle_checks
 
     path, regions, expected = layout
     scanned = []
-    real = streamer._first_non_finite
+    real = bundle_checks._first_non_finite
 
     def counted(rows, region, index=None):
         scanned.append(len(rows) if index is None else len(index))
         return real(rows, region, index)
 
-    monkeypatch.setattr(streamer, "_first_non_finite", counted)
+    monkeypatch.setattr(bundle_checks, "_first_non_finite", counted)
     reader = BundleReader(path, regions, DeviceModel(), threads=2, buffer_bytes=8192, verify=True)
     reader.native = False  # the Python path's scans are counted here (the native loop's: test_runtime_nativeio)
     try:

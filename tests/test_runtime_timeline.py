@@ -63,7 +63,11 @@ def test_a_demand_read_on_the_calling_thread_is_io_wait(tmp_path):
     """Reads done inside the caller's thread (small demand reads) count as I/O wait, not bookkeeping."""
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(2), strategy="threshold")
     model = open_streamed(path, "100%ffn", io_buffer_bytes=4096, lookahead=False)  # the misses fit: no batches
-    model.engine.fetcher.reader._handoff_s = 1.0  # every demand read on this thread
+    reader = model.engine.fetcher.reader
+    if reader.aio is not None:  # the thread path's rule is tested here (an AIO read overlaps the look-ahead)
+        reader.aio.close()
+        reader.aio = None
+    reader._handoff_s = 1.0  # every demand read on this thread
     ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(2))
     cache = KVCache(model.layout.config, 8)
     try:

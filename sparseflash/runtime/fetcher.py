@@ -17,7 +17,7 @@ nothing, and whoever holds a slot's stored position can look its norm up.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +37,7 @@ class Fetch:
     layer: int
     positions: np.ndarray
     slots: np.ndarray
-    future: Future
+    future: Future  # or runtime/aio.py's AioRead: done(), result(), exception()
     staging: object = None  # the staging buffer of a device read
     cache: object = None  # where the slots are: the layer's NeuronCache, or a StagedSlots (runtime/staging.py)
 
@@ -121,7 +121,7 @@ class HostFetcher:
 
     def abandon(self, fetch: Fetch) -> None:
         """Wait for the read to end (its outcome no longer matters) and release its slots."""
-        wait([fetch.future])
+        fetch.future.exception()  # waits; its error no longer matters
         (fetch.cache if fetch.cache is not None else self.caches[fetch.layer]).release(fetch.slots)
 
     def close(self) -> None:

@@ -68,11 +68,8 @@ def _finite(row, width, mask):
 
 
 @njit(nogil=True, cache=True)
-def _piece(fd, region_offset, lo, hi, jlo, jhi, buf, positions, bb, dest, dest_slots, cut):
-    # read bytes [lo, hi) of the region into buf, copy the parts of positions[jlo:jhi] into their dest rows;
-    # False when the read did not return its full length (error, EINTR or short)
-    if _pread(fd, buf.ctypes.data, hi - lo, region_offset + lo) != hi - lo:
-        return False
+def _scatter(buf, lo, hi, jlo, jhi, positions, bb, dest, dest_slots, cut):
+    # buf holds bytes [lo, hi) of the region: copy the parts of positions[jlo:jhi] into their dest rows
     for j in range(jlo, jhi):
         p0 = positions[j] * bb
         start = max(p0, lo)
@@ -80,7 +77,33 @@ def _piece(fd, region_offset, lo, hi, jlo, jhi, buf, positions, bb, dest, dest_s
         if start < end:
             dest[dest_slots[j], start - p0 : end - p0] = buf[start - lo : end - lo]
         cut[j] = p0 < lo or p0 + bb > hi
+
+
+@njit(nogil=True, cache=True)
+def _piece(fd, region_offset, lo, hi, jlo, jhi, buf, positions, bb, dest, dest_slots, cut):
+    # read bytes [lo, hi) of the region into buf, copy the parts of positions[jlo:jhi] into their dest rows;
+    # False when the read did not return its full length (error, EINTR or short)
+    if _pread(fd, buf.ctypes.data, hi - lo, region_offset + lo) != hi - lo:
+        return False
+    _scatter(buf, lo, hi, jlo, jhi, positions, bb, dest, dest_slots, cut)
     return True
+
+
+@njit(nogil=True, cache=True)
+def _check(jlo, jhi, positions, bb, dest, dest_slots, cut, digests, seen, width, mask, bad):
+    # each bundle of positions[jlo:jhi] whole in its piece, where it now is: digest, then (first read,
+    # float storage: width > 0) finite values; bad[0] = the first j that failed (else left as is)
+    for j in range(jlo, jhi):
+        if cut[j] or bad[0] >= 0:
+            continue
+        row = dest[dest_slots[j], :bb]
+        if _xxh3(row.ctypes.data, bb) != digests[positions[j]]:
+            bad[0] = j
+        elif width and not seen[positions[j]]:
+            if _finite(row, width, mask):
+                seen[positions[j]] = True
+            else:
+                bad[0] = j
 
 
 @njit(nogil=True, cache=True)
@@ -97,24 +120,26 @@ def _read_copy(fd, region_offset, firsts, ends, los, his, buf, positions, bb, de
 @njit(nogil=True, cache=True)
 def _read_copy_checked(fd, region_offset, firsts, ends, los, his, buf, positions, bb, dest, dest_slots, cut,
                        digests, seen, width, mask, bad):
-    # as _read_copy, and each bundle whole in its piece checked in place: digest, then (first read, float
-    # storage: width > 0) finite values; bad[0] = the first j that failed (else left as is)
+    # as _read_copy, and each bundle whole in its piece checked in place (_check)
     for i in range(firsts.size):
         if not _piece(fd, region_offset, firsts[i] * BLOCK, ends[i] * BLOCK, los[i], his[i], buf, positions, bb,
                       dest, dest_slots, cut):
             return i
-        for j in range(los[i], his[i]):
-            if cut[j] or bad[0] >= 0:
-                continue
-            row = dest[dest_slots[j], :bb]
-            if _xxh3(row.ctypes.data, bb) != digests[positions[j]]:
-                bad[0] = j
-            elif width and not seen[positions[j]]:
-                if _finite(row, width, mask):
-                    seen[positions[j]] = True
-                else:
-                    bad[0] = j
+        _check(los[i], his[i], positions, bb, dest, dest_slots, cut, digests, seen, width, mask, bad)
     return -1
+
+
+@njit(nogil=True, cache=True)
+def _scatter_pieces(arena, at, firsts, ends, los, his, ok, positions, bb, dest, dest_slots, cut, checked, digests,
+                    seen, width, mask, bad):
+    # pieces already read into arena[at[i]:]: those with ok[i] copied (and, with checked, checked) as above
+    for i in range(firsts.size):
+        if not ok[i]:
+            continue
+        lo, hi = firsts[i] * BLOCK, ends[i] * BLOCK
+        _scatter(arena[at[i] : at[i] + hi - lo], lo, hi, los[i], his[i], positions, bb, dest, dest_slots, cut)
+        if checked:
+            _check(los[i], his[i], positions, bb, dest, dest_slots, cut, digests, seen, width, mask, bad)
 
 
 def read_copy(fd: int, region_offset: int, firsts: np.ndarray, ends: np.ndarray, los: np.ndarray, his: np.ndarray,
@@ -141,6 +166,24 @@ def read_copy_checked(fd: int, region_offset: int, firsts: np.ndarray, ends: np.
     stop = _read_copy_checked(fd, region_offset, firsts, ends, los, his, buf, positions, bundle_bytes, dest,
                               dest_slots, cut, digests, seen, width, np.uint32(mask), bad)
     return int(stop), int(bad[0])
+
+
+def scatter_pieces(arena: np.ndarray, at: np.ndarray, firsts: np.ndarray, ends: np.ndarray, los: np.ndarray,
+                   his: np.ndarray, ok: np.ndarray, positions: np.ndarray, bundle_bytes: int, dest: np.ndarray,
+                   dest_slots: np.ndarray, cut: np.ndarray, digests: np.ndarray | None = None,
+                   seen: np.ndarray | None = None, storage: str = "") -> int:
+    """Pieces i read elsewhere (runtime/aio.py) into ``arena[at[i]:]``: where ``ok[i]``, copy the bytes of
+    positions[los[i]:his[i]] into dest rows as ``read_copy`` does, and with ``digests`` (needs
+    ``CHECKS``) check them as ``read_copy_checked`` does. Returns the first position index whose check
+    failed (-1: none)."""
+    width, mask = EXPONENT_MASK.get(storage, (0, 0))
+    bad = np.full(1, -1, dtype=np.int64)
+    checked = digests is not None
+    if not checked:
+        digests, seen = np.zeros(1, dtype=np.uint64), np.zeros(1, dtype=bool)
+    _scatter_pieces(arena, at, firsts, ends, los, his, ok, positions, bundle_bytes, dest, dest_slots, cut, checked,
+                    digests, seen, width, np.uint32(mask), bad)
+    return int(bad[0])
 
 
 def available() -> bool:

@@ -140,13 +140,14 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
 def read_bandwidth(nbytes: int, requests: int, busy_s: float, model_s: float, reader) -> dict:
     """Achieved read bandwidth next to what the device model says for the same reads: bytes over the
     time reads were in flight, and bytes over the model's time for the same pieces at the same queue
-    depth (each read's pieces priced at min(pieces, io_threads) in flight; ``model_s``, summed over the
-    reads). Definitions: docs/figures.md."""
+    depth (each read's pieces priced at min(pieces, io_threads) in flight, or all of them with AIO;
+    ``model_s``, summed over the reads). Definitions: docs/figures.md."""
     return {"read_busy_s": busy_s, "achieved_gbps": nbytes / busy_s / 1e9 if busy_s > 0 else 0.0,
             "device_model_gbps": nbytes / model_s / 1e9 if model_s > 0 else 0.0,
             "device_model_qd1_gbps": nbytes / reader.device.read_time(requests, nbytes) / 1e9 if requests else 0.0,
             "achieved_share_of_model": model_s / busy_s if busy_s > 0 else 0.0,
             "mean_request_bytes": nbytes / requests if requests else 0.0, "io_threads": reader.threads,
+            "io_engine": reader.engine,
             "io_buffer_bytes": reader.buffer_bytes, "device_model_depths": list(reader.device.depths)}
 
 
@@ -157,9 +158,15 @@ def summary_line(summary: dict) -> str:
     return (f"[streamed: {summary['decode_bytes_per_token'] / 1024:.1f} KiB of FFN read per decoded token = "
             f"{summary['decode_dense_share']:.1%} of dense ({summary['dense_ffn_bytes_per_token'] / 1024:.0f} KiB), "
             f"{summary['requests']} requests, read {summary['achieved_gbps']:.2f} GB/s (device model "
-            f"{summary['device_model_gbps']:.2f} at {summary['io_threads']} in flight), hit rate {summary['hit_rate']:.1%}, I/O wait "
+            f"{summary['device_model_gbps']:.2f} {_depth_note(summary)}), hit rate {summary['hit_rate']:.1%}, I/O wait "
             f"{summary['io_wait_s'] * 1e3:.0f} ms, budget {fmt_bytes(summary['budget_bytes'])}, "
             f"peak RSS {fmt_bytes(summary['peak_rss_bytes'])}, strategy {summary['strategy']}{_gate_note(summary)}]")
+
+
+def _depth_note(summary: dict) -> str:
+    if summary.get("io_engine") == "aio":
+        return "with each read's pieces in flight at once"
+    return f"at {summary['io_threads']} in flight"
 
 
 def _gate_note(summary: dict) -> str:

@@ -7,8 +7,11 @@ page-aligned buffers, from an O_DIRECT descriptor: each thread's pieces in one n
 (libc ``pread``) and copies without the GIL (runtime/nativeio.py), and in Python (``os.preadv``) from
 the first piece that call could not read in full. Where the file system refuses O_DIRECT the reader
 falls back to buffered reads and drops what it read from the page cache, so every read is a disk read.
-A read goes to as many threads as pay for their measured hand-off, and a demand read (the caller
-waits for it next) of a few pieces is read on the calling thread when that is quickest (tasks_for).
+Where the kernel has Linux AIO (runtime/aio.py) every piece of a read is handed to the kernel at once
+from the caller's thread, the device sees them all in flight, and no thread is involved: the default.
+Otherwise (or with ``aio=False``) a read goes to as many threads as pay for their measured hand-off, and
+a demand read (the caller waits for it next) of a few pieces is read on the calling thread when that is
+quickest (tasks_for).
 Short reads are completed, EINTR is retried, and any other OSError becomes a StreamError naming
 the file and offset; slots of a failed read are never committed, so the cache stays consistent.
 With ``verify`` every bundle read is checked against its digest in the index before the read is
@@ -31,20 +34,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparseflash.errors import SparseflashError
-from sparseflash.kernels import KernelInputError, check_quantized
-from sparseflash.kernels.finite import first_non_finite_row
-from sparseflash.layout.format import QUANT_TYPES, LayoutError, check_digests
 from sparseflash.layout.format_extents import BLOCK
-from sparseflash.runtime import nativeio
+from sparseflash.runtime import aio, nativeio
+from sparseflash.runtime.bundle_checks import StreamError, check_bundles
 from sparseflash.runtime.iomodel import DeviceModel
 from sparseflash.runtime.planner import plan_reads
 
+AIO_GAP_DEPTH = 16  # with AIO, gaps are priced at this queue depth (a read's pieces are all in flight)
 HANDOFF_TRIPS = 9  # round trips timed to measure the hand-off to an I/O thread (their median)
-
-
-class StreamError(SparseflashError):
-    """A read of the layout file failed (I/O error, unexpected end of file)."""
 
 
 @dataclass
@@ -62,7 +59,7 @@ class BundleReader:
     """Reads bundles of the FFN regions of one layout file."""
 
     def __init__(self, path: str, regions: list, device: DeviceModel, io: str = "direct", threads: int = 4,
-                 buffer_bytes: int = 1 << 20, preadv=os.preadv, verify: bool = False):
+                 buffer_bytes: int = 1 << 20, preadv=os.preadv, verify: bool = False, use_aio: bool = True):
         self.path = path
         self.verify = verify  # check every bundle against its digest (regions must be FfnLayer records)
         # per stored position: values already found finite (a matching digest means the same bytes)
@@ -71,18 +68,25 @@ class BundleReader:
         self.device = device
         largest = max((r.length for r in regions), default=BLOCK)
         self.buffer_bytes = max(BLOCK, min(buffer_bytes, -(-largest // BLOCK) * BLOCK) // BLOCK * BLOCK)
-        # reading a gap costs less than a request's latency at this queue depth; never more than a buffer
-        self.merge_gap_blocks = min(device.gap_bytes(threads), self.buffer_bytes) // BLOCK
         self._preadv = preadv
         # the native loop (runtime/nativeio.py) reads the plain case without the GIL; a preadv that is not
         # the os module's own (tests inject faults that way) keeps every read in Python
         self.native = isinstance(preadv, types.BuiltinFunctionType) and nativeio.available()
         self.direct = False
         self.fd = self._open(io)
+        self.threads = threads
+        self.aio = None  # the kernel's queue (runtime/aio.py), where it can take O_DIRECT reads of this file
+        if use_aio and self.native and self.direct and aio.available():
+            try:
+                self.aio = aio.AioQueue(self.fd, self.buffer_total_bytes)
+            except OSError:
+                self.aio = None
+        # reading a gap costs less than a request's latency at the queue depth reads see; never more than a buffer
+        gap = device.gap_bytes(AIO_GAP_DEPTH if self.aio is not None else threads)
+        self.merge_gap_blocks = min(gap, self.buffer_bytes) // BLOCK
         self._buffered_fd = None
         self._local = threading.local()
         self._lock = threading.Lock()
-        self.threads = threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparseflash-io")
         self._handoff_s: float | None = None  # measured at first use (handoff_s)
 
@@ -102,8 +106,13 @@ class BundleReader:
             raise StreamError(f"{self.path}: cannot open for reading ({e.strerror})") from None
 
     @property
+    def engine(self) -> str:
+        """How reads are issued: ``aio`` (the kernel's queue) or ``threads``."""
+        return "threads" if self.aio is None else "aio"
+
+    @property
     def buffer_total_bytes(self) -> int:
-        """Bytes of I/O buffers this reader may hold (one per thread)."""
+        """Bytes of I/O buffers this reader may hold (one per thread; with AIO, the arena)."""
         return self.threads * self.buffer_bytes
 
     def _buffer(self) -> memoryview:
@@ -175,34 +184,77 @@ class BundleReader:
             cut = np.zeros(len(positions), dtype=bool)
             args = (self.fd, region.offset, firsts, ends, los, his, self._local.array, positions, region.bundle_bytes,
                     dest.view(np.uint8), dest_slots, cut)
-            checked = self.verify and nativeio.CHECKS and region.dtype in nativeio.EXPONENT_MASK
+            checked = self._checked_natively(layer)
             if checked:  # digests and first-read value scans in the loop too
                 stop, bad = nativeio.read_copy_checked(*args, region.digests, self.finite[layer], region.dtype)
-                if bad >= 0:  # the check in Python names the neuron and what is wrong with it
-                    check_bundles(self.path, region, positions[bad : bad + 1], dest, dest_slots[bad : bad + 1])
-                    raise StreamError(f"{self.path}: layer {region.index}, stored neuron {int(positions[bad])} "
-                                      "failed its check when read")
+                if bad >= 0:
+                    raise self._bad_bundle(layer, positions, dest, dest_slots, bad)
             else:
                 stop = nativeio.read_copy(*args)
             start = len(firsts) if stop < 0 else stop
             if start:
-                mine = np.concatenate([np.arange(a, b) for a, b in zip(los[:start], his[:start])])
-                whole, cut_rows = mine[~cut[mine]], mine[cut[mine]]
-                if self.verify and not checked:  # the bundles whole in their piece, where they now are, in place
-                    check_bundles(self.path, region, positions[whole], dest, dest_slots[whole], self.finite[layer])
-                cut_parts.append((positions[cut_rows], dest_slots[cut_rows]))
+                cut_parts.append(self._after_native(layer, los[:start], his[:start], positions, dest, dest_slots, cut,
+                                                    checked))
         for i in range(start, len(firsts)):
             lo, hi = los[i], his[i]
             cut_parts.append(self._read_piece(layer, int(firsts[i]), int(ends[i]), positions[lo:hi], dest,
                                               dest_slots[lo:hi]))
         return cut_parts
 
+    def _after_native(self, layer: int, los: np.ndarray, his: np.ndarray, positions: np.ndarray, dest: np.ndarray,
+                      dest_slots: np.ndarray, cut: np.ndarray, checked: bool) -> tuple[np.ndarray, np.ndarray]:
+        """After the native loop copied pieces holding positions[los[i]:his[i]]: check the bundles whole in
+        them unless it did (``checked``); returns the (positions, slots) of those cut by a piece's end."""
+        mine = np.concatenate([np.arange(a, b) for a, b in zip(los, his)]) if len(los) else np.zeros(0, np.int64)
+        whole, cut_rows = mine[~cut[mine]], mine[cut[mine]]
+        if self.verify and not checked:  # the bundles whole in their piece, where they now are, in place
+            check_bundles(self.path, self.regions[layer], positions[whole], dest, dest_slots[whole], self.finite[layer])
+        return positions[cut_rows], dest_slots[cut_rows]
+
+    def _checked_natively(self, layer: int) -> bool:
+        return self.verify and nativeio.CHECKS and self.regions[layer].dtype in nativeio.EXPONENT_MASK
+
+    def _bad_bundle(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray, bad: int):
+        """The native check found bundle ``bad`` wrong: the check in Python names the neuron and what is wrong."""
+        region = self.regions[layer]
+        check_bundles(self.path, region, positions[bad : bad + 1], dest, dest_slots[bad : bad + 1])
+        return StreamError(f"{self.path}: layer {region.index}, stored neuron {int(positions[bad])} failed its check "
+                           "when read")
+
+    def _submit_aio(self, layer, firsts, ends, los, his, positions, dest, dest_slots, nbytes: int, t0: float):
+        """The read's pieces into the kernel's queue at once; their copy and checks when they are all in."""
+        region = self.regions[layer]
+
+        def finish(read: aio.AioRead) -> ReadResult:
+            ok = read.got == read.lengths
+            cut = np.zeros(len(positions), dtype=bool)
+            checked = self._checked_natively(layer)
+            bad = nativeio.scatter_pieces(self.aio.array, read.arena_at, firsts, ends, los, his, ok, positions,
+                                          region.bundle_bytes, dest.view(np.uint8), dest_slots, cut,
+                                          *((region.digests, self.finite[layer], region.dtype) if checked else ()))
+            if bad >= 0:
+                raise self._bad_bundle(layer, positions, dest, dest_slots, bad)
+            parts = [self._after_native(layer, los[ok], his[ok], positions, dest, dest_slots, cut, checked)]
+            for i in np.flatnonzero(~ok):  # short or failed: read again here, where each case has its error
+                parts.append(self._read_piece(layer, int(firsts[i]), int(ends[i]), positions[los[i] : his[i]], dest,
+                                              dest_slots[los[i] : his[i]]))
+            self._check_cut(layer, [parts], dest)
+            return ReadResult(len(firsts), nbytes, read.end - t0, t0, read.end,
+                              self.device.read_time(len(firsts), nbytes, len(firsts)))
+
+        try:
+            return self.aio.submit(region.offset + firsts * BLOCK, (ends - firsts) * BLOCK, finish)
+        except OSError as e:
+            raise StreamError(f"{self.path}: {e.strerror or e} queueing {nbytes} bytes from offset "
+                              f"{region.offset + int(firsts[0]) * BLOCK}") from None
+
     def submit(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray,
-               inline_ok: bool = False) -> Future:
+               inline_ok: bool = False) -> Future | aio.AioRead:
         """Start reading the bundles of sorted ``positions`` into ``dest[dest_slots]``; the future's
         result is a ReadResult (or raises StreamError). ``inline_ok``: the caller will wait for this read
         at once (a demand read), so where that is quickest (``tasks_for`` says 0) its pieces are read on
-        the calling thread and the future is already done."""
+        the calling thread and the future is already done. With AIO the result is an ``AioRead`` (the same
+        ``done``, ``result`` and ``exception``)."""
         positions = np.asarray(positions, dtype=np.int64)
         order = np.argsort(positions, kind="stable")
         positions, dest_slots = positions[order], np.asarray(dest_slots, dtype=np.int64)[order]
@@ -219,6 +271,8 @@ class BundleReader:
         if not len(pieces):
             result.set_result(ReadResult())
             return result
+        if self.aio is not None and self.native and nbytes <= self.aio.blocks * BLOCK:
+            return self._submit_aio(layer, firsts, ends, los, his, positions, dest, dest_slots, nbytes, t0)
         groups = self.tasks_for(len(pieces), nbytes, inline_ok)
         if groups == 0:
             try:
@@ -300,6 +354,8 @@ class BundleReader:
         return self.submit(layer, positions, dest, dest_slots).result()
 
     def close(self) -> None:
+        if self.aio is not None:
+            self.aio.close()
         self.pool.shutdown(wait=True)
         for fd in (self.fd, self._buffered_fd):
             if fd is not None:
@@ -313,51 +369,3 @@ def _run_or_index(rows: np.ndarray) -> slice | np.ndarray:
     if len(rows) and np.all(np.diff(rows) == 1):
         return slice(int(rows[0]), int(rows[-1]) + 1)
     return rows
-
-
-def check_bundles(path: str, region, positions: np.ndarray, rows: np.ndarray, index: np.ndarray | None = None,
-                  finite: np.ndarray | None = None) -> None:
-    """The bundles read for stored ``positions`` of ``region`` (an FfnLayer record), ``rows`` (with
-    ``index``: rows[index[i]] holds positions[i], checked in place), are the ones written (digests) and
-    hold finite values; else a StreamError naming layer and neuron. ``finite`` (per stored position):
-    positions whose values were already found finite, skipped by the scan and set by it."""
-    if index is not None and not len(index):
-        return
-    try:
-        check_digests(path, region, positions, rows, index)
-    except LayoutError as e:
-        raise StreamError(f"{e}: the file changed on disk or the disk returned bad data; copy it again or "
-                          "rebuild the layout (`--no-verify` would use these bytes as they are)") from None
-    if finite is not None:
-        new = np.flatnonzero(~finite[positions])
-        if not len(new):
-            return
-        positions = positions[new]
-        index = new if index is None else index[new]
-    bad = _first_non_finite(rows, region, index)
-    if bad is not None:
-        raise StreamError(f"{path}: layer {region.index}, stored neuron {int(positions[bad])}: {_NON_FINITE}")
-    if finite is not None:
-        finite[positions] = True
-
-
-_NON_FINITE = ("holds non-finite weights although its digest matches: the layout was written wrong; rebuild it "
-               "with `sparseflash prepare`")
-
-
-def _first_non_finite(rows: np.ndarray, region, index: np.ndarray | None = None) -> int | None:
-    """Index (into ``index`` when given: the rows rows[index]) of the first row holding an inf/NaN value
-    (or quantization scale), None if all are finite."""
-    if region.dtype in QUANT_TYPES:
-        if index is not None:
-            rows = rows[index]  # a read piece's wanted rows: at most one I/O buffer
-        try:
-            check_quantized(rows, region.d_model, region.gated, region.dtype)
-        except KernelInputError:
-            for i in range(len(rows)):  # rare: find which row, for the message
-                try:
-                    check_quantized(rows[i : i + 1], region.d_model, region.gated, region.dtype)
-                except KernelInputError:
-                    return i
-        return None
-    return first_non_finite_row(rows, region.dtype, index)  # exponent bits all ones: inf or NaN
