@@ -1,8 +1,10 @@
-"""Small layout files written straight from tiny models (no profile needed)."""
+"""Small layout files written straight from tiny models (no profile needed), and bare FFN regions of
+random bytes for the readers' tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tiny_models import make_hf_model, save_hf_model
@@ -24,3 +26,17 @@ def tiny_layout(tmp: Path, family: str = "nemotron", dtype: str = "f32", n_hot: 
     write_layout(model, path, perms, n_hot, [0.0] * c.num_layers, dtype, preds, strategy, quiet=True,
                  resident_dtype=resident_dtype, gate=gate)
     return model, path
+
+
+REGION_NEURONS, REGION_OFFSET = 97, 3 * 4096
+
+
+def region_file(tmp_path: Path, bundle_bytes: int, tail: int = 4096):
+    """(path, region record, bundles (REGION_NEURONS, bundle_bytes) uint8): a file of random bundles at
+    REGION_OFFSET, ``tail`` zero bytes after them."""
+    rng = np.random.default_rng(bundle_bytes)
+    data = rng.integers(0, 256, REGION_NEURONS * bundle_bytes, dtype=np.uint8)
+    path = tmp_path / f"region-{bundle_bytes}.bin"
+    path.write_bytes(bytes(REGION_OFFSET) + data.tobytes() + bytes(tail))
+    region = SimpleNamespace(offset=REGION_OFFSET, bundle_bytes=bundle_bytes, length=REGION_NEURONS * bundle_bytes)
+    return str(path), region, data.reshape(REGION_NEURONS, bundle_bytes)

@@ -1,46 +1,43 @@
 """The native read loop (runtime/nativeio.py) of the I/O threads and the demand reads on the calling
 thread: the same bytes as the Python path, a hand-over to Python where the loop cannot finish, and the
-rule that picks the calling thread. These readers use threads (``use_aio=False``); the kernel's queue,
-the default where there is one, is tests/test_runtime_aio.py's."""
+rule that picks the calling thread. These readers use threads (``use_aio=False``) except where a test
+compares the kernel's AIO queue (runtime/aio.py; its own cases: tests/test_runtime_aio.py) with them."""
 
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from layouts import REGION_NEURONS as N
+from layouts import REGION_OFFSET as OFFSET
+from layouts import region_file as _region_file
 
 from sparseflash.runtime import nativeio
 from sparseflash.runtime.iomodel import DeviceModel, QueueLevel
 from sparseflash.runtime.streamer import BundleReader, StreamError
 
-N, OFFSET = 97, 3 * 4096
+# the native function each read path runs: the I/O threads' loop, or the copy of the AIO queue's pieces
+NATIVE_CALL = {"threads": "read_copy", "aio": "scatter_pieces"}
+CHECKED_CALL = {"threads": "read_copy_checked", "aio": "scatter_pieces"}
 
 
-def _region_file(tmp_path, bundle_bytes, tail=4096):
-    rng = np.random.default_rng(bundle_bytes)
-    data = rng.integers(0, 256, N * bundle_bytes, dtype=np.uint8)
-    path = tmp_path / f"region-{bundle_bytes}.bin"
-    path.write_bytes(bytes(OFFSET) + data.tobytes() + bytes(tail))
-    region = SimpleNamespace(offset=OFFSET, bundle_bytes=bundle_bytes, length=N * bundle_bytes)
-    return str(path), region, data.reshape(N, bundle_bytes)
-
-
-def _direct_reader(path, region, **kw):
-    reader = BundleReader(path, [region], DeviceModel(), use_aio=False, **kw)
-    if not (reader.direct and reader.native):
+def _direct_reader(path, region, engine="threads", **kw):
+    reader = BundleReader(path, [region], DeviceModel(), use_aio=engine == "aio", **kw)
+    if not (reader.direct and reader.native) or reader.engine != engine:
         reader.close()
-        pytest.skip("no O_DIRECT on this file system (or no pread): the native loop is not used here")
+        pytest.skip(f"no O_DIRECT (or no pread, or no AIO) here: the {engine} path is not used")
     return reader
 
 
+@pytest.mark.parametrize("engine", ["threads", "aio"])
 @pytest.mark.parametrize("bundle_bytes", [384, 1024, 5000, 12288])
-def test_native_loop_gives_the_python_paths_bytes(tmp_path, monkeypatch, bundle_bytes):
+def test_native_loop_gives_the_python_paths_bytes(tmp_path, monkeypatch, bundle_bytes, engine):
     path, region, expected = _region_file(tmp_path, bundle_bytes)
     calls = []
-    real = nativeio.read_copy
-    monkeypatch.setattr(nativeio, "read_copy", lambda *a: calls.append(1) or real(*a))
+    real = getattr(nativeio, NATIVE_CALL[engine])
+    monkeypatch.setattr(nativeio, NATIVE_CALL[engine], lambda *a: calls.append(1) or real(*a))
     rng = np.random.default_rng(7)
     for buffer_bytes in (4096, 16384, 1 << 20):  # small buffers: many pieces, bundles cut by their ends
-        reader = _direct_reader(path, region, threads=2, buffer_bytes=buffer_bytes)
+        reader = _direct_reader(path, region, engine, threads=2, buffer_bytes=buffer_bytes)
         try:
             for _ in range(4):
                 positions = np.sort(rng.choice(N, size=int(rng.integers(1, N)), replace=False))
@@ -143,8 +140,8 @@ def test_inline_read_errors_come_back_through_the_future(tmp_path):
         reader.close()
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_checks_are_the_same_in_the_loop_and_in_python(tmp_path, monkeypatch, native):
+@pytest.mark.parametrize("native,engine", [(True, "threads"), (False, "threads"), (True, "aio")])
+def test_checks_are_the_same_in_the_loop_and_in_python(tmp_path, monkeypatch, native, engine):
     """Digests at every read, values at a bundle's first read only, in both paths: a bundle holding a NaN
     whose digest matches (a layout written wrong) is caught at its first read and not after it was
     found finite; a byte changed on disk is caught by the digest even for a bundle seen before."""
@@ -158,14 +155,14 @@ def test_checks_are_the_same_in_the_loop_and_in_python(tmp_path, monkeypatch, na
     region = SimpleNamespace(offset=OFFSET, bundle_bytes=bb, length=n * bb, n_neurons=n, index=0, dtype="f16",
                              digests=record_digests(values))
     calls = []
-    real = nativeio.read_copy_checked
-    monkeypatch.setattr(nativeio, "read_copy_checked", lambda *a: calls.append(1) or real(*a))
+    real = getattr(nativeio, CHECKED_CALL[engine])
+    monkeypatch.setattr(nativeio, CHECKED_CALL[engine], lambda *a: calls.append(1) or real(*a))
     reader = BundleReader(str(path), [region], DeviceModel(), threads=2, buffer_bytes=8192, verify=True,
-                          use_aio=False)
+                          use_aio=engine == "aio")
     reader.native = native and reader.native
-    if native and not (reader.native and reader.direct and nativeio.CHECKS):
+    if native and not (reader.native and reader.direct and nativeio.CHECKS and reader.engine == engine):
         reader.close()
-        pytest.skip("the native checks are not available here")
+        pytest.skip(f"the native checks ({engine}) are not available here")
     dest = np.zeros((4, bb // 2), dtype=np.float16)
     try:
         with pytest.raises(StreamError, match="stored neuron 7.*non-finite"):

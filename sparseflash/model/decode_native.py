@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from sparseflash.kernels import attention
+from sparseflash.kernels.halfbits import kernel_view
 from sparseflash.model.config import ModelConfig
 from sparseflash.model.weights import LayerWeights
 
 _NONE = np.zeros(0, dtype=np.float32)
 _warm = False  # kernels/attention.py compiled (or loaded from numba's disk cache) in this process
-_VIEW = {torch.float32: None, torch.float16: np.uint16, torch.bfloat16: torch.int16}
+_STORAGE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def host_view(t: torch.Tensor | None) -> np.ndarray | None:
@@ -28,14 +29,10 @@ def host_view(t: torch.Tensor | None) -> np.ndarray | None:
     or None where the kernels cannot take it (another dtype or device, not contiguous, a packed matrix)."""
     if t is None:
         return _NONE
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype not in _VIEW or not t.is_contiguous():
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype not in _STORAGE or not t.is_contiguous():
         return None
-    kind = _VIEW[t.dtype]
-    if kind is None:
-        return t.numpy()
-    if kind is np.uint16:
-        return t.numpy().view(np.uint16)
-    return t.view(kind).numpy()
+    raw = t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy()  # numpy has no bfloat16
+    return kernel_view(raw, _STORAGE[t.dtype])
 
 
 class NativeDecode:

@@ -94,11 +94,12 @@ class AioRead:
     def __init__(self, queue: AioQueue, offsets: np.ndarray, lengths: np.ndarray, finish: Callable):
         self.queue, self.offsets, self.lengths, self.finish = queue, offsets, lengths, finish
         self.got = np.full(len(offsets), -1, dtype=np.int64)  # per piece: bytes read (-errno on error)
+        self.blocks = int(lengths.sum()) // BLOCK  # its room in the arena: blocks [first_block, + blocks)
+        self.first_block = 0
         self.arena_at = np.zeros(len(offsets), dtype=np.int64)  # per piece: its byte offset in the arena
         self.left = len(offsets)  # pieces not in yet
         self.submitted = 0  # pieces handed to the kernel so far
-        self.start = time.perf_counter()
-        self.end = 0.0
+        self.end = 0.0  # time.perf_counter() when its last piece was collected
         self._result = self._error = None
         self._finished = False
 
@@ -142,7 +143,6 @@ class AioQueue:
         self._zero = (ctypes.c_long * 2)(0, 0)  # a timespec of 0: io_getevents returns at once
         self._pieces: dict[int, tuple[AioRead, int]] = {}  # key -> (read, piece index)
         self._next_key = 1
-        self._reads: dict[int, tuple[AioRead, int, int]] = {}  # id -> (read, arena start block, blocks)
         self._lock = threading.RLock()
 
     # -- the arena -------------------------------------------------------------------------------
@@ -168,18 +168,16 @@ class AioQueue:
         """Start reading pieces [offsets[i], offsets[i] + lengths[i]) (BLOCK-aligned) of the file into
         the arena; ``finish(read)`` runs once all are in (their bytes at ``read.arena_at``, their counts
         in ``read.got``) and its return value is the read's result (an exception, its error)."""
-        offsets, lengths = np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
-        blocks = int(lengths.sum()) // BLOCK
-        if blocks > self.blocks:
-            raise ValueError(f"internal: a read of {blocks} blocks does not fit an arena of {self.blocks}")
-        read = AioRead(self, offsets, lengths, finish)
+        read = AioRead(self, np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64), finish)
+        if read.blocks > self.blocks:
+            raise ValueError(f"internal: a read of {read.blocks} blocks does not fit an arena of {self.blocks}")
         with self._lock:
-            start = self._take(blocks)
+            start = self._take(read.blocks)
             while start is None:  # reads in flight fill the arena: wait for one to end
                 self._collect(block=True)
-                start = self._take(blocks)
-            read.arena_at = start * BLOCK + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            self._reads[id(read)] = (read, start, blocks)
+                start = self._take(read.blocks)
+            read.first_block = start
+            read.arena_at = start * BLOCK + np.concatenate([[0], np.cumsum(read.lengths)[:-1]]).astype(np.int64)
             try:
                 while read.submitted < len(offsets):
                     self._submit_some(read)
@@ -261,14 +259,13 @@ class AioQueue:
                 self._end(read)
 
     def _end(self, read: AioRead, error: BaseException | None = None) -> None:
-        _, start, blocks = self._reads.pop(id(read))
         try:
             if error is None:
                 read._result = read.finish(read)
         except Exception as e:  # the read's own failure, raised by its result()
             error = e
         finally:
-            self._give(start, blocks)
+            self._give(read.first_block, read.blocks)
             read._error, read._finished = error, True
 
     def close(self) -> None:

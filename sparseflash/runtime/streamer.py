@@ -9,7 +9,7 @@ the first piece that call could not read in full. Where the file system refuses 
 falls back to buffered reads and drops what it read from the page cache, so every read is a disk read.
 Where the kernel has Linux AIO (runtime/aio.py) every piece of a read is handed to the kernel at once
 from the caller's thread, the device sees them all in flight, and no thread is involved: the default.
-Otherwise (or with ``aio=False``) a read goes to as many threads as pay for their measured hand-off, and
+Otherwise (or with ``use_aio=False``) a read goes to as many threads as pay for their measured hand-off, and
 a demand read (the caller waits for it next) of a few pieces is read on the calling thread when that is
 quickest (tasks_for).
 Short reads are completed, EINTR is retried, and any other OSError becomes a StreamError naming
