@@ -9,6 +9,7 @@ import torch
 from tiny_models import FAMILIES, make_hf_model, save_hf_model
 
 from sparseflash.kernels import attention
+from sparseflash.model import decode_native
 from sparseflash.model.checkpoint import load_checkpoint
 from sparseflash.model.decode_native import NativeDecode
 from sparseflash.model.transformer import KVCache, Transformer
@@ -91,3 +92,19 @@ def test_attend_refuses_a_slot_outside_the_cache():
         attention.attend(np.ones(4, np.float32), np.ones(4, np.float32),
                          (w, none, w, none, w, none, w, none), kc, kc.copy(), 4, 0, 1, 4,
                          np.ones(2, np.float32), np.zeros(2, np.float32), 0.5, attention.Scratch(4, 4, 4, 4))
+
+
+def test_large_float16_layers_go_the_torch_way(tmp_path, monkeypatch):
+    """Above F16_MAX_BYTES of float16 projections torch's product is faster: the forward does not take the
+    native path there; float32 matrices of the same size still do."""
+    ckpt = load_checkpoint(save_hf_model(make_hf_model("nemotron"), tmp_path))
+    ids = torch.randint(0, 4096, (1, 9), generator=torch.Generator().manual_seed(1))
+    NativeDecode.warm()
+    calls = []
+    real = attention.attend
+    monkeypatch.setattr(attention, "attend", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(decode_native, "F16_MAX_BYTES", 1024)  # smaller than any layer here
+    _decode(Transformer(ckpt.config, _halved(ckpt.weights, torch.float16)), ids, True)
+    assert not calls
+    _decode(Transformer(ckpt.config, ckpt.weights), ids, True)
+    assert len(calls) == 3 * ckpt.config.num_layers

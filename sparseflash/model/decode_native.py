@@ -3,7 +3,7 @@ native kernels (kernels/attention.py) instead of some twenty torch calls a layer
 
 It applies to a forward step of one token on the host, with a KV cache of slots = positions (no
 compression plugin), outside autograd, when a layer's matrices are plain tensors (float32, float16 or
-bfloat16; a packed quantized matrix goes the torch way). The results equal the torch path's up to
+bfloat16; a packed quantized matrix goes the torch way) and, in float16, hold at most F16_MAX_BYTES. The results equal the torch path's up to
 float rounding: float32 sums in another order, and a half matrix applied to the float32 input rather
 than to its half rounding (tests/test_decode_native.py). ``Transformer.native_decode = False`` turns
 it off.
@@ -22,6 +22,10 @@ from sparseflash.model.weights import LayerWeights
 _NONE = np.zeros(0, dtype=np.float32)
 _warm = False  # kernels/attention.py compiled (or loaded from numba's disk cache) in this process
 _STORAGE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# a layer whose float16 q/k/v/o matrices hold more bytes goes the torch way: there torch's own float16
+# product (several threads) beats the kernels (bench/bench_attention.py, 2026-12-04: d=1024, 8 MiB,
+# native 1.4-1.6x faster; d=1536 0.6-0.8x; d=2048 0.5-0.9x; float32 and bfloat16 not slower at any size)
+F16_MAX_BYTES = 8 << 20
 
 
 def host_view(t: torch.Tensor | None) -> np.ndarray | None:
@@ -70,7 +74,8 @@ class NativeDecode:
             return held[2]
         proj = tuple(host_view(t) for t in (w.wq, w.bq, w.wk, w.bk, w.wv, w.bv, w.wo, w.bo))
         views = (self._norm_views(w.attn_norm_w, w.attn_norm_b), proj, self._norm_views(w.ffn_norm_w, w.ffn_norm_b))
-        if any(v is None for v in (views[0], views[2], *proj)):
+        f16 = sum(m.nbytes for m in proj[::2] if m is not None and m.dtype == np.uint16)
+        if any(v is None for v in (views[0], views[2], *proj)) or f16 > F16_MAX_BYTES:
             views = None
         self._layers[i] = (w, w.wq, views)
         return views
