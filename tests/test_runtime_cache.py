@@ -62,9 +62,10 @@ class ReferenceCache:
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops, st.integers(0, 3), st.sampled_from(["lru", "lfu", "predicted", "frequency", "window"]), st.integers(0, 3))
-def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned):
-    cache = NeuronCache(NEURONS, CAPACITY, 2, np.float32, window=window, policy=policy)
+@given(ops, st.integers(0, 3), st.sampled_from(["lru", "lfu", "predicted", "frequency", "window"]), st.integers(0, 3),
+       st.booleans())
+def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned, native):
+    cache = NeuronCache(NEURONS, CAPACITY, 2, np.float32, window=window, policy=policy, native=native)
     scores = np.random.default_rng(len(operations)).standard_normal(NEURONS).astype(np.float32)
     hot = cache.reserve(pinned)
     cache.slots[hot, 0] = np.arange(pinned)
@@ -220,3 +221,62 @@ def test_evictable_count_counts_what_evictable_ranks(steps, policy, window):
         for protect in (None, hits, new):
             assert cache.evictable_count(protect) == len(cache.evictable(protect))
         cache.check()
+
+
+TWIN_ARRAYS = ("slot_of", "position_of", "last_use", "uses", "pinned", "score", "_free", "_freq", "_freq_step")
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops, st.integers(0, 3), st.sampled_from(["lru", "lfu", "predicted", "forecast", "frequency", "window"]),
+       st.integers(0, 3), st.integers(0, 2**31))
+def test_native_bookkeeping_equals_the_numpy_path(operations, window, policy, pinned, seed):
+    """runtime/nativecache.py's reserve and touch leave every array of the cache as the numpy path does,
+    and take the same slots, on the same operations (scores drawn with exact ties too)."""
+    run_twins(operations, window, policy, pinned, seed)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predicted", "forecast", "frequency", "window"])
+def test_native_bookkeeping_under_eviction_pressure(policy):
+    """As above, on seeded sequences that evict on most steps, the window's neurons too."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        operations = [("tick", []) if rng.random() < 0.3 else
+                      ("need", rng.choice(20, rng.integers(1, CAPACITY - 2), replace=False).tolist())
+                      for _ in range(30)]
+        run_twins(operations, int(rng.integers(0, 3)), policy, int(rng.integers(0, 3)), trial)
+
+
+def run_twins(operations, window, policy, pinned, seed):
+    rng = np.random.default_rng(seed)
+    twins = [NeuronCache(NEURONS, CAPACITY, 2, np.float32, window=window, policy=policy, native=n) for n in (True, False)]
+    for c in twins:
+        c.commit(c.reserve(pinned), np.arange(pinned), pinned=True)
+    for op, arg in operations:
+        scores = rng.choice(np.array([-1.0, 0.0, 0.5, 2.0], np.float32), NEURONS) if rng.random() < 0.5 else \
+            rng.standard_normal(NEURONS).astype(np.float32)
+        taken = []
+        for c in twins:
+            if op == "tick":
+                c.tick()
+            elif op == "evict_one":
+                victims = c.evictable()
+                c.evict(victims[:1])
+            else:
+                positions = np.array(arg, dtype=np.int64)
+                c.note_scores(scores)
+                hits = c.lookup(positions)
+                hits = hits[hits >= 0]
+                c.touch(hits)
+                missing = positions[c.lookup(positions) < 0]
+                try:
+                    new = c.reserve(len(missing), protect=hits)
+                except MemoryError as e:
+                    taken.append(str(e))
+                    continue
+                c.commit(new, missing)
+                c.touch(new)
+                taken.append(new.tolist())
+        assert taken[0] == taken[1] if taken else True
+        for name in TWIN_ARRAYS:
+            np.testing.assert_array_equal(getattr(twins[0], name), getattr(twins[1], name), err_msg=name)
+        assert twins[0]._n_free == twins[1]._n_free

@@ -11,8 +11,10 @@ from layouts import REGION_NEURONS as N
 from layouts import REGION_OFFSET as OFFSET
 from layouts import region_file as _region_file
 
+from sparseflash.layout.format_extents import BLOCK
 from sparseflash.runtime import nativeio
 from sparseflash.runtime.iomodel import DeviceModel, QueueLevel
+from sparseflash.runtime.planner import plan_reads
 from sparseflash.runtime.streamer import BundleReader, StreamError
 
 # the native function each read path runs: the I/O threads' loop, or the copy of the AIO queue's pieces
@@ -206,3 +208,20 @@ def test_a_read_is_dealt_to_as_many_threads_as_pay_for_their_hand_off(tmp_path, 
         np.testing.assert_array_equal(dest, expected[positions])
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("bundle_bytes", [1024, 3000, 4096, 9000])
+def test_native_piece_plan_equals_plan_reads(bundle_bytes):
+    """nativeio.plan_pieces gives plan_reads' pieces and, per piece, the positions whose bytes it holds."""
+    rng = np.random.default_rng(bundle_bytes)
+    for _ in range(200):
+        n = int(rng.integers(1, 400))
+        positions = np.unique(rng.choice(n, int(rng.integers(1, n + 1)), replace=True)).astype(np.int64)
+        gap, most = int(rng.integers(0, 4)), int(rng.integers(1, 9))
+        pieces = np.asarray(plan_reads(positions, bundle_bytes, gap, most), dtype=np.int64).reshape(-1, 2)
+        firsts, ends, los, his = nativeio.plan_pieces(positions, bundle_bytes, gap, most)
+        np.testing.assert_array_equal(firsts, pieces[:, 0])
+        np.testing.assert_array_equal(ends, pieces[:, 1])
+        for f, e, lo, hi in zip(firsts, ends, los, his):
+            overlaps = (positions * bundle_bytes < e * BLOCK) & ((positions + 1) * bundle_bytes > f * BLOCK)
+            assert np.flatnonzero(overlaps).tolist() == list(range(lo, hi))

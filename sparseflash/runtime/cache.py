@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sparseflash.runtime import nativecache
+
 NEVER = np.iinfo(np.int64).min // 2
 FORECAST_DECAY = 0.5  # policy "forecast": weight of the past in the average of predicted probabilities
 FREQUENCY_DECAY = 0.98  # policy "frequency": per-token decay of each neuron's use count
@@ -36,7 +38,7 @@ FREQUENCY_DECAY = 0.98  # policy "frequency": per-token decay of each neuron's u
 
 class NeuronCache:
     def __init__(self, neurons: int, capacity: int, bundle_len: int, dtype, window: int = 4, policy: str = "lru",
-                 host_slots: bool = True):
+                 host_slots: bool = True, native: bool = True):
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1 slot, got {capacity}")
         self.neurons, self.capacity = neurons, capacity
@@ -56,6 +58,7 @@ class NeuronCache:
         # policy "frequency": per neuron, uses decayed by FREQUENCY_DECAY per token, as of _freq_step
         self._freq = np.zeros(neurons if policy == "frequency" else 0, dtype=np.float64)
         self._freq_step = np.zeros(neurons if policy == "frequency" else 0, dtype=np.int64)
+        self.native = native  # reserve and touch in one Numba call each (runtime/nativecache.py)
 
     @property
     def scored(self) -> bool:
@@ -102,6 +105,11 @@ class NeuronCache:
 
     def touch(self, slots: np.ndarray) -> None:
         """Mark slots as used by the current token."""
+        if self.native:
+            nativecache._touch(np.asarray(slots, dtype=np.int64), self.step, self.last_use, self.uses,
+                               self.policy == "frequency", self.position_of, self._freq, self._freq_step,
+                               FREQUENCY_DECAY)
+            return
         self.last_use[slots] = self.step
         self.uses[slots] += 1
         if self.policy == "frequency":
@@ -179,6 +187,17 @@ class NeuronCache:
     def reserve(self, count: int, protect: np.ndarray | None = None) -> np.ndarray:
         """Take ``count`` free slots, evicting victims if needed; raises if too few can be freed."""
         short = count - self._n_free
+        if short > 0 and self.native:
+            protect = np.zeros(0, np.int64) if protect is None else np.asarray(protect, dtype=np.int64)
+            n_free, lacking = nativecache._reserve(
+                count, protect, nativecache.POLICY_CODE[self.policy], self.window, self.step, FREQUENCY_DECAY,
+                self.slot_of, self.position_of, self.last_use, self.uses, self.pinned, self.score, self._freq,
+                self._freq_step, self._free, self._n_free, NEVER)
+            if lacking:
+                raise MemoryError(f"cache needs {short} more slots but only {short - lacking} are evictable")
+            taken = self._free[n_free : n_free + count][::-1].copy()
+            self._n_free = n_free
+            return taken
         if short > 0:
             victims = self.evictable(protect)
             if len(victims) < short:  # the window yields rather than the step reading in batches

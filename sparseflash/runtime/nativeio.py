@@ -142,6 +142,50 @@ def _scatter_pieces(arena, at, firsts, ends, los, his, ok, positions, bb, dest, 
             _check(los[i], his[i], positions, bb, dest, dest_slots, cut, digests, seen, width, mask, bad)
 
 
+@njit(nogil=True, cache=True)
+def _plan_pieces(positions, bb, gap, max_blocks, firsts, ends, los, his):
+    # as layout/format_extents.py's plan_extents then split_extents, and the positions each piece holds
+    n = 0
+    i = 0
+    while i < positions.size:  # one extent: positions[i:k] and the gaps between them of <= gap blocks
+        first = positions[i] * bb // BLOCK
+        last = ((positions[i] + 1) * bb - 1) // BLOCK
+        k = i + 1
+        while k < positions.size and positions[k] * bb // BLOCK <= last + 1 + gap:
+            last = max(last, ((positions[k] + 1) * bb - 1) // BLOCK)
+            k += 1
+        for start in range(first, last + 1, max_blocks):
+            firsts[n] = start
+            ends[n] = min(last + 1, start + max_blocks)
+            n += 1
+        i = k
+    j = 0
+    for m in range(n):  # positions whose bytes overlap piece m: [los[m], his[m])
+        lo_pos = firsts[m] * BLOCK // bb
+        hi_pos = -((-(ends[m] * BLOCK)) // bb)
+        while j < positions.size and positions[j] < lo_pos:
+            j += 1
+        los[m] = j
+        h = j
+        while h < positions.size and positions[h] < hi_pos:
+            h += 1
+        his[m] = h
+    return n
+
+
+def plan_pieces(positions: np.ndarray, bundle_bytes: int, merge_gap_blocks: int, max_blocks: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pieces to read sorted, distinct stored ``positions`` (int64), in one call: (firsts, ends) in
+    blocks from the region start, as ``plan_reads`` (layout/format_extents.py: coalesced extents, gaps
+    of up to ``merge_gap_blocks`` read through, cut to ``max_blocks``), and per piece the range
+    [los, his) of positions whose bytes it overlaps."""
+    span = (int(positions[-1]) + 1) * bundle_bytes // BLOCK + 2 if len(positions) else 0
+    most = len(positions) + span // max(max_blocks, 1) + 1  # extents <= positions; each adds <= span/max cuts
+    firsts, ends, los, his = (np.empty(most, dtype=np.int64) for _ in range(4))
+    n = _plan_pieces(positions, bundle_bytes, merge_gap_blocks, max_blocks, firsts, ends, los, his)
+    return firsts[:n], ends[:n], los[:n], his[:n]
+
+
 def read_copy(fd: int, region_offset: int, firsts: np.ndarray, ends: np.ndarray, los: np.ndarray, his: np.ndarray,
               buf: np.ndarray, positions: np.ndarray, bundle_bytes: int, dest: np.ndarray, dest_slots: np.ndarray,
               cut: np.ndarray) -> int:

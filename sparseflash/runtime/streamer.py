@@ -1,8 +1,8 @@
 """Read neuron bundles from a layout file into cache slots: few, aligned, concurrent reads.
 
-Missing positions become coalesced 4096-aligned extents (planner.plan_reads, merging gaps the
-device model says are cheaper to read through at the reader's queue depth), cut into pieces no
-larger than one I/O buffer. Pieces are read by a thread pool (one thread per read in flight) into
+Missing positions become coalesced 4096-aligned extents (planner.plan_reads' pieces, planned in one
+native call: nativeio.plan_pieces; gaps are merged where the device model says they are cheaper to
+read through at the reader's queue depth), cut into pieces no larger than one I/O buffer. Pieces are read by a thread pool (one thread per read in flight) into
 page-aligned buffers, from an O_DIRECT descriptor: each thread's pieces in one native call that reads
 (libc ``pread``) and copies without the GIL (runtime/nativeio.py), and in Python (``os.preadv``) from
 the first piece that call could not read in full. Where the file system refuses O_DIRECT the reader
@@ -38,7 +38,6 @@ from sparseflash.layout.format_extents import BLOCK
 from sparseflash.runtime import aio, nativeio
 from sparseflash.runtime.bundle_checks import StreamError, check_bundles
 from sparseflash.runtime.iomodel import DeviceModel
-from sparseflash.runtime.planner import plan_reads
 
 AIO_GAP_DEPTH = 16  # with AIO, gaps are priced at this queue depth (a read's pieces are all in flight)
 HANDOFF_TRIPS = 9  # round trips timed to measure the hand-off to an I/O thread (their median)
@@ -205,6 +204,9 @@ class BundleReader:
                       dest_slots: np.ndarray, cut: np.ndarray, checked: bool) -> tuple[np.ndarray, np.ndarray]:
         """After the native loop copied pieces holding positions[los[i]:his[i]]: check the bundles whole in
         them unless it did (``checked``); returns the (positions, slots) of those cut by a piece's end."""
+        if checked:  # only rows the loop scattered can be marked cut: no need to list the pieces' rows
+            cut_rows = np.flatnonzero(cut)
+            return positions[cut_rows], dest_slots[cut_rows]
         mine = np.concatenate([np.arange(a, b) for a, b in zip(los, his)]) if len(los) else np.zeros(0, np.int64)
         whole, cut_rows = mine[~cut[mine]], mine[cut[mine]]
         if self.verify and not checked:  # the bundles whole in their piece, where they now are, in place
@@ -259,21 +261,17 @@ class BundleReader:
         order = np.argsort(positions, kind="stable")
         positions, dest_slots = positions[order], np.asarray(dest_slots, dtype=np.int64)[order]
         bb = self.regions[layer].bundle_bytes
-        pieces = np.asarray(plan_reads(positions, bb, self.merge_gap_blocks, self.buffer_bytes // BLOCK),
-                            dtype=np.int64).reshape(-1, 2)
         t0 = time.perf_counter()
-        firsts, ends = pieces[:, 0].copy(), pieces[:, 1].copy()
-        # positions whose bytes overlap each piece
-        los = np.searchsorted(positions, firsts * BLOCK // bb, side="left")
-        his = np.searchsorted(positions, -(-(ends * BLOCK) // bb), side="left")
+        # the pieces (plan_reads') and the positions whose bytes overlap each
+        firsts, ends, los, his = nativeio.plan_pieces(positions, bb, self.merge_gap_blocks, self.buffer_bytes // BLOCK)
         nbytes = int((ends - firsts).sum()) * BLOCK
         result = Future()
-        if not len(pieces):
+        if not len(firsts):
             result.set_result(ReadResult())
             return result
         if self.aio is not None and self.native and nbytes <= self.aio.blocks * BLOCK:
             return self._submit_aio(layer, firsts, ends, los, his, positions, dest, dest_slots, nbytes, t0)
-        groups = self.tasks_for(len(pieces), nbytes, inline_ok)
+        groups = self.tasks_for(len(firsts), nbytes, inline_ok)
         if groups == 0:
             try:
                 cut = self._read_task(layer, firsts, ends, los, his, positions, dest, dest_slots)
@@ -282,8 +280,8 @@ class BundleReader:
             except BaseException as e:
                 result.set_exception(e)
                 return result
-            result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1,
-                                         self.device.read_time(len(pieces), nbytes), inline=True))
+            result.set_result(ReadResult(len(firsts), nbytes, t1 - t0, t0, t1,
+                                         self.device.read_time(len(firsts), nbytes), inline=True))
             return result
         # one task per thread used, each reading its share of the pieces in turn, without a task hand-off
         # per piece
@@ -308,8 +306,8 @@ class BundleReader:
             if errors:
                 result.set_exception(errors[0])
             else:
-                result.set_result(ReadResult(len(pieces), nbytes, t1 - t0, t0, t1,
-                                             self.device.read_time(len(pieces), nbytes, self.threads)))
+                result.set_result(ReadResult(len(firsts), nbytes, t1 - t0, t0, t1,
+                                             self.device.read_time(len(firsts), nbytes, self.threads)))
 
         for f in futures:
             f.add_done_callback(done)
@@ -320,10 +318,11 @@ class BundleReader:
         slots) pairs its pieces left), now that every piece is in."""
         if not self.verify:
             return
-        cut = [part for task in parts for part in task]
-        cut_pos = np.concatenate([c[0] for c in cut]) if cut else np.zeros(0, np.int64)
-        cut_pos, first = np.unique(cut_pos, return_index=True)
-        cut_slots = np.concatenate([c[1] for c in cut])[first] if len(cut_pos) else cut_pos
+        cut = [part for task in parts for part in task if len(part[0])]
+        if not cut:
+            return
+        cut_pos, first = np.unique(np.concatenate([c[0] for c in cut]), return_index=True)
+        cut_slots = np.concatenate([c[1] for c in cut])[first]
         check_bundles(self.path, self.regions[layer], cut_pos, dest, cut_slots, self.finite[layer])
 
     def tasks_for(self, requests: int, nbytes: int, inline_ok: bool = False) -> int:

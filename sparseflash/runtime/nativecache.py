@@ -1,0 +1,119 @@
+"""The neuron cache's per-token bookkeeping in native code: ``reserve`` (rank the victims, evict them,
+take the slots) and ``touch`` in one Numba call each.
+
+On the bundled model a layer's cache holds a few hundred slots, and every ``reserve`` cost ~60 us of
+numpy calls (masks, the policy's key, a lexsort, the eviction's checks) for ~1 us of work; a decoded
+token made ~5 of them. The functions here do the same steps on the cache's own arrays, in the same
+order, with the same result (tests/test_runtime_nativecache.py compares them with runtime/cache.py's
+numpy path on random states):
+
+- victims are the unpinned, held slots not in ``protect``, those outside the window first, each group
+  ranked by the policy (``POLICY_CODE``): ``lru`` by last use; ``lfu`` by uses, then last use;
+  ``predicted``/``forecast`` by score, then last use; ``frequency`` by the decayed use rate plus the
+  score's sigmoid, then last use; ties by slot, as numpy's stable sorts;
+- evicting a slot clears its index entries, its last use, uses and score, and pushes it on the free
+  stack; the slots taken are the lowest free ones, as ``NeuronCache.reserve``.
+
+Arrays in, counts out; the cache (runtime/cache.py) owns the arrays and decides when to call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+POLICY_CODE = {"lru": 0, "window": 0, "lfu": 1, "predicted": 2, "forecast": 2, "frequency": 3}
+
+
+@njit(nogil=True, cache=True)
+def _keys(cand, policy, position_of, last_use, uses, score, freq, freq_step, step, decay):
+    # the policy's primary key per candidate (float64); lru's is last use itself
+    key = np.empty(cand.size, dtype=np.float64)
+    for i in range(cand.size):
+        s = cand[i]
+        if policy == 1:
+            key[i] = uses[s]
+        elif policy == 2:
+            key[i] = score[s]
+        elif policy == 3:
+            p = position_of[s]
+            rate = freq[p] * decay ** np.float64(step - freq_step[p]) * (1.0 - decay)  # pow(), as numpy's
+            z = score[s]
+            sig = np.float32(0.5) * (np.float32(1.0) + np.tanh(np.float32(0.5) * z))
+            key[i] = rate + np.float64(sig)
+        else:
+            key[i] = last_use[s]
+    return key
+
+
+@njit(nogil=True, cache=True)
+def _ranked(cand, policy, position_of, last_use, uses, score, freq, freq_step, step, decay):
+    # cand ordered best victim first: by key, then last use, then slot (stable sorts on ascending slots)
+    if policy != 0:
+        by_use = cand[np.argsort(last_use[cand], kind="mergesort")]
+        key = _keys(by_use, policy, position_of, last_use, uses, score, freq, freq_step, step, decay)
+        return by_use[np.argsort(key, kind="mergesort")]
+    return cand[np.argsort(last_use[cand], kind="mergesort")]
+
+
+@njit(nogil=True, cache=True)
+def _reserve(count, protect, policy, window, step, decay, slot_of, position_of, last_use, uses, pinned, score, freq,
+             freq_step, free, n_free, never):
+    """Take ``count`` slots; returns (n_free after, how many victims were short: 0 when it succeeded).
+    The taken slots are free[n_free_after : n_free_after + count] in reverse (lowest first)."""
+    short = count - n_free
+    if short > 0:
+        blocked = np.zeros(position_of.size, dtype=np.bool_)
+        for s in protect:
+            blocked[s] = True
+        n_out = n_in = 0
+        outside = np.empty(position_of.size, dtype=np.int64)
+        inside = np.empty(position_of.size, dtype=np.int64)
+        for s in range(position_of.size):
+            if position_of[s] >= 0 and not pinned[s] and not blocked[s]:
+                if last_use[s] < step - window:
+                    outside[n_out] = s
+                    n_out += 1
+                else:
+                    inside[n_in] = s
+                    n_in += 1
+        if n_out + n_in < short:
+            return n_free, short - n_out - n_in
+        victims = _ranked(outside[:n_out], policy, position_of, last_use, uses, score, freq, freq_step, step, decay)
+        if n_out < short:  # the window yields to the step's misses, ranked the same way
+            ranked_in = _ranked(inside[:n_in], policy, position_of, last_use, uses, score, freq, freq_step, step,
+                                decay)
+            victims = np.concatenate((victims, ranked_in))
+        for i in range(short):
+            s = victims[i]
+            slot_of[position_of[s]] = -1
+            position_of[s] = -1
+            last_use[s] = never
+            uses[s] = 0
+            score[s] = 0.0
+            free[n_free] = s
+            n_free += 1
+    return n_free - count, 0
+
+
+@njit(nogil=True, cache=True)
+def _touch(slots, step, last_use, uses, frequency, position_of, freq, freq_step, decay):
+    for s in slots:
+        last_use[s] = step
+        uses[s] += 1
+        if frequency:
+            p = position_of[s]
+            freq[p] = freq[p] * decay ** np.float64(step - freq_step[p]) + 1.0
+            freq_step[p] = step
+
+
+def warmup() -> None:
+    """Compile (or load from the disk cache) both calls."""
+    from sparseflash.runtime.cache import NeuronCache
+
+    for policy in POLICY_CODE:
+        c = NeuronCache(8, 4, 2, np.float32, window=0, policy=policy)
+        c.commit(c.reserve(4), np.arange(4))
+        c.tick()
+        c.touch(np.arange(2))
+        c.reserve(2, protect=np.arange(1))
