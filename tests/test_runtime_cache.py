@@ -280,3 +280,4 @@ def run_twins(operations, window, policy, pinned, seed):
         for name in TWIN_ARRAYS:
             np.testing.assert_array_equal(getattr(twins[0], name), getattr(twins[1], name), err_msg=name)
         assert twins[0]._n_free == twins[1]._n_free
+        assert twins[0].evictable_count() == twins[1].evictable_count() == len(twins[1].evictable())

@@ -27,9 +27,10 @@ def _decode(path, ids, fused: bool, budget, miss_cut=None, cached_cut=None, **po
         if not fused:
             engine.fused = None
         if miss_cut is not None:  # every layer's own predictor with a miss cut above its cut
-            for l, p in engine.predictors.own.items():  # and, optionally, a cut for cached neurons below it
-                engine.predictors.own[l] = dataclasses.replace(
-                    p, miss_cut=p.cut + miss_cut, cached_cut=None if cached_cut is None else p.cut + cached_cut)
+            for table in (engine.predictors.own, engine.predictors.lookahead):  # own and look-ahead ones
+                for l, p in table.items():  # and, optionally, a cut for cached neurons below it
+                    table[l] = dataclasses.replace(
+                        p, miss_cut=p.cut + miss_cut, cached_cut=None if cached_cut is None else p.cut + cached_cut)
         engine.trace = [[] for _ in engine.caches]
         cache = KVCache(model.layout.config, ids.shape[1])
         logits = [model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(ids.shape[1])]
@@ -57,6 +58,7 @@ def test_fused_and_step_by_step_paths_agree(tmp_path, family, dtype, budget, pol
     assert [np.array_equal(a, b) for a, b in zip(fused[1], plain[1])] == [True, True]  # the same neurons
     assert fused[2] == plain[2]  # the same hits, misses, reads and truly active counts, token by token
     assert sum(s[2] for s in fused[2]) > 0  # misses were read
+    assert sum(s[3] for s in fused[2]) > 0  # and look-ahead reads started
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
     if cached_cut is not None:  # the lower cut computes more cached neurons, and reads no more
         base = _decode(path, ids, True, budget, miss_cut, None, **policy)
@@ -114,6 +116,17 @@ def test_step_kernel_is_the_predictor_choice_then_the_sparse_ffn_of_the_cached_o
         assert acts.shape == (1, len(hit_slots))
         held_norms = norms[positions[cached[positions]]]
         assert active == count_active(acts, held_norms, 0.05) and 0 < active < len(hit_slots)
+        # the misses' kernel adds their output to y (here: slots standing for the missing positions)
+        extra = rng.choice(slots, 12, replace=False).astype(np.int64)
+        extra_pos = held[extra].astype(np.int64)
+        before = y.copy()
+        added = step.run_and_add(x, kernel_view(bundles, storage), extra, extra_pos, 0, False, np.zeros(0, np.float32),
+                                 up_bias, y, norms=norms, threshold=0.05)
+        acts_ref = np.empty((1, len(extra)), dtype=np.float32)
+        part = get_backend("cpu").sparse_ffn(x, bundles, extra, "relu2", storage=storage, up_bias=up_bias,
+                                             activations_out=acts_ref)
+        np.testing.assert_allclose(y, before + part, rtol=1e-5, atol=1e-5)
+        assert added == count_active(acts_ref, norms[extra_pos], 0.05) and added > 0
 
 
 def test_step_kernel_refuses_shapes_that_do_not_agree():

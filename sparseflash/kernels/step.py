@@ -98,6 +98,70 @@ def select_and_run_hits(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.nd
     return top, positions[:n_pos], hit_slots[:n_hit], missing[:n_miss], acts[:, :n_hit], int(active)
 
 
+@njit(nogil=True, cache=True)
+def _select_missing(x, w1, b1, w2, b2, h, top, cut, use_offset, miss_penalty, use_miss_cut, miss_cut, slot_of,
+                    missing):
+    # steps 1-3 of _step for a look-ahead: the selected positions not in memory, ascending (the cached
+    # bonus does not matter: only neurons not in memory are kept)
+    _top_logits(x, w1, b1, w2, b2, h, top)
+    n_miss = 0
+    for k in range(top.size):
+        slot = slot_of[k]
+        if slot >= 0:
+            continue
+        v = top[k]
+        if use_offset:
+            v += -miss_penalty
+        if v > cut and (not use_miss_cut or top[k] > miss_cut):
+            missing[n_miss] = k
+            n_miss += 1
+    return n_miss
+
+
+def select_missing(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, cut: float,
+                   slot_of: np.ndarray, *, offset: tuple[float, float] | None = None,
+                   miss_cut: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The choice of ``select_and_run_hits`` without the kernel, for a look-ahead read: (top, missing),
+    every neuron's logit and the selected positions not in memory (``slot_of`` < 0), ascending."""
+    n, rank = w2.shape
+    if x.shape != (1, w1.shape[1]) or slot_of.shape != (n,):
+        raise ValueError(f"fused look-ahead: x {x.shape}, w1 {w1.shape}, w2 {w2.shape}, slot_of {slot_of.shape} "
+                         "do not agree")
+    top, missing = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.int64)
+    penalty = offset[1] if offset is not None else 0.0
+    n_miss = _select_missing(x, w1, b1, w2, b2, np.empty(rank, dtype=np.float32), top, np.float32(cut),
+                             offset is not None, np.float32(penalty), miss_cut is not None,
+                             np.float32(0.0 if miss_cut is None else miss_cut), slot_of, missing)
+    return top, missing[:n_miss]
+
+
+@njit(nogil=True, cache=True)
+def _add_slots(x, bundles, slots, positions, act_code, gated, gate_bias, up_bias, acts, part, y, norms, threshold):
+    _neuron_range(x, bundles, slots, act_code, gated, gate_bias, up_bias, acts, 0, slots.size, part)
+    for i in range(y.shape[1]):
+        y[0, i] += part[0, i]
+    n_active = 0
+    if norms.size:
+        for j in range(slots.size):
+            m = abs(acts[0, j]) * norms[positions[j]]
+            if m >= threshold and m > 0:
+                n_active += 1
+    return n_active
+
+
+def run_and_add(x: np.ndarray, bundles: np.ndarray, slots: np.ndarray, positions: np.ndarray, act_code: int,
+                gated: bool, gate_bias: np.ndarray, up_bias: np.ndarray, y: np.ndarray, *,
+                norms: np.ndarray | None = None, threshold: float = 0.0) -> int:
+    """For one token x (1, d) float32: y += the FFN of ``slots`` of ``bundles`` (the neurons just read, at
+    stored ``positions``), as ``select_and_run_hits`` runs the cached ones; biases per slot (empty:
+    none). With ``norms`` (per stored position) returns how many of them are truly active (else 0)."""
+    if x.shape[0] != 1 or y.shape != x.shape or slots.shape != positions.shape:
+        raise ValueError(f"fused step: x {x.shape}, y {y.shape}, slots {slots.shape}, positions {positions.shape}")
+    acts = np.empty((1, slots.size), dtype=np.float32)
+    return int(_add_slots(x, bundles, slots, positions, act_code, gated, gate_bias, up_bias, acts, np.empty_like(y),
+                          y, _NO_NORMS if norms is None else norms, np.float32(threshold)))
+
+
 def warmup(dtypes=(np.float32, np.uint16, np.int16)) -> None:
     """Compile (or load from the disk cache) the step for each bundle kernel dtype."""
     d, n, r = 4, 8, 2
@@ -109,3 +173,8 @@ def warmup(dtypes=(np.float32, np.uint16, np.int16)) -> None:
                                 np.zeros(n, np.float32), 0.0, np.arange(n, dtype=np.int64), bundles, 0, False,
                                 np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((1, d), np.float32),
                                 norms=norms)
+            select_missing(np.ones((1, d), np.float32), w1, np.zeros(r, np.float32), w2, np.zeros(n, np.float32), 0.0,
+                           np.arange(n, dtype=np.int64))
+            run_and_add(np.ones((1, d), np.float32), bundles, np.arange(2, dtype=np.int64), np.arange(2, dtype=np.int64),
+                        0, False, np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((1, d), np.float32),
+                        norms=norms)

@@ -82,6 +82,9 @@ class NeuronCache:
 
     def note_scores(self, scores: np.ndarray) -> None:
         """Predictor logits of every neuron for the current token (policies "predicted", "forecast")."""
+        if self.native and self.policy != "forecast":
+            nativecache._note_scores(self.position_of, self.score, np.asarray(scores, dtype=np.float32))
+            return
         held = np.nonzero(self.position_of >= 0)[0]
         if self.policy == "forecast":
             self._forecast = FORECAST_DECAY * self._forecast + (1 - FORECAST_DECAY) * _sigmoid(scores)
@@ -92,6 +95,9 @@ class NeuronCache:
     def note_lookahead(self, scores: np.ndarray) -> None:
         """Look-ahead logits of every neuron for the current token, known one layer early: they rank
         the cached neurons until the layer's own logits arrive (the average is not updated)."""
+        if self.native and self.policy != "forecast":
+            nativecache._note_scores(self.position_of, self.score, np.asarray(scores, dtype=np.float32))
+            return
         held = np.nonzero(self.position_of >= 0)[0]
         pos = self.position_of[held]
         if self.policy == "forecast":
@@ -139,6 +145,8 @@ class NeuronCache:
 
     def evictable_count(self, protect: np.ndarray | None = None) -> int:
         """How many slots ``evictable(protect)`` would return (without ranking them)."""
+        if self.native and (protect is None or not len(protect)):
+            return int(nativecache._evictable_count(self.position_of, self.pinned, self.last_use, self.step, self.window))
         return int(np.count_nonzero(self._evictable_mask(protect)))
 
     def room(self, protect: np.ndarray | None = None) -> int:

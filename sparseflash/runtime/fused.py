@@ -21,7 +21,7 @@ import torch
 from sparseflash.kernels import step
 from sparseflash.kernels.halfbits import KERNEL_DTYPE, kernel_view
 from sparseflash.kernels.kinds import ffn_kind
-from sparseflash.runtime.planner import LayerPlan
+from sparseflash.runtime.planner import LayerPlan, plan_prefetch
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
 
@@ -74,7 +74,7 @@ class FusedStep:
         if counting:
             s.needed += active
         xt, yt = torch.from_numpy(xf), torch.from_numpy(y)
-        ahead = lambda: engine._start_prefetch(l + 1, x, s)  # noqa: E731
+        ahead = lambda: self._start_lookahead(engine, l + 1, xf, x, s)  # noqa: E731
         if not len(missing):
             ahead()
             return yt
@@ -84,8 +84,40 @@ class FusedStep:
             fetch = engine.fetcher.start(l, missing, new, demand=True)
             engine._guarded(fetch, ahead)
             engine._land(fetch, s)
-            engine._compute(l, xt, new, yt, s)
+            t = time.perf_counter()  # the kernel over the misses, in one native call too
+            active = step.run_and_add(
+                xf, self.views[l], new, missing, self.act_code, self.gated,
+                _NO_BIAS if b_gate is None else b_gate[cache.position_of], _NO_BIAS if b_up is None else b_up[cache.position_of],
+                y, norms=engine.fetcher.norms.known[l] if counting else None, threshold=engine.regions[l].threshold)
+            if counting:
+                s.needed += active
+            s.ffn_s += time.perf_counter() - t
         else:  # more than the cache holds beside the hits (already computed): batches
             ahead()
             engine._compute_in_batches(l, xt, LayerPlan(hit_slots[:0], missing, room), yt, s)
         return yt
+
+    def _start_lookahead(self, engine, nxt: int, xf: np.ndarray, x: torch.Tensor, s) -> None:
+        """The engine's ``_start_prefetch(nxt)`` for this token, with the look-ahead choice in one native call
+        (kernels/step.py's ``select_missing``: the same choice as the predictor's, of the neurons not in
+        memory) where its predictor has host arrays; otherwise the engine's own."""
+        ahead = engine.predictors.lookahead.get(nxt)
+        if ahead is None or ahead._host is None or nxt >= len(engine.regions) or nxt in engine._prefetch:
+            engine._start_prefetch(nxt, x, s)
+            return
+        t = time.perf_counter()
+        cache, policy = engine.caches[nxt], engine.policy
+        validated = engine.applies_miss_cut(ahead)
+        bonus = policy.cached_bonus + (ahead.cached_bonus if validated else 0.0)
+        top, missing = step.select_missing(
+            xf, *ahead._host, ahead.cut - policy.margin, cache.slot_of,
+            offset=(bonus, policy.miss_penalty) if bonus or policy.miss_penalty else None,
+            miss_cut=ahead.miss_cut - policy.margin if validated else None)
+        if cache.scored:  # rank layer nxt's cache by the look-ahead
+            cache.note_lookahead(top)
+        missing = plan_prefetch(cache, missing, policy.min_slots, engine.fetcher.prefetch_limit())
+        if len(missing):
+            s.prefetched += len(missing)
+            engine._prefetch[nxt] = engine.fetcher.start(nxt, missing, cache.reserve(len(missing)))
+            engine._ahead_bytes = len(missing) * engine.regions[nxt].bundle_bytes
+        s.predictor_s += time.perf_counter() - t

@@ -1,5 +1,6 @@
 """The neuron cache's per-token bookkeeping in native code: ``reserve`` (rank the victims, evict them,
-take the slots) and ``touch`` in one Numba call each.
+take the slots), ``touch``, ``note_scores`` / ``note_lookahead`` and ``evictable_count`` in one Numba
+call each.
 
 On the bundled model a layer's cache holds a few hundred slots, and every ``reserve`` cost ~60 us of
 numpy calls (masks, the policy's key, a lexsort, the eviction's checks) for ~1 us of work; a decoded
@@ -107,6 +108,21 @@ def _touch(slots, step, last_use, uses, frequency, position_of, freq, freq_step,
             freq_step[p] = step
 
 
+@njit(nogil=True, cache=True)
+def _note_scores(position_of, score, scores):
+    for s in range(position_of.size):
+        if position_of[s] >= 0:
+            score[s] = scores[position_of[s]]
+
+
+@njit(nogil=True, cache=True)
+def _evictable_count(position_of, pinned, last_use, step, window):
+    n = 0
+    for s in range(position_of.size):
+        n += position_of[s] >= 0 and not pinned[s] and last_use[s] < step - window
+    return n
+
+
 def warmup() -> None:
     """Compile (or load from the disk cache) both calls."""
     from sparseflash.runtime.cache import NeuronCache
@@ -117,3 +133,5 @@ def warmup() -> None:
         c.tick()
         c.touch(np.arange(2))
         c.reserve(2, protect=np.arange(1))
+        c.note_scores(np.zeros(8, np.float32))
+        c.evictable_count()
