@@ -43,7 +43,7 @@ def test_reads_in_flight_together_wait_for_arena_room_and_queue_entries(tmp_path
         for future, positions, dest in reads:
             assert future.result().requests == 10
             np.testing.assert_array_equal(dest, expected[positions])
-        assert reader.aio._free == [(0, 16)] and not reader.aio._pieces  # all given back
+        assert reader.aio._free == [(0, 16)] and not reader.aio._reads and reader.aio._inflight == 0  # all given back
     finally:
         reader.close()
 

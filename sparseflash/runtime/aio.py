@@ -99,6 +99,8 @@ class AioRead:
         self.arena_at = np.zeros(len(offsets), dtype=np.int64)  # per piece: its byte offset in the arena
         self.left = len(offsets)  # pieces not in yet
         self.submitted = 0  # pieces handed to the kernel so far
+        self.inflight = 0  # pieces in the kernel's queue now
+        self.serial = 0  # the queue's number for it: an iocb's data is serial << 32 | piece index
         self.end = 0.0  # time.perf_counter() when its last piece was collected
         self._result = self._error = None
         self._finished = False
@@ -138,11 +140,14 @@ class AioQueue:
         self.base = self.array.ctypes.data
         self._free = [(0, self.blocks)]  # free block runs (start, count), by start
         self._iocbs = np.zeros(MAX_EVENTS, dtype=_IOCB)
+        self._iocbs["opcode"], self._iocbs["fildes"] = _PREAD, fd
+        self._words = self._iocbs.view(np.uint64).reshape(MAX_EVENTS, 8)  # data 0, buf 3, nbytes 4, offset 5
         self._pointers = self._iocbs.ctypes.data + np.arange(MAX_EVENTS, dtype=np.uint64) * _IOCB.itemsize
         self._events = np.zeros(MAX_EVENTS, dtype=_EVENT)
         self._zero = (ctypes.c_long * 2)(0, 0)  # a timespec of 0: io_getevents returns at once
-        self._pieces: dict[int, tuple[AioRead, int]] = {}  # key -> (read, piece index)
-        self._next_key = 1
+        self._reads: dict[int, AioRead] = {}  # serial -> read with pieces not in yet
+        self._inflight = 0  # pieces in the kernel's queue
+        self._next_serial = 1
         self._lock = threading.RLock()
 
     # -- the arena -------------------------------------------------------------------------------
@@ -177,6 +182,8 @@ class AioQueue:
                 self._collect(block=True)
                 start = self._take(read.blocks)
             read.first_block = start
+            read.serial, self._next_serial = self._next_serial, self._next_serial + 1
+            self._reads[read.serial] = read
             read.arena_at = start * BLOCK + np.concatenate([[0], np.cumsum(read.lengths)[:-1]]).astype(np.int64)
             try:
                 while read.submitted < len(offsets):
@@ -187,49 +194,41 @@ class AioQueue:
         return read
 
     def _submit_some(self, read: AioRead) -> None:
-        room = MAX_EVENTS - len(self._pieces)
+        room = MAX_EVENTS - self._inflight
         if room == 0:
             self._collect(block=True)
             return
         first = read.submitted
         n = min(room, len(read.offsets) - first)
-        iocbs = self._iocbs[:n]
-        iocbs[:] = 0
-        keys = np.arange(self._next_key, self._next_key + n, dtype=np.uint64)
-        self._next_key += n
-        iocbs["data"] = keys
-        iocbs["opcode"] = _PREAD
-        iocbs["fildes"] = self.fd
-        iocbs["buf"] = self.base + read.arena_at[first : first + n]
-        iocbs["nbytes"] = read.lengths[first : first + n]
-        iocbs["offset"] = read.offsets[first : first + n]
-        for j, key in enumerate(keys.tolist()):
-            self._pieces[key] = (read, first + j)
+        words = self._words[:n]
+        words[:, 0] = (read.serial << 32) + np.arange(first, first + n, dtype=np.uint64)
+        words[:, 3] = self.base + read.arena_at[first : first + n]
+        words[:, 4] = read.lengths[first : first + n]
+        words[:, 5] = read.offsets[first : first + n]
         try:
             taken = _syscall(self._submit, self.ctx, ctypes.c_long(n), ctypes.c_void_p(self._pointers.ctypes.data))
         except OSError as e:
             taken = 0
             if e.errno != errno.EAGAIN:
-                for key in keys.tolist():
-                    del self._pieces[key]
                 raise
-        for key in keys[taken:].tolist():  # not taken: submitted again with new keys
-            del self._pieces[key]
-        read.submitted += taken
+        read.submitted += taken  # those not taken are submitted again
+        read.inflight += taken
+        self._inflight += taken
         if taken == 0:
             self._collect(block=True)
 
     def _abort(self, read: AioRead, error: OSError) -> None:
         """io_submit refused the read: what it took still lands (collected first), then its arena room is
         given back and it ends failed (``submit`` raises the error)."""
-        while any(r is read for r, _ in self._pieces.values()):
+        while read.inflight:
             self._collect(block=True)
+        self._reads.pop(read.serial, None)
         self._end(read, error=error)
 
     def poll(self) -> None:
         """Collect the completions there are now, without waiting."""
         with self._lock:
-            if self._pieces:
+            if self._inflight:
                 self._collect(block=False)
 
     def wait(self, read: AioRead) -> None:
@@ -239,7 +238,7 @@ class AioQueue:
                 self._collect(block=True)
 
     def _collect(self, block: bool) -> None:
-        if not self._pieces:
+        if not self._inflight:
             return
         while True:
             try:
@@ -250,12 +249,15 @@ class AioQueue:
                 continue
         now = time.perf_counter()
         events = self._events[:n]
+        self._inflight -= n
         for key, res in zip(events["data"].tolist(), events["res"].tolist()):
-            read, i = self._pieces.pop(key)
-            read.got[i] = res
+            read = self._reads[key >> 32]
+            read.got[key & 0xFFFFFFFF] = res
             read.left -= 1
+            read.inflight -= 1
             if read.left == 0:
                 read.end = now
+                del self._reads[read.serial]
                 self._end(read)
 
     def _end(self, read: AioRead, error: BaseException | None = None) -> None:
@@ -271,6 +273,6 @@ class AioQueue:
     def close(self) -> None:
         """Wait for every read in flight, then free the context and the arena."""
         with self._lock:
-            while self._pieces:
+            while self._inflight:
                 self._collect(block=True)
             self._release()

@@ -229,6 +229,11 @@ class NeuronCache:
         """Record that ``slots`` now hold ``positions`` (their bytes were written)."""
         slots = np.asarray(slots, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
+        if self.native and len(slots) == len(positions):
+            if not nativecache._commit(slots, positions, pinned, self.step, self.slot_of, self.position_of,
+                                       self.pinned, self.last_use, self.uses):
+                raise ValueError("a position is already cached")
+            return
         if np.any(self.slot_of[positions] >= 0):
             raise ValueError("a position is already cached")
         self.slot_of[positions] = slots

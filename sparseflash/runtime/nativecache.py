@@ -1,5 +1,5 @@
 """The neuron cache's per-token bookkeeping in native code: ``reserve`` (rank the victims, evict them,
-take the slots), ``touch``, ``note_scores`` / ``note_lookahead`` and ``evictable_count`` in one Numba
+take the slots), ``commit``, ``touch``, ``note_scores`` / ``note_lookahead`` and ``evictable_count`` in one Numba
 call each.
 
 On the bundled model a layer's cache holds a few hundred slots, and every ``reserve`` cost ~60 us of
@@ -106,6 +106,22 @@ def _touch(slots, step, last_use, uses, frequency, position_of, freq, freq_step,
             p = position_of[s]
             freq[p] = freq[p] * decay ** np.float64(step - freq_step[p]) + 1.0
             freq_step[p] = step
+
+
+@njit(nogil=True, cache=True)
+def _commit(slots, positions, pin, step, slot_of, position_of, pinned, last_use, uses):
+    # False (and nothing changed) when a position is already cached
+    for p in positions:
+        if slot_of[p] >= 0:
+            return False
+    for i in range(slots.size):
+        s = slots[i]
+        slot_of[positions[i]] = s
+        position_of[s] = positions[i]
+        pinned[s] = pin
+        last_use[s] = step
+        uses[s] = 0
+    return True
 
 
 @njit(nogil=True, cache=True)
