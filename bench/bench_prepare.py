@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def build_checkpoint(shape: Shape, folder: Path) -> Path:
             file = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
             out = {}
             for name, dims, kind in tensors:
-                g = torch.Generator().manual_seed(hash(name) % (1 << 31) ^ 0x5EED)
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()) ^ 0x5EED)  # the same in every process
                 t = torch.ones(dims) if kind == "norm" else torch.randn(dims, generator=g) * 0.02
                 out[name] = t.to(torch.bfloat16)
                 weight_map[name] = file
