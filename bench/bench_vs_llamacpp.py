@@ -184,6 +184,10 @@ def parse_args(argv):
                    help="with --shape: calibration tokens of the layout it prepares (held-out: half); only the "
                         "predicted row uses what calibration builds (default: bench_prepare's figures)")
     p.add_argument("--dry-run", action="store_true", help="with --shape: print the plan (sizes, cap, steps) and stop")
+    p.add_argument("--configs", default=None, help="with --shape: the configurations to run, comma-separated "
+                   "(default: all)")
+    p.add_argument("--io-threads", type=int, default=None, help="with --shape: reads in flight of every sparseflash "
+                   "row, 1 MiB each (default: both planned from the disk's model)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per prompt (default 64; 16 with --quick)")
     p.add_argument("--cap-share", type=float, default=0.7,
                    help="memory for weights in the capped configurations, as a share of the GGUF size (default 0.7)")

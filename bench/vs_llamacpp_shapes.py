@@ -301,6 +301,13 @@ def run_shape(args) -> int:
     from memcap import cached_bytes, drop_page_cache, find_memory_cgroups
 
     p = plan(args)
+    chosen = args.configs.split(",") if args.configs else list(CONFIGS)
+    if any(c not in CONFIGS for c in chosen):
+        raise SystemExit(f"--configs: unknown name in {args.configs!r} (names: {', '.join(CONFIGS)})")
+    fixed_io = {} if args.io_threads is None else {"io_threads": args.io_threads, "io_buffer_bytes": 1 << 20}
+    configs = {name: (w, {**policy, **fixed_io}) for name, (w, policy) in CONFIGS.items() if name in chosen}
+    p["configs"] = {name: {"worker": w, "policy": {**AUTO_IO, **policy} if w != "llama-mmap" else {}}
+                    for name, (w, policy) in configs.items()}  # what runs
     if args.dry_run:
         print(json.dumps(p, indent=1))
         return 0
@@ -329,13 +336,13 @@ def run_shape(args) -> int:
         files = [setup["gguf"], setup["layout"], *setup["checkpoint_files"]]
         fits = allowance >= setup["min_budget_bytes"]
         log("warm-up: each configuration once, 2 tokens, uncapped, to cache the libraries' pages outside the caps")
-        for name, (config, policy) in CONFIGS.items():
+        for name, (config, policy) in configs.items():
             if config == "llama-mmap" or fits:
                 r = run_worker(dict(job, config=config, stream_policy={**AUTO_IO, **policy}, tokens=2,
                                     prompt_ids=job["prompt_ids"][:1]), Path(tmp), args.timeout)
                 if "error" in r:
                     log(f"  warm-up of {name} failed: {r['error']}")
-        for name, (config, policy) in CONFIGS.items():
+        for name, (config, policy) in configs.items():
             if config != "llama-mmap" and not fits:
                 r = {"error": f"waits for quantized resident tensors: the layout's fixed part needs "
                               f"{setup['min_budget_bytes'] / MiB:.0f} MiB, the cap gives {allowance / MiB:.0f} MiB "

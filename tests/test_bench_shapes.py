@@ -16,12 +16,23 @@ import vs_llamacpp_shapes as shapes  # noqa: E402
 from bench_prepare import SHAPES  # noqa: E402
 
 
-def dry_run(shape: str, share: float, tmp_path) -> dict:
+def dry_run(shape: str, share: float, tmp_path, *extra: str, check: bool = True):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_vs_llamacpp.py"), "--shape", shape,
                           "--cap-share", str(share), "--dry-run", "--checkpoint", str(tmp_path / "none"),
-                          "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, check=True,
+                          "--work-dir", str(tmp_path / "work"), *extra], capture_output=True, text=True, check=check,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return json.loads(out.stdout)
+    return json.loads(out.stdout) if check else out
+
+
+def test_configs_and_io_threads_choose_what_runs(tmp_path):
+    plan = dry_run("1b", 0.5, tmp_path, "--configs", "llama.cpp-mmap,sparseflash-exact", "--io-threads", "4")
+    assert list(plan["configs"]) == ["llama.cpp-mmap", "sparseflash-exact"]
+    assert plan["configs"]["sparseflash-exact"]["policy"] == {"io_threads": 4, "io_buffer_bytes": 1 << 20,
+                                                              "strategy": "all"}
+    assert plan["configs"]["llama.cpp-mmap"]["policy"] == {}
+    assert dry_run("1b", 0.5, tmp_path)["configs"]["sparseflash-window"]["policy"]["io_threads"] is None  # planned
+    bad = dry_run("1b", 0.5, tmp_path, "--configs", "sparseflash-exact,nope", check=False)
+    assert bad.returncode != 0 and "--configs: unknown name" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_the_7b_plan_keeps_f16_at_60_percent_and_quantizes_at_half(tmp_path):
