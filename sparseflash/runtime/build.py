@@ -73,7 +73,7 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
                 from sparseflash.kernels import step
 
                 step.warmup((KERNEL_DTYPE[storage],))  # the fused host step (runtime/fused.py)
-        nativecache.warmup()  # the caches' reserve and touch, likewise
+        nativecache.warmup()  # the caches' native bookkeeping (runtime/nativecache.py), likewise
         caches = [NeuronCache(r.n_neurons, r.n_hot + memory.slots_per_layer, r.bundle_len, STORAGE_NP[r.dtype],
                               policy.window, policy.eviction, host_slots=not on_gpu) for r in regions]
         predictors = predictors.for_caches([c.capacity / c.neurons for c in caches])  # the miss cut each cache takes

@@ -228,15 +228,16 @@ class StreamingFFN:
             return 0
         return sum(self.applies_miss_cut(self.predictors.own[l]) for l in range(len(self.caches)))
 
-    def _cost_offset(self, l: int, predictor) -> np.ndarray | None:
-        """Cost-aware selection: per stored position, +cached_bonus where the neuron is in memory (hot
-        region included: it costs no read; plus ``predictor``'s validated one where its miss cut applies),
-        -miss_penalty where it would have to be read."""
+    def cost_terms(self, predictor) -> tuple[float, float] | None:
+        """Cost-aware selection (logits): +bonus where a neuron is in memory (hot region included; plus
+        ``predictor``'s validated one where its miss cut applies), -penalty where it must be read; or None."""
         validated = predictor.cached_bonus if self.applies_miss_cut(predictor) else 0.0
         bonus, penalty = self.policy.cached_bonus + validated, self.policy.miss_penalty
-        if not bonus and not penalty:
-            return None
-        return np.where(self.caches[l].slot_of >= 0, np.float32(bonus), np.float32(-penalty))
+        return (bonus, penalty) if bonus or penalty else None
+
+    def _cost_offset(self, l: int, predictor) -> np.ndarray | None:
+        terms = self.cost_terms(predictor)  # per stored position of layer l
+        return None if terms is None else np.where(self.caches[l].slot_of >= 0, *np.float32([terms[0], -terms[1]]))
 
     def _start_prefetch(self, nxt: int, x: torch.Tensor, s: TokenStats) -> None:
         if nxt == len(self.regions) and self.strategy == "all":
@@ -251,8 +252,8 @@ class StreamingFFN:
             ahead = self.predictors.lookahead.get(nxt)
             if ahead is None:
                 return
-            wanted, scores = ahead.predict(x, self.strategy, self.policy.margin, scores=True,
-                                           offset=self._cost_offset(nxt, ahead), cached=self._cached(nxt, ahead))
+            wanted, scores = (self.fused and self.fused.lookahead(self, ahead, cache, x)) or ahead.predict(
+                x, self.strategy, self.policy.margin, scores=True, offset=self._cost_offset(nxt, ahead), cached=self._cached(nxt, ahead))
             if cache.scored:  # rank layer nxt's cache by the look-ahead
                 cache.note_lookahead(scores)
             missing = plan_prefetch(cache, wanted, self.policy.min_slots, self.fetcher.prefetch_limit())

@@ -21,7 +21,7 @@ import torch
 from sparseflash.kernels import step
 from sparseflash.kernels.halfbits import KERNEL_DTYPE, kernel_view
 from sparseflash.kernels.kinds import ffn_kind
-from sparseflash.runtime.planner import LayerPlan, plan_prefetch
+from sparseflash.runtime.planner import LayerPlan
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
 
@@ -50,17 +50,12 @@ class FusedStep:
         t = time.perf_counter()
         xf = np.ascontiguousarray(x.detach().float().numpy())
         y = np.empty_like(xf)
-        validated = engine.applies_miss_cut(p)  # the miss cut applies, and the cached cut with it
-        bonus = policy.cached_bonus + (p.cached_bonus if validated else 0.0)
-        offset = (bonus, policy.miss_penalty) if bonus or policy.miss_penalty else None
-        miss_cut = p.miss_cut - policy.margin if validated else None
-        b_gate, b_up = engine.compute.b_gate[l], engine.compute.b_up[l]
+        miss_cut = p.miss_cut - policy.margin if engine.applies_miss_cut(p) else None  # the cached cut with it
         counting = s.needed is not None
         top, positions, hit_slots, missing, _, active = step.select_and_run_hits(
             xf, *p._host, p.cut - policy.margin, cache.slot_of, self.views[l], self.act_code, self.gated,
-            _NO_BIAS if b_gate is None else b_gate[cache.position_of], _NO_BIAS if b_up is None else b_up[cache.position_of],
-            y, offset=offset, miss_cut=miss_cut, norms=engine.fetcher.norms.known[l] if counting else None,
-            threshold=engine.regions[l].threshold)
+            *self._slot_biases(engine, l), y, offset=engine.cost_terms(p), miss_cut=miss_cut,
+            norms=engine.fetcher.norms.known[l] if counting else None, threshold=engine.regions[l].threshold)
         s.ffn_s += time.perf_counter() - t
         if cache.scored:
             cache.note_scores(top)
@@ -74,7 +69,7 @@ class FusedStep:
         if counting:
             s.needed += active
         xt, yt = torch.from_numpy(xf), torch.from_numpy(y)
-        ahead = lambda: self._start_lookahead(engine, l + 1, xf, x, s)  # noqa: E731
+        ahead = lambda: engine._start_prefetch(l + 1, x, s)  # noqa: E731
         if not len(missing):
             ahead()
             return yt
@@ -85,10 +80,10 @@ class FusedStep:
             engine._guarded(fetch, ahead)
             engine._land(fetch, s)
             t = time.perf_counter()  # the kernel over the misses, in one native call too
-            active = step.run_and_add(
-                xf, self.views[l], new, missing, self.act_code, self.gated,
-                _NO_BIAS if b_gate is None else b_gate[cache.position_of], _NO_BIAS if b_up is None else b_up[cache.position_of],
-                y, norms=engine.fetcher.norms.known[l] if counting else None, threshold=engine.regions[l].threshold)
+            active = step.run_and_add(xf, self.views[l], new, missing, self.act_code, self.gated,
+                                      *self._slot_biases(engine, l), y,
+                                      norms=engine.fetcher.norms.known[l] if counting else None,
+                                      threshold=engine.regions[l].threshold)
             if counting:
                 s.needed += active
             s.ffn_s += time.perf_counter() - t
@@ -97,27 +92,20 @@ class FusedStep:
             engine._compute_in_batches(l, xt, LayerPlan(hit_slots[:0], missing, room), yt, s)
         return yt
 
-    def _start_lookahead(self, engine, nxt: int, xf: np.ndarray, x: torch.Tensor, s) -> None:
-        """The engine's ``_start_prefetch(nxt)`` for this token, with the look-ahead choice in one native call
-        (kernels/step.py's ``select_missing``: the same choice as the predictor's, of the neurons not in
-        memory) where its predictor has host arrays; otherwise the engine's own."""
-        ahead = engine.predictors.lookahead.get(nxt)
-        if ahead is None or ahead._host is None or nxt >= len(engine.regions) or nxt in engine._prefetch:
-            engine._start_prefetch(nxt, x, s)
-            return
-        t = time.perf_counter()
-        cache, policy = engine.caches[nxt], engine.policy
-        validated = engine.applies_miss_cut(ahead)
-        bonus = policy.cached_bonus + (ahead.cached_bonus if validated else 0.0)
+    @staticmethod
+    def _slot_biases(engine, l: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer l's gate and up biases per slot of its cache, as it is now (empty: none)."""
+        position_of = engine.caches[l].position_of
+        return tuple(_NO_BIAS if b is None else b[position_of] for b in (engine.compute.b_gate[l], engine.compute.b_up[l]))
+
+    def lookahead(self, engine, ahead, cache, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """The engine's look-ahead choice (``_start_prefetch``) for one host token in one native call
+        (kernels/step.py ``select_missing``: the predictor's choice, cost offset and miss cut, of the
+        neurons not in ``cache``): (positions to read, every logit); None where it does not apply."""
+        if ahead._host is None or not self.applies(x):
+            return None
+        policy = engine.policy
         top, missing = step.select_missing(
-            xf, *ahead._host, ahead.cut - policy.margin, cache.slot_of,
-            offset=(bonus, policy.miss_penalty) if bonus or policy.miss_penalty else None,
-            miss_cut=ahead.miss_cut - policy.margin if validated else None)
-        if cache.scored:  # rank layer nxt's cache by the look-ahead
-            cache.note_lookahead(top)
-        missing = plan_prefetch(cache, missing, policy.min_slots, engine.fetcher.prefetch_limit())
-        if len(missing):
-            s.prefetched += len(missing)
-            engine._prefetch[nxt] = engine.fetcher.start(nxt, missing, cache.reserve(len(missing)))
-            engine._ahead_bytes = len(missing) * engine.regions[nxt].bundle_bytes
-        s.predictor_s += time.perf_counter() - t
+            np.ascontiguousarray(x.detach().float().numpy()), *ahead._host, ahead.cut - policy.margin, cache.slot_of,
+            offset=engine.cost_terms(ahead), miss_cut=ahead.miss_cut - policy.margin if engine.applies_miss_cut(ahead) else None)
+        return missing, top
