@@ -99,11 +99,15 @@ class AioRead:
         self.arena_at = np.zeros(len(offsets), dtype=np.int64)  # per piece: its byte offset in the arena
         self.left = len(offsets)  # pieces not in yet
         self.submitted = 0  # pieces handed to the kernel so far
-        self.inflight = 0  # pieces in the kernel's queue now
         self.serial = 0  # the queue's number for it: an iocb's data is serial << 32 | piece index
         self.end = 0.0  # time.perf_counter() when its last piece was collected
         self._result = self._error = None
         self._finished = False
+
+    @property
+    def inflight(self) -> int:
+        """Pieces in the kernel's queue now: handed over and not collected."""
+        return self.submitted - (len(self.offsets) - self.left)
 
     def done(self) -> bool:
         if not self._finished:
@@ -212,7 +216,6 @@ class AioQueue:
             if e.errno != errno.EAGAIN:
                 raise
         read.submitted += taken  # those not taken are submitted again
-        read.inflight += taken
         self._inflight += taken
         if taken == 0:
             self._collect(block=True)
@@ -254,7 +257,6 @@ class AioQueue:
             read = self._reads[key >> 32]
             read.got[key & 0xFFFFFFFF] = res
             read.left -= 1
-            read.inflight -= 1
             if read.left == 0:
                 read.end = now
                 del self._reads[read.serial]

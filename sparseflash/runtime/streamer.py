@@ -2,7 +2,8 @@
 
 Missing positions become coalesced 4096-aligned extents (planner.plan_reads' pieces, planned in one
 native call: nativeio.plan_pieces; gaps are merged where the device model says they are cheaper to
-read through at the reader's queue depth), cut into pieces no larger than one I/O buffer. Pieces are read by a thread pool (one thread per read in flight) into
+read through at the reader's queue depth), cut into pieces no larger than one I/O buffer. Pieces are
+read by a thread pool (one thread per read in flight) into
 page-aligned buffers, from an O_DIRECT descriptor: each thread's pieces in one native call that reads
 (libc ``pread``) and copies without the GIL (runtime/nativeio.py), and in Python (``os.preadv``) from
 the first piece that call could not read in full. Where the file system refuses O_DIRECT the reader
