@@ -79,14 +79,24 @@ def dense_storage(storages: list[str]) -> str:
     return next((s for s in storages if s not in QUANT_STORAGES), "f16")
 
 
-def dense_call(layer: SyntheticLayer, storage: str) -> tuple[Callable[[], object], int]:
-    """(call, weight bytes) for the dense torch FFN on full weights in the storage dtype."""
+def gpu_bandwidth_gbps() -> float:
+    """GPU memory read bandwidth in GB/s: torch sum over 1 GiB of float32 on the device, best of 5."""
+    big = torch.ones(1 << 28, dtype=torch.float32, device="cuda")
+    ms = min(call_ms(lambda: (big.sum(), torch.cuda.synchronize())) for _ in range(6))
+    return big.numel() * 4 / ms / 1e6
+
+
+def dense_call(layer: SyntheticLayer, storage: str, device: str = "cpu") -> tuple[Callable[[], object], int]:
+    """(call, weight bytes) for the dense torch FFN on full weights in the storage dtype, on ``device``
+    (on cuda the call waits for the GPU)."""
     dtype = TORCH_DTYPE[storage]
-    w_up, w_down = torch.from_numpy(layer.w_up).to(dtype), torch.from_numpy(layer.w_down).to(dtype)
-    w_gate = None if layer.w_gate is None else torch.from_numpy(layer.w_gate).to(dtype)
+    w_up, w_down = (torch.from_numpy(w).to(device=device, dtype=dtype) for w in (layer.w_up, layer.w_down))
+    w_gate = None if layer.w_gate is None else torch.from_numpy(layer.w_gate).to(device=device, dtype=dtype)
     x = torch.from_numpy(np.abs(np.random.default_rng(0).standard_normal((1, layer.d), dtype=np.float32)))
-    x = x.to(dtype)
+    x = x.to(device=device, dtype=dtype)
     weight_bytes = sum(w.numel() * w.element_size() for w in (w_up, w_down, w_gate) if w is not None)
+    if device == "cuda":
+        return (lambda: (dense_ffn(x, w_up, w_down, layer.kind, w_gate=w_gate), torch.cuda.synchronize())), weight_bytes
     return (lambda: dense_ffn(x, w_up, w_down, layer.kind, w_gate=w_gate)), weight_bytes
 
 
@@ -102,6 +112,11 @@ def sparse_call(backend: str, layer: SyntheticLayer) -> Callable[[np.ndarray], o
     return lambda slots: sparse_ffn(x, bundles, slots, layer.kind, storage=layer.storage)
 
 
+def gpu_dense(backends: list[str]) -> bool:
+    """Whether a dense torch baseline on the GPU runs next to the cuda back end (a real GPU only)."""
+    return "cuda" in backends and torch.cuda.is_available()
+
+
 def measure_shape(layers: dict[str, SyntheticLayer], args: argparse.Namespace, backends: list[str], progress: tqdm):
     """Times in ms: (dense samples, {(share, storage, backend): samples}, dense weight bytes).
 
@@ -113,6 +128,7 @@ def measure_shape(layers: dict[str, SyntheticLayer], args: argparse.Namespace, b
     """
     first = next(iter(layers.values()))
     dense, dense_bytes = dense_call(first, dense_storage(list(layers)))
+    dense_gpu = dense_call(first, dense_storage(list(layers)), "cuda")[0] if gpu_dense(backends) else None
     sparse = {(storage, name): sparse_call(name, layer) for storage, layer in layers.items() for name in backends}
     # the reference goes last: its big numpy temporaries slowed the next kernel timings by ~40%
     fast = [(s, name) for s in layers for name in backends if name != "reference"]
@@ -123,6 +139,9 @@ def measure_shape(layers: dict[str, SyntheticLayer], args: argparse.Namespace, b
     for share, runs, with_dense in rounds:
         if with_dense:
             dense_ms += [call_ms(dense) for _ in range(WARMUP + args.repeats)][WARMUP:]
+            if dense_gpu is not None:
+                sparse_ms.setdefault((1.0, "dense", "dense-cuda"), []).extend(
+                    [call_ms(dense_gpu) for _ in range(WARMUP + args.repeats)][WARMUP:])
         for storage, name in runs:
             warmup, repeats = (0, REFERENCE_REPEATS) if name == "reference" else (WARMUP, args.repeats)
             slots = [random_active_set(first.n, share, seed=i) for i in range(warmup + repeats)]
@@ -161,14 +180,19 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.append({**base, "storage": dense_storage(args.dtype), "active_share": 1.0, "active_neurons": n,
                          "backend": "dense", "ms": dense_median, "bundle_bytes": dense_bytes // n,
                          "gbps": dense_bytes / dense_median / 1e6, "speedup_vs_dense": 1.0, "ideal_speedup": 1.0})
+            gpu_median = statistics.median(sparse_ms.pop((1.0, "dense", "dense-cuda"), [float("nan")]))
+            if gpu_dense(backends):
+                rows.append({**rows[-1], "backend": "dense-cuda", "ms": gpu_median,
+                             "gbps": dense_bytes / gpu_median / 1e6, "gpu_read_gbps": gpu_bandwidth_gbps()})
             order = {(s, b): i for i, (s, b) in enumerate((s, b) for s in args.dtype for b in backends)}
             for (share, storage, name), times in sorted(sparse_ms.items(),
                                                         key=lambda kv: (kv[0][0], order[kv[0][1:]])):
                 k, ms = int(round(share * n)), statistics.median(times)
                 bundle_bytes = layers[storage].bundles.shape[1] * layers[storage].bundles.itemsize
+                same_device = gpu_median if name == "cuda" and gpu_dense(backends) else dense_median
                 rows.append({**base, "storage": storage, "active_share": share, "active_neurons": k, "backend": name,
                              "ms": ms, "bundle_bytes": bundle_bytes, "gbps": k * bundle_bytes / ms / 1e6,
-                             "speedup_vs_dense": dense_median / ms, "ideal_speedup": 1.0 / share})
+                             "speedup_vs_dense": same_device / ms, "ideal_speedup": 1.0 / share})
             del layers
     return rows
 
@@ -235,13 +259,18 @@ def print_table(rows: list[dict], args: argparse.Namespace, bandwidth: float) ->
           f"{torch.get_num_threads()} threads, {args.clock} time")
     print(f"# dense = torch matvec on full weights in {dense_storage(args.dtype)}; active sets: fresh uniform "
           f"random subsets; memory read bandwidth (torch sum, 1 GiB): {bandwidth:.1f} GB/s")
-    header = f"{'shape':>5} {'active':>6} {'neurons':>7} {'storage':>7} {'B/neuron':>8} {'backend':>9} {'ms':>9} " \
+    gpu = [r for r in rows if r["backend"] == "dense-cuda"]
+    if gpu:
+        print(f"# dense-cuda = the same on the GPU ({torch.cuda.get_device_name()}; GPU memory read bandwidth, torch "
+              f"sum over 1 GiB: {gpu[0]['gpu_read_gbps']:.0f} GB/s); cuda rows: 'vs dense' is vs dense-cuda, and "
+              "each call includes copying x in and y out")
+    header = f"{'shape':>5} {'active':>6} {'neurons':>7} {'storage':>7} {'B/neuron':>8} {'backend':>10} {'ms':>9} " \
              f"{'GB/s':>6} {'vs dense':>8} {'ideal':>6}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['shape']:>5} {r['active_share']:>6.0%} {r['active_neurons']:>7} {r['storage']:>7} "
-              f"{r['bundle_bytes']:>8} {r['backend']:>9} {r['ms']:>9.3f} {r['gbps']:>6.1f} "
+              f"{r['bundle_bytes']:>8} {r['backend']:>10} {r['ms']:>9.3f} {r['gbps']:>6.1f} "
               f"{r['speedup_vs_dense']:>7.1f}x {r['ideal_speedup']:>5.0f}x")
 
 

@@ -92,6 +92,39 @@ def test_cuda_keeps_bundles_and_output_on_the_device():
     assert rel_err(out.copy_to_host(), y_ref) <= 1e-5
 
 
+def test_cuda_calls_reuse_device_scratch_and_stay_exact(monkeypatch):
+    """After a first call of a size, calls of that size or smaller allocate no device memory (each
+    allocation is a cudaMalloc; numba's deferred frees of them wait for the whole GPU), and reusing
+    the scratch buffers changes no result: a smaller call after a larger one, empty sets between."""
+    from numba import cuda
+
+    layer = random_layer(64, 128, "reglu", "f16", biases=True)
+    bundles = cuda.to_device(layer.bundles)
+    out = cuda.device_array((2, 64), dtype=np.float32)
+    backend, reference = get_backend("cuda"), get_backend("reference")
+    x = np.random.default_rng(1).standard_normal((2, 64), dtype=np.float32)
+
+    def both(share, seed):
+        slots = random_active_set(128, share, seed=seed)
+        acts = np.full((2, slots.size), np.nan, dtype=np.float32)
+        backend.sparse_ffn(x, bundles, slots, "reglu", storage="f16", gate_bias=layer.gate_bias,
+                           up_bias=layer.up_bias, out=out, activations_out=acts)
+        ref_acts = np.empty_like(acts)
+        y_ref = reference.sparse_ffn(x, layer.bundles, slots, "reglu", storage="f16", gate_bias=layer.gate_bias,
+                                     up_bias=layer.up_bias, activations_out=ref_acts)
+        assert np.abs(out.copy_to_host() - y_ref).max() <= 1e-5 * max(1.0, np.abs(y_ref).max())
+        assert np.abs(acts - ref_acts).max(initial=0.0) <= 1e-5
+
+    both(0.5, 0)  # sizes the scratch buffers
+    allocations = []
+    for name in ("device_array", "to_device", "pinned_array"):
+        real = getattr(cuda, name)
+        monkeypatch.setattr(cuda, name, lambda *a, _real=real, _name=name, **k: allocations.append(_name) or _real(*a, **k))
+    for share, seed in ((0.25, 1), (0.0, 2), (0.5, 3), (0.125, 4)):
+        both(share, seed)
+    assert allocations == []
+
+
 # Quantized bundles: gated and not, both storages, with and without biases.
 QUANT_CASES = [
     ("relu2", "q8", 1, False),

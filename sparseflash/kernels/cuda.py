@@ -85,6 +85,48 @@ def _to_device(cuda, a: Any, stream: Any = 0) -> Any:
     return a if is_device_array(a) else cuda.to_device(np.ascontiguousarray(a), stream=stream)
 
 
+class _Scratch:
+    """Device buffers one stream's calls reuse (grown to the largest call so far), so a call allocates
+    no device memory: every allocation is a cudaMalloc, and numba's deferred frees of them, flushed every
+    few calls, wait for the whole device. Calls on one stream are ordered, so a buffer is never written
+    while an earlier kernel of the same stream still reads it."""
+
+    _by_stream: dict[int, tuple[Any, _Scratch]] = {}
+
+    def __init__(self) -> None:
+        self.arrays: dict[tuple[str, str], Any] = {}
+
+    @classmethod
+    def of(cls, stream: Any) -> _Scratch:
+        held = cls._by_stream.get(id(stream))
+        if held is None or held[0] is not stream:
+            held = cls._by_stream[id(stream)] = (stream, cls())  # holding the stream keeps its id unique
+        return held[1]
+
+    def take(self, name: str, n: int, dtype: Any, stream: Any) -> Any:
+        """A device array of n elements of ``dtype`` (its contents are whatever the last call left)."""
+        key = (name, np.dtype(dtype).str)
+        a = self.arrays.get(key)
+        if a is None or a.size < n:
+            a = self.arrays[key] = _cuda().device_array(max(n, 64, 2 * (0 if a is None else a.size)), dtype=dtype,
+                                                         stream=stream)
+        return a[:n]
+
+    def upload(self, name: str, host: np.ndarray, stream: Any) -> Any:
+        """``host`` copied into the named buffer (shaped like it). A copy from pageable host memory is
+        staged by the driver before it returns, so ``host`` may change right after."""
+        host = np.ascontiguousarray(host)
+        dev = self.take(name, host.size, host.dtype, stream).reshape(host.shape)
+        dev.copy_to_device(host, stream=stream)
+        return dev
+
+    def zeros(self, name: str, shape: tuple[int, ...], stream: Any) -> Any:
+        return self.upload(name, np.zeros(shape, dtype=np.float32), stream)
+
+
+_NO_BIAS = np.zeros(1, dtype=np.float32)
+
+
 def sparse_ffn(
     x: Any,
     bundles: Any,
@@ -108,7 +150,6 @@ def sparse_ffn(
                       up_bias=up_bias, out=out, activations_out=activations_out)
     if not is_available():
         raise BackendUnavailableError(UNAVAILABLE)
-    cuda = _cuda()
     batch, d, k = call.batch, call.d, call.slots.size
     slots, gate_bias, up_bias = call.slots, call.gate_bias, call.up_bias
     rows = call.bundles
@@ -117,32 +158,39 @@ def sparse_ffn(
         gate_bias = None if gate_bias is None else np.asarray(gate_bias)[slots]
         up_bias = None if up_bias is None else np.asarray(up_bias)[slots]
         slots = np.arange(k, dtype=np.int64)
-    unused = np.zeros(1, dtype=np.float32)
-    zeros = np.zeros((batch, d), dtype=np.float32)  # atomics accumulate into y, so it starts at 0
-    if is_device_array(call.out):
+    scratch = _Scratch.of(stream)
+    if is_device_array(call.out):  # atomics accumulate into y, so it starts at 0
         y = call.out
-        y.copy_to_device(zeros, stream=stream)
+        y.copy_to_device(np.zeros((batch, d), dtype=np.float32), stream=stream)
     else:
-        y = cuda.to_device(zeros, stream=stream)
+        y = scratch.zeros("y", (batch, d), stream)
     acts = call.activations_out
-    acts_dev = _to_device(cuda, np.zeros((batch, max(k, 1)), dtype=np.float32) if acts is None else acts, stream)
+    # the kernel writes every (token, neuron) activation, so a scratch buffer needs no zeroing
+    acts_dev = acts if is_device_array(acts) else scratch.take("acts", batch * max(k, 1), np.float32,
+                                                                 stream).reshape((batch, max(k, 1)))
     if k:
         kernel = _kernel(call.storage, _block_threads(d))
-        rows = _to_device(cuda, rows, stream)
+        rows = rows if is_device_array(rows) else scratch.upload("rows", rows, stream)
         weights = _quant_views(rows, call.storage) if call.storage in QUANT_STORAGES else (rows,)
-        args = (_to_device(cuda, call.x, stream), *weights, cuda.to_device(slots, stream=stream),
+        x_dev = call.x if is_device_array(call.x) else scratch.upload("x", call.x, stream)
+        args = (x_dev, *weights, scratch.upload("slots", slots, stream),
                 call.kind.activation_code, call.kind.gated,
-                _to_device(cuda, unused if gate_bias is None else gate_bias, stream),
-                _to_device(cuda, unused if up_bias is None else up_bias, stream),
+                _bias(scratch, "gate_bias", gate_bias, stream), _bias(scratch, "up_bias", up_bias, stream),
                 gate_bias is not None, up_bias is not None)
         blocks = (k + GROUP - 1) // GROUP
         for t0 in range(0, batch, TOKENS):
             kernel[blocks, _block_threads(d), stream](*args, y, acts_dev, t0, min(TOKENS, batch - t0))
     host_results = False
-    if acts is not None and not is_device_array(acts):
+    if acts is not None and not is_device_array(acts) and k:
         acts_dev.copy_to_host(acts, stream=stream)
         host_results = True
     return finish(call, _results(call.out, y, host_results, stream))
+
+
+def _bias(scratch: _Scratch, name: str, bias: Any, stream: Any) -> Any:
+    if bias is None:
+        return scratch.upload("no_bias", _NO_BIAS, stream)
+    return bias if is_device_array(bias) else scratch.upload(name, bias, stream)
 
 
 def _results(out: Any, y: Any, host_results: bool, stream: Any) -> Any:
@@ -172,17 +220,18 @@ def quant_linear(x: Any, w: Any, storage: str, *, out: Any = None, stream: Any =
     call = check_linear(x, w, storage, out)
     if not is_available():
         raise BackendUnavailableError(UNAVAILABLE)
-    cuda = _cuda()
+    scratch = _Scratch.of(stream)
     batch, rows = call.x.shape[0], call.w.shape[0]
     if is_device_array(call.out):
         y = call.out
     else:
-        y = cuda.device_array((batch, rows), dtype=np.float32, stream=stream)
+        y = scratch.take("linear_y", batch * rows, np.float32, stream).reshape((batch, rows))
     if rows:
         threads = _block_threads(call.x.shape[1] // 2)
         kernel = _linear_kernel(storage, threads)
-        kernel[rows, threads, stream](_to_device(cuda, call.x, stream),
-                                      *_quant_views(_to_device(cuda, call.w, stream), storage), y)
+        x_dev = call.x if is_device_array(call.x) else scratch.upload("linear_x", call.x, stream)
+        w_dev = _to_device(_cuda(), call.w, stream)  # a host matrix is copied whole: keep resident weights on the device
+        kernel[rows, threads, stream](x_dev, *_quant_views(w_dev, storage), y)
     return finish_linear(call, _results(call.out, y, False, stream))
 
 
