@@ -91,12 +91,15 @@ class AioRead:
     """One read in flight: its pieces, where they land in the arena, and (once all are in) its result.
     Future-like: ``done()``, ``result()``, ``exception()``."""
 
-    def __init__(self, queue: AioQueue, offsets: np.ndarray, lengths: np.ndarray, finish: Callable):
+    def __init__(self, queue: AioQueue, offsets: np.ndarray, lengths: np.ndarray, finish: Callable,
+                 in_arena: bool = True):
         self.queue, self.offsets, self.lengths, self.finish = queue, offsets, lengths, finish
         self.got = np.full(len(offsets), -1, dtype=np.int64)  # per piece: bytes read (-errno on error)
-        self.blocks = int(lengths.sum()) // BLOCK  # its room in the arena: blocks [first_block, + blocks)
+        # its room in the arena: blocks [first_block, + blocks); none for a read into the caller's memory
+        self.blocks = int(lengths.sum()) // BLOCK if in_arena else 0
         self.first_block = 0
         self.arena_at = np.zeros(len(offsets), dtype=np.int64)  # per piece: its byte offset in the arena
+        self.address = self.arena_at  # per piece: where it lands (set by the queue)
         self.left = len(offsets)  # pieces not in yet
         self.submitted = 0  # pieces handed to the kernel so far
         self.serial = 0  # the queue's number for it: an iocb's data is serial << 32 | piece index
@@ -173,22 +176,31 @@ class AioQueue:
         self._free = merged
 
     # -- reads -----------------------------------------------------------------------------------
-    def submit(self, offsets: np.ndarray, lengths: np.ndarray, finish: Callable[[AioRead], object]) -> AioRead:
+    def submit(self, offsets: np.ndarray, lengths: np.ndarray, finish: Callable[[AioRead], object],
+               addresses: np.ndarray | None = None) -> AioRead:
         """Start reading pieces [offsets[i], offsets[i] + lengths[i]) (BLOCK-aligned) of the file into
         the arena; ``finish(read)`` runs once all are in (their bytes at ``read.arena_at``, their counts
-        in ``read.got``) and its return value is the read's result (an exception, its error)."""
-        read = AioRead(self, np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64), finish)
+        in ``read.got``) and its return value is the read's result (an exception, its error).
+
+        ``addresses``: piece i lands at that address instead (BLOCK-aligned memory of the caller's, which
+        must stay allocated until the read has ended: ``finish`` holding the array does that); no arena."""
+        read = AioRead(self, np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64), finish,
+                       in_arena=addresses is None)
         if read.blocks > self.blocks:
             raise ValueError(f"internal: a read of {read.blocks} blocks does not fit an arena of {self.blocks}")
         with self._lock:
-            start = self._take(read.blocks)
-            while start is None:  # reads in flight fill the arena: wait for one to end
-                self._collect(block=True)
+            if addresses is None:
                 start = self._take(read.blocks)
-            read.first_block = start
+                while start is None:  # reads in flight fill the arena: wait for one to end
+                    self._collect(block=True)
+                    start = self._take(read.blocks)
+                read.first_block = start
+                read.arena_at = start * BLOCK + np.concatenate([[0], np.cumsum(read.lengths)[:-1]]).astype(np.int64)
+                read.address = self.base + read.arena_at
+            else:
+                read.address = np.asarray(addresses, dtype=np.int64)
             read.serial, self._next_serial = self._next_serial, self._next_serial + 1
             self._reads[read.serial] = read
-            read.arena_at = start * BLOCK + np.concatenate([[0], np.cumsum(read.lengths)[:-1]]).astype(np.int64)
             try:
                 while read.submitted < len(offsets):
                     self._submit_some(read)
@@ -206,7 +218,7 @@ class AioQueue:
         n = min(room, len(read.offsets) - first)
         words = self._words[:n]
         words[:, 0] = (read.serial << 32) + np.arange(first, first + n, dtype=np.uint64)
-        words[:, 3] = self.base + read.arena_at[first : first + n]
+        words[:, 3] = read.address[first : first + n]
         words[:, 4] = read.lengths[first : first + n]
         words[:, 5] = read.offsets[first : first + n]
         try:
@@ -269,7 +281,8 @@ class AioQueue:
         except Exception as e:  # the read's own failure, raised by its result()
             error = e
         finally:
-            self._give(read.first_block, read.blocks)
+            if read.blocks:
+                self._give(read.first_block, read.blocks)
             read._error, read._finished = error, True
 
     def close(self) -> None:

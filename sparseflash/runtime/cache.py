@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from sparseflash.runtime import nativecache
+from sparseflash.runtime.aligned import aligned_zeros
 
 NEVER = np.iinfo(np.int64).min // 2
 FORECAST_DECAY = 0.5  # policy "forecast": weight of the past in the average of predicted probabilities
@@ -43,7 +44,7 @@ class NeuronCache:
             raise ValueError(f"cache capacity must be >= 1 slot, got {capacity}")
         self.neurons, self.capacity = neurons, capacity
         # host_slots=False: the bundles live elsewhere (GPU memory); this object keeps only the index
-        self.slots = np.zeros((capacity if host_slots else 0, bundle_len), dtype=dtype)
+        self.slots = aligned_zeros((capacity if host_slots else 0, bundle_len), dtype)  # reads land in them directly
         self.slot_of = np.full(neurons, -1, dtype=np.int64)
         self.position_of = np.full(capacity, -1, dtype=np.int64)
         self.last_use = np.full(capacity, NEVER, dtype=np.int64)

@@ -230,6 +230,18 @@ def scatter_pieces(arena: np.ndarray, at: np.ndarray, firsts: np.ndarray, ends: 
     return int(bad[0])
 
 
+def check_rows(positions: np.ndarray, bundle_bytes: int, dest: np.ndarray, dest_slots: np.ndarray, skip: np.ndarray,
+               digests: np.ndarray, seen: np.ndarray, storage: str) -> int:
+    """Check bundles already in their rows (dest rows dest_slots[j] hold stored positions[j]; a read
+    straight into them), but those with ``skip[j]``, as ``read_copy_checked`` does. Returns the first
+    position index whose check failed (-1: none)."""
+    width, mask = EXPONENT_MASK.get(storage, (0, 0))
+    bad = np.full(1, -1, dtype=np.int64)
+    _check(0, len(positions), positions, bundle_bytes, dest, dest_slots, skip, digests, seen, width, np.uint32(mask),
+           bad)
+    return int(bad[0])
+
+
 def available() -> bool:
     """Whether this platform has ``pread`` (POSIX) for the native loop."""
     return hasattr(os, "pread")

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sparseflash.layout.format import FfnLayer
+from sparseflash.runtime.aligned import aligned_zeros
 
 
 class StagedSlots:
@@ -55,7 +56,7 @@ class StagingArea:
         largest = max(r.bundle_bytes for r in regions)
         most = rows * max(largest // r.bundle_bytes for r in regions)  # rows of the smallest bundles
         self.rows = rows
-        self._buffers = [np.zeros(rows * largest, dtype=np.uint8) for _ in range(2)]
+        self._buffers = [aligned_zeros((rows * largest,), np.uint8) for _ in range(2)]  # reads land in them directly
         index = self._index = [np.full(most, -1, dtype=np.int64) for _ in range(2)]
         # every layer's view of both halves, made once; a half's index is shared by its views
         self._views = [[StagedSlots(b, r.bundle_len, dt, ix) for b, ix in zip(self._buffers, index)]
