@@ -284,4 +284,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sparseflash.errors import SparseflashError
+
+    try:
+        sys.exit(main())
+    except SparseflashError as e:  # bad input (e.g. too few --prepare-tokens for one held-out window): one line
+        sys.exit(f"bench: {e}")
