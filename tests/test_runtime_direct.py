@@ -1,4 +1,4 @@
-"""Reads straight into the destination rows (runtime/streamer.py ``_direct_plan``): runs of bundles
+"""Reads straight into the destination rows (runtime/aio_reads.py ``direct_plan``): runs of bundles
 consecutive in the file and in the rows, read by AIO into page-aligned rows with no I/O buffer and no
 copy, where bundles sit on 4096-byte boundaries and the device model prices it no slower than the
 buffered plan. The same bytes as the buffered path, its checks in place, short pieces redone."""

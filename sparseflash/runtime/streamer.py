@@ -9,7 +9,8 @@ page-aligned buffers, from an O_DIRECT descriptor: each thread's pieces in one n
 the first piece that call could not read in full. Where the file system refuses O_DIRECT the reader
 falls back to buffered reads and drops what it read from the page cache, so every read is a disk read.
 Where the kernel has Linux AIO (runtime/aio.py) every piece of a read is handed to the kernel at once
-from the caller's thread, the device sees them all in flight, and no thread is involved: the default.
+from the caller's thread, the device sees them all in flight, and no thread is involved: the default
+(runtime/aio_reads.py; where the bundles and the rows allow, straight into the rows, with no copy).
 Otherwise (or with ``use_aio=False``) a read goes to as many threads as pay for their measured hand-off, and
 a demand read (the caller waits for it next) of a few pieces is read on the calling thread when that is
 quickest (tasks_for).
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparseflash.layout.format_extents import BLOCK
-from sparseflash.runtime import aio, nativeio
+from sparseflash.runtime import aio, aio_reads, nativeio
 from sparseflash.runtime.bundle_checks import StreamError, check_bundles
 from sparseflash.runtime.iomodel import DeviceModel
 
@@ -224,33 +225,6 @@ class BundleReader:
         return StreamError(f"{self.path}: layer {region.index}, stored neuron {int(positions[bad])} failed its check "
                            "when read")
 
-    def _submit_aio(self, layer, firsts, ends, los, his, positions, dest, dest_slots, nbytes: int, t0: float):
-        """The read's pieces into the kernel's queue at once; their copy and checks when they are all in."""
-        region = self.regions[layer]
-
-        def finish(read: aio.AioRead) -> ReadResult:
-            ok = read.got == read.lengths
-            cut = np.zeros(len(positions), dtype=bool)
-            checked = self._checked_natively(layer)
-            bad = nativeio.scatter_pieces(self.aio.array, read.arena_at, firsts, ends, los, his, ok, positions,
-                                          region.bundle_bytes, dest.view(np.uint8), dest_slots, cut,
-                                          *((region.digests, self.finite[layer], region.dtype) if checked else ()))
-            if bad >= 0:
-                raise self._bad_bundle(layer, positions, dest, dest_slots, bad)
-            parts = [self._after_native(layer, los[ok], his[ok], positions, dest, dest_slots, cut, checked)]
-            for i in np.flatnonzero(~ok):  # short or failed: read again here, where each case has its error
-                parts.append(self._read_piece(layer, int(firsts[i]), int(ends[i]), positions[los[i] : his[i]], dest,
-                                              dest_slots[los[i] : his[i]]))
-            self._check_cut(layer, [parts], dest)
-            return ReadResult(len(firsts), nbytes, read.end - t0, t0, read.end,
-                              self.device.read_time(len(firsts), nbytes, len(firsts)))
-
-        try:
-            return self.aio.submit(region.offset + firsts * BLOCK, (ends - firsts) * BLOCK, finish)
-        except OSError as e:
-            raise StreamError(f"{self.path}: {e.strerror or e} queueing {nbytes} bytes from offset "
-                              f"{region.offset + int(firsts[0]) * BLOCK}") from None
-
     def submit(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray,
                inline_ok: bool = False) -> Future | aio.AioRead:
         """Start reading the bundles of sorted ``positions`` into ``dest[dest_slots]``; the future's
@@ -271,11 +245,11 @@ class BundleReader:
             result.set_result(ReadResult())
             return result
         in_arena = self.aio is not None and self.native and nbytes <= self.aio.blocks * BLOCK
-        direct = self._direct_plan(layer, positions, dest, dest_slots, len(firsts), nbytes, in_arena)
+        direct = aio_reads.direct_plan(self, layer, positions, dest, dest_slots, len(firsts), nbytes, in_arena)
         if direct is not None:
-            return self._submit_direct(layer, *direct, positions, dest, dest_slots, t0)
+            return aio_reads.submit_direct(self, layer, *direct, positions, dest, dest_slots, t0)
         if in_arena:
-            return self._submit_aio(layer, firsts, ends, los, his, positions, dest, dest_slots, nbytes, t0)
+            return aio_reads.submit_arena(self, layer, firsts, ends, los, his, positions, dest, dest_slots, nbytes, t0)
         groups = self.tasks_for(len(firsts), nbytes, inline_ok)
         if groups == 0:
             try:
@@ -317,79 +291,6 @@ class BundleReader:
         for f in futures:
             f.add_done_callback(done)
         return result
-
-    def _direct_plan(self, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray,
-                     requests: int, nbytes: int, in_arena: bool) -> tuple[np.ndarray, np.ndarray] | None:
-        """(los, his) of the pieces of a read straight into the destination rows, where one can be made and
-        the device model prices it no slower than the plan through I/O buffers; else None.
-
-        A direct piece is a run of bundles consecutive both in the file and in ``dest``, read by AIO into
-        the rows themselves: no I/O buffer and no copy, and no read-through gaps (those bytes would land in
-        rows the read does not own). It needs whole bundles on BLOCK boundaries (bundle_bytes and the
-        region's offset multiples of BLOCK) and rows of exactly one bundle in page-aligned memory.
-
-        The buffered plan's pieces are copied once read, by the I/O threads when they do not fit the
-        arena, and a thread copying is not reading: on the 1B layout's staged reads (37.6 MiB a layer,
-        two threads) the threads got 1.04 GB/s from a disk that gave the direct reads 1.8-2.0 GB/s."""
-        region = self.regions[layer]
-        bb = region.bundle_bytes
-        if (self.aio is None or not self.native or bb % BLOCK or region.offset % BLOCK or dest.ndim != 2
-                or not dest.flags.c_contiguous or dest.strides[0] != bb or dest.ctypes.data % BLOCK
-                or not dest.flags.writeable):
-            return None
-        if len(dest_slots) and (dest_slots.min() < 0 or dest_slots.max() >= dest.shape[0]):
-            raise ValueError("internal: destination slots outside the destination rows")
-        breaks = np.flatnonzero((np.diff(positions) != 1) | (np.diff(dest_slots) != 1)) + 1
-        starts = np.concatenate([[0], breaks])
-        stops = np.concatenate([breaks, [len(positions)]])
-        most = max(1, self.buffer_bytes // bb)  # bundles per piece: no larger than the buffered plan's pieces
-        chunks = -(-(stops - starts) // most)
-        first_of = np.repeat(np.cumsum(chunks) - chunks, chunks)
-        los = np.repeat(starts, chunks) + (np.arange(int(chunks.sum())) - first_of) * most
-        his = np.minimum(los + most, np.repeat(stops, chunks))
-        if len(los) <= requests:  # no more requests, no more bytes, and no copy: always as good
-            return los, his
-        # more requests than the buffered plan, which reads gaps through instead: the device model's price
-        # of each at one queue depth (the buffered plan's; only requests against bytes differ)
-        depth = requests if in_arena else self.threads
-        direct_s = self.device.read_time(len(los), len(positions) * bb, depth)
-        return (los, his) if direct_s <= self.device.read_time(requests, nbytes, depth) else None
-
-    def _submit_direct(self, layer, los, his, positions, dest, dest_slots, t0: float):
-        """The pieces (los, his) by AIO straight into their rows; the checks (with ``verify``) in place
-        once all are in, and pieces that read short or failed read again here."""
-        region = self.regions[layer]
-        bb = region.bundle_bytes
-        offsets = region.offset + positions[los] * bb
-        lengths = (his - los) * bb
-        addresses = dest.ctypes.data + dest_slots[los] * bb
-
-        def finish(read: aio.AioRead) -> ReadResult:
-            ok = read.got == lengths
-            if self.verify:
-                redo = np.zeros(len(positions), dtype=bool)
-                for i in np.flatnonzero(~ok):
-                    redo[los[i] : his[i]] = True
-                if self._checked_natively(layer):
-                    bad = nativeio.check_rows(positions, bb, dest.view(np.uint8), dest_slots, redo, region.digests,
-                                              self.finite[layer], region.dtype)
-                    if bad >= 0:
-                        raise self._bad_bundle(layer, positions, dest, dest_slots, bad)
-                else:
-                    keep = np.flatnonzero(~redo)
-                    check_bundles(self.path, region, positions[keep], dest, dest_slots[keep], self.finite[layer])
-            for i in np.flatnonzero(~ok):  # short or failed: read again here, where each case has its error
-                first, end = positions[los[i]] * bb // BLOCK, (positions[his[i] - 1] + 1) * bb // BLOCK
-                self._read_piece(layer, int(first), int(end), positions[los[i] : his[i]], dest, dest_slots[los[i] : his[i]])
-            nbytes = int(lengths.sum())
-            return ReadResult(len(los), nbytes, read.end - t0, t0, read.end,
-                              self.device.read_time(len(los), nbytes, min(len(los), aio.MAX_EVENTS)))
-
-        try:
-            return self.aio.submit(offsets, lengths, finish, addresses)
-        except OSError as e:
-            raise StreamError(f"{self.path}: {e.strerror or e} queueing {int(lengths.sum())} bytes from offset "
-                              f"{int(offsets[0])}") from None
 
     def _check_cut(self, layer: int, parts: list, dest: np.ndarray) -> None:
         """With ``verify``: check the bundles cut by pieces' ends (``parts``: per task, the (positions,
