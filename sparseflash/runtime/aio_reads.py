@@ -63,7 +63,9 @@ def direct_plan(reader, layer: int, positions: np.ndarray, dest: np.ndarray, des
     breaks = np.flatnonzero((np.diff(positions) != 1) | (np.diff(dest_slots) != 1)) + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(positions)]])
-    most = max(1, reader.buffer_bytes // bb)  # bundles per piece: no larger than the buffered plan's pieces
+    # bundles per piece: at least an I/O buffer's worth (no buffer holds it), so a run needs no more pieces
+    # than the buffered plan cuts it into (1 MiB over 24 KiB bundles: 43, not 42)
+    most = max(1, -(-reader.buffer_bytes // bb))
     chunks = -(-(stops - starts) // most)
     first_of = np.repeat(np.cumsum(chunks) - chunks, chunks)
     los = np.repeat(starts, chunks) + (np.arange(int(chunks.sum())) - first_of) * most
