@@ -65,6 +65,22 @@ def test_runs_of_rows_are_read_straight_in_with_the_buffered_paths_bytes(tmp_pat
         reader.close()
 
 
+def test_direct_pieces_take_at_least_a_buffer_so_runs_need_no_more_requests(tmp_path, monkeypatch):
+    """Bundles of 3 blocks, buffers of 4: the buffered plan cuts a run of 8 bundles into 6 pieces; direct
+    pieces of a buffer's worth rounded up (2 bundles) need 4, rounded down (1) would need 8 and lose."""
+    copies = _counting(monkeypatch, "scatter_pieces")
+    path, region, expected = _region_file(tmp_path, 3 * 4096)
+    reader = _reader(path, [region], threads=2, buffer_bytes=4 * 4096)
+    try:
+        dest = aligned_zeros((8, 3 * 4096), np.uint8)
+        read = reader.submit(0, np.arange(30, 38), dest, np.arange(8))
+        assert read.blocks == 0 and read.result().requests == 4
+        np.testing.assert_array_equal(dest, expected[30:38])
+        assert not copies
+    finally:
+        reader.close()
+
+
 def test_rows_the_disk_cannot_fill_directly_take_the_buffered_path(tmp_path, monkeypatch):
     copies = _counting(monkeypatch, "scatter_pieces")
     path, region, expected = _region_file(tmp_path, 4096)
