@@ -40,3 +40,26 @@ def region_file(tmp_path: Path, bundle_bytes: int, tail: int = 4096):
     path.write_bytes(bytes(REGION_OFFSET) + data.tobytes() + bytes(tail))
     region = SimpleNamespace(offset=REGION_OFFSET, bundle_bytes=bundle_bytes, length=REGION_NEURONS * bundle_bytes)
     return str(path), region, data.reshape(REGION_NEURONS, bundle_bytes)
+
+
+def short_region_file(tmp_path: Path, bundle_bytes: int, ends_in: int) -> tuple[str, SimpleNamespace, np.ndarray]:
+    """region_file's (path, region, bundles) with the file cut 100 bytes into bundle ``ends_in``."""
+    path, region, expected = region_file(tmp_path, bundle_bytes, tail=0)
+    short = tmp_path / "short.bin"
+    short.write_bytes(open(path, "rb").read()[: REGION_OFFSET + ends_in * bundle_bytes + 100])
+    return str(short), region, expected
+
+
+def f16_region_file(tmp_path: Path, bundle_bytes: int, n: int, nan_at: tuple[int, int]
+                    ) -> tuple[Path, SimpleNamespace, np.ndarray]:
+    """(path, region with digests, values (n, bundle_bytes // 2) float16) of random f16 bundles at
+    REGION_OFFSET, one value NaN at ``nan_at`` (a bundle whose digest matches, yet not finite)."""
+    from sparseflash.layout.format import record_digests
+
+    values = np.random.default_rng(3).standard_normal((n, bundle_bytes // 2)).astype(np.float16)
+    values[nan_at] = np.nan
+    path = tmp_path / "f16.bin"
+    path.write_bytes(bytes(REGION_OFFSET) + values.tobytes() + bytes(4096))
+    region = SimpleNamespace(offset=REGION_OFFSET, bundle_bytes=bundle_bytes, length=n * bundle_bytes, n_neurons=n,
+                             index=0, dtype="f16", digests=record_digests(values))
+    return path, region, values

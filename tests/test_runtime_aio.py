@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 from layouts import REGION_NEURONS as N
-from layouts import REGION_OFFSET as OFFSET
 from layouts import region_file as _region_file
+from layouts import short_region_file
 
 from sparseflash.runtime import aio
 from sparseflash.runtime.iomodel import DeviceModel
@@ -67,13 +67,11 @@ def test_a_look_ahead_read_lands_while_the_caller_works_and_is_seen_by_done(tmp_
 
 
 def test_a_short_piece_is_redone_in_python_and_a_file_cut_short_is_a_stream_error(tmp_path, monkeypatch):
-    path, region, expected = _region_file(tmp_path, 4096, tail=0)
-    short = tmp_path / "short.bin"
-    short.write_bytes(open(path, "rb").read()[: OFFSET + 40 * 4096 + 100])  # ends inside bundle 40
+    short, region, expected = short_region_file(tmp_path, 4096, ends_in=40)
     redone = []
     real_piece = BundleReader._read_piece
     monkeypatch.setattr(BundleReader, "_read_piece", lambda self, *a: redone.append(a[1]) or real_piece(self, *a))
-    reader = _aio_reader(str(short), region, threads=2, buffer_bytes=8192)
+    reader = _aio_reader(short, region, threads=2, buffer_bytes=8192)
     try:
         dest = np.zeros((3, 4096), dtype=np.uint8)
         with pytest.raises(StreamError, match="unexpected end of file|Invalid argument"):

@@ -3,11 +3,10 @@ consecutive in the file and in the rows, read by AIO into page-aligned rows with
 copy, where bundles sit on 4096-byte boundaries and the device model prices it no slower than the
 buffered plan. The same bytes as the buffered path, its checks in place, short pieces redone."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from layouts import REGION_OFFSET as OFFSET
+from layouts import f16_region_file, short_region_file
 from layouts import region_file as _region_file
 
 from sparseflash.runtime import aio, nativeio
@@ -125,13 +124,11 @@ def test_the_device_model_keeps_reading_through_gaps_where_requests_cost_more(tm
 
 
 def test_a_short_direct_piece_is_redone_in_python_and_a_file_cut_short_is_a_stream_error(tmp_path, monkeypatch):
-    path, region, expected = _region_file(tmp_path, 4096, tail=0)
-    short = tmp_path / "short.bin"
-    short.write_bytes(open(path, "rb").read()[: OFFSET + 40 * 4096 + 100])  # ends inside bundle 40
+    short, region, expected = short_region_file(tmp_path, 4096, ends_in=40)
     redone = []
     real_piece = BundleReader._read_piece
     monkeypatch.setattr(BundleReader, "_read_piece", lambda self, *a: redone.append(a[1]) or real_piece(self, *a))
-    reader = _reader(str(short), [region], threads=2, buffer_bytes=2 * 4096)
+    reader = _reader(short, [region], threads=2, buffer_bytes=2 * 4096)
     try:
         dest = aligned_zeros((6, 4096), np.uint8)
         with pytest.raises(StreamError, match="unexpected end of file|Invalid argument"):
@@ -147,15 +144,8 @@ def test_a_short_direct_piece_is_redone_in_python_and_a_file_cut_short_is_a_stre
 def test_direct_reads_are_checked_in_place(tmp_path, monkeypatch):
     """Digests at every read and values at a bundle's first read, on rows the disk filled directly: a NaN
     whose digest matches (a layout written wrong) and a byte changed on disk are both caught."""
-    from sparseflash.layout.format import record_digests
-
-    bb, n = 4096, 24  # f16 bundles of 2048 values, one to a block
-    values = np.random.default_rng(3).standard_normal((n, bb // 2)).astype(np.float16)
-    values[7, 100] = np.nan
-    path = tmp_path / "f16.bin"
-    path.write_bytes(bytes(OFFSET) + values.tobytes() + bytes(4096))
-    region = SimpleNamespace(offset=OFFSET, bundle_bytes=bb, length=n * bb, n_neurons=n, index=0, dtype="f16",
-                             digests=record_digests(values))
+    bb = 4096  # f16 bundles of 2048 values, one to a block
+    path, region, values = f16_region_file(tmp_path, bb, 24, nan_at=(7, 100))
     checks = _counting(monkeypatch, "check_rows")
     reader = _reader(str(path), [region], threads=2, buffer_bytes=8192, verify=True)
     if not nativeio.CHECKS:

@@ -3,12 +3,12 @@ thread: the same bytes as the Python path, a hand-over to Python where the loop 
 rule that picks the calling thread. These readers use threads (``use_aio=False``) except where a test
 compares the kernel's AIO queue (runtime/aio.py; its own cases: tests/test_runtime_aio.py) with them."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from layouts import REGION_NEURONS as N
 from layouts import REGION_OFFSET as OFFSET
+from layouts import f16_region_file, short_region_file
 from layouts import region_file as _region_file
 
 from sparseflash.layout.format_extents import BLOCK
@@ -83,10 +83,8 @@ def test_a_piece_the_loop_cannot_finish_is_redone_in_python(tmp_path, monkeypatc
 
 
 def test_a_file_cut_short_is_a_stream_error_after_the_hand_over(tmp_path):
-    path, region, _ = _region_file(tmp_path, 4096, tail=0)
-    short = tmp_path / "short.bin"
-    short.write_bytes(open(path, "rb").read()[: OFFSET + 40 * 4096 + 100])  # ends inside bundle 40
-    reader = _direct_reader(str(short), region, threads=2, buffer_bytes=8192)
+    short, region, _ = short_region_file(tmp_path, 4096, ends_in=40)
+    reader = _direct_reader(short, region, threads=2, buffer_bytes=8192)
     try:
         dest = np.zeros((3, 4096), dtype=np.uint8)
         with pytest.raises(StreamError, match="unexpected end of file|Invalid argument"):
@@ -147,15 +145,8 @@ def test_checks_are_the_same_in_the_loop_and_in_python(tmp_path, monkeypatch, na
     """Digests at every read, values at a bundle's first read only, in both paths: a bundle holding a NaN
     whose digest matches (a layout written wrong) is caught at its first read and not after it was
     found finite; a byte changed on disk is caught by the digest even for a bundle seen before."""
-    from sparseflash.layout.format import record_digests
-
-    bb, n = 512, 64  # f16 bundles of 256 values, 8 to a block
-    values = np.random.default_rng(3).standard_normal((n, bb // 2)).astype(np.float16)
-    values[7, 100] = np.nan
-    path = tmp_path / "f16.bin"
-    path.write_bytes(bytes(OFFSET) + values.tobytes() + bytes(4096))
-    region = SimpleNamespace(offset=OFFSET, bundle_bytes=bb, length=n * bb, n_neurons=n, index=0, dtype="f16",
-                             digests=record_digests(values))
+    bb = 512  # f16 bundles of 256 values, 8 to a block
+    path, region, values = f16_region_file(tmp_path, bb, 64, nan_at=(7, 100))
     calls = []
     real = getattr(nativeio, CHECKED_CALL[engine])
     monkeypatch.setattr(nativeio, CHECKED_CALL[engine], lambda *a: calls.append(1) or real(*a))

@@ -123,6 +123,13 @@ class _Scratch:
     def zeros(self, name: str, shape: tuple[int, ...], stream: Any) -> Any:
         return self.upload(name, np.zeros(shape, dtype=np.float32), stream)
 
+    def constant(self, name: str, host: np.ndarray, stream: Any) -> Any:
+        """``host`` on the device, copied at the first call only (its value never changes)."""
+        key = (name, host.dtype.str)
+        if key not in self.arrays:
+            self.upload(name, host, stream)
+        return self.arrays[key][: host.size].reshape(host.shape)
+
 
 _NO_BIAS = np.zeros(1, dtype=np.float32)
 
@@ -189,7 +196,7 @@ def sparse_ffn(
 
 def _bias(scratch: _Scratch, name: str, bias: Any, stream: Any) -> Any:
     if bias is None:
-        return scratch.upload("no_bias", _NO_BIAS, stream)
+        return scratch.constant("no_bias", _NO_BIAS, stream)
     return bias if is_device_array(bias) else scratch.upload(name, bias, stream)
 
 

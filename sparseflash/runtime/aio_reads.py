@@ -27,16 +27,16 @@ def submit_arena(reader, layer, firsts, ends, los, his, positions, dest, dest_sl
         parts = [reader._after_native(layer, los[ok], his[ok], positions, dest, dest_slots, cut, checked)]
         for i in np.flatnonzero(~ok):  # short or failed: read again here, where each case has its error
             parts.append(reader._read_piece(layer, int(firsts[i]), int(ends[i]), positions[los[i] : his[i]], dest,
-                                          dest_slots[los[i] : his[i]]))
+                                            dest_slots[los[i] : his[i]]))
         reader._check_cut(layer, [parts], dest)
         return streamer.ReadResult(len(firsts), nbytes, read.end - t0, t0, read.end,
-                          reader.device.read_time(len(firsts), nbytes, len(firsts)))
+                                   reader.device.read_time(len(firsts), nbytes, len(firsts)))
 
     try:
         return reader.aio.submit(region.offset + firsts * BLOCK, (ends - firsts) * BLOCK, finish)
     except OSError as e:
         raise streamer.StreamError(f"{reader.path}: {e.strerror or e} queueing {nbytes} bytes from offset "
-                          f"{region.offset + int(firsts[0]) * BLOCK}") from None
+                                   f"{region.offset + int(firsts[0]) * BLOCK}") from None
 
 
 def direct_plan(reader, layer: int, positions: np.ndarray, dest: np.ndarray, dest_slots: np.ndarray,
@@ -107,10 +107,10 @@ def submit_direct(reader, layer, los, his, positions, dest, dest_slots, t0: floa
             reader._read_piece(layer, int(first), int(end), positions[los[i] : his[i]], dest, dest_slots[los[i] : his[i]])
         nbytes = int(lengths.sum())
         return streamer.ReadResult(len(los), nbytes, read.end - t0, t0, read.end,
-                          reader.device.read_time(len(los), nbytes, min(len(los), aio.MAX_EVENTS)))
+                                   reader.device.read_time(len(los), nbytes, min(len(los), aio.MAX_EVENTS)))
 
     try:
         return reader.aio.submit(offsets, lengths, finish, addresses)
     except OSError as e:
-        raise streamer.StreamError(f"{reader.path}: {e.strerror or e} queueing {int(lengths.sum())} bytes from offset "
-                          f"{int(offsets[0])}") from None
+        raise streamer.StreamError(f"{reader.path}: {e.strerror or e} queueing {int(lengths.sum())} bytes from "
+                                   f"offset {int(offsets[0])}") from None
