@@ -12,6 +12,9 @@ and prints the check's own throughput (digest + finite check, GB/s) over the lay
 With ``--devices cpu,cuda`` (on a machine with a GPU) every budget runs on both, side by side; the
 dense row is the in-memory CPU run.
 
+``--variant NAME=ARGS`` runs every budget again with extra ``sparseflash run`` arguments, side by
+side (e.g. ``--variant 'strict=--lookahead-raise 2' --variant 'none=--no-lookahead'``).
+
 ``--repeat R`` (default 3) runs every configuration R times, in interleaved rounds (dense, each
 budget, dense, ...), and reports each configuration's median decode tokens/s (the other figures are
 the median run's) and the spread: the machines are shared, and one run of each drifted by up to 1.5x
@@ -72,8 +75,17 @@ def main() -> None:
     p.add_argument("--verify", choices=["on", "off", "both"], default="on",
                    help="per-read bundle verification in the streamed rows (both: each budget twice)")
     p.add_argument("--repeat", type=int, default=3, help="rounds of every configuration (median reported)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="run every budget again with these extra `sparseflash run` arguments, e.g. "
+                        "'strict=--lookahead-raise 2' (repeatable; side by side with the default rows)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    variants = [("", [])]
+    for v in args.variant:
+        name, sep, extra = v.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"bench: --variant needs NAME=ARGS, got {v!r}")
+        variants.append((f" {name}", extra.split()))
     if args.repeat < 1:
         raise SystemExit("bench: --repeat must be >= 1")
     layout = args.layout
@@ -88,10 +100,11 @@ def main() -> None:
     for budget in args.budgets.split(","):
         for device in devices:
             for check in checks:
-                configs.append((f"streamed {budget}" + (f" {device}" if len(devices) > 1 else "")
-                                + ("" if len(checks) == 1 else (" verified" if check else " --no-verify")),
-                                ["run", "-m", layout, "--budget", budget, "--device", device, *common,
-                                 *([] if check else ["--no-verify"])]))
+                for vname, extra in variants:
+                    configs.append((f"streamed {budget}" + (f" {device}" if len(devices) > 1 else "")
+                                    + ("" if len(checks) == 1 else (" verified" if check else " --no-verify")) + vname,
+                                    ["run", "-m", layout, "--budget", budget, "--device", device, *common,
+                                     *([] if check else ["--no-verify"]), *extra]))
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     for _ in range(args.repeat):  # interleaved rounds: a slow spell of the machine hits every configuration
         for name, cli in configs:
@@ -112,13 +125,14 @@ def main() -> None:
     print(f"{os.path.basename(layout)}: {args.n} tokens, greedy; baseline RSS (interpreter + torch + numba + "
           f"compiled kernels) {base / mib:.0f} MiB")
     print(f"median of {args.repeat} interleaved run(s) per configuration; tok/s range in brackets")
-    print(f"{'config':<27}{'tok/s':>8}{'range':>14}{'vs dense':>10}{'FFN KiB/tok':>13}{'% dense':>9}{'hit rate':>10}"
+    w = max(27, *(len(r["config"]) + 2 for r in rows))
+    print(f"{'config':<{w}}{'tok/s':>8}{'range':>14}{'vs dense':>10}{'FFN KiB/tok':>13}{'% dense':>9}{'hit rate':>10}"
           f"{'budget MiB':>12}{'peak RSS MiB':>14}{'RSS - base':>12}")
     d_tps = dense["decode_tokens_per_s"]
     for r in rows:
         streamed = r["engine"] == "streamed"
         spread = r["runs_decode_tokens_per_s"]
-        print(f"{r['config']:<27}{r['decode_tokens_per_s']:>8.1f}{f'[{min(spread):.0f}-{max(spread):.0f}]':>14}"
+        print(f"{r['config']:<{w}}{r['decode_tokens_per_s']:>8.1f}{f'[{min(spread):.0f}-{max(spread):.0f}]':>14}"
               f"{r['decode_tokens_per_s'] / d_tps:>9.2f}x"
               f"{(r['decode_bytes_per_token'] / 1024 if streamed else 0):>13.1f}"
               f"{(r['decode_dense_share'] * 100 if streamed else 100):>8.1f}%"

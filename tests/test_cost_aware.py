@@ -207,3 +207,44 @@ def test_the_gate_validation_keeps_what_its_cache_holds_and_reads_above_the_miss
     assert kept[:, 2].tolist() == kept_n2
     assert run.read[0] == 3  # each neuron read once: the first time it is computed
     assert run.computed[0] == kept.sum() and run.tokens[0] == 4
+
+
+@pytest.mark.parametrize("tokens", [1, 40])  # one token: the fused host choice; 40: the torch path
+def test_the_lookahead_raise_lifts_the_cut_and_the_miss_cut_but_not_topk(tokens):
+    p = _layer_predictor(n=64, cut=-0.5, miss_cut=0.5)
+    x = torch.randn(tokens, 6, generator=torch.Generator().manual_seed(7))
+    top = p.logits(x).max(dim=0).values.numpy()
+    cached = np.arange(64) % 3 == 0
+    for r in (0.0, 0.7, 2.5):
+        got = p.predict(x, "threshold", cached=cached, raise_by=r)
+        want = np.nonzero((top > -0.5 + r) & (cached | (top > 0.5 + r)))[0]
+        assert np.array_equal(got, want), r
+    k_only = _layer_predictor(n=64, topk=5)
+    one = x[:1]
+    assert np.array_equal(k_only.predict(one, "topk", raise_by=3.0), k_only.predict(one, "topk"))
+
+
+def test_a_high_lookahead_raise_reads_nothing_ahead_and_computes_the_same(tmp_path):
+    """Raising the look-ahead's cuts above every logit stops the reads ahead; with the miss cut off the
+    neurons computed (and so the logits) are the layer's own prediction either way."""
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f32", preds=_predictors(2), strategy="threshold", n_hot=8)
+    ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for r in (0.0, 1e6):
+        model = open_streamed(path, "40%ffn", io_buffer_bytes=4096, lookahead=True, miss_cut=False, lookahead_raise=r)
+        try:
+            cache = KVCache(model.layout.config, ids.shape[1])
+            logits = torch.cat([model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(ids.shape[1])], 1)
+            runs[r] = (logits, sum(s.prefetched for s in model.engine.stats))
+        finally:
+            model.close()
+    assert runs[0.0][1] > 0 and runs[1e6][1] == 0
+    assert torch.allclose(runs[0.0][0], runs[1e6][0], atol=1e-5)
+
+
+def test_a_lookahead_raise_that_is_not_a_number_is_refused():
+    from sparseflash.errors import SparseflashError
+    from sparseflash.runtime.policy import Budget, Policy
+
+    with pytest.raises(SparseflashError, match="--lookahead-raise"):
+        Policy(Budget(ffn_share=0.25), lookahead_raise=float("nan"))

@@ -45,6 +45,14 @@ def test_prepare_writes_everything_once(prepared):
     calib, held = bundled_texts()
     assert prepare(None, calib, held, out, SMALL, quiet=True, log=again.append) == path
     assert again == []  # cached
+    # other calibration or held-out text: every step is stale (the profile's PPL-p% search used the held-out)
+    from sparseflash.layout.pipeline import _Record, text_digest
+
+    texts = {"corpus": text_digest(calib), "heldout": text_digest(held)}
+    source_hash = json.loads((out / "prepare.json").read_text())["source_hash"]
+    for which, fresh in ((None, True), ("heldout", False), ("corpus", False)):
+        record = _Record(out / "prepare.json", source_hash, SMALL, {**texts, **({which: "0" * 16} if which else {})})
+        assert all(record.fresh(step, path) is fresh for step in ("profile", "predictors", "layout")), which
     with LayoutFile.open(path, verify=True) as f:
         layer = f.layers[0]
         assert layer.n_hot == 102 and f.header["predictors"] is not None

@@ -34,6 +34,16 @@ def test_training_learns_a_known_mask_function():
     assert recall > 0.95 and sparsity > 0.5
 
 
+def test_the_validation_loss_taken_a_batch_at_a_time_is_the_loss_over_all_held_out_rows():
+    x, mask = synthetic(tokens=1300)
+    p = TrainParams(epochs=2, batch=256)  # 300 held-out rows: one full batch and a short one
+    pred, log = train_predictor(x[:1000], mask[:1000], rank=6, params=p, x_val=x[1000:], mask_val=mask[1000:])
+    rate = mask[:1000].float().mean()
+    pos_weight = torch.clamp((1 - rate) / rate, max=p.max_pos_weight)
+    whole = F.binary_cross_entropy_with_logits(pred.logits(x[1000:]), mask[1000:].float(), pos_weight=pos_weight)
+    assert len(log["val_loss"]) == 2 and abs(log["val_loss"][-1] - float(whole)) < 1e-5
+
+
 def test_trainings_side_by_side_equal_trainings_one_after_the_other():
     (x1, m1), (x2, m2) = synthetic(2000, seed=1), synthetic(2000, seed=2)
     threads = torch.get_num_threads()

@@ -2,8 +2,9 @@
 
 Teacher-forced on the same held-out tokens, at each FFN budget, the streamed engine runs once per
 variant (``VARIANTS``): every prediction read, then the miss cut that prepare's quality gate
-validated (cost-aware selection), then look-ahead prefetch; and, for comparison, the default run
-with the former default eviction (``predicted``), and fixed logit offsets.
+validated (cost-aware selection), then look-ahead prefetch (first as sure as the layer's own reads,
+then with its cuts raised: ``Policy.lookahead_raise``, the default); and, for comparison, the default
+run with the former default eviction (``predicted``), and fixed logit offsets.
 Per variant: neurons fetched per token (demand reads + look-ahead reads, used or not), bytes read
 per token (the reader's count), perplexity and its rise over dense,
 top-1 agreement with dense, and Belady's optimum on the variant's own predicted trace (simulated:
@@ -24,6 +25,7 @@ from sparseflash.runtime.layout_model import open_layout
 from sparseflash.runtime.policy import DEFAULT_EVICTION, Policy
 
 _EV = DEFAULT_EVICTION
+_RAISE = Policy.lookahead_raise
 # name -> Policy fields; each row adds one change to the row before, but the last two, which change
 # the default run's eviction, or replace the miss cut by fixed logit offsets, for comparison
 VARIANTS = {
@@ -31,8 +33,10 @@ VARIANTS = {
                                                      cached_bonus=0.0, miss_penalty=0.0),
     "+ validated miss cut (prepare's gate)": dict(lookahead=False, eviction=_EV, miss_cut=True,
                                                   cached_bonus=0.0, miss_penalty=0.0),
-    "+ look-ahead prefetch (the default run)": dict(lookahead=True, eviction=_EV, miss_cut=True,
-                                                    cached_bonus=0.0, miss_penalty=0.0),
+    "+ look-ahead prefetch, as sure as the layer's own reads (the former default)": dict(
+        lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0, lookahead_raise=0.0),
+    f"+ look-ahead cuts {_RAISE:g} logit higher (the default run)": dict(
+        lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
     "the default run, predicted eviction (the former default)": dict(lookahead=True, eviction="predicted",
                                                                      miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
     "fixed offsets instead (cached +1, missing -3 logits)": dict(lookahead=False, eviction=_EV,

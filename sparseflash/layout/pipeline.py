@@ -1,8 +1,9 @@
 """``sparseflash prepare``: checkpoint -> profile -> predictors -> layout, each step cached.
 
 A prepared directory holds ``profile/``, ``predictors/``, ``model.sflash`` and ``prepare.json``
-(the checkpoint hash and the parameters of every step). A step is redone only when its output is
-missing or was made from another checkpoint or other parameters. Before the layout is written, the
+(the checkpoint hash and, per step, its parameters and the digests of the calibration and held-out
+texts). A step is redone only when its output is missing or was made from another checkpoint, other
+parameters or other texts. Before the layout is written, the
 quality gate (layout/quality_gate.py) checks the predicted mode's held-out perplexity and picks the
 strategy the layout records as the runtime's default (falling back to exact streaming).
 """
@@ -10,6 +11,7 @@ strategy the layout records as the runtime's default (falling back to exact stre
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -52,20 +54,31 @@ def bundled_texts() -> tuple[Path, Path]:
     return d / BUNDLED_CALIBRATION, d / BUNDLED_HELDOUT
 
 
-def _stamp(params: PrepareParams, step: str) -> dict:
+def _stamp(params: PrepareParams, step: str, texts: dict) -> dict:
+    """What a step's output was made from: its parameters and the digests of the calibration and held-out
+    texts (every step reads both, directly or through the one before)."""
     p = dataclasses.asdict(params)
     keep = {"profile": ("profile_tokens", "cett_tokens", "heldout_tokens", "ppl_p", "cett"),
             "predictors": ("profile_tokens", "heldout_tokens", "ppl_p", "cett", "predictor_tokens", "rank", "epochs",
                            "miss_recalls", "cached_share", "larger_miss_shares"),
             "layout": tuple(p)}[step]
-    return json.loads(json.dumps({k: p[k] for k in keep}))  # as prepare.json reads back (tuples as lists)
+    return json.loads(json.dumps({**{k: p[k] for k in keep}, "texts": texts}))  # as prepare.json reads back
+
+
+def text_digest(path: str | os.PathLike) -> str:
+    """blake2b of a text file's bytes (as stored, compressed or not), 16 hex digits."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class _Record:
     """prepare.json: the checkpoint hash and, per finished step, the parameters it was made with."""
 
-    def __init__(self, path: Path, source_hash: str, params: PrepareParams):
-        self.path, self.params = path, params
+    def __init__(self, path: Path, source_hash: str, params: PrepareParams, texts: dict):
+        self.path, self.params, self.texts = path, params, texts
         self.steps = json.loads(path.read_text()) if path.exists() else {}
         if self.steps.get("source_hash") != source_hash:
             self.steps = {"source_hash": source_hash}
@@ -75,10 +88,10 @@ class _Record:
         return self.steps["source_hash"]
 
     def fresh(self, step: str, artefact: Path) -> bool:
-        return artefact.exists() and self.steps.get(step) == _stamp(self.params, step)
+        return artefact.exists() and self.steps.get(step) == _stamp(self.params, step, self.texts)
 
     def done(self, step: str, invalidates: tuple[str, ...] = ()) -> None:
-        self.steps[step] = _stamp(self.params, step)
+        self.steps[step] = _stamp(self.params, step, self.texts)
         for later in invalidates:
             self.steps.pop(later, None)
         tmp = self.path.with_name(f".prepare.json.tmp-{os.getpid()}")
@@ -99,7 +112,7 @@ def prepare(checkpoint: str | os.PathLike | None, corpus: str | os.PathLike, hel
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = _Record(out / "prepare.json", checkpoint_hash(checkpoint if checkpoint is not None else default_model_dir()),
-                     params)
+                     params, {"corpus": text_digest(corpus), "heldout": text_digest(heldout)})
     artefacts = {"profile": out / "profile" / "profile.json", "predictors": out / "predictors" / "predictors.json",
                  "layout": out / "model.sflash"}
     if all(record.fresh(step, path) for step, path in artefacts.items()):

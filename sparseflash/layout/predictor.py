@@ -135,10 +135,12 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
                 z.backward(grad)  # the loss's own backward, in closed form: a third of the step's time
                 opt.step()
                 sched.step()
-            if x_val is not None:
+            if x_val is not None:  # a training batch of rows at a time: no (tokens, neurons) temporaries
                 with torch.no_grad():
-                    log["val_loss"].append(float(loss_fn(predictor_logits(x_val.float(), w1, b1, w2, b2),
-                                                         mask_val)))
+                    total = sum(float(loss_fn(predictor_logits(x_val[j : j + params.batch].float(), w1, b1, w2, b2),
+                                              mask_val[j : j + params.batch])) * len(mask_val[j : j + params.batch])
+                                for j in range(0, len(x_val), params.batch))
+                    log["val_loss"].append(total / max(len(x_val), 1))
             if progress is not None:
                 progress(epoch + 1, params.epochs)
     pred = Predictor(w1.detach(), b1.detach(), w2.detach(), b2.detach())

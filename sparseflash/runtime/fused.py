@@ -104,8 +104,8 @@ class FusedStep:
         neurons not in ``cache``): (positions to read, every logit); None where it does not apply."""
         if ahead._host is None or not self.applies(x):
             return None
-        policy = engine.policy
+        margin = engine.policy.margin - engine.policy.lookahead_raise  # cuts raised (Policy.lookahead_raise)
         top, missing = step.select_missing(
-            np.ascontiguousarray(x.detach().float().numpy()), *ahead._host, ahead.cut - policy.margin, cache.slot_of,
-            offset=engine.cost_terms(ahead), miss_cut=ahead.miss_cut - policy.margin if engine.applies_miss_cut(ahead) else None)
+            np.ascontiguousarray(x.detach().float().numpy()), *ahead._host, ahead.cut - margin, cache.slot_of,
+            offset=engine.cost_terms(ahead), miss_cut=ahead.miss_cut - margin if engine.applies_miss_cut(ahead) else None)
         return missing, top

@@ -65,40 +65,42 @@ class LayerPredictor:
         return schema.predictor_logits(x, self.w1, self.b1, self.w2, self.b2)
 
     def predict(self, x: torch.Tensor, strategy: str, margin: float = 0.0, scores: bool = False,
-                offset: np.ndarray | None = None, cached: np.ndarray | None = None):
+                offset: np.ndarray | None = None, cached: np.ndarray | None = None, raise_by: float = 0.0):
         """Sorted stored positions predicted active for any token of x (tokens, d); with ``scores``,
         also every neuron's highest logit over the tokens (float32, stored order). ``offset`` (neurons,)
         is added to the logits before the strategy picks (cost-aware selection), not to the scores.
         ``cached`` (neurons,) bool, where the neuron is in memory: with a miss cut, a picked neuron that
         is not cached is kept only if some token's logit exceeds the miss cut (less the margin).
+        ``raise_by`` (logits) raises the threshold cut and the miss cut (not top-k's k): the look-ahead
+        read's stricter choice (Policy.lookahead_raise).
 
         On the host, for up to FUSED_TOKENS tokens (threshold) or one (top-k), the logits and the choice
         are two Numba calls (kernels/predictor.py) instead of a dozen torch and numpy ones."""
         if self._host is not None and x.device.type == "cpu" and (
                 x.shape[0] <= (FUSED_TOKENS if strategy == "threshold" else 1)):
-            return self._predict_fused(x, strategy, margin, scores, offset, cached)
+            return self._predict_fused(x, strategy, margin, scores, offset, cached, raise_by)
         z = self.logits(x)
         pick = z if offset is None else z + torch.from_numpy(offset).to(z.device)
         if strategy == "topk":
             k = min(z.shape[1], int(np.ceil(self.topk * (1 + margin))))
             positions = np.unique(torch.topk(pick, k, dim=1).indices.cpu().numpy())
         else:
-            positions = np.nonzero((pick > self.cut - margin).any(dim=0).cpu().numpy())[0]
+            positions = np.nonzero((pick > self.cut - margin + raise_by).any(dim=0).cpu().numpy())[0]
         top = None
         if scores or (cached is not None and self.miss_cut is not None):
             top = z.max(dim=0).values.float().cpu().numpy()
         if cached is not None and self.miss_cut is not None and len(positions):
-            positions = positions[cached[positions] | (top[positions] > self.miss_cut - margin)]
+            positions = positions[cached[positions] | (top[positions] > self.miss_cut - margin + raise_by)]
         if scores:
             return positions, top
         return positions
 
     def _predict_fused(self, x: torch.Tensor, strategy: str, margin: float, scores: bool,
-                       offset: np.ndarray | None, cached: np.ndarray | None):
+                       offset: np.ndarray | None, cached: np.ndarray | None, raise_by: float = 0.0):
         from sparseflash.kernels import predictor as kernel
 
         top = kernel.top_logits(x.detach().float().numpy(), *self._host)
-        miss = None if self.miss_cut is None or cached is None else self.miss_cut - margin
+        miss = None if self.miss_cut is None or cached is None else self.miss_cut - margin + raise_by
         if strategy == "topk":  # one token: its k best (cost offset included), then the miss cut
             pick = top if offset is None else top + offset
             k = min(len(pick), int(np.ceil(self.topk * (1 + margin))))
@@ -109,7 +111,7 @@ class LayerPredictor:
             if miss is not None and len(positions):
                 positions = positions[cached[positions] | (top[positions] > np.float32(miss))]
         else:
-            positions = kernel.select(top, self.cut - margin, offset, cached if miss is not None else None, miss)
+            positions = kernel.select(top, self.cut - margin + raise_by, offset, cached if miss is not None else None, miss)
         return (positions, top) if scores else positions
 
 

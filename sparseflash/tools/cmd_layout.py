@@ -91,6 +91,9 @@ def cmd_prepare(args) -> int:
         if memory is None:
             raise SparseflashError(f"--memory {args.memory!r} is not a size (e.g. 12GiB, 800MB)")
     input_model(args.model)
+    input_file(args.corpus, "calibration text")
+    if args.heldout:
+        input_file(args.heldout, "held-out text")
     out = args.out or str(prepared_dir(args.model))
     output_dir(out, "prepared folder")
     path = prepare(args.model, args.corpus, args.heldout or args.corpus, out, params, quiet=args.json,

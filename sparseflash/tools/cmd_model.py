@@ -63,7 +63,7 @@ def _run_streamed(args, sampling) -> int:
     plugins, looked_in = run_plugin_files(args.compress, args.plugin, [path, checkpoint])
     model = open_streamed(path, args.budget, window=args.window, io=args.io, io_threads=args.io_threads,
                           eviction=args.eviction, strategy=args.strategy, lookahead=not args.no_lookahead,
-                          miss_cut=not args.no_miss_cut, device=args.device, verify=not args.no_verify, plugins=plugins)
+                          lookahead_raise=args.lookahead_raise, miss_cut=not args.no_miss_cut, device=args.device, verify=not args.no_verify, plugins=plugins)
     try:
         prompt = model.tokenizer.encode(args.prompt)
         plugin = choose_plugin(args.compress, model.plugins, len(prompt), looked_in)
@@ -160,6 +160,10 @@ def register(sub) -> None:
     r.add_argument("--io-threads", type=int, default=None,
                    help="reads in flight (default: chosen, with their size, from the disk's measured model)")
     r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
+    r.add_argument("--lookahead-raise", type=float, default=Policy.lookahead_raise, metavar="LOGITS",
+                   help="the look-ahead read's cuts sit this many logits above the layer's own: the next layer is "
+                        f"read ahead only where the look-ahead is surer (default {Policy.lookahead_raise:g}; 0: as sure "
+                        "as the layer's own reads)")
     r.add_argument("--no-miss-cut", action="store_true",
                    help="read every predicted neuron that is not in memory and compute those in memory as predicted "
                         "(ignore the layout's validated miss and cached cuts)")
