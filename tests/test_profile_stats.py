@@ -215,3 +215,17 @@ def test_mask_files_round_trip(tmp_path):
 
     with pytest.raises(ArtefactError, match="expected 999"):
         load_masks(tmp_path / "m.bits.zst", 77, 999)
+
+
+def test_count_true_equals_torch_sums_without_widening_the_mask():
+    import torch
+
+    from sparseflash.layout.masks import count_true
+
+    m = torch.rand(300, 70, generator=torch.Generator().manual_seed(0)) < 0.1
+    assert count_true(m) == int(m.sum()) and count_true(m.numpy()) == int(m.sum())
+    for dim in (0, 1):
+        got = count_true(m, dim)
+        assert got.dtype == torch.int64 and torch.equal(got, m.sum(dim))
+    assert torch.equal(count_true(m[100:], 0), m[100:].sum(0))  # a row slice (a view) as training passes it
+    assert count_true(torch.zeros(0, 5, dtype=torch.bool)) == 0

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparseflash.layout.masks import count_true
 from sparseflash.layout.params import TrainParams
 from sparseflash.layout.schema import predictor_logits
 from sparseflash.model.layerwise import heap_reuse
@@ -108,9 +109,9 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, params: Trai
     w1 = (torch.randn(rank, d, generator=g) * scale).requires_grad_()
     b1 = torch.zeros(rank, requires_grad=True)
     w2 = (torch.randn(n, rank, generator=g) / math.sqrt(rank)).requires_grad_()
-    rate = (mask.sum(0, dtype=torch.float32) / len(mask)).clamp(1e-6, 1 - 1e-6)  # no (tokens, n) float copy
+    rate = (count_true(mask, 0).float() / len(mask)).clamp(1e-6, 1 - 1e-6)  # no (tokens, n) widened copy
     b2 = torch.log(rate / (1 - rate)).requires_grad_()  # start at each neuron's base rate
-    pos = mask.sum(dtype=torch.float32) / max(mask.numel(), 1)
+    pos = torch.tensor(count_true(mask) / max(mask.numel(), 1), dtype=torch.float32)
     pos_weight = torch.clamp((1 - pos) / torch.clamp(pos, min=1e-6), max=params.max_pos_weight)
     opt = torch.optim.Adam([w1, b1, w2, b2], lr=params.lr, weight_decay=params.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs * math.ceil(len(x) / params.batch))
@@ -155,10 +156,10 @@ def recall_and_sparsity(predicted: np.ndarray | torch.Tensor, true: np.ndarray |
     """
     p = torch.as_tensor(predicted, dtype=torch.bool)
     a = torch.as_tensor(true, dtype=torch.bool)
-    hits = float((p & a).sum())
-    actives = float(a.sum())
+    hits = count_true(p & a)
+    actives = count_true(a)
     recall = hits / actives if actives else 1.0
-    return recall, 1.0 - float(p.float().mean())
+    return recall, 1.0 - count_true(p) / max(p.numel(), 1)
 
 
 def _below(score: float) -> float:
@@ -207,7 +208,7 @@ def tune_topk(pred: Predictor, x: torch.Tensor, mask: torch.Tensor, target_recal
     z = pred.logits(x.float())
     ranked = torch.argsort(z, dim=1, descending=True)
     hits_by_rank = torch.gather(mask, 1, ranked).float().sum(0).cumsum(0)  # hits within top-(r+1)
-    total = float(mask.sum())
+    total = float(count_true(mask))
     if total == 0:
         return 0
     while lo < hi:

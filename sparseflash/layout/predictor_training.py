@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from sparseflash.layout.masks import count_true
 from sparseflash.layout.params import PredictorParams, TrainParams
 from sparseflash.layout.predictor import Predictor, default_rank, train_predictor, tune_cut
 
@@ -72,7 +73,7 @@ def _choose_rank(x, mask, candidates: list[int], p: PredictorParams, progress=No
     for rank, (pred, _) in zip(candidates, trained):
         z = pred.logits(tune_x)
         cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
-        table.append({"rank": rank, "selected_per_token": float((z > cut).sum(1).float().mean())})
+        table.append({"rank": rank, "selected_per_token": count_true(z > cut) / max(len(z), 1)})
     fewest = min(t["selected_per_token"] for t in table)
     chosen = next(t["rank"] for t in table if t["selected_per_token"] <= (1 + p.rank_tolerance) * fewest)
     return chosen, table

@@ -30,7 +30,7 @@ from sparseflash.errors import ArtefactError, SparseflashError
 from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.calibration import LayerPass
-from sparseflash.layout.masks import pack, packed_width, unpack
+from sparseflash.layout.masks import count_true, pack, packed_width, unpack
 from sparseflash.layout.miss_cut import MissRun, miss_stream
 from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
@@ -131,14 +131,14 @@ def _measure(trained: tuple[Predictor, dict], x, mask, p: PredictorParams, x_val
     on the tune slice, whose neuron magnitudes are ``tune_mag``); its figures on the held-out tokens."""
     pred, log = trained
     fit_x, fit_m, tune_x, tune_m = _split(x, mask, p)
-    mean_active = float(fit_m.sum(1).float().mean())  # active neurons per token (no (tokens, n) float copy)
+    mean_active = count_true(fit_m) / max(len(fit_m), 1)  # active neurons per token (no (tokens, n) widened copy)
     pred.topk = min(pred.neurons, max(1, math.ceil(p.topk_factor * mean_active)))
     pred.cut = tune_cut(pred, tune_x, tune_m, p.target_recall)
     pred.miss_cuts = tuple(tune_miss_cut(pred, tune_x, tune_m, tune_mag, r) for r in p.miss_recalls)
     pred.cached_cut = min(pred.cut, tune_miss_cut(pred, tune_x, tune_m, tune_mag, p.cached_share))
     r_top, s_top = recall_and_sparsity(pred.predict_topk(x_val), mask_val)
     r_thr, s_thr = recall_and_sparsity(pred.predict_threshold(x_val), mask_val)
-    true_sparsity = 1.0 - float(mask_val.float().mean())
+    true_sparsity = 1.0 - count_true(mask_val) / max(mask_val.numel(), 1)
     z_val = pred.logits(x_val)
     miss = [recall_and_sparsity(z_val > max(pred.cut, c), mask_val) for c in pred.miss_cuts]
     return {"rank": pred.rank, "topk": pred.topk, "cut": pred.cut, "recall_topk": r_top, "sparsity_topk": s_top,
@@ -152,7 +152,7 @@ def _recall_curve(pred: Predictor, x_val, mask_val, points: int = 64) -> dict:
     z = pred.logits(x_val)
     ranked = torch.argsort(z, dim=1, descending=True)
     hits = torch.gather(mask_val, 1, ranked).float().sum(0).cumsum(0)
-    total = max(float(mask_val.sum()), 1.0)
+    total = max(float(count_true(mask_val)), 1.0)
     ks = np.unique(np.geomspace(1, pred.neurons, points).round().astype(int))
     return {"sparsity": [1 - k / pred.neurons for k in ks], "recall": [float(hits[k - 1]) / total for k in ks]}
 
