@@ -25,3 +25,14 @@ def test_adaptive_q_is_the_smallest_that_reaches_the_recall():
     q = tune_adaptive(z, mask, 0.9)
     assert count_recall(adaptive_mask(z, q), mask) >= 0.9
     assert count_recall(adaptive_mask(z, q - 1e-3), mask) < 0.9 or q < 1e-3
+
+
+def test_text_splits_share_no_line_and_lose_none():
+    from split_text import split_lines
+
+    text = "".join(f"line {i}\n" for i in range(10)) + "last, no newline"
+    held, ev = split_lines(text, None)
+    assert held + ev == text and held.count("\n") == 5  # halves of the 11 lines, in order
+    held, ev = split_lines(text, 3)
+    assert held.splitlines() == ["line 0", "line 1", "line 2", "line 6", "line 7", "line 8"]
+    assert ev.splitlines() == ["line 3", "line 4", "line 5", "line 9", "last, no newline"]

@@ -253,8 +253,7 @@ class StreamingFFN:
             if ahead is None:
                 return
             wanted, scores = (self.fused and self.fused.lookahead(self, ahead, cache, x)) or ahead.predict(
-                x, self.strategy, self.policy.margin, scores=True, offset=self._cost_offset(nxt, ahead), cached=self._cached(nxt, ahead),
-                raise_by=self.policy.lookahead_raise)
+                x, self.strategy, self.policy.margin, True, self._cost_offset(nxt, ahead), self._cached(nxt, ahead), self.policy.lookahead_raise)
             if cache.scored:  # rank layer nxt's cache by the look-ahead
                 cache.note_lookahead(scores)
             missing = plan_prefetch(cache, wanted, self.policy.min_slots, self.fetcher.prefetch_limit())
