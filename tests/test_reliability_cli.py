@@ -146,3 +146,10 @@ def test_peak_rss_counts_children_and_is_never_below_ru_maxrss():
     peak = peak_rss_bytes()
     assert peak >= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert peak >= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 > 0
+
+
+def test_a_bad_lookahead_raise_is_refused_before_the_bundled_model_is_prepared(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFLASH_CACHE", str(tmp_path))  # an empty cache: preparing would take minutes
+    code, out, err = run_cli("run", "--budget", "25%ffn", "-n", "1", "--lookahead-raise", "nan", timeout=30)
+    assert_one_line_error(code, err, "--lookahead-raise must be a finite number of logits, got nan")
+    assert out == "" and list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from sparseflash.paths import input_file, input_model, output_file
@@ -57,13 +58,16 @@ def _run_streamed(args, sampling) -> int:
         raise SparseflashError("--tokenizer applies to a checkpoint run dense; a layout carries its own tokenizer")
     if args.budget is None:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
+    if not math.isfinite(args.lookahead_raise):  # before a first run prepares the model (minutes)
+        raise SparseflashError(f"--lookahead-raise must be a finite number of logits, got {args.lookahead_raise}")
     path = args.model if _is_layout(args.model) else prepared_layout(
         args.model, quiet=args.json, log=lambda m: print(m, file=sys.stderr))
     checkpoint = None if _is_layout(args.model) else (args.model or default_model_dir())
     plugins, looked_in = run_plugin_files(args.compress, args.plugin, [path, checkpoint])
     model = open_streamed(path, args.budget, window=args.window, io=args.io, io_threads=args.io_threads,
                           eviction=args.eviction, strategy=args.strategy, lookahead=not args.no_lookahead,
-                          lookahead_raise=args.lookahead_raise, miss_cut=not args.no_miss_cut, device=args.device, verify=not args.no_verify, plugins=plugins)
+                          lookahead_raise=args.lookahead_raise, miss_cut=not args.no_miss_cut, device=args.device,
+                          verify=not args.no_verify, plugins=plugins)
     try:
         prompt = model.tokenizer.encode(args.prompt)
         plugin = choose_plugin(args.compress, model.plugins, len(prompt), looked_in)
