@@ -35,7 +35,7 @@ VARIANTS = {
                                                   cached_bonus=0.0, miss_penalty=0.0),
     "+ look-ahead prefetch, as sure as the layer's own reads (the former default)": dict(
         lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0, lookahead_raise=0.0),
-    f"+ look-ahead cuts {_RAISE:g} logit higher (the default run)": dict(
+    f"+ look-ahead cuts {_RAISE:g} logit{'' if _RAISE == 1 else 's'} higher (the default run)": dict(
         lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
     "the default run, predicted eviction (the former default)": dict(lookahead=True, eviction="predicted",
                                                                      miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
