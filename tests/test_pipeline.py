@@ -46,9 +46,10 @@ def test_prepare_writes_everything_once(prepared):
     assert prepare(None, calib, held, out, SMALL, quiet=True, log=again.append) == path
     assert again == []  # cached
     # other calibration or held-out text: every step is stale (the profile's PPL-p% search used the held-out)
-    from sparseflash.layout.pipeline import _Record, text_digest
+    from sparseflash.layout.pipeline import _Record
+    from sparseflash.model.checkpoint import file_hash
 
-    texts = {"corpus": text_digest(calib), "heldout": text_digest(held)}
+    texts = {"corpus": file_hash(calib), "heldout": file_hash(held)}
     source_hash = json.loads((out / "prepare.json").read_text())["source_hash"]
     for which, fresh in ((None, True), ("heldout", False), ("corpus", False)):
         record = _Record(out / "prepare.json", source_hash, SMALL, {**texts, **({which: "0" * 16} if which else {})})

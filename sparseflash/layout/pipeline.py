@@ -11,7 +11,6 @@ strategy the layout records as the runtime's default (falling back to exact stre
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from sparseflash.errors import ArtefactError
 from sparseflash.layout.memory_plan import MemoryPlan, fit_plan
 from sparseflash.layout.params import BUNDLED_PARAMS, PrepareParams
-from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir
+from sparseflash.model.checkpoint import checkpoint_hash, default_model_dir, file_hash
 from sparseflash.model.source import open_source
 from sparseflash.model.text import corpus_ids
 
@@ -65,15 +64,6 @@ def _stamp(params: PrepareParams, step: str, texts: dict) -> dict:
     return json.loads(json.dumps({**{k: p[k] for k in keep}, "texts": texts}))  # as prepare.json reads back
 
 
-def text_digest(path: str | os.PathLike) -> str:
-    """blake2b of a text file's bytes (as stored, compressed or not), 16 hex digits."""
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _Record:
     """prepare.json: the checkpoint hash and, per finished step, the parameters it was made with."""
 
@@ -112,12 +102,13 @@ def prepare(checkpoint: str | os.PathLike | None, corpus: str | os.PathLike, hel
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = _Record(out / "prepare.json", checkpoint_hash(checkpoint if checkpoint is not None else default_model_dir()),
-                     params, {"corpus": text_digest(corpus), "heldout": text_digest(heldout)})
+                     params, {"corpus": file_hash(corpus), "heldout": file_hash(heldout)})
     artefacts = {"profile": out / "profile" / "profile.json", "predictors": out / "predictors" / "predictors.json",
                  "layout": out / "model.sflash"}
     if all(record.fresh(step, path) for step, path in artefacts.items()):
         return artefacts["layout"]
     with open_source(checkpoint) as source:
+        warm_kernels()  # before the baseline: it counts their code, libraries and threads
         plan = fit_plan(source, params, memory, baseline=_rss())
         log(f"[prepare] {plan.text()}")
         (out / "memory_plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
@@ -126,10 +117,8 @@ def prepare(checkpoint: str | os.PathLike | None, corpus: str | os.PathLike, hel
 
 
 def _rss() -> int:
-    """Resident bytes now, once the stages' native kernels are in (``warm_kernels``)."""
     import psutil
 
-    warm_kernels()
     return psutil.Process().memory_info().rss
 
 

@@ -106,15 +106,22 @@ def _load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def file_hash(path: str | os.PathLike) -> str:
+    """sha256 over one file's bytes; hex, 16 chars (a GGUF checkpoint; prepare's calibration texts)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def checkpoint_hash(folder: str | os.PathLike) -> str:
     """sha256 over config.json and every safetensors shard (content, in name order); hex, 16 chars.
 
     A .gguf file is hashed whole.
     """
     if str(folder).endswith(".gguf"):
-        from sparseflash.model.gguf_import import gguf_hash
-
-        return gguf_hash(folder)
+        return file_hash(folder)
     folder = Path(folder)
     h = hashlib.sha256()
     for path in [folder / "config.json", *shard_files(folder)]:

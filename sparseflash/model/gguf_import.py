@@ -8,7 +8,6 @@ type gguf-py implements (F32/F16/BF16, Q4_0 ... Q8_0, the K-quants, IQ*, TQ*) to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -93,15 +92,6 @@ class _Metadata:
 
     def list(self, key: str, kinds: set[str], what: str, default=_REQUIRED) -> list:
         return self._get(key, kinds, f"an array of {what}", default, array=True)
-
-
-def gguf_hash(path: str | os.PathLike) -> str:
-    """sha256 over the file's bytes; hex, 16 chars (the GGUF counterpart of checkpoint_hash)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _rotary_factor(rot: int, head_dim: int) -> float:

@@ -147,9 +147,9 @@ class GGUFSource(CheckpointSource):
         return TextTokenizer.from_json(self.tokenizer_json, f"{self.path} tokenizer")
 
     def content_hash(self) -> str:
-        from sparseflash.model.gguf_import import gguf_hash
+        from sparseflash.model.checkpoint import file_hash
 
-        return gguf_hash(self.path)
+        return file_hash(self.path)
 
     def close(self) -> None:
         self.gguf = None

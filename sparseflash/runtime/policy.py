@@ -114,10 +114,15 @@ class Policy:
             raise SparseflashError("--device must be cpu or cuda")
         if not (self.cached_bonus >= 0 and self.miss_penalty >= 0):
             raise SparseflashError("--cached-bonus and --miss-penalty must be >= 0 (logits)")
-        if not math.isfinite(self.lookahead_raise):
-            raise SparseflashError(f"--lookahead-raise must be a finite number of logits, got {self.lookahead_raise}")
+        check_lookahead_raise(self.lookahead_raise)
         if self.window < 0 or self.io_threads < 1:
             raise SparseflashError("--window must be >= 0 and --io-threads >= 1")
+
+
+def check_lookahead_raise(value: float) -> None:
+    """Policy.lookahead_raise's range (the CLI checks it before a first run prepares the model)."""
+    if not math.isfinite(value):
+        raise SparseflashError(f"--lookahead-raise must be a finite number of logits, got {value}")
 
 
 DEFAULT_EVICTION = Policy.eviction

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 from sparseflash.paths import input_file, input_model, output_file
-from sparseflash.runtime.policy import EVICTION_POLICIES, Budget, Policy
+from sparseflash.runtime.policy import EVICTION_POLICIES, Budget, Policy, check_lookahead_raise
 
 
 def _is_layout(path) -> bool:
@@ -58,8 +57,7 @@ def _run_streamed(args, sampling) -> int:
         raise SparseflashError("--tokenizer applies to a checkpoint run dense; a layout carries its own tokenizer")
     if args.budget is None:
         raise SparseflashError("streaming a layout needs --budget (bytes such as 2GiB, or a share such as 40%)")
-    if not math.isfinite(args.lookahead_raise):  # before a first run prepares the model (minutes)
-        raise SparseflashError(f"--lookahead-raise must be a finite number of logits, got {args.lookahead_raise}")
+    check_lookahead_raise(args.lookahead_raise)  # before a first run prepares the model (minutes)
     path = args.model if _is_layout(args.model) else prepared_layout(
         args.model, quiet=args.json, log=lambda m: print(m, file=sys.stderr))
     checkpoint = None if _is_layout(args.model) else (args.model or default_model_dir())
