@@ -126,19 +126,30 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
         # cost-aware selection: the miss cut of the recall prepare's gate validated, where one was
         # (and, per larger validated cache share, the recall kept with it)
         recalls = gate.get("miss_recalls", []) if gate is not None else []
-        miss_at = recalls.index(gate["miss_recall"]) if gate is not None and gate.get("miss_recall") is not None else None
-        larger_at = [(e["share"], recalls.index(e["miss_recall"])) for e in (gate or {}).get("miss_larger", [])
-                     if e["miss_recall"] is not None]
 
-        def spec(p):
+        def indices(record) -> list[int | None]:  # per layer, the candidate the gate kept (per-layer or one)
+            if record.get("miss_layer_recalls"):
+                if len(record["miss_layer_recalls"]) != c.num_layers:
+                    raise ArtefactError(f"the quality gate chose miss cuts for {len(record['miss_layer_recalls'])} "
+                                        f"layers, the model has {c.num_layers}; re-run `sparseflash prepare`")
+                return [recalls.index(r) for r in record["miss_layer_recalls"]]
+            r = record.get("miss_recall")
+            return [None if r is None else recalls.index(r)] * c.num_layers
+
+        miss_at = indices(gate) if gate is not None else [None] * c.num_layers
+        larger_at = [(e["share"], indices(e)) for e in (gate or {}).get("miss_larger", [])
+                     if e["miss_recall"] is not None or e.get("miss_layer_recalls")]
+
+        def spec(p, l):
             if p is None:
                 return None
-            miss = float(p.miss_cuts[miss_at]) if miss_at is not None and len(p.miss_cuts) > miss_at else None
-            larger = tuple((float(s), float(p.miss_cuts[i])) for s, i in larger_at if len(p.miss_cuts) > i)
+            at = miss_at[l]
+            miss = float(p.miss_cuts[at]) if at is not None and len(p.miss_cuts) > at else None
+            larger = tuple((float(s), float(p.miss_cuts[i[l]])) for s, i in larger_at if len(p.miss_cuts) > i[l])
             cached = None if (miss is None and not larger) or p.cached_cut is None else float(p.cached_cut)
             return PredictorSpec(int(p.topk), float(p.cut), int(p.rank), miss, cached, larger)
-        pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"]) for l in range(c.num_layers)),
-                                       tuple(spec(predictors.get(f"lookahead.{l}")) for l in range(c.num_layers)),
+        pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"], l) for l in range(c.num_layers)),
+                                       tuple(spec(predictors.get(f"lookahead.{l}"), l) for l in range(c.num_layers)),
                                        report, gate)
     resident_dtype = resident_dtype or ("f16" if dtype in ("q8", "q4") else dtype)
     header = ModelHeader(c.to_dict(), w.tokenizer_json, source_hash, dtype, n_hot, pred_header,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -68,6 +69,17 @@ class LayerPass:
     def nll(self, name: str) -> tuple[float, int]:
         """(summed next-token NLL, predicted tokens) of stream ``name`` after the last layer."""
         return self.model.nll(self.states[name], self.seqs[name])
+
+    def nll_windows(self, name: str) -> np.ndarray:
+        """Each window's summed next-token NLL of stream ``name`` after the last layer."""
+        return self.model.nll_windows(self.states[name], self.seqs[name])
+
+    def copy_windows(self, name: str, source: str, window_ids: np.ndarray, at: int) -> None:
+        """Windows ``window_ids`` of stream ``source`` into stream ``name``'s windows from ``at`` on
+        (a branch: the copies go on from the layer ``source`` is at)."""
+        dst = self.states[name]
+        dst.array[at : at + len(window_ids)] = self.states[source].array[np.asarray(window_ids)]
+        dst.flush()
 
     def close(self) -> None:
         self.bar.close()

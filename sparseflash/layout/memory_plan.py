@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.format_extents import COST_CHUNK_BYTES
 from sparseflash.layout.layout_weights import ROW_BLOCK_BYTES
+from sparseflash.layout.miss_mix import probe_windows
 from sparseflash.layout.params import PredictorParams, TrainParams
 from sparseflash.layout.predictor_training import rank_candidates
 from sparseflash.model.layerwise import head_block_bytes
@@ -119,6 +120,10 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     training = train_jobs * (14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4)
     all_predictors = 2 * c.num_layers * (rank * (d + n + 1) + n) * 4  # a layer's and its look-ahead, float32
     phase = max(per_batch, training, val * n * 16)  # forward, training and scoring never overlap
+    # per-layer miss cuts: the probe stream (a few held-out windows once per layer), then a second pass
+    probes = (len(probe_windows(val // ctx, c.num_layers, PredictorParams.probe_budget)) * ctx * c.num_layers
+              if p.per_layer_cuts else 0)
+    mixes = len(PredictorParams.mix_targets) * (1 + len(p.larger_miss_shares)) if p.per_layer_cuts else 0
     layout_head = 2 * min(c.vocab_size, max(1, ROW_BLOCK_BYTES // (4 * d))) * d * 4
     stages = {
         # the sample's activations, their nonzero magnitudes (candidates, <= 4M sorted), W_down transposed
@@ -131,12 +136,14 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
                        # dense, oracle, both strategies and one per cost-aware miss cut (held-out streams)
                        "hidden states": _states(preds_tokens, d, spill_bytes)
                        + (4 + len(p.miss_recalls) * (1 + len(p.larger_miss_shares)))
-                       * _states(val, d, spill_bytes),
+                       * _states(val, d, spill_bytes) + _states(probes, d, spill_bytes),
                        # inputs twice (float16, kept and the previous layer's), packed and bool masks, and the
                        # tune slice's magnitudes (float16) for the miss cuts
                        "inputs + masks": (preds_tokens + val) * (2 * d * 2 + n // 8 + n)
                        + int(preds_tokens * PredictorParams.tune_share) * n * 2,
                        "batch, training or scoring": phase},
+        "per-layer cuts": {"layer": layer, "head block": head, "batch activations": per_batch,
+                           "hidden states": mixes * _states(val, d, spill_bytes)},
         # the per-layer files joined into one once the pass has let go of its memory: loaded + serialized
         "predictors saved": {"all predictors": 2 * all_predictors},
         "layout": {"layer": layer, "ordering masks": 3 * min(ORDER_SAMPLE_TOKENS, p.profile_tokens) * n

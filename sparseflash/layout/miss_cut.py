@@ -22,15 +22,19 @@ class MissRun:
     of ``share`` of the layer's neurons, filled by the neurons computed) or if its logit passes the
     miss cut (then it is read); with ``cached_cut``, a neuron in memory is computed if its logit
     passes that (lower) cut instead. The window's first token starts with nothing in memory. Counts
-    per layer: computed and read neurons, tokens."""
+    per layer: computed and read neurons, tokens; with the down projection's column norms, the
+    contribution |a_i| x ||W_down[:, i]|| of all neurons, of those the threshold strategy computes and
+    of those computed (``lost``)."""
 
     def __init__(self, ctx: int, layers: int, share: float):
         self.ctx, self.share = ctx, share
         self.computed = np.zeros(layers)
         self.read = np.zeros(layers)
         self.tokens = np.zeros(layers)
+        self.contribution = np.zeros((layers, 3))  # all, the threshold strategy's, computed
 
-    def hook(self, pred: Predictor, miss_cut: float, cached_cut: float | None = None):
+    def hook(self, pred: Predictor, miss_cut: float, cached_cut: float | None = None,
+             down_norms: torch.Tensor | None = None):
         def select(layer, rows, x, a):
             z = pred.logits(x).view(-1, self.ctx, pred.neurons)
             pick = z > (pred.cut if cached_cut is None else min(pred.cut, cached_cut))  # if in memory
@@ -47,9 +51,29 @@ class MissRun:
                 last[keep[:, t]] = t
             self.computed[layer] += float(keep.sum())
             self.tokens[layer] += keep.shape[0] * keep.shape[1]
-            return a * keep.view(a.shape)
+            keep = keep.view(a.shape)
+            if down_norms is not None:
+                c = a.abs().float() * down_norms
+                self.contribution[layer] += [float(c.sum()), float(c[(z > pred.cut).view(a.shape)].sum()),
+                                             float(c[keep].sum())]
+            return a * keep
 
         return select
+
+    def lost(self) -> np.ndarray:
+        """Per layer, the contribution the threshold strategy computes and this run does not, over all
+        neurons' (negative where the cached cut computes more than the threshold strategy)."""
+        all_, plain, kept = self.contribution.T
+        return (plain - kept) / np.maximum(all_, 1e-30)
+
+    def lost_total(self) -> np.ndarray:
+        """Per layer, the contribution this run does not compute, over all neurons'."""
+        all_, _, kept = self.contribution.T
+        return 1.0 - kept / np.maximum(all_, 1e-30)
+
+    def reads(self) -> np.ndarray:
+        """Per layer, neurons read per token."""
+        return self.read / np.maximum(self.tokens, 1)
 
     def per_token(self) -> tuple[float, float]:
         """(computed, read) neurons per token, summed over the layers."""

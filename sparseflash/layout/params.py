@@ -111,6 +111,12 @@ class PredictorParams:
     # the active neurons' contribution (tuned as the miss cuts; never above the threshold cut): computing it
     # costs no read, and the quality it buys is what lets the gate keep a stricter miss cut
     cached_share: float = 0.9995
+    # per-layer miss cuts (layout/miss_mix.py): the per-layer probes may take this many held-out streams'
+    # worth of work (0: none, one cut for every layer); mixes are planned for these shares of the room
+    # between the threshold strategy's rise and mix_bound_pct, and validated over the held-out text
+    probe_budget: float = 3.0
+    mix_targets: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
+    mix_bound_pct: float = 1.0  # prepare passes its gate's bound
     lookahead: bool = True
     train: TrainParams = TrainParams()
     train_jobs: int = 2  # trainings side by side (a layer's and its look-ahead's), one core each
@@ -139,6 +145,10 @@ class PredictorParams:
         for s in self.larger_miss_shares:
             check_float("larger_miss_shares", s, self.miss_share, 1, lo_open=True)
         check_float("cached_share", self.cached_share, 0, 1, lo_open=True)
+        check_float("probe_budget", self.probe_budget, 0, math.inf, hi_open=True)
+        for f in self.mix_targets:
+            check_float("mix_targets", f, 0, 1)
+        check_float("mix_bound_pct", self.mix_bound_pct, 0, math.inf, hi_open=True)
         check_int("train_jobs", self.train_jobs, 1)
 
 
@@ -191,6 +201,7 @@ class PrepareParams:
     miss_recalls: tuple[float, ...] = PredictorParams.miss_recalls  # cost-aware candidates (PredictorParams)
     cached_share: float = PredictorParams.cached_share  # the cut for neurons in memory (PredictorParams)
     larger_miss_shares: tuple[float, ...] = PredictorParams.larger_miss_shares  # validated again (PredictorParams)
+    per_layer_cuts: bool = True  # each layer its own miss cut, probed and validated (layout/miss_mix.py)
     order: str = LayoutParams.order
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype

@@ -166,6 +166,8 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
                                          rank=params.rank, train=TrainParams(epochs=params.epochs),
                                          miss_recalls=params.miss_recalls, cached_share=params.cached_share,
                                          larger_miss_shares=params.larger_miss_shares,
+                                         probe_budget=PredictorParams.probe_budget if params.per_layer_cuts else 0.0,
+                                         mix_bound_pct=params.gate_rise_pct,
                                          batch=plan.batch, spill_bytes=plan.spill_bytes,
                                          train_jobs=plan.train_jobs),
                          record.source_hash, quiet)

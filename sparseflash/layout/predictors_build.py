@@ -32,6 +32,7 @@ from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.calibration import LayerPass
 from sparseflash.layout.masks import count_true, pack, packed_width, unpack
 from sparseflash.layout.miss_cut import MissRun, miss_stream
+from sparseflash.layout.miss_mix import PROBE, Probes, plan_mixes, probe_seqs, probe_windows, validate_mixes
 from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
     Predictor,
@@ -239,10 +240,17 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                **{miss_stream(r): val for r in p.miss_recalls},
                **{miss_stream(r, s): val for r in p.miss_recalls for s in p.larger_miss_shares}}
     n_tune = max(1, int(train.numel() * p.tune_share))  # as _split takes it
+    probed = probe_windows(val.shape[0], c.num_layers, p.probe_budget if p.miss_recalls else 0.0)
+    probes = Probes("predicted_threshold", probed, c.num_layers, p.ctx, p.miss_share) if len(probed) else None
+    if probes:  # per-layer miss cuts: layer l's probe branches off the threshold stream at layer l
+        streams[PROBE] = probe_seqs(val, probed, c.num_layers)
+    probe_cut = int(np.argmin(p.miss_recalls)) if p.miss_recalls else 0  # the probes apply the steepest cut
     miss_runs = {r: MissRun(p.ctx, c.num_layers, p.miss_share) for r in p.miss_recalls}
     larger_runs = {(r, s): MissRun(p.ctx, c.num_layers, s) for r in p.miss_recalls for s in p.larger_miss_shares}
     every_read = MissRun(p.ctx, c.num_layers, p.miss_share)  # the threshold stream, counted the same way
     with LayerPass(source, streams, p.batch, "predictors", quiet, p.spill_bytes, out) as lp:
+        if probes:
+            lp.bar.total -= Probes.untouched_tokens(len(probed), c.num_layers, p.ctx)
         for l, w in lp.layers():
             tap.add_layer(l, w)
             rec = _Record(train.numel(), c.hidden_size, c.intermediate_size, out / "record", "train", p.spill_bytes,
@@ -293,11 +301,15 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             # quality: every FFN computes only the chosen neurons (exact values for those it computes)
             lp.run("oracle", l, w, lambda i, rows, xx, a: a * tap.active(i, a))
             lp.run("predicted_topk", l, w, lambda i, rows, xx, a, pr=pred: a * pr.predict_topk(xx))
+            norms = w.w_down.float().norm(dim=0) if probes else None  # each neuron's down-projection column
+            if probes:
+                probes.layer(lp, l, w, pred, pred.miss_cuts[probe_cut], norms)
             lp.run("predicted_threshold", l, w, every_read.hook(pred, -math.inf))  # = a * predict_threshold
             for r, cut in zip(p.miss_recalls, pred.miss_cuts):
-                lp.run(miss_stream(r), l, w, miss_runs[r].hook(pred, cut, pred.cached_cut))
+                lp.run(miss_stream(r), l, w, miss_runs[r].hook(pred, cut, pred.cached_cut, norms))
                 for s in p.larger_miss_shares:
-                    lp.run(miss_stream(r, s), l, w, larger_runs[r, s].hook(pred, cut, pred.cached_cut))
+                    lp.run(miss_stream(r, s), l, w, larger_runs[r, s].hook(pred, cut, pred.cached_cut, norms))
+            del norms
         ppl = {}
         for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
             total, count = lp.nll(name)
@@ -316,8 +328,21 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                 for i, r in enumerate(p.miss_recalls)]
         larger = [{"share": s, "miss": [measured(r, miss_stream(r, s), larger_runs[r, s]) for r in p.miss_recalls]}
                   for s in p.larger_miss_shares]  # the same candidates with larger caches
+        probe, plans = None, []
+        if probes:  # per-layer miss cuts: each layer's sensitivity, then the mixes to validate
+            probe = probes.measure(lp)
+            rise = lambda v: 100.0 * (v / ppl["dense"] - 1.0)  # noqa: E731
+            for share, runs, entries in [(p.miss_share, [miss_runs[r] for r in p.miss_recalls], miss)] + [
+                    (e["share"], [larger_runs[r, e["share"]] for r in p.miss_recalls], e["miss"]) for e in larger]:
+                plan = plan_mixes(runs, [rise(m["ppl"]) for m in entries], rise(ppl["predicted_threshold"]),
+                                  probe["sensitivity"], p.mix_bound_pct, p.mix_targets)
+                for mix in plan["mixes"]:
+                    mix["recalls"] = [p.miss_recalls[i] for i in mix["indices"]]
+                plans.append((share, plan))
     del prev
     shutil.rmtree(out / "record", ignore_errors=True)
+    validate_mixes(source, val, plans, lambda l: StoredPredictors(parts / f"layer_{l:04d}.safetensors")[f"layer.{l}"],
+                   p, quiet, out)  # a second pass: each mix over the whole held-out text
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
     ppl["predicted"] = ppl[f"predicted_{strategy}"]
 
@@ -349,6 +374,8 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "miss_share": p.miss_share,
         "miss_larger": larger,
         "cached_share": p.cached_share,
+        "miss_probe": probe,  # per-layer miss cuts (layout/miss_mix.py): the probes and the validated mixes
+        "miss_mixes": [{"share": share, **plan} for share, plan in plans],
         "threshold_reads": dict(zip(("computed_per_token", "read_per_token"), every_read.per_token())),
         "strategy": strategy,
         "predicted_over_true": (1 - mean[f"sparsity_{strategy}"]) / max(1 - mean["true_sparsity"], 1e-12),

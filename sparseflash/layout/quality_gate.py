@@ -12,6 +12,8 @@ reported as too dense to gain, with the numbers.
 
 from __future__ import annotations
 
+import math
+
 from sparseflash.layout.schema import STRATEGIES
 
 
@@ -40,11 +42,26 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
         ok = [float(m["recall"]) for m in runs if rise[f"{m['recall']:g}"] <= max_rise_pct]
         return rise, min(ok, default=None) if chosen == "threshold" else None
 
+    mixes = {float(e["share"]): e.get("mixes", []) for e in predictors_report.get("miss_mixes") or []}
+
+    def per_layer(share, runs, recall):  # a validated per-layer mix within the bound that reads less, or None
+        uniform = next((float(m["read_per_token"]) for m in runs if recall is not None and m["recall"] == recall
+                        and "read_per_token" in m), math.inf)
+        ok = [m for m in mixes.get(share, []) if "ppl" in m and _rise(float(m["ppl"]), dense) <= max_rise_pct
+              and float(m["read_per_token"]) < uniform]
+        best = min(ok, key=lambda m: float(m["read_per_token"])) if ok and chosen == "threshold" else None
+        return ({"miss_layer_recalls": None} if best is None else
+                {"miss_layer_recalls": [float(r) for r in best["recalls"]],
+                 "miss_layer_rise_pct": _rise(float(best["ppl"]), dense)})
+
     miss_rise, miss_recall = sparsest(miss)
+    share = float(predictors_report.get("miss_share", 0.0))
+    mixed = per_layer(share, miss, miss_recall) if mixes else {}
     larger = []  # the same choice with each larger validated cache
     for entry in predictors_report.get("miss_larger") or []:
         rise, recall = sparsest(entry["miss"])
-        larger.append({"share": float(entry["share"]), "miss_rise_pct": rise, "miss_recall": recall})
+        larger.append({"share": float(entry["share"]), "miss_rise_pct": rise, "miss_recall": recall,
+                       **(per_layer(float(entry["share"]), entry["miss"], recall) if mixes else {})})
     return {
         "strategy": chosen,
         "own_strategy": own,
@@ -62,7 +79,8 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
         "miss_recalls": [float(m["recall"]) for m in miss],
         "miss_rise_pct": miss_rise,
         "miss_recall": miss_recall,
-        "miss_share": float(predictors_report.get("miss_share", 0.0)),
+        "miss_share": share,
+        **mixed,
         **({"cached_share": float(predictors_report["cached_share"])} if "cached_share" in predictors_report else {}),
         **({"miss_larger": larger} if larger else {}),
     }
@@ -77,7 +95,12 @@ def gate_line(gate: dict) -> str:
                                                   if gate["strategy"] == "all" else ""))
     line = (f"quality gate: {kept}; held-out ppl vs dense {gate['ppl_dense']:.3f}: {rises} "
             f"(bound +{gate['max_rise_pct']:g}%)" + (f", predicts {share:.1%} of neurons" if share is not None else ""))
-    if gate.get("miss_recall") is not None:
+    if gate.get("miss_layer_recalls"):
+        line += (f"; cost-aware: a neuron not in memory is read only above its layer's cut, keeping "
+                 f"{'/'.join(f'{r:g}' for r in gate['miss_layer_recalls'])} of the active contribution "
+                 f"({gate['miss_layer_rise_pct']:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
+                 "applied where a run's cache is at least that large)")
+    elif gate.get("miss_recall") is not None:
         r = gate["miss_recall"]
         line += (f"; cost-aware: a neuron not in memory is read only above the cut keeping {r:g} of the active "
                  f"contribution" + (f", one in memory is computed down to the cut keeping {gate['cached_share']:g}"
@@ -88,7 +111,10 @@ def gate_line(gate: dict) -> str:
         line += "; cost-aware: no miss cut within the bound"
     for entry in gate.get("miss_larger", []):
         r = entry["miss_recall"]
-        if r is not None:
+        if entry.get("miss_layer_recalls"):
+            line += (f"; with {entry['share']:.0%} of each layer in memory: per-layer cuts keeping "
+                     f"{'/'.join(f'{v:g}' for v in entry['miss_layer_recalls'])} ({entry['miss_layer_rise_pct']:+.2f}%)")
+        elif r is not None:
             rise = entry["miss_rise_pct"][f"{r:g}"]
             line += f"; with {entry['share']:.0%} of each layer in memory: the cut keeping {r:g} ({rise:+.2f}%)"
     if gate["too_dense"]:

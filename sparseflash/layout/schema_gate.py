@@ -8,7 +8,9 @@ from .schema_check import REBUILD, _Check
 GATE_KEYS = ("strategy", "own_strategy", "fallback", "max_rise_pct", "ppl_dense", "ppl", "rise_pct",
              "predicted_share", "heldout_tokens", "ppl_p", "ppl_p_sparsity", "min_sparsity", "too_dense")
 # cost-aware selection (optional: newer)
-GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share", "cached_share", "miss_larger")
+GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share", "cached_share", "miss_larger",
+                  "miss_layer_recalls", "miss_layer_rise_pct")
+LARGER_KEYS = ("share", "miss_rise_pct", "miss_recall", "miss_layer_recalls", "miss_layer_rise_pct")
 
 
 def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
@@ -49,12 +51,14 @@ def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
         c.number(chosen_miss, f"{where}.miss_recall")
         if f"{chosen_miss:g}" not in rises:
             c.fail(f"{where}.miss_rise_pct", f"has no entry for the chosen miss recall {chosen_miss:g}; {REBUILD}")
+    _layer_recalls(c, gate, where, recalls)
     larger = gate.get("miss_larger", [])
     if not isinstance(larger, list):
         c.fail(f"{where}.miss_larger", "must be a list", type(larger).__name__)
     for i, entry in enumerate(larger):
         at = f"{where}.miss_larger[{i}]"
-        c.object(entry, at, ("share", "miss_rise_pct", "miss_recall"))
+        c.object(entry, at, LARGER_KEYS, optional=LARGER_KEYS[3:])
+        _layer_recalls(c, entry, at, recalls)
         if not 0 < c.number(entry["share"], f"{at}.share") <= 1:
             c.fail(f"{at}.share", "must be in (0, 1]", entry["share"])
         table = c.object(entry["miss_rise_pct"], f"{at}.miss_rise_pct")
@@ -62,3 +66,16 @@ def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
             c.number(v, f"{at}.miss_rise_pct.{k}")
         if entry["miss_recall"] is not None and f"{c.number(entry['miss_recall'], f'{at}.miss_recall'):g}" not in table:
             c.fail(f"{at}.miss_rise_pct", f"has no entry for the chosen miss recall; {REBUILD}")
+
+
+def _layer_recalls(c: _Check, record: dict, where: str, recalls: list) -> None:
+    """A per-layer miss-cut choice: one of the candidate recalls per layer, with its validated rise."""
+    chosen = record.get("miss_layer_recalls")
+    if chosen is None:
+        return
+    if not isinstance(chosen, list) or not chosen:
+        c.fail(f"{where}.miss_layer_recalls", "must be a non-empty list or null", chosen)
+    for i, r in enumerate(chosen):
+        if c.number(r, f"{where}.miss_layer_recalls[{i}]") not in recalls:
+            c.fail(f"{where}.miss_layer_recalls[{i}]", "is not one of miss_recalls", r)
+    c.number(record.get("miss_layer_rise_pct"), f"{where}.miss_layer_rise_pct")

@@ -244,10 +244,15 @@ class LayerwiseModel:
                 a = replaced
         return h + F.linear(a, w.w_down, w.b_down).reshape(b, t, -1)
 
-    @torch.inference_mode()
     def nll(self, states: HiddenStates, seqs: torch.Tensor) -> tuple[float, int]:
         """(sum of next-token negative log-likelihoods, predicted tokens) of windows ``seqs`` whose
         final hidden states are ``states``; the head is read in row blocks of head_block_bytes(batch)."""
+        per_window = self.nll_windows(states, seqs)
+        return float(per_window.sum()), seqs.shape[0] * (seqs.shape[1] - 1)
+
+    @torch.inference_mode()
+    def nll_windows(self, states: HiddenStates, seqs: torch.Tensor) -> np.ndarray:
+        """Each window's summed next-token negative log-likelihood (float64), as ``nll``."""
         c, net = self.config, self.net
         norm_w, norm_b = self.source.final_norm()
         windows_, ctx = seqs.shape
@@ -268,7 +273,7 @@ class LayerwiseModel:
                 rows = torch.nonzero(inside).squeeze(1)
                 picked[sl][rows] = z[rows, tgt[rows] - start].double()
             del head
-        return float((lse - picked).sum()), len(targets)
+        return (lse - picked).view(windows_, ctx - 1).sum(1).numpy()
 
 
 def perplexity_layerwise(source: CheckpointSource, ids: list[int], ctx: int = 256, max_tokens: int | None = None,
