@@ -205,3 +205,48 @@ def test_layout_from_the_lazy_checkpoint_equals_the_in_memory_one_and_streams(pr
     assert (tmp_path / "lazy.sflash").read_bytes() == (tmp_path / "memory.sflash").read_bytes()
     assert most[0] == 1  # one layer's weights (or one layer's FFN, while its bundles are written) at a time
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lazy.sflash", "memory.sflash"]  # staging removed
+
+
+@pytest.mark.parametrize("probe_cut", [-math.inf, math.inf])
+def test_per_layer_probes_equal_in_memory_forwards_masked_at_one_layer(prepared, probe_cut):
+    """Each layer's probe (layout/miss_mix.py) is the threshold stream with that layer alone applying the
+    probe's cut: its rise equals an in-memory forward masked so. A cut of -inf drops nothing (no rise, no
+    lost contribution at any layer); +inf computes only what the validation's cache holds."""
+    import dataclasses
+
+    from sparseflash.layout.calibration import LayerPass
+    from sparseflash.layout.miss_cut import MissRun
+    from sparseflash.layout.miss_mix import PROBE, Probes, probe_seqs, probe_windows
+    from sparseflash.layout.predictors_build import load_predictors
+
+    model, _, held_ids, root = prepared
+    c = model.config
+    stored, _ = load_predictors(root / "pred")
+    preds = [dataclasses.replace(stored[f"layer.{l}"], cached_cut=None) for l in range(c.num_layers)]
+    val = windows(held_ids, PREDICTORS.ctx, PREDICTORS.val_tokens)
+    chosen = probe_windows(len(val), c.num_layers, 3.0)
+    probes = Probes("base", chosen, c.num_layers, PREDICTORS.ctx, 0.25)
+    with open_source(TINY_RELU2) as source, LayerPass(source, {"base": val, PROBE: probe_seqs(val, chosen, c.num_layers)},
+                                                       PREDICTORS.batch, quiet=True) as lp:
+        for l, w in lp.layers():
+            pred = preds[l]
+            probes.layer(lp, l, w, pred, probe_cut, w.w_down.float().norm(dim=0))
+            lp.run("base", l, w, lambda i, rows, x, a, pr=pred: a * pr.predict_threshold(x))
+        got = probes.measure(lp)
+    tap = NeuronTap(model.weights, [0.0] * c.num_layers)
+    seqs = val[torch.from_numpy(chosen)].reshape(-1).tolist()
+
+    def ppl(at):
+        def hook(l, x, a):
+            if l == at:
+                return MissRun(PREDICTORS.ctx, c.num_layers, 0.25).hook(preds[l], probe_cut)(l, None, x, a)
+            return a * preds[l].predict_threshold(x)
+        return perplexity(tap.transformer(c, hook), seqs, ctx=PREDICTORS.ctx).ppl
+
+    base = ppl(-1)
+    want = [100 * (ppl(l) / base - 1) for l in range(c.num_layers)]
+    assert got["rise_pct"] == pytest.approx(want, rel=1e-5, abs=2e-3)
+    if probe_cut < 0:
+        assert got["rise_pct"] == pytest.approx([0.0] * c.num_layers, abs=1e-6) and max(map(abs, got["lost"])) < 1e-9
+    else:
+        assert min(got["rise_pct"]) > 0 and min(got["lost"]) > 0

@@ -53,7 +53,7 @@ def test_the_allocation_reads_least_among_choices_that_cost_no_more():
         cost = np.sort(rng.uniform(0, 1, (layers, cands)), axis=1)  # and cost more
         budget = rng.uniform(cost[:, 0].sum(), cost[:, -1].sum())
         pick = allocate(reads, cost, budget)
-        at = lambda m, p: m[np.arange(layers), list(p)].sum()  # noqa: E731
+        at = lambda m, p: m[np.arange(len(p)), list(p)].sum()  # noqa: E731
         assert at(cost, pick) <= budget + 1e-9
         for other in itertools.product(range(cands), repeat=layers):
             if at(cost, other) <= at(cost, pick) + 1e-12:
@@ -144,3 +144,14 @@ def test_a_layout_takes_each_layers_cut_from_the_gates_per_layer_choice(tmp_path
     with pytest.raises(SparseflashError, match="miss cuts for 3 layers, the model has 2"):
         tiny_layout(tmp_path / "bad", "nemotron", dtype="f32", preds=preds, strategy="threshold", n_hot=8,
                     gate={**gate, "miss_layer_recalls": [0.9, 0.99, 0.9]})
+
+
+def test_prepare_reruns_the_predictors_when_per_layer_cuts_or_the_bound_change():
+    from sparseflash.layout.params import PrepareParams
+    from sparseflash.layout.pipeline import _stamp
+
+    base = _stamp(PrepareParams(), "predictors", {})
+    assert _stamp(PrepareParams(per_layer_cuts=False), "predictors", {}) != base
+    assert _stamp(PrepareParams(gate_rise_pct=0.5), "predictors", {}) != base
+    assert _stamp(PrepareParams(order="identity" if PrepareParams.order != "identity" else "coact"), "predictors",
+                  {}) == base  # the layout's options do not touch the predictors

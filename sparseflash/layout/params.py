@@ -115,7 +115,7 @@ class PredictorParams:
     # worth of work (0: none, one cut for every layer); mixes are planned for these shares of the room
     # between the threshold strategy's rise and mix_bound_pct, and validated over the held-out text
     probe_budget: float = 3.0
-    mix_targets: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
+    mix_targets: tuple[float, ...] = (1.2, 1.0, 0.8, 0.6)
     mix_bound_pct: float = 1.0  # prepare passes its gate's bound
     lookahead: bool = True
     train: TrainParams = TrainParams()
@@ -147,7 +147,7 @@ class PredictorParams:
         check_float("cached_share", self.cached_share, 0, 1, lo_open=True)
         check_float("probe_budget", self.probe_budget, 0, math.inf, hi_open=True)
         for f in self.mix_targets:
-            check_float("mix_targets", f, 0, 1)
+            check_float("mix_targets", f, 0, 2)
         check_float("mix_bound_pct", self.mix_bound_pct, 0, math.inf, hi_open=True)
         check_int("train_jobs", self.train_jobs, 1)
 

@@ -59,7 +59,7 @@ def _stamp(params: PrepareParams, step: str, texts: dict) -> dict:
     p = dataclasses.asdict(params)
     keep = {"profile": ("profile_tokens", "cett_tokens", "heldout_tokens", "ppl_p", "cett"),
             "predictors": ("profile_tokens", "heldout_tokens", "ppl_p", "cett", "predictor_tokens", "rank", "epochs",
-                           "miss_recalls", "cached_share", "larger_miss_shares"),
+                           "miss_recalls", "cached_share", "larger_miss_shares", "per_layer_cuts", "gate_rise_pct"),
             "layout": tuple(p)}[step]
     return json.loads(json.dumps({**{k: p[k] for k in keep}, "texts": texts}))  # as prepare.json reads back
 

@@ -84,7 +84,7 @@ def cmd_prepare(args) -> int:
     params = PrepareParams(profile_tokens=args.tokens, predictor_tokens=args.tokens, heldout_tokens=args.heldout_tokens,
                            cett_tokens=args.cett_tokens, rank=args.rank, epochs=args.epochs, order=args.order,
                            hot_fraction=args.hot_fraction, dtype=args.dtype, resident_dtype=args.resident_dtype,
-                           gate_rise_pct=args.gate_rise)
+                           gate_rise_pct=args.gate_rise, per_layer_cuts=not args.no_per_layer_cuts)
     memory = None
     if args.memory is not None:
         memory = parse_bytes(args.memory)
@@ -127,6 +127,8 @@ def register(sub) -> None:
     q.add_argument("--gate-rise", type=float, default=PrepareParams.gate_rise_pct, metavar="PCT",
                    help="quality gate: the predicted mode must keep held-out perplexity within this rise over dense "
                         "(percent), else prepare falls back (other strategy, then exact streaming)")
+    q.add_argument("--no-per-layer-cuts", action="store_true",
+                   help="one miss cut for every layer (default: each layer's own where a validated mix reads less)")
     q.add_argument("--memory", default=None, metavar="SIZE",
                    help="peak memory allowed (e.g. 12GiB): hidden states spill to temporary files to stay under it, "
                         "or prepare refuses before it starts (the expected peak is printed either way)")
