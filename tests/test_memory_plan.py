@@ -53,7 +53,8 @@ def test_two_trainings_side_by_side_are_planned_twice_and_lowered_to_one_first()
     with open_source(TINY_RELU2) as source:
         c = source.config
         d, n = c.hidden_size, c.intermediate_size
-        rank = rank_candidates(d, n, c.ffn_param_count(), PredictorParams())[-1]  # the largest the rank choice tries
+        # the largest rank the rank choice tries, twice: a layer's rank spread by active share is at most that
+        rank = 2 * rank_candidates(d, n, c.ffn_param_count(), PredictorParams())[-1]
         training = 14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4  # one training's working set
         one = plan_prepare(source, SMALL, baseline=BASE, batch=1, train_jobs=1)
         two = plan_prepare(source, SMALL, baseline=BASE, batch=1, train_jobs=2)

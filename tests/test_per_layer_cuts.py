@@ -146,12 +146,30 @@ def test_a_layout_takes_each_layers_cut_from_the_gates_per_layer_choice(tmp_path
                     gate={**gate, "miss_layer_recalls": [0.9, 0.99, 0.9]})
 
 
-def test_prepare_reruns_the_predictors_when_per_layer_cuts_or_the_bound_change():
+def test_prepare_reruns_the_predictors_when_per_layer_cuts_change_but_not_the_bound():
+    """The mixes are planned for the bound in force when the predictors were trained; another --gate-rise
+    re-decides among the validated ones without training again."""
     from sparseflash.layout.params import PrepareParams
     from sparseflash.layout.pipeline import _stamp
 
     base = _stamp(PrepareParams(), "predictors", {})
     assert _stamp(PrepareParams(per_layer_cuts=False), "predictors", {}) != base
-    assert _stamp(PrepareParams(gate_rise_pct=0.5), "predictors", {}) != base
+    assert _stamp(PrepareParams(gate_rise_pct=0.5), "predictors", {}) == base
     assert _stamp(PrepareParams(order="identity" if PrepareParams.order != "identity" else "coact"), "predictors",
                   {}) == base  # the layout's options do not touch the predictors
+
+
+def test_spread_ranks_follow_the_active_share_with_the_same_total():
+    from sparseflash.layout.predictor_training import active_shares, spread_ranks
+
+    assert spread_ranks(40, [0.1, 0.1, 0.1], 0.5) == [40, 40, 40]  # equal shares: the rank everywhere
+    assert spread_ranks(40, [0.4, 0.1, 0.1, 0.1], 0.0) == [40] * 4  # spread 0: uniform
+    got = spread_ranks(24, [0.114, 0.045, 0.045, 0.067], 0.5)  # sqrt(active): 0.338, 0.212, 0.212, 0.259 of 4 x 24
+    assert got == [round(96 * w / sum(ws)) for ws in [[0.114 ** .5, 0.045 ** .5, 0.045 ** .5, 0.067 ** .5]]
+                   for w in ws] and abs(sum(got) - 96) <= 2
+    assert spread_ranks(40, [0.9, 1e-6, 1e-6, 1e-6], 1.0) == [80, 10, 10, 10]  # clipped to [rank / 4, 2 rank]
+    clipped = spread_ranks(40, [0.9, 0.1, 0.1, 0.1, 0.1, 1e-6], 1.0)  # the first and last clipped, the rest rescaled
+    assert clipped[0] == 80 and clipped[-1] == 10 and abs(sum(clipped) - 240) <= 3 and len(set(clipped[1:5])) == 1
+    profile = {"layers": [{"sparsity": 0.9, "ppl": {"sparsity": 0.8}}, {"sparsity": 0.95, "ppl": {"sparsity": 0.9}}]}
+    assert active_shares(profile, "ppl", 2) == pytest.approx([0.2, 0.1])
+    assert active_shares(profile, "cett", 2) == pytest.approx([0.1, 0.05]) and active_shares(profile, "ppl", 3) is None

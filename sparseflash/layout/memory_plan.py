@@ -116,9 +116,10 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
     held = p.heldout_tokens
     coact = coact_block_bytes + (n * n * 4 if n <= 4096 else 0)
     preds_tokens, val = p.predictor_tokens, p.heldout_tokens
-    rank = p.rank or rank_candidates(d, n, c.ffn_param_count(), PredictorParams())[-1]  # the largest tried
+    mean_rank = p.rank or rank_candidates(d, n, c.ffn_param_count(), PredictorParams())[-1]  # the largest tried
+    rank = mean_rank * 2 if p.rank_spread else mean_rank  # a layer's, spread by active share: at most twice the mean
     training = train_jobs * (14 * TrainParams.batch * n * 4 + 4 * rank * (d + n + 1) * 4)
-    all_predictors = 2 * c.num_layers * (rank * (d + n + 1) + n) * 4  # a layer's and its look-ahead, float32
+    all_predictors = 2 * c.num_layers * (mean_rank * (d + n + 1) + n) * 4  # a layer's and its look-ahead, float32
     phase = max(per_batch, training, val * n * 16)  # forward, training and scoring never overlap
     # per-layer miss cuts: the probe stream (a few held-out windows once per layer), then a second pass
     probes = (len(probe_windows(val // ctx, c.num_layers, PredictorParams.probe_budget)) * ctx * c.num_layers

@@ -86,8 +86,11 @@ class PredictorParams:
     size_share: float = 0.025  # predictor / FFN values per layer: the smallest rank the choice tries
     # rank 0: chosen by measurement at the first layer: size_share's rank, x2, x4, ... up to max_size_share,
     # each trained for rank_epochs; the smallest whose neurons selected at target_recall (tune slice) are
-    # within rank_tolerance of the fewest is kept for every layer. A tuple gives each layer its own rank.
+    # within rank_tolerance of the fewest is the mean rank; each layer's rank follows its active share (from
+    # the profile) to the power rank_spread, with the same total (predictor_training.spread_ranks; 0: the
+    # same rank for every layer). A tuple gives each layer its own rank.
     rank: int | tuple[int, ...] = 0
+    rank_spread: float = 0.5
     max_size_share: float = 0.1
     max_rank: int = 64  # nor above this (unless size_share's rank is): larger ranks were not seen to help
     rank_epochs: int = 8
@@ -116,7 +119,7 @@ class PredictorParams:
     # between the threshold strategy's rise and mix_bound_pct, and validated over the held-out text
     probe_budget: float = 3.0
     mix_targets: tuple[float, ...] = (1.2, 1.0, 0.8, 0.6)
-    mix_bound_pct: float = 1.0  # prepare passes its gate's bound
+    mix_bound_pct: float = 1.0  # prepare passes its gate's bound (a later --gate-rise reuses the mixes)
     lookahead: bool = True
     train: TrainParams = TrainParams()
     train_jobs: int = 2  # trainings side by side (a layer's and its look-ahead's), one core each
@@ -132,6 +135,7 @@ class PredictorParams:
         check_float("--size-share", self.size_share, 0, 1, lo_open=True)
         check_float("max_size_share", self.max_size_share, 0, 1, lo_open=True)
         check_int("rank_epochs", self.rank_epochs, 1)
+        check_float("--rank-spread", self.rank_spread, 0, 4)
         check_int("max_rank", self.max_rank, 1)
         check_float("rank_tolerance", self.rank_tolerance, 0, math.inf, hi_open=True)
         for r in self.rank if isinstance(self.rank, tuple) else (self.rank,):
@@ -202,6 +206,7 @@ class PrepareParams:
     cached_share: float = PredictorParams.cached_share  # the cut for neurons in memory (PredictorParams)
     larger_miss_shares: tuple[float, ...] = PredictorParams.larger_miss_shares  # validated again (PredictorParams)
     per_layer_cuts: bool = True  # each layer its own miss cut, probed and validated (layout/miss_mix.py)
+    rank_spread: float = PredictorParams.rank_spread  # per-layer ranks by active share (PredictorParams)
     order: str = LayoutParams.order
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype
@@ -219,6 +224,7 @@ class PrepareParams:
                             ("--epochs", self.epochs)):
             check_int(flag, value, 1)
         check_int("--rank", self.rank, 0)
+        check_float("--rank-spread", self.rank_spread, 0, 4)
         check_float("ppl_p", self.ppl_p, 0, math.inf, lo_open=True, hi_open=True)
         check_float("cett", self.cett, 0, 1)
         for r in self.miss_recalls:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from sparseflash.layout.masks import count_true
@@ -46,6 +47,34 @@ def _train_side_by_side(jobs: list, rank: int | list[int], p: PredictorParams, p
             return [f.result() for f in futures]
     finally:
         torch.set_num_threads(threads)
+
+
+def active_shares(profile: dict, thresholds: str, layers: int) -> list[float] | None:
+    """Each layer's share of neurons active at the profile's ``thresholds`` (ppl | cett), or None."""
+    rows = profile.get("layers") or []
+    if len(rows) != layers:
+        return None
+    return [1.0 - float((r.get("ppl") or {}).get("sparsity", r["sparsity"]) if thresholds == "ppl" else r["sparsity"])
+            for r in rows]
+
+
+def spread_ranks(rank: int, active: list[float], spread: float) -> list[int]:
+    """Per-layer ranks with (to rounding) the total of ``rank`` at every layer, each in proportion to its
+    layer's active share to the power ``spread`` (0: ``rank`` everywhere), kept within [rank / 4, 2 rank]:
+    the reads come from the layers where many neurons fire, and a layer where few fire needs less rank to
+    rank them (docs/fetchless.md, "Ranks that follow the active share"). Where the clip binds, the other
+    layers are rescaled to keep the total; never above it (but for rounding), below it only when every
+    layer is clipped."""
+    weight = np.power(np.maximum(np.asarray(active, dtype=np.float64), 1e-9), spread)
+    share = weight / weight.sum() * len(weight)
+    for _ in range(len(share) + 1):
+        share = np.clip(share, 0.25, 2.0)
+        free = (share > 0.25) & (share < 2.0)
+        excess = len(share) - share.sum()
+        if abs(excess) < 1e-9 or not free.any():
+            break
+        share[free] *= 1 + excess / share[free].sum()
+    return [max(1, int(round(rank * s))) for s in share]
 
 
 def rank_candidates(d: int, n: int, ffn_values: int, p: PredictorParams) -> list[int]:

@@ -40,7 +40,14 @@ from sparseflash.layout.predictor import (
     tune_cut,
     tune_miss_cut,
 )
-from sparseflash.layout.predictor_training import _choose_rank, _split, _train_side_by_side, rank_candidates
+from sparseflash.layout.predictor_training import (
+    _choose_rank,
+    _split,
+    _train_side_by_side,
+    active_shares,
+    rank_candidates,
+    spread_ranks,
+)
 from sparseflash.layout.predictors_report import plot_report
 from sparseflash.model.perplexity import windows
 from sparseflash.model.source import CheckpointSource
@@ -230,6 +237,9 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     rank_choice = None  # rank 0: chosen at the first layer (_choose_rank)
     if len(ranks) != c.num_layers or min(ranks) < 1:
         raise SparseflashError(f"--rank needs one positive rank or {c.num_layers} comma-separated ranks, got {p.rank}")
+    active = active_shares(profile, p.thresholds, c.num_layers)
+    if p.rank == 0 and len(candidates) == 1 and p.rank_spread and active:  # no choice to make: spread the one rank
+        ranks = spread_ranks(candidates[0], active, p.rank_spread)
     tap = NeuronTap.layerwise(c.num_layers, thresholds)
     layers, curves, param_counts = [], [], {}
     parts = out / "parts"  # each layer's predictors, saved as soon as trained: none are held
@@ -269,8 +279,11 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
 
                 chosen, table = _choose_rank(x, mask, candidates, p, tried)
                 ranks = [chosen] * c.num_layers
+                if p.rank_spread and active:  # each layer's rank follows its active share (the profile's), same total
+                    ranks = spread_ranks(chosen, active, p.rank_spread)
                 rank_choice = {"layer": l, "epochs": p.rank_epochs, "target_recall": p.target_recall,
-                               "tolerance": p.rank_tolerance, "candidates": table, "chosen": chosen}
+                               "tolerance": p.rank_tolerance, "candidates": table, "chosen": chosen,
+                               "spread": p.rank_spread, "ranks": list(ranks)}
             lp.bar.set_postfix_str(f"layer {l + 1}/{c.num_layers}: training")
             jobs = [(x, mask)] + ([(prev[0], mask)] if p.lookahead and l > 0 else [])
             state = ["training", "look-ahead"][: len(jobs)]
