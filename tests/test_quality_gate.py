@@ -64,3 +64,26 @@ def test_no_miss_cut_when_none_holds_the_bound_or_the_strategy_is_not_threshold(
     gate = decide_gate(_with_miss([(0.95, 0.1)], own="topk", topk=20.1, threshold=20.5), PROFILE, 1.0, 0.5)
     assert gate["strategy"] == "topk" and gate["miss_recall"] is None  # the cuts were measured for threshold only
     assert decide_gate(_report(), PROFILE, 1.0, 0.5)["miss_recall"] is None  # a report from before miss cuts
+
+
+def test_the_threshold_strategy_comes_first_where_its_miss_cuts_were_validated():
+    """Top-k has the lower perplexity here, but the threshold strategy is within the bound and only it has
+    validated miss cuts (which read far less): it is kept, not as a fallback. Over the bound, top-k."""
+    gate = decide_gate(_with_miss([(0.95, 0.8)], own="topk", topk=20.05, threshold=20.1), PROFILE, 1.0, 0.5)
+    assert gate["strategy"] == "threshold" and not gate["fallback"] and gate["miss_recall"] == 0.95
+    assert "kept threshold" in gate_line(gate)
+    gate = decide_gate(_with_miss([(0.95, 0.8)], own="topk", topk=20.05, threshold=20.3), PROFILE, 1.0, 0.5)
+    assert gate["strategy"] == "topk" and gate["fallback"] and gate["miss_recall"] is None
+
+
+def test_a_miss_cut_must_hold_the_bound_on_each_half_of_the_heldout_text():
+    """0.9 is +0.8% over the whole text but +1.3% on its second half: not kept; 0.95 holds on both."""
+    report = _with_miss([(0.95, 0.5), (0.9, 0.8)])
+    report["ppl"]["dense_halves"] = [18.0, 22.0]
+    report["miss"][0]["ppl_halves"] = [18.0 * 1.004, 22.0 * 1.006]
+    report["miss"][1]["ppl_halves"] = [18.0 * 1.003, 22.0 * 1.013]
+    gate = decide_gate(report, PROFILE, 1.0, 0.5)
+    assert gate["miss_recall"] == 0.95 and abs(gate["miss_rise_pct"]["0.9"] - 1.3) < 1e-9
+    assert abs(gate["miss_rise_pct"]["0.95"] - 0.6) < 1e-9  # the worse half's rise is the one recorded
+    del report["ppl"]["dense_halves"]  # a report from before the halves: the whole text's rise
+    assert decide_gate(report, PROFILE, 1.0, 0.5)["miss_recall"] == 0.9

@@ -27,6 +27,13 @@ from sparseflash.layout.miss_cut import MissRun
 PROBE = "miss_probe"
 
 
+def halves_ppl(per_window: np.ndarray, ctx: int) -> list[float]:
+    """Perplexity of the first and of the second half of a stream's windows (each window's summed NLL
+    given): the gate wants a cost-aware choice within its bound on each half of the held-out text."""
+    h = max(1, len(per_window) // 2)
+    return [math.exp(part.sum() / (part.size * (ctx - 1))) for part in (per_window[:h], per_window[h:]) if part.size]
+
+
 def probe_windows(windows: int, layers: int, budget: float) -> np.ndarray:
     """Evenly spaced held-out windows for the probes: as many as keep their work (a probe runs from
     its layer to the last, layers (layers + 1) / 2 layer passes of its windows in all) within
@@ -152,6 +159,7 @@ def validate_mixes(source, val: torch.Tensor, plans: list[tuple[float, dict]], l
                 lp.run(f"mix_{i}", l, w, runs[i].hook(pred, pred.miss_cuts[mix["indices"][l]], pred.cached_cut))
             del pred
         for i, (_, mix) in enumerate(jobs):
-            total, count = lp.nll(f"mix_{i}")
+            per_window = lp.nll_windows(f"mix_{i}")
             computed, read = runs[i].per_token()
-            mix.update(ppl=math.exp(total / count), computed_per_token=computed, read_per_token=read)
+            mix.update(ppl=math.exp(per_window.sum() / (per_window.size * (p.ctx - 1))),
+                       ppl_halves=halves_ppl(per_window, p.ctx), computed_per_token=computed, read_per_token=read)

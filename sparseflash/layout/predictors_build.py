@@ -32,7 +32,15 @@ from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.calibration import LayerPass
 from sparseflash.layout.masks import count_true, pack, packed_width, unpack
 from sparseflash.layout.miss_cut import MissRun, miss_stream
-from sparseflash.layout.miss_mix import PROBE, Probes, plan_mixes, probe_seqs, probe_windows, validate_mixes
+from sparseflash.layout.miss_mix import (
+    PROBE,
+    Probes,
+    halves_ppl,
+    plan_mixes,
+    probe_seqs,
+    probe_windows,
+    validate_mixes,
+)
 from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
     Predictor,
@@ -327,11 +335,12 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
             total, count = lp.nll(name)
             ppl[name] = math.exp(total / count)
+        ppl["dense_halves"] = halves_ppl(lp.nll_windows("dense"), p.ctx)
 
         def measured(r, name, run):  # one candidate's held-out stream: perplexity, computed and read neurons
-            total, count = lp.nll(name)
-            per_token = run.per_token()
-            return {"recall": r, "ppl": math.exp(total / count), "computed_per_token": per_token[0],
+            per_window, per_token = lp.nll_windows(name), run.per_token()
+            return {"recall": r, "ppl": math.exp(per_window.sum() / (per_window.size * (p.ctx - 1))),
+                    "ppl_halves": halves_ppl(per_window, p.ctx), "computed_per_token": per_token[0],
                     "read_per_token": per_token[1]}
 
         # every neuron above the miss cut (nothing in memory), held-out tokens, per layer

@@ -2,8 +2,10 @@
 
 The predictors step measures perplexity on held-out text with each FFN computing only the predicted
 neurons, for both strategies (``predicted_topk``, ``predicted_threshold``; layout/predictors_build.py).
-The gate keeps the predictors' own choice when its rise over dense is within ``max_rise_pct``, else
-the other strategy if that one is within it, else falls back to exact streaming (strategy ``all``:
+The gate keeps the threshold strategy when prepare validated cost-aware miss cuts for it and its rise
+over dense is within ``max_rise_pct`` (its miss cuts read far less than top-k), otherwise the
+predictors' own choice (the lower perplexity) when within it, else the other strategy if that one is
+within it, else falls back to exact streaming (strategy ``all``:
 every neuron, the dense model's output). The decision is one line in `prepare`'s log and is
 recorded in the layout header (``predictors.gate``), where `run` and `inspect` show it and the runtime
 takes its default strategy from it. A model whose PPL-p% sparsity is below ``min_sparsity`` is
@@ -31,14 +33,24 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
     mean = predictors_report.get("mean", {})
     own = predictors_report["strategy"]
     measured = {s: float(ppl[f"predicted_{s}"]) for s in STRATEGIES if f"predicted_{s}" in ppl}
-    order = [own] + [s for s in STRATEGIES if s != own and s in measured]
+    # the threshold strategy first where its cost-aware cuts were validated (they read far less than top-k
+    # within the same bound: docs/fetchless.md), else the predictors' own (the lower perplexity)
+    first = "threshold" if predictors_report.get("miss") and "threshold" in measured else own
+    order = [first] + [s for s in STRATEGIES if s != first and s in measured]
     chosen = next((s for s in order if s in measured and _rise(measured[s], dense) <= max_rise_pct), "all")
     sparsity = float(profile.get("ppl_p_sparsity", 0.0))
     # cost-aware selection: the sparsest miss cut whose nothing-cached perplexity is within the bound
     # (measured for the threshold strategy; none when another strategy is in force)
     miss = predictors_report.get("miss") or []
+    halves = ppl.get("dense_halves")
+
+    def validated(m) -> float:  # a cost-aware candidate's rise: on the worse half of the held-out text, where
+        if halves and len(m.get("ppl_halves", ())) == len(halves):  # measured, so that a choice holding
+            return max(_rise(float(v), float(d)) for v, d in zip(m["ppl_halves"], halves))  # only on average is not kept
+        return _rise(float(m["ppl"]), dense)
+
     def sparsest(runs):  # (rise per candidate, the sparsest candidate within the bound or None)
-        rise = {f"{m['recall']:g}": _rise(float(m["ppl"]), dense) for m in runs}
+        rise = {f"{m['recall']:g}": validated(m) for m in runs}
         ok = [float(m["recall"]) for m in runs if rise[f"{m['recall']:g}"] <= max_rise_pct]
         return rise, min(ok, default=None) if chosen == "threshold" else None
 
@@ -47,12 +59,12 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
     def per_layer(share, runs, recall):  # a validated per-layer mix within the bound that reads less, or None
         uniform = next((float(m["read_per_token"]) for m in runs if recall is not None and m["recall"] == recall
                         and "read_per_token" in m), math.inf)
-        ok = [m for m in mixes.get(share, []) if "ppl" in m and _rise(float(m["ppl"]), dense) <= max_rise_pct
+        ok = [m for m in mixes.get(share, []) if "ppl" in m and validated(m) <= max_rise_pct
               and float(m["read_per_token"]) < uniform]
         best = min(ok, key=lambda m: float(m["read_per_token"])) if ok and chosen == "threshold" else None
         return ({"miss_layer_recalls": None} if best is None else
                 {"miss_layer_recalls": [float(r) for r in best["recalls"]],
-                 "miss_layer_rise_pct": _rise(float(best["ppl"]), dense)})
+                 "miss_layer_rise_pct": validated(best)})
 
     miss_rise, miss_recall = sparsest(miss)
     share = float(predictors_report.get("miss_share", 0.0))
@@ -65,7 +77,7 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
     return {
         "strategy": chosen,
         "own_strategy": own,
-        "fallback": chosen != own,
+        "fallback": chosen != first,
         "max_rise_pct": float(max_rise_pct),
         "ppl_dense": dense,
         "ppl": measured,
