@@ -27,11 +27,14 @@ from sparseflash.layout.miss_cut import MissRun
 PROBE = "miss_probe"
 
 
-def halves_ppl(per_window: np.ndarray, ctx: int) -> list[float]:
-    """Perplexity of the first and of the second half of a stream's windows (each window's summed NLL
-    given): the gate wants a cost-aware choice within its bound on each half of the held-out text."""
-    h = max(1, len(per_window) // 2)
-    return [math.exp(part.sum() / (part.size * (ctx - 1))) for part in (per_window[:h], per_window[h:]) if part.size]
+def rise_upper(per_window: np.ndarray, dense_per_window: np.ndarray, ctx: int) -> float:
+    """A stream's perplexity rise over dense (%), one standard error above the measured one: per held-out
+    window (each ctx - 1 predicted tokens, so their mean is the whole text's) the log-perplexity difference
+    to dense; its mean plus its standard error over the windows. The gate wants a cost-aware choice within
+    its bound there, not only on average (docs/figures.md, "validated rise")."""
+    d = (np.asarray(per_window, dtype=np.float64) - np.asarray(dense_per_window, dtype=np.float64)) / (ctx - 1)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return 100.0 * (math.exp(float(d.mean()) + se) - 1.0)
 
 
 def probe_windows(windows: int, layers: int, budget: float) -> np.ndarray:
@@ -115,7 +118,7 @@ def allocate(reads: np.ndarray, cost: np.ndarray, budget: float) -> list[int] | 
 def plan_mixes(runs: list[MissRun], rises: list[float], threshold_rise: float, sensitivity: list[float],
                bound: float, targets: tuple[float, ...]) -> dict:
     """The mixes worth validating for one cache share. ``runs`` / ``rises``: the uniform candidates'
-    streams and measured rises (%). A mix's predicted rise is a + kappa x sum over layers of sensitivity
+    streams and validated rises (%, rise_upper: the gate's measure). A mix's predicted rise is a + kappa x sum over layers of sensitivity
     x the contribution the layer does not compute (MissRun.lost_total), a and kappa fitted (least
     squares) to the uniform candidates. Targets: ``threshold_rise`` + f x (bound - threshold_rise) for
     each f. Mixes equal to a uniform candidate or to another mix are dropped. JSON-ready: the fit, each
@@ -140,10 +143,11 @@ def plan_mixes(runs: list[MissRun], rises: list[float], threshold_rise: float, s
     return {"kappa": kappa, "intercept_pct": a, "reads": reads.tolist(), "lost": lost.tolist(), "mixes": mixes}
 
 
-def validate_mixes(source, val: torch.Tensor, plans: list[tuple[float, dict]], load, p, quiet: bool, spill_dir) -> None:
+def validate_mixes(source, val: torch.Tensor, plans: list[tuple[float, dict]], load, p, quiet: bool, spill_dir,
+                   dense_per_window: np.ndarray) -> None:
     """The second pass: each planned mix ((cache share, plan) pairs) streamed over the held-out windows
     as the uniform candidates were (MissRun, a cache of that share); ``load(l)`` gives layer l's
-    predictor. Adds ppl, computed_per_token and read_per_token to each mix."""
+    predictor. Adds ppl, rise_upper_pct (rise_upper), computed_per_token and read_per_token to each mix."""
     from sparseflash.layout.calibration import LayerPass
 
     jobs = [(share, mix) for share, plan in plans for mix in plan["mixes"]]
@@ -162,4 +166,5 @@ def validate_mixes(source, val: torch.Tensor, plans: list[tuple[float, dict]], l
             per_window = lp.nll_windows(f"mix_{i}")
             computed, read = runs[i].per_token()
             mix.update(ppl=math.exp(per_window.sum() / (per_window.size * (p.ctx - 1))),
-                       ppl_halves=halves_ppl(per_window, p.ctx), computed_per_token=computed, read_per_token=read)
+                       rise_upper_pct=rise_upper(per_window, dense_per_window, p.ctx), computed_per_token=computed,
+                       read_per_token=read)

@@ -35,10 +35,10 @@ from sparseflash.layout.miss_cut import MissRun, miss_stream
 from sparseflash.layout.miss_mix import (
     PROBE,
     Probes,
-    halves_ppl,
     plan_mixes,
     probe_seqs,
     probe_windows,
+    rise_upper,
     validate_mixes,
 )
 from sparseflash.layout.params import PredictorParams
@@ -335,12 +335,12 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
             total, count = lp.nll(name)
             ppl[name] = math.exp(total / count)
-        ppl["dense_halves"] = halves_ppl(lp.nll_windows("dense"), p.ctx)
+        dense_windows = lp.nll_windows("dense")
 
         def measured(r, name, run):  # one candidate's held-out stream: perplexity, computed and read neurons
             per_window, per_token = lp.nll_windows(name), run.per_token()
             return {"recall": r, "ppl": math.exp(per_window.sum() / (per_window.size * (p.ctx - 1))),
-                    "ppl_halves": halves_ppl(per_window, p.ctx), "computed_per_token": per_token[0],
+                    "rise_upper_pct": rise_upper(per_window, dense_windows, p.ctx), "computed_per_token": per_token[0],
                     "read_per_token": per_token[1]}
 
         # every neuron above the miss cut (nothing in memory), held-out tokens, per layer
@@ -356,7 +356,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             rise = lambda v: 100.0 * (v / ppl["dense"] - 1.0)  # noqa: E731
             for share, runs, entries in [(p.miss_share, [miss_runs[r] for r in p.miss_recalls], miss)] + [
                     (e["share"], [larger_runs[r, e["share"]] for r in p.miss_recalls], e["miss"]) for e in larger]:
-                plan = plan_mixes(runs, [rise(m["ppl"]) for m in entries], rise(ppl["predicted_threshold"]),
+                plan = plan_mixes(runs, [m["rise_upper_pct"] for m in entries], rise(ppl["predicted_threshold"]),
                                   probe["sensitivity"], p.mix_bound_pct, p.mix_targets)
                 for mix in plan["mixes"]:
                     mix["recalls"] = [p.miss_recalls[i] for i in mix["indices"]]
@@ -364,7 +364,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     del prev
     shutil.rmtree(out / "record", ignore_errors=True)
     validate_mixes(source, val, plans, lambda l: StoredPredictors(parts / f"layer_{l:04d}.safetensors")[f"layer.{l}"],
-                   p, quiet, out)  # a second pass: each mix over the whole held-out text
+                   p, quiet, out, dense_windows)  # a second pass: each mix over the whole held-out text
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
     ppl["predicted"] = ppl[f"predicted_{strategy}"]
 

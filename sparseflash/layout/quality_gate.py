@@ -42,12 +42,8 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
     # cost-aware selection: the sparsest miss cut whose nothing-cached perplexity is within the bound
     # (measured for the threshold strategy; none when another strategy is in force)
     miss = predictors_report.get("miss") or []
-    halves = ppl.get("dense_halves")
-
-    def validated(m) -> float:  # a cost-aware candidate's rise: on the worse half of the held-out text, where
-        if halves and len(m.get("ppl_halves", ())) == len(halves):  # measured, so that a choice holding
-            return max(_rise(float(v), float(d)) for v, d in zip(m["ppl_halves"], halves))  # only on average is not kept
-        return _rise(float(m["ppl"]), dense)
+    def validated(m) -> float:  # a cost-aware candidate's rise, one standard error over the windows above the
+        return float(m["rise_upper_pct"]) if "rise_upper_pct" in m else _rise(float(m["ppl"]), dense)  # measured
 
     def sparsest(runs):  # (rise per candidate, the sparsest candidate within the bound or None)
         rise = {f"{m['recall']:g}": validated(m) for m in runs}
