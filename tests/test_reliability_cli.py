@@ -153,3 +153,11 @@ def test_a_bad_lookahead_raise_is_refused_before_the_bundled_model_is_prepared(t
     code, out, err = run_cli("run", "--budget", "25%ffn", "-n", "1", "--lookahead-raise", "nan", timeout=30)
     assert_one_line_error(code, err, "--lookahead-raise must be a finite number of logits, got nan")
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_rank_spread_is_refused_before_anything_is_prepared(tmp_path):
+    out_dir = tmp_path / "prep"
+    code, out, err = run_cli("prepare", "-m", str(TINY_RELU2), "--corpus", str(tmp_path / "none.txt"),
+                             "--rank-spread", "-1", "-o", str(out_dir), timeout=30)
+    assert_one_line_error(code, err, "--rank-spread must be a number in [0, 4], got -1.0")
+    assert out == "" and not out_dir.exists()

@@ -77,6 +77,12 @@ def spread_ranks(rank: int, active: list[float], spread: float) -> list[int]:
     return [max(1, int(round(rank * s))) for s in share]
 
 
+def layer_ranks(rank: int, profile: dict, p: PredictorParams, layers: int) -> list[int]:
+    """Each layer's rank for a mean ``rank``: spread by the profile's active shares (p.rank_spread)."""
+    active = active_shares(profile, p.thresholds, layers)
+    return spread_ranks(rank, active, p.rank_spread) if p.rank_spread and active else [rank] * layers
+
+
 def rank_candidates(d: int, n: int, ffn_values: int, p: PredictorParams) -> list[int]:
     """The ranks the choice tries: size_share's, doubled while within the cap (the predictor at most
     max_size_share of the layer's FFN values, and rank at most max_rank unless size_share's rank is

@@ -27,20 +27,12 @@ import numpy as np
 import torch
 
 from sparseflash.errors import ArtefactError, SparseflashError
+from sparseflash.layout import miss_mix, predictor_training
 from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
 from sparseflash.layout.calibration import LayerPass
 from sparseflash.layout.masks import count_true, pack, packed_width, unpack
 from sparseflash.layout.miss_cut import MissRun, miss_stream
-from sparseflash.layout.miss_mix import (
-    PROBE,
-    Probes,
-    plan_mixes,
-    probe_seqs,
-    probe_windows,
-    rise_upper,
-    validate_mixes,
-)
 from sparseflash.layout.params import PredictorParams
 from sparseflash.layout.predictor import (
     Predictor,
@@ -48,14 +40,7 @@ from sparseflash.layout.predictor import (
     tune_cut,
     tune_miss_cut,
 )
-from sparseflash.layout.predictor_training import (
-    _choose_rank,
-    _split,
-    _train_side_by_side,
-    active_shares,
-    rank_candidates,
-    spread_ranks,
-)
+from sparseflash.layout.predictor_training import _choose_rank, _split, _train_side_by_side, rank_candidates
 from sparseflash.layout.predictors_report import plot_report
 from sparseflash.model.perplexity import windows
 from sparseflash.model.source import CheckpointSource
@@ -245,9 +230,8 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     rank_choice = None  # rank 0: chosen at the first layer (_choose_rank)
     if len(ranks) != c.num_layers or min(ranks) < 1:
         raise SparseflashError(f"--rank needs one positive rank or {c.num_layers} comma-separated ranks, got {p.rank}")
-    active = active_shares(profile, p.thresholds, c.num_layers)
-    if p.rank == 0 and len(candidates) == 1 and p.rank_spread and active:  # no choice to make: spread the one rank
-        ranks = spread_ranks(candidates[0], active, p.rank_spread)
+    if p.rank == 0 and len(candidates) == 1:  # no choice to make: the one rank, spread by active share
+        ranks = predictor_training.layer_ranks(candidates[0], profile, p, c.num_layers)
     tap = NeuronTap.layerwise(c.num_layers, thresholds)
     layers, curves, param_counts = [], [], {}
     parts = out / "parts"  # each layer's predictors, saved as soon as trained: none are held
@@ -258,17 +242,17 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                **{miss_stream(r): val for r in p.miss_recalls},
                **{miss_stream(r, s): val for r in p.miss_recalls for s in p.larger_miss_shares}}
     n_tune = max(1, int(train.numel() * p.tune_share))  # as _split takes it
-    probed = probe_windows(val.shape[0], c.num_layers, p.probe_budget if p.miss_recalls else 0.0)
-    probes = Probes("predicted_threshold", probed, c.num_layers, p.ctx, p.miss_share) if len(probed) else None
+    probed = miss_mix.probe_windows(val.shape[0], c.num_layers, p.probe_budget if p.miss_recalls else 0.0)
+    probes = miss_mix.Probes("predicted_threshold", probed, c.num_layers, p.ctx, p.miss_share) if len(probed) else None
     if probes:  # per-layer miss cuts: layer l's probe branches off the threshold stream at layer l
-        streams[PROBE] = probe_seqs(val, probed, c.num_layers)
+        streams[miss_mix.PROBE] = miss_mix.probe_seqs(val, probed, c.num_layers)
     probe_cut = int(np.argmin(p.miss_recalls)) if p.miss_recalls else 0  # the probes apply the steepest cut
     miss_runs = {r: MissRun(p.ctx, c.num_layers, p.miss_share) for r in p.miss_recalls}
     larger_runs = {(r, s): MissRun(p.ctx, c.num_layers, s) for r in p.miss_recalls for s in p.larger_miss_shares}
     every_read = MissRun(p.ctx, c.num_layers, p.miss_share)  # the threshold stream, counted the same way
     with LayerPass(source, streams, p.batch, "predictors", quiet, p.spill_bytes, out) as lp:
         if probes:
-            lp.bar.total -= Probes.untouched_tokens(len(probed), c.num_layers, p.ctx)
+            lp.bar.total -= miss_mix.Probes.untouched_tokens(len(probed), c.num_layers, p.ctx)
         for l, w in lp.layers():
             tap.add_layer(l, w)
             rec = _Record(train.numel(), c.hidden_size, c.intermediate_size, out / "record", "train", p.spill_bytes,
@@ -286,9 +270,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                                            f"rank {candidates[j]} epoch {e}/{total}")
 
                 chosen, table = _choose_rank(x, mask, candidates, p, tried)
-                ranks = [chosen] * c.num_layers
-                if p.rank_spread and active:  # each layer's rank follows its active share (the profile's), same total
-                    ranks = spread_ranks(chosen, active, p.rank_spread)
+                ranks = predictor_training.layer_ranks(chosen, profile, p, c.num_layers)  # by active share
                 rank_choice = {"layer": l, "epochs": p.rank_epochs, "target_recall": p.target_recall,
                                "tolerance": p.rank_tolerance, "candidates": table, "chosen": chosen,
                                "spread": p.rank_spread, "ranks": list(ranks)}
@@ -340,7 +322,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         def measured(r, name, run):  # one candidate's held-out stream: perplexity, computed and read neurons
             per_window, per_token = lp.nll_windows(name), run.per_token()
             return {"recall": r, "ppl": math.exp(per_window.sum() / (per_window.size * (p.ctx - 1))),
-                    "rise_upper_pct": rise_upper(per_window, dense_windows, p.ctx), "computed_per_token": per_token[0],
+                    "rise_upper_pct": miss_mix.rise_upper(per_window, dense_windows, p.ctx), "computed_per_token": per_token[0],
                     "read_per_token": per_token[1]}
 
         # every neuron above the miss cut (nothing in memory), held-out tokens, per layer
@@ -356,14 +338,14 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
             rise = lambda v: 100.0 * (v / ppl["dense"] - 1.0)  # noqa: E731
             for share, runs, entries in [(p.miss_share, [miss_runs[r] for r in p.miss_recalls], miss)] + [
                     (e["share"], [larger_runs[r, e["share"]] for r in p.miss_recalls], e["miss"]) for e in larger]:
-                plan = plan_mixes(runs, [m["rise_upper_pct"] for m in entries], rise(ppl["predicted_threshold"]),
+                plan = miss_mix.plan_mixes(runs, [m["rise_upper_pct"] for m in entries], rise(ppl["predicted_threshold"]),
                                   probe["sensitivity"], p.mix_bound_pct, p.mix_targets)
                 for mix in plan["mixes"]:
                     mix["recalls"] = [p.miss_recalls[i] for i in mix["indices"]]
                 plans.append((share, plan))
     del prev
     shutil.rmtree(out / "record", ignore_errors=True)
-    validate_mixes(source, val, plans, lambda l: StoredPredictors(parts / f"layer_{l:04d}.safetensors")[f"layer.{l}"],
+    miss_mix.validate_mixes(source, val, plans, lambda l: StoredPredictors(parts / f"layer_{l:04d}.safetensors")[f"layer.{l}"],
                    p, quiet, out, dense_windows)  # a second pass: each mix over the whole held-out text
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
     ppl["predicted"] = ppl[f"predicted_{strategy}"]

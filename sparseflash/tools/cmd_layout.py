@@ -84,7 +84,8 @@ def cmd_prepare(args) -> int:
     params = PrepareParams(profile_tokens=args.tokens, predictor_tokens=args.tokens, heldout_tokens=args.heldout_tokens,
                            cett_tokens=args.cett_tokens, rank=args.rank, epochs=args.epochs, order=args.order,
                            hot_fraction=args.hot_fraction, dtype=args.dtype, resident_dtype=args.resident_dtype,
-                           gate_rise_pct=args.gate_rise, per_layer_cuts=not args.no_per_layer_cuts)
+                           gate_rise_pct=args.gate_rise, per_layer_cuts=not args.no_per_layer_cuts,
+                           rank_spread=args.rank_spread)
     memory = None
     if args.memory is not None:
         memory = parse_bytes(args.memory)
@@ -124,6 +125,8 @@ def register(sub) -> None:
     q.add_argument("--rank", type=int, default=PrepareParams.rank,
                    help="predictor rank (default 0: chosen by measurement at the first layer)")
     q.add_argument("--epochs", type=int, default=PrepareParams.epochs, help="predictor training epochs")
+    q.add_argument("--rank-spread", type=float, default=PrepareParams.rank_spread, metavar="S",
+                   help="each layer's predictor rank follows its active share to the power S, same total (0: one rank)")
     q.add_argument("--gate-rise", type=float, default=PrepareParams.gate_rise_pct, metavar="PCT",
                    help="quality gate: the predicted mode must keep held-out perplexity within this rise over dense "
                         "(percent), else prepare falls back (other strategy, then exact streaming)")
