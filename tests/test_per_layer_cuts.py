@@ -173,3 +173,11 @@ def test_spread_ranks_follow_the_active_share_with_the_same_total():
     profile = {"layers": [{"sparsity": 0.9, "ppl": {"sparsity": 0.8}}, {"sparsity": 0.95, "ppl": {"sparsity": 0.9}}]}
     assert active_shares(profile, "ppl", 2) == pytest.approx([0.2, 0.1])
     assert active_shares(profile, "cett", 2) == pytest.approx([0.1, 0.05]) and active_shares(profile, "ppl", 3) is None
+
+
+def test_run_names_the_per_layer_cuts_it_applies():
+    from sparseflash.runtime.session import _gate_note
+
+    gate = decide_gate(_report([([0.95, 0.95], 0.8, 44.0)]), {"ppl_p": 1.0, "ppl_p_sparsity": 0.9}, 1.0, 0.5)
+    note = _gate_note({"quality_gate": gate, "miss_cut_layers": 2})
+    assert "miss cut on 2 layers (0.95/0.95 with 25% in memory, 0.95/0.99 with 50% in memory)" in note
