@@ -1,4 +1,4 @@
-"""Per-layer miss cuts (docs/fetchless.md, "Per-layer miss cuts"): layers differ in what a lower miss
+"""Per-layer miss cuts (docs/fetchless.md, first section; figures in docs/figures.md): layers differ in what a lower miss
 cut saves in reads and costs in quality, so ``prepare`` may give each layer its own candidate.
 
 1. Probes, in the predictors' layer-by-layer pass: for each layer l, a branch of the threshold stream
@@ -7,12 +7,12 @@ cut saves in reads and costs in quality, so ``prepare`` may give each layer its 
    over the contribution that layer lost (MissRun.lost), is the layer's *sensitivity*.
 2. Allocation: the uniform candidates' streams give each layer's reads and lost contribution per
    candidate; a mix's predicted rise is a + kappa x sum over layers of sensitivity x lost contribution
-   (a and kappa fitted to the uniform candidates' measured rises). For a few
+   (a and kappa fitted to the uniform candidates' validated rises, rise_upper). For a few
    targets between the threshold stream's rise and the bound, the per-layer choice with the fewest
    reads within the target (a Lagrangian choice per layer).
 3. Validation: a second pass streams each mix over the whole held-out text, as the uniform candidates
-   were; the gate (layout/quality_gate.py) keeps a mix only if it holds the bound and reads less than
-   the uniform cut it chose.
+   were; the gate (layout/quality_gate.py) keeps a mix only if its validated rise holds the bound and
+   it reads less than the uniform cut it chose.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def spread_ranks(rank: int, active: list[float], spread: float) -> list[int]:
     """Per-layer ranks with (to rounding) the total of ``rank`` at every layer, each in proportion to its
     layer's active share to the power ``spread`` (0: ``rank`` everywhere), kept within [rank / 4, 2 rank]:
     the reads come from the layers where many neurons fire, and a layer where few fire needs less rank to
-    rank them (docs/fetchless.md, "Ranks that follow the active share"). Where the clip binds, the other
+    rank them (docs/fetchless.md, "Ranks that follow the active share, ..."). Where the clip binds, the other
     layers are rescaled to keep the total; never above it (but for rounding), below it only when every
     layer is clipped."""
     weight = np.power(np.maximum(np.asarray(active, dtype=np.float64), 1e-9), spread)

@@ -42,8 +42,10 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
     # cost-aware selection: the sparsest miss cut whose nothing-cached perplexity is within the bound
     # (measured for the threshold strategy; none when another strategy is in force)
     miss = predictors_report.get("miss") or []
-    def validated(m) -> float:  # a cost-aware candidate's rise, one standard error over the windows above the
-        return float(m["rise_upper_pct"]) if "rise_upper_pct" in m else _rise(float(m["ppl"]), dense)  # measured
+    def validated(m) -> float:
+        """A cost-aware candidate's rise one standard error above the measured one (the measured rise in
+        reports from before that was recorded)."""
+        return float(m["rise_upper_pct"]) if "rise_upper_pct" in m else _rise(float(m["ppl"]), dense)
 
     def sparsest(runs):  # (rise per candidate, the sparsest candidate within the bound or None)
         rise = {f"{m['recall']:g}": validated(m) for m in runs}
@@ -105,8 +107,10 @@ def gate_line(gate: dict) -> str:
             f"(bound +{gate['max_rise_pct']:g}%)" + (f", predicts {share:.1%} of neurons" if share is not None else ""))
     if gate.get("miss_layer_recalls"):
         line += (f"; cost-aware: a neuron not in memory is read only above its layer's cut, keeping "
-                 f"{'/'.join(f'{r:g}' for r in gate['miss_layer_recalls'])} of the active contribution "
-                 f"({gate['miss_layer_rise_pct']:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
+                 f"{'/'.join(f'{r:g}' for r in gate['miss_layer_recalls'])} of the active contribution"
+                 + (f", one in memory is computed down to the cut keeping {gate['cached_share']:g}"
+                    if "cached_share" in gate else "")
+                 + f" ({gate['miss_layer_rise_pct']:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
                  "applied where a run's cache is at least that large)")
     elif gate.get("miss_recall") is not None:
         r = gate["miss_recall"]
