@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import TINY_RELU2
 
 from sparseflash.errors import SparseflashError
-from sparseflash.layout.memory_plan import MIN_CETT_TOKENS, fit_plan, plan_prepare
+from sparseflash.layout.memory_plan import MIN_CETT_TOKENS, SPILL_BYTES, fit_plan, plan_prepare
 from sparseflash.layout.params import PredictorParams, PrepareParams, TrainParams
 from sparseflash.layout.predictor_training import rank_candidates
 from sparseflash.model.layerwise import LayerwiseModel, WidenedLayer
@@ -96,3 +96,18 @@ def test_a_widened_bf16_layer_computes_what_the_float32_layer_computes(tmp_path)
         widened = model.block(1, WidenedLayer(stored), h, cos, sin)
         eager = model.block(1, source.layer(1), h, cos, sin)
     assert np.array_equal(widened.numpy(), eager.numpy())
+
+
+def test_many_small_held_out_streams_go_to_files_when_memory_is_short():
+    """Held-out streams under SPILL_BYTES stay in memory at the first spill step; a limit that only
+    spilling every stream meets gets every stream spilled (spill_bytes 0) before the threshold sample
+    is cut, and a plan that says so."""
+    small = PrepareParams(profile_tokens=1024, cett_tokens=1024, heldout_tokens=512, predictor_tokens=2048)
+    with open_source(TINY_RELU2) as source:
+        some = plan_prepare(source, small, baseline=BASE, spill_bytes=SPILL_BYTES, batch=1, train_jobs=1)
+        every = plan_prepare(source, small, baseline=BASE, spill_bytes=0, batch=1, train_jobs=1)
+        assert every.stages["predictors"]["hidden states"] == 0 < some.stages["predictors"]["hidden states"]
+        assert every.peak < some.peak  # the calibration stream (1,024 tokens, under SPILL_BYTES) is the peak's
+        fitted = fit_plan(source, small, every.peak, baseline=BASE)
+        assert fitted.spill_bytes == 0 and fitted.cett_tokens == 1024
+        assert "every stream's hidden states in temporary files" in fitted.text()

@@ -76,8 +76,9 @@ class MemoryPlan:
     def text(self) -> str:
         s = self.peak_stage
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.stages[s].items() if v)
-        spill = "hidden states in memory" if self.spill_bytes is None else \
-            f"hidden states over {fmt_bytes(self.spill_bytes)} per stream in temporary files"
+        spill = ("hidden states in memory" if self.spill_bytes is None else "every stream's hidden states in "
+                 "temporary files" if self.spill_bytes == 0 else
+                 f"hidden states over {fmt_bytes(self.spill_bytes)} per stream in temporary files")
         low = f"; lowered to fit: {', '.join(self.lowered)}" if self.lowered else ""
         return (f"expected peak memory {fmt_bytes(self.peak)} in the {s} stage: baseline {fmt_bytes(self.baseline)} + "
                 f"({parts}) x {SLACK:.2f}; {spill}; {self.batch} windows a batch{low}")
@@ -161,18 +162,20 @@ MIN_CETT_TOKENS = 1024  # the threshold sample is never lowered below this
 def fit_plan(source: CheckpointSource, params, limit: int | None, baseline: int = 0, **kw) -> MemoryPlan:
     """The plan for ``params``; with a ``limit`` (bytes) and a plan over it, lowers in turn what
     costs no accuracy (fewer windows a batch: 4, 2, 1, each tried with two predictor trainings side
-    by side and then one at a time; then hidden states to temporary files, likewise), then
-    the threshold-search sample (halved, down to MIN_CETT_TOKENS), and refuses with the numbers
-    when even that is over."""
+    by side and then one at a time; then hidden states to temporary files, likewise: first those over
+    SPILL_BYTES, then every stream's, as the held-out streams are many and small when held-out text
+    is short), then the threshold-search sample (halved, down to MIN_CETT_TOKENS), and refuses with
+    the numbers when even that is over."""
     plan = plan_prepare(source, params, baseline, **kw)
     if limit is None or plan.peak <= limit:
         return plan
     sample = min(params.cett_tokens, params.profile_tokens)
     tries = [(None, b, sample, j) for b in (8, 4, 2, 1) for j in (2, 1)][1:]  # the first is the plan above
     tries += [(SPILL_BYTES, b, sample, j) for b in (8, 4, 2, 1) for j in (2, 1)]
+    tries += [(0, b, sample, j) for b in (8, 4, 2, 1) for j in (2, 1)]  # every stream, however small, to files
     while sample // 2 >= MIN_CETT_TOKENS:
         sample //= 2
-        tries.append((SPILL_BYTES, 1, sample, 1))
+        tries.append((0, 1, sample, 1))
     for spill, batch, cett, jobs in tries:
         plan = plan_prepare(source, params, baseline, spill_bytes=spill, batch=batch, cett_tokens=cett,
                             train_jobs=jobs, **kw)
