@@ -232,7 +232,7 @@ def test_per_layer_probes_equal_in_memory_forwards_masked_at_one_layer(prepared,
             pred = preds[l]
             probes.layer(lp, l, w, pred, probe_cut, w.w_down.float().norm(dim=0))
             lp.run("base", l, w, lambda i, rows, x, a, pr=pred: a * pr.predict_threshold(x))
-        got = probes.measure(lp)
+        got = probes.measure(lp, lp.nll_windows("base"))
     tap = NeuronTap(model.weights, [0.0] * c.num_layers)
     seqs = val[torch.from_numpy(chosen)].reshape(-1).tolist()
 

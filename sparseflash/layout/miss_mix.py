@@ -27,6 +27,11 @@ from sparseflash.layout.miss_cut import MissRun
 PROBE = "miss_probe"
 
 
+def window_ppl(per_window: np.ndarray, ctx: int) -> float:
+    """A stream's perplexity from each window's summed NLL (ctx - 1 predicted tokens a window)."""
+    return math.exp(float(np.sum(per_window)) / (len(per_window) * (ctx - 1)))
+
+
 def rise_upper(per_window: np.ndarray, dense_per_window: np.ndarray, ctx: int) -> float:
     """A stream's perplexity rise over dense (%), one standard error above the measured one: per held-out
     window (each ctx - 1 predicted tokens, so their mean is the whole text's) the log-perplexity difference
@@ -74,11 +79,12 @@ class Probes:
         lp.run(PROBE, l, w, self.run.hook(pred, probe_cut, pred.cached_cut, down_norms),
                window_ids=np.arange(l * n, (l + 1) * n))
 
-    def measure(self, lp) -> dict:
-        """Per layer: the probe's rise (%) over the base stream on the same windows, the contribution it
-        lost, and the sensitivity (rise per unit of lost contribution; 0 where it lost none or rose none)."""
+    def measure(self, lp, base_per_window: np.ndarray) -> dict:
+        """Per layer: the probe's rise (%) over the base stream (its windows' summed NLL given) on the same
+        windows, the contribution it lost, and the sensitivity (rise per unit of lost contribution; 0 where
+        it lost none or rose none)."""
         n, tokens = len(self.windows), len(self.windows) * (self.ctx - 1)
-        base = float(lp.nll_windows(self.base)[self.windows].sum())
+        base = float(base_per_window[self.windows].sum())
         probes = lp.nll_windows(PROBE).reshape(self.layers, n).sum(1)
         rise = 100.0 * (np.exp((probes - base) / tokens) - 1.0)
         lost = self.run.lost()
@@ -165,6 +171,6 @@ def validate_mixes(source, val: torch.Tensor, plans: list[tuple[float, dict]], l
         for i, (_, mix) in enumerate(jobs):
             per_window = lp.nll_windows(f"mix_{i}")
             computed, read = runs[i].per_token()
-            mix.update(ppl=math.exp(per_window.sum() / (per_window.size * (p.ctx - 1))),
+            mix.update(ppl=window_ppl(per_window, p.ctx),
                        rise_upper_pct=rise_upper(per_window, dense_per_window, p.ctx), computed_per_token=computed,
                        read_per_token=read)

@@ -313,15 +313,13 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                 for s in p.larger_miss_shares:
                     lp.run(miss_stream(r, s), l, w, larger_runs[r, s].hook(pred, cut, pred.cached_cut, norms))
             del norms
-        ppl = {}
-        for name in ("dense", "oracle", "predicted_topk", "predicted_threshold"):
-            total, count = lp.nll(name)
-            ppl[name] = math.exp(total / count)
-        dense_windows = lp.nll_windows("dense")
+        windows = {name: lp.nll_windows(name) for name in ("dense", "oracle", "predicted_topk", "predicted_threshold")}
+        ppl = {name: miss_mix.window_ppl(nll, p.ctx) for name, nll in windows.items()}  # one head pass a stream
+        dense_windows = windows["dense"]
 
         def measured(r, name, run):  # one candidate's held-out stream: perplexity, computed and read neurons
             per_window, per_token = lp.nll_windows(name), run.per_token()
-            return {"recall": r, "ppl": math.exp(per_window.sum() / (per_window.size * (p.ctx - 1))),
+            return {"recall": r, "ppl": miss_mix.window_ppl(per_window, p.ctx),
                     "rise_upper_pct": miss_mix.rise_upper(per_window, dense_windows, p.ctx), "computed_per_token": per_token[0],
                     "read_per_token": per_token[1]}
 
@@ -334,11 +332,11 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                   for s in p.larger_miss_shares]  # the same candidates with larger caches
         probe, plans = None, []
         if probes:  # per-layer miss cuts: each layer's sensitivity, then the mixes to validate
-            probe = probes.measure(lp)
-            rise = lambda v: 100.0 * (v / ppl["dense"] - 1.0)  # noqa: E731
+            probe = probes.measure(lp, windows["predicted_threshold"])
+            threshold_rise = 100.0 * (ppl["predicted_threshold"] / ppl["dense"] - 1.0)
             for share, runs, entries in [(p.miss_share, [miss_runs[r] for r in p.miss_recalls], miss)] + [
                     (e["share"], [larger_runs[r, e["share"]] for r in p.miss_recalls], e["miss"]) for e in larger]:
-                plan = miss_mix.plan_mixes(runs, [m["rise_upper_pct"] for m in entries], rise(ppl["predicted_threshold"]),
+                plan = miss_mix.plan_mixes(runs, [m["rise_upper_pct"] for m in entries], threshold_rise,
                                   probe["sensitivity"], p.mix_bound_pct, p.mix_targets)
                 for mix in plan["mixes"]:
                     mix["recalls"] = [p.miss_recalls[i] for i in mix["indices"]]

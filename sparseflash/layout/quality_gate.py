@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from sparseflash.layout.schema import STRATEGIES
+from sparseflash.layout.schema_gate import kept_cut
 
 
 def _rise(ppl: float, dense: float) -> float:
@@ -105,30 +106,21 @@ def gate_line(gate: dict) -> str:
                                                   if gate["strategy"] == "all" else ""))
     line = (f"quality gate: {kept}; held-out ppl vs dense {gate['ppl_dense']:.3f}: {rises} "
             f"(bound +{gate['max_rise_pct']:g}%)" + (f", predicts {share:.1%} of neurons" if share is not None else ""))
-    if gate.get("miss_layer_recalls"):
-        line += (f"; cost-aware: a neuron not in memory is read only above its layer's cut, keeping "
-                 f"{'/'.join(f'{r:g}' for r in gate['miss_layer_recalls'])} of the active contribution"
-                 + (f", one in memory is computed down to the cut keeping {gate['cached_share']:g}"
-                    if "cached_share" in gate else "")
-                 + f" ({gate['miss_layer_rise_pct']:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
-                 "applied where a run's cache is at least that large)")
-    elif gate.get("miss_recall") is not None:
-        r = gate["miss_recall"]
-        line += (f"; cost-aware: a neuron not in memory is read only above the cut keeping {r:g} of the active "
+    kept = kept_cut(gate)
+    if kept is not None:
+        which = "its layer's cut, keeping" if gate.get("miss_layer_recalls") else "the cut keeping"
+        line += (f"; cost-aware: a neuron not in memory is read only above {which} {kept[0]} of the active "
                  f"contribution" + (f", one in memory is computed down to the cut keeping {gate['cached_share']:g}"
                                     if "cached_share" in gate else "")
-                 + f" ({gate['miss_rise_pct'][f'{r:g}']:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
+                 + f" ({kept[1]:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
                  "applied where a run's cache is at least that large)")
     elif gate.get("miss_recalls") and gate["strategy"] == "threshold":
         line += "; cost-aware: no miss cut within the bound"
     for entry in gate.get("miss_larger", []):
-        r = entry["miss_recall"]
-        if entry.get("miss_layer_recalls"):
-            line += (f"; with {entry['share']:.0%} of each layer in memory: per-layer cuts keeping "
-                     f"{'/'.join(f'{v:g}' for v in entry['miss_layer_recalls'])} ({entry['miss_layer_rise_pct']:+.2f}%)")
-        elif r is not None:
-            rise = entry["miss_rise_pct"][f"{r:g}"]
-            line += f"; with {entry['share']:.0%} of each layer in memory: the cut keeping {r:g} ({rise:+.2f}%)"
+        kept = kept_cut(entry)
+        if kept is not None:
+            which = "per-layer cuts keeping" if entry.get("miss_layer_recalls") else "the cut keeping"
+            line += f"; with {entry['share']:.0%} of each layer in memory: {which} {kept[0]} ({kept[1]:+.2f}%)"
     if gate["too_dense"]:
         line += (f"; model too dense to gain: PPL-{gate['ppl_p']:g}% sparsity {gate['ppl_p_sparsity']:.1%} "
                  f"< {gate['min_sparsity']:.0%}")

@@ -13,6 +13,16 @@ GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share", 
 LARGER_KEYS = ("share", "miss_rise_pct", "miss_recall", "miss_layer_recalls", "miss_layer_rise_pct")
 
 
+def kept_cut(record: dict) -> tuple[str, float] | None:
+    """(label, validated rise %) of the miss cut a gate record (the gate, or one of its ``miss_larger``
+    entries) kept: one recall ("0.97") or one per layer ("0.99/0.9/0.9/0.96"); None when it kept none."""
+    layers = record.get("miss_layer_recalls")
+    if layers:
+        return "/".join(f"{v:g}" for v in layers), float(record["miss_layer_rise_pct"])
+    r = record.get("miss_recall")
+    return None if r is None else (f"{r:g}", float(record["miss_rise_pct"][f"{r:g}"]))
+
+
 def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
     """prepare's quality-gate record (layout/quality_gate.decide_gate): every field `run` and `inspect`
     print is checked here, so a lying header is one error line, not a crash when it is shown."""

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sparseflash.layout.schema_gate import kept_cut
 from sparseflash.model.generate import GenerationResult, Sampling, generate
 from sparseflash.model.plugin import CompressionPlugin, PluginError, load_plugin
 from sparseflash.model.transformer import Transformer
@@ -177,13 +178,9 @@ def _gate_note(summary: dict) -> str:
     rise = gate.get("rise_pct", {}).get(gate["strategy"])
     what = "exact, predicted modes missed" if gate["strategy"] == "all" else f"held-out ppl {rise:+.2f}%"
     miss = ""
-    def kept(record):  # the recall kept, or the per-layer ones
-        layers = record.get("miss_layer_recalls")
-        r = record.get("miss_recall")
-        return "/".join(f"{v:g}" for v in layers) if layers else (None if r is None else f"{r:g}")
-
-    validated = [(gate.get("miss_share", 0), kept(gate))] + [(e["share"], kept(e)) for e in gate.get("miss_larger", [])]
-    validated = ", ".join(f"{r} with {s:.0%} in memory" for s, r in validated if r is not None)
+    validated = [(gate.get("miss_share", 0), kept_cut(gate))] + [(e["share"], kept_cut(e))
+                                                                 for e in gate.get("miss_larger", [])]
+    validated = ", ".join(f"{k[0]} with {s:.0%} in memory" for s, k in validated if k is not None)
     if validated:
         used = summary.get("miss_cut_layers", 0)
         miss = (f"; miss cut on {used} layers ({validated})" if used else
