@@ -15,16 +15,17 @@ from sparseflash.model.loader import open_dense
 
 def tiny_layout(tmp: Path, family: str = "nemotron", dtype: str = "f32", n_hot: int = 8, seed: int = 0,
                 preds: dict | None = None, strategy: str = "threshold", resident_dtype: str | None = None,
-                layers: int = 2, gate: dict | None = None):
-    """(dense model, layout path) for a random model of ``family`` (``layers`` deep) with random neuron orders."""
+                layers: int = 2, gate: dict | None = None, demand=None, name: str = ""):
+    """(dense model, layout path) for a random model of ``family`` (``layers`` deep) with random neuron orders;
+    ``demand``: the cache demand recorded with the predictors (layout/schema_cache.CacheDemand)."""
     folder = save_hf_model(make_hf_model(family, seed, layers), tmp / f"{family}-ckpt")
     model = open_dense(folder)
     rng = np.random.default_rng(seed)
     c = model.config
     perms = [rng.permutation(c.intermediate_size).astype(np.int32) for _ in range(c.num_layers)]
-    path = tmp / f"{family}-{dtype}-{resident_dtype or 'same'}.sflash"
+    path = tmp / f"{family}-{dtype}-{resident_dtype or 'same'}{name}.sflash"
     write_layout(model, path, perms, n_hot, [0.0] * c.num_layers, dtype, preds, strategy, quiet=True,
-                 resident_dtype=resident_dtype, gate=gate)
+                 resident_dtype=resident_dtype, gate=gate, cache_demand=demand)
     return model, path
 
 

@@ -172,11 +172,11 @@ def test_a_run_takes_the_miss_cut_validated_with_the_largest_cache_it_holds(shar
     from sparseflash.runtime.predict import Predictors
 
     p = dataclasses.replace(_layer_predictor(cut=0.0, miss_cut=2.0, cached_cut=-1.0), larger_miss_cuts=larger)
-    fitted = Predictors("threshold", {0: p}, {0: p}, 0.25).for_caches([share])
+    fitted = Predictors("threshold", {0: p}, {0: p}, 0.25).for_caches(share)
     assert fitted.own[0].miss_cut == want and fitted.lookahead[0].miss_cut == want
     assert fitted.own[0].cached_cut == -1.0 and fitted.miss_share == 0.0
     none_at_base = dataclasses.replace(p, miss_cut=None)  # no cut held the bound with the 25% cache
-    assert Predictors("threshold", {0: none_at_base}, {}, 0.25).for_caches([0.6]).own[0].miss_cut == 4.0
+    assert Predictors("threshold", {0: none_at_base}, {}, 0.25).for_caches(0.6).own[0].miss_cut == 4.0
 
 
 class _FixedScores:

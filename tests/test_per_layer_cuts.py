@@ -114,7 +114,7 @@ def test_the_gate_keeps_a_mix_only_within_the_bound_and_when_it_reads_less():
     assert gate["miss_larger"][0]["miss_recall"] == 0.95 and gate["miss_larger"][0]["miss_layer_recalls"] == [0.95, 0.99]
     line = gate_line(gate)
     assert "its layer's cut, keeping 0.95/0.95 of the active contribution (+0.80% with 25%" in line
-    assert "with 50% of each layer in memory: per-layer cuts keeping 0.95/0.99 (+0.80%)" in line
+    assert "with 50% of the FFN neurons in memory: per-layer cuts keeping 0.95/0.99 (+0.80%)" in line
     gate = decide_gate(_report([([0.99, 0.95], 0.9, 55.0)]), profile, 1.0, 0.5)  # reads more than the uniform cut
     assert gate["miss_layer_recalls"] is None and "keeping 0.99 of the active" in gate_line(gate)
     gate = decide_gate(_report([([0.99, 0.95], 0.9, 45.0)], uniform_reads=(50.0, 40.0)), profile, 0.5, 0.5)

@@ -10,6 +10,7 @@ from layouts import tiny_layout
 from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.predictor import Predictor
 from sparseflash.layout.schema import permutation_tensor
+from sparseflash.layout.schema_cache import CacheDemand
 from sparseflash.model.transformer import KVCache
 from sparseflash.runtime.layout_model import open_layout
 from sparseflash.runtime.predict import load_predictors
@@ -48,16 +49,22 @@ def test_runtime_positions_are_the_predictor_choice_mapped_through_the_permutati
 
 
 COST_AWARE = dict(cached_bonus=1.0, miss_penalty=3.0, eviction="forecast")
+# a cache split by demand: layer 0 reads far more than layer 1 with a small cache (layout/schema_cache.py)
+SPLIT = dict(demand=CacheDemand((0.1, 1.0), ((40.0, 0.0), (2.0, 0.0))))
 
 
 @pytest.mark.parametrize("family, budget, policy", [("nemotron", "30%ffn", {}), ("llama-relu", "45%ffn", {}),
                                                     ("nemotron", "30%ffn", COST_AWARE),
-                                                    ("llama-relu", "45%ffn", COST_AWARE)])
+                                                    ("llama-relu", "45%ffn", COST_AWARE),
+                                                    ("nemotron", "30%ffn", SPLIT)])
 def test_streamed_engine_equals_dense_masked_to_the_same_neurons(tmp_path, family, budget, policy):
     """f32 layout, top-k predictors with look-ahead, a cache far below the layer (with and without
-    cost-aware selection): the streamed logits equal a dense forward whose FFNs keep only the neurons
-    the engine computed."""
-    dense, path = tiny_layout(tmp_path, family, dtype="f32", preds=_predictors(2), strategy="topk", n_hot=8)
+    cost-aware selection, and split among layers by demand): the streamed logits equal a dense forward
+    whose FFNs keep only the neurons the engine computed."""
+    policy = dict(policy)
+    demand = policy.pop("demand", None)
+    dense, path = tiny_layout(tmp_path, family, dtype="f32", preds=_predictors(2), strategy="topk", n_hot=8,
+                              demand=demand)
     ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(2))
     model = open_streamed(path, budget, io_buffer_bytes=4096, **policy)
     try:
@@ -67,8 +74,11 @@ def test_streamed_engine_equals_dense_masked_to_the_same_neurons(tmp_path, famil
         out = torch.cat([model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(ids.shape[1])], 1)
         trace = model.engine.trace
         assert sum(s.bytes_read for s in model.engine.stats) > 0
-        assert sum(s.prefetched for s in model.engine.stats) > 0  # look-ahead reads happened
+        # look-ahead reads happened (with the split, layer 1 keeps the minimum 16 slots: room for none)
+        assert demand or sum(s.prefetched for s in model.engine.stats) > 0
         assert model.engine.memory.slots_per_layer < 160 - 8
+        capacities = [c.capacity for c in model.engine.caches]
+        assert (capacities[0] > capacities[1]) if demand else capacities[0] == capacities[1]
         perms = [np.asarray(model.layout.file.tensor(permutation_tensor(l))) for l in range(2)]
     finally:
         model.close()

@@ -48,12 +48,12 @@ def test_the_sparsest_miss_cut_within_the_bound_is_kept():
     gate = decide_gate(_with_miss([(0.95, 0.4), (0.9, 0.9), (0.8, 3.0)]), PROFILE, 1.0, 0.5)
     assert gate["strategy"] == "threshold" and gate["miss_recall"] == 0.9 and gate["miss_share"] == 0.25
     assert gate["miss_recalls"] == [0.95, 0.9, 0.8] and abs(gate["miss_rise_pct"]["0.8"] - 3.0) < 1e-9
-    assert "read only above the cut keeping 0.9 of the active contribution (+0.90% with 25% of each layer in memory" in gate_line(gate)
+    assert "read only above the cut keeping 0.9 of the active contribution (+0.90% with 25% of the FFN neurons in memory" in gate_line(gate)
     larger = {**_with_miss([(0.95, 0.4), (0.9, 1.2)]), "miss_larger": [
         {"share": 0.5, "miss": [{"recall": 0.95, "ppl": 20.04}, {"recall": 0.9, "ppl": 20.16}]}]}
     gate = decide_gate(larger, PROFILE, 1.0, 0.5)  # 0.9 misses with 25% in memory, holds with 50%
     assert gate["miss_recall"] == 0.95 and gate["miss_larger"][0]["miss_recall"] == 0.9
-    assert "with 50% of each layer in memory: the cut keeping 0.9 (+0.80%)" in gate_line(gate)
+    assert "with 50% of the FFN neurons in memory: the cut keeping 0.9 (+0.80%)" in gate_line(gate)
     cached = decide_gate({**_with_miss([(0.9, 0.9)]), "cached_share": 0.9995}, PROFILE, 1.0, 0.5)
     assert cached["cached_share"] == 0.9995 and "computed down to the cut keeping 0.9995 (+0.90%" in gate_line(cached)
 

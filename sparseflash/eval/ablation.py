@@ -4,12 +4,15 @@ Teacher-forced on the same held-out tokens, at each FFN budget, the streamed eng
 variant (``VARIANTS``): every prediction read, then the miss cut that prepare's quality gate
 validated (cost-aware selection), then look-ahead prefetch (first as sure as the layer's own reads,
 then with its cuts raised: ``Policy.lookahead_raise``, the default); and, for comparison, the default
-run with the former default eviction (``predicted``), and fixed logit offsets.
+run with the former default eviction (``predicted``), with every layer the same cache (the former split:
+the default splits the cache among layers by the layout's cache demand), and fixed logit offsets.
 Per variant: neurons fetched per token (demand reads + look-ahead reads, used or not), bytes read
 per token (the reader's count), perplexity and its rise over dense,
 top-1 agreement with dense, and Belady's optimum on the variant's own predicted trace (simulated:
 no eviction can fetch fewer neurons for those predictions). The oracle (true active sets + Belady in
-a cache of the same size, simulated) is the floor every row is divided by. Next to it, the online
+the same cache as the default run, the same slots in each layer, simulated) is the floor every row is
+divided by; the oracle with every layer the same cache is shown too (the floor before the split, and
+the larger of the two where the split helps the oracle less than the run). Next to it, the online
 floor: the same true active sets through the runtime's own eviction rules (the default policy and
 window, simulated; a runtime that does not know the future cannot evict as Belady does), which is
 what a perfect predictor would fetch.
@@ -39,6 +42,8 @@ VARIANTS = {
         lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
     "the default run, predicted eviction (the former default)": dict(lookahead=True, eviction="predicted",
                                                                      miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
+    "the default run, every layer the same cache (the former split)": dict(
+        lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0, split_cache=False),
     "fixed offsets instead (cached +1, missing -3 logits)": dict(lookahead=False, eviction=_EV,
                                                                  miss_cut=False, cached_bonus=1.0, miss_penalty=3.0),
 }
@@ -70,14 +75,16 @@ def fetch_ablation(path: str, ids: list[int], tokens: int = 1024, ctx: int = 256
            "device_model": device.to_dict(), "budgets": {}}
     for budget in budgets:
         rows = {}
-        slots = None
+        slots = even = None
         for name, policy in variants.items():
             logits, stats, memory, trace, _ = streamed_pass(path, budget, seqs, device, quiet, f"{budget} {name}",
                                                             **policy)
-            slots = memory.slots_per_layer
+            if policy.get("split_cache", True) or slots is None:  # the oracle's cache: the default run's
+                slots = list(memory.layer_slots)
+            even = [memory.slots_per_layer] * len(regions)
             ppl, top1 = quality(logits, seqs, ref)
             fetched = sum(s.misses + s.prefetched for s in stats) / n_tok
-            floor = simulate(trace, n_hot, slots, bb, "belady", 0, gap)
+            floor = simulate(trace, n_hot, memory.layer_slots, bb, "belady", 0, gap)
             rows[name] = {"policy": policy, "neurons_fetched_per_token": fetched,
                           "bytes_per_token": sum(s.bytes_read for s in stats) / n_tok,
                           "predicted_per_token": sum(s.predicted for s in stats) / n_tok,
@@ -85,14 +92,17 @@ def fetch_ablation(path: str, ids: list[int], tokens: int = 1024, ctx: int = 256
                           "belady_same_trace_fetched": float(floor.fetched.mean())}
         sim = simulate(oracle_trace, n_hot, slots, bb, "belady", 0, gap)
         online = simulate(oracle_trace, n_hot, slots, bb, _EV, Policy.window, gap)
+        even_sim = sim if even == slots else simulate(oracle_trace, n_hot, even, bb, "belady", 0, gap)
         oracle = {"neurons_fetched_per_token": float(sim.fetched.mean()), "bytes_per_token": float(sim.bytes.mean()),
+                  "even_fetched_per_token": float(even_sim.fetched.mean()),  # every layer the same cache
                   "online_fetched_per_token": float(online.fetched.mean()),
                   "online_bytes_per_token": float(online.bytes.mean()),
                   "active_per_token": float(sum(len(p) for layer in oracle_trace for p in layer) / n_tok),
                   "ppl": ppl_o, "ppl_rise_pct": 100 * (ppl_o / ppl_dense - 1), "top1_agreement": top1_o}
         for row in rows.values():
             row["fetched_vs_oracle"] = row["neurons_fetched_per_token"] / max(oracle["neurons_fetched_per_token"], 1e-12)
-        out["budgets"][budget] = {"cache_slots_per_layer": slots, "variants": rows, "oracle": oracle}
+        out["budgets"][budget] = {"cache_slots_per_layer": slots, "even_slots_per_layer": even[0], "variants": rows,
+                                  "oracle": oracle}
     return out
 
 
@@ -102,7 +112,8 @@ def ablation_markdown(r: dict) -> str:
              f"{r['ppl_dense']:.3f}, dense FFN {r['dense_bytes'] / 1024:.0f} KiB/token"]
     for budget, b in r["budgets"].items():
         o = b["oracle"]
-        lines += ["", f"Budget {budget} ({b['cache_slots_per_layer']} cache slots per layer)", "",
+        lines += ["", f"Budget {budget} (cache slots by layer {b['cache_slots_per_layer']}; "
+                      f"{b.get('even_slots_per_layer', '?')} each if the same for all)", "",
                   "| variant | neurons fetched/token | vs oracle | Belady same trace | KiB/token | predicted/token "
                   "| ppl | rise | top-1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, v in b["variants"].items():
@@ -113,6 +124,9 @@ def ablation_markdown(r: dict) -> str:
         lines.append(f"| oracle (true active + Belady, simulated) | {o['neurons_fetched_per_token']:.1f} | x1.00 | | "
                      f"{o['bytes_per_token'] / 1024:.1f} | {o['active_per_token']:.1f} | {o['ppl']:.3f} | "
                      f"{o['ppl_rise_pct']:+.2f}% | {o['top1_agreement']:.3f} |")
+        if "even_fetched_per_token" in o:
+            lines.append(f"| oracle, every layer the same cache | {o['even_fetched_per_token']:.1f} | "
+                         f"x{o['even_fetched_per_token'] / max(o['neurons_fetched_per_token'], 1e-12):.2f} | | | | | | |")
         lines.append(f"| online floor (true active + {_EV} eviction, window {Policy.window}, simulated) | "
                      f"{o['online_fetched_per_token']:.1f} | "
                      f"x{o['online_fetched_per_token'] / max(o['neurons_fetched_per_token'], 1e-12):.2f} | | "

@@ -185,7 +185,7 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
 
         # oracle: Belady replay of the true trace in a cache of the engine's size, its misses read for real
         bb = regions[0].bundle_bytes
-        sim = simulate(oracle_trace, n_hot, memory.slots_per_layer, bb, "belady", 0, device.merge_gap_blocks)
+        sim = simulate(oracle_trace, n_hot, memory.layer_slots, bb, "belady", 0, device.merge_gap_blocks)
         reads = [[sim.misses[l][t] for l in range(len(regions))] for t in range(n_tok)]
         io_s, nbytes, requests, model_s = _measure_reads(path, regions, device, reads, quiet, "oracle reads")
         ppl_o, top1_o = quality(orc_logits, seqs, ref)
@@ -195,7 +195,7 @@ def io_report(paths: list[str], ids: list[int], tokens: int = 1024, ctx: int = 2
         modes["oracle"]["neurons_fetched_per_token"] = float(sim.fetched.mean())
         modes["oracle"]["simulated_bytes_per_token"] = float(sim.bytes.mean())
         entry = {"layout": str(path), "order": order, "modes": modes, "ppl_dense": ppl_dense,
-                 "budget_bytes": memory.budget, "cache_slots_per_layer": memory.slots_per_layer,
+                 "budget_bytes": memory.budget, "cache_slots_per_layer": list(memory.layer_slots),
                  "fetched_vs_oracle": (modes["sparse+window"]["neurons_fetched_per_token"]
                                        / max(modes["oracle"]["neurons_fetched_per_token"], 1e-12))}
         if sweep and path == paths[0]:
@@ -223,7 +223,7 @@ def _evictions(path, budget, seqs, device, quiet, default_row, predicted_trace, 
         _, stats, _, _, _ = _engine_pass(path, budget, seqs, True, device, quiet, f"eviction {policy}", policy)
         row = _engine_row(stats, n_tok, dense_bytes)
         out[policy] = {k: row[k] for k in keys}
-    sim = simulate(predicted_trace, n_hot, memory.slots_per_layer, regions[0].bundle_bytes, "belady", 0,
+    sim = simulate(predicted_trace, n_hot, memory.layer_slots, regions[0].bundle_bytes, "belady", 0,
                    device.merge_gap_blocks)
     total = sum(len(p) for layer in predicted_trace for p in layer)
     out["belady"] = {"bytes_per_token": float(sim.bytes.mean()), "requests_per_token": float(sim.requests.mean()),
@@ -246,12 +246,12 @@ def _sweeps(predicted, oracle, n_hot, regions, memory, device) -> dict:
         by_budget["oracle"].append(float(simulate(oracle, n_hot, slots, bb, "belady", 0, gap).bytes.mean()))
     wins = [0, 1, 2, 4, 8, 16]
     by_window = {"window": wins, "window_only": [], "window_only_slots": [], "lru": [],
-                 "lru_slots": memory.slots_per_layer}
+                 "lru_slots": list(memory.layer_slots)}
     for w in wins:
         nbytes, held = _window_only(predicted, n_hot, w, bb, gap)
         by_window["window_only"].append(float(nbytes))
         by_window["window_only_slots"].append(float(held))
-        by_window["lru"].append(float(simulate(predicted, n_hot, memory.slots_per_layer, bb, "lru", w, gap).bytes.mean()))
+        by_window["lru"].append(float(simulate(predicted, n_hot, memory.layer_slots, bb, "lru", w, gap).bytes.mean()))
     return {"by_budget": by_budget, "by_window": by_window}
 
 

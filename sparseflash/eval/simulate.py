@@ -77,9 +77,11 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
     return out
 
 
-def simulate(traces: list[list[np.ndarray]], n_hot: list[int], capacity: int, bundle_bytes: int,
+def simulate(traces: list[list[np.ndarray]], n_hot: list[int], capacity, bundle_bytes: int,
              policy: str = "lru", window: int = 0, merge_gap_blocks: int = 0) -> SimResult:
-    """Simulate every layer; traces[l][t] are the stored positions layer l needs at token t."""
+    """Simulate every layer; traces[l][t] are the stored positions layer l needs at token t; ``capacity``:
+    unpinned slots, the same for every layer or one per layer."""
+    capacity = np.broadcast_to(np.asarray(capacity, dtype=np.int64), (len(traces),))
     tokens = len(traces[0])
     fetched = np.zeros(tokens, dtype=np.int64)
     needed = np.zeros(tokens, dtype=np.int64)
@@ -87,7 +89,7 @@ def simulate(traces: list[list[np.ndarray]], n_hot: list[int], capacity: int, bu
     nbytes = np.zeros(tokens, dtype=np.int64)
     misses = []
     for l, trace in enumerate(traces):
-        layer_miss = simulate_layer(trace, n_hot[l], capacity, policy, window)
+        layer_miss = simulate_layer(trace, n_hot[l], int(capacity[l]), policy, window)
         misses.append(layer_miss)
         for t, m in enumerate(layer_miss):
             fetched[t] += len(m)

@@ -27,6 +27,7 @@ from sparseflash.layout.ordering import LayerStats, order_layer
 from sparseflash.layout.params import LayoutParams
 from sparseflash.layout.profile import load_profile
 from sparseflash.layout.schema import ModelHeader, PredictorsHeader, PredictorSpec
+from sparseflash.layout.schema_cache import CacheDemand
 from sparseflash.model.loader import DenseModel
 from sparseflash.model.source import CheckpointSource
 
@@ -61,7 +62,7 @@ def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.Pat
     if profile["model"]["layers"] != c.num_layers or profile["model"]["neurons"] != c.intermediate_size:
         raise ArtefactError(f"{profile_dir}: profile shape does not match the checkpoint; re-run `sparseflash profile`")
     thresholds = [float(t) for t in np.load(profile_dir / "thresholds.npz")[p.thresholds]]
-    preds, strategy, report = {}, "threshold", None
+    preds, strategy, report, demand = {}, "threshold", None, None
     if predictors_dir is not None:
         from sparseflash.layout.predictors_build import REPORT_FILE, load_predictors
 
@@ -76,6 +77,16 @@ def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.Pat
         strategy = meta.get("strategy", "threshold")
         full = json.loads((Path(predictors_dir) / REPORT_FILE).read_text())
         report = {k: full.get(k) for k in ("mean", "lookahead_mean", "ppl", "size_share")}
+        if full.get("cache_demand") is not None:  # how a run splits its cache (the candidates were validated so)
+            try:
+                demand = CacheDemand(tuple(full["cache_demand"]["shares"]),
+                                     tuple(tuple(r) for r in full["cache_demand"]["misses"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ArtefactError(f"{predictors_dir}: bad cache_demand in {REPORT_FILE} ({e}); re-run "
+                                    "`sparseflash predictors`") from None
+            if demand.layers != c.num_layers:
+                raise ArtefactError(f"{predictors_dir}: cache demand of {demand.layers} layers, the model has "
+                                    f"{c.num_layers}; re-run `sparseflash predictors`")
 
     n = c.intermediate_size
     n_hot = int(round(p.hot_fraction * n))
@@ -95,7 +106,8 @@ def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.Pat
         "hot_fraction": p.hot_fraction,
     }
     return write_layout(model, out_path, perms, n_hot, thresholds, p.dtype, preds, strategy, report, provenance,
-                        p.zstd_level, source_hash, quiet, p.resident, gate=gate if preds else None)
+                        p.zstd_level, source_hash, quiet, p.resident, gate=gate if preds else None,
+                        cache_demand=demand)
 
 
 def _bundle_bytes(c, dtype: str) -> int:
@@ -109,14 +121,16 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
                  thresholds: list[float], dtype: str = "f16", predictors: dict | None = None,
                  strategy: str = "threshold", report: dict | None = None, provenance: dict | None = None,
                  zstd_level: int | None = None, source_hash: str = "", quiet: bool = False,
-                 resident_dtype: str | None = None, gate: dict | None = None) -> ModelHeader:
+                 resident_dtype: str | None = None, gate: dict | None = None,
+                 cache_demand: CacheDemand | None = None) -> ModelHeader:
     """Write a layout file from a model's weights (in memory, or a checkpoint source read a layer at a
     time: at most one layer and a block of bundles in memory), per-layer permutations and thresholds.
 
     ``predictors`` maps ``layer.{l}`` / ``lookahead.{l}`` to layout/predictor.Predictor objects (rows in
     checkpoint order; they are permuted to stored order here, and parked in files like the resident
     tensors, so a lazy mapping such as predictors_build.StoredPredictors is read one at a time). ``resident_dtype`` (default: as
-    ``dtype``, f16 for quantized bundles) stores the resident matrices. Returns the header written.
+    ``dtype``, f16 for quantized bundles) stores the resident matrices. ``cache_demand`` (with predictors):
+    how a run splits its cache among layers (layout/schema_cache.py). Returns the header written.
     """
     w = LayoutWeights(model)  # an in-memory model, or a checkpoint source read one layer at a time
     c = w.config
@@ -150,7 +164,7 @@ def write_layout(model: DenseModel | CheckpointSource, out_path: str | os.PathLi
             return PredictorSpec(int(p.topk), float(p.cut), int(p.rank), miss, cached, larger)
         pred_header = PredictorsHeader(strategy, tuple(spec(predictors[f"layer.{l}"], l) for l in range(c.num_layers)),
                                        tuple(spec(predictors.get(f"lookahead.{l}"), l) for l in range(c.num_layers)),
-                                       report, gate)
+                                       report, gate, cache_demand)
     resident_dtype = resident_dtype or ("f16" if dtype in ("q8", "q4") else dtype)
     header = ModelHeader(c.to_dict(), w.tokenizer_json, source_hash, dtype, n_hot, pred_header,
                          provenance or {}, resident_dtype)

@@ -20,14 +20,16 @@ class MissRun:
     """The FFN hook of one cost-aware candidate's held-out stream: within each window, token by token,
     a neuron the threshold strategy picks is computed if it is in memory (a least-recently-used cache
     of ``share`` of the layer's neurons, filled by the neurons computed) or if its logit passes the
-    miss cut (then it is read); with ``cached_cut``, a neuron in memory is computed if its logit
+    miss cut (then it is read); ``share`` is one share for every layer or one per layer (the split a run
+    makes: layout/schema_cache.split_shares); with ``cached_cut``, a neuron in memory is computed if its logit
     passes that (lower) cut instead. The window's first token starts with nothing in memory. Counts
     per layer: computed and read neurons, tokens; with the down projection's column norms, the
     contribution |a_i| x ||W_down[:, i]|| of all neurons, of those the threshold strategy computes and
     of those computed (``lost``)."""
 
-    def __init__(self, ctx: int, layers: int, share: float):
+    def __init__(self, ctx: int, layers: int, share):
         self.ctx, self.share = ctx, share
+        self.shares = np.broadcast_to(np.asarray(share, dtype=np.float64), (layers,))
         self.computed = np.zeros(layers)
         self.read = np.zeros(layers)
         self.tokens = np.zeros(layers)
@@ -40,7 +42,7 @@ class MissRun:
             pick = z > (pred.cut if cached_cut is None else min(pred.cut, cached_cut))  # if in memory
             strong = z > max(pred.cut, miss_cut)
             keep = torch.empty_like(pick)
-            capacity = max(1, round(self.share * pred.neurons))
+            capacity = max(1, round(float(self.shares[layer]) * pred.neurons))
             last = torch.full(pick[:, 0].shape, -1.0)  # the position each neuron was last computed at (-1: never)
             for t in range(self.ctx):  # every window of the batch at once, one position at a time
                 held = torch.zeros_like(pick[:, 0])

@@ -150,9 +150,9 @@ def plan_mixes(runs: list[MissRun], rises: list[float], threshold_rise: float, s
 
 
 def validate_mixes(source, val: torch.Tensor, plans: list[tuple[float, dict]], load, p, quiet: bool, spill_dir,
-                   dense_per_window: np.ndarray) -> None:
+                   dense_per_window: np.ndarray, split=lambda share: share) -> None:
     """The second pass: each planned mix ((cache share, plan) pairs) streamed over the held-out windows
-    as the uniform candidates were (MissRun, a cache of that share); ``load(l)`` gives layer l's
+    as the uniform candidates were (MissRun, a cache of that share, split among layers by ``split``); ``load(l)`` gives layer l's
     predictor. Adds ppl, rise_upper_pct (rise_upper), computed_per_token and read_per_token to each mix."""
     from sparseflash.layout.calibration import LayerPass
 
@@ -160,7 +160,7 @@ def validate_mixes(source, val: torch.Tensor, plans: list[tuple[float, dict]], l
     if not jobs:
         return
     layers = source.config.num_layers
-    runs = [MissRun(p.ctx, layers, share) for share, _ in jobs]
+    runs = [MissRun(p.ctx, layers, split(share)) for share, _ in jobs]
     with LayerPass(source, {f"mix_{i}": val for i in range(len(jobs))}, p.batch, "per-layer cuts", quiet,
                    p.spill_bytes, spill_dir) as lp:
         for l, w in lp.layers():

@@ -120,6 +120,11 @@ class PredictorParams:
     probe_budget: float = 3.0
     mix_targets: tuple[float, ...] = (1.2, 1.0, 0.8, 0.6)
     mix_bound_pct: float = 1.0  # prepare passes its gate's bound (a later --gate-rise reuses the mixes)
+    # split the cache among layers by their demand (layout/schema_cache.py, measured from the profile's
+    # masks and recorded for the runtime): the candidates are validated with the caches such a split gives
+    # each layer at each share; hot_fraction as the layout's (LayoutParams), for that split's hot regions
+    split_cache: bool = True
+    hot_fraction: float = 0.1
     lookahead: bool = True
     train: TrainParams = TrainParams()
     train_jobs: int = 2  # trainings side by side (a layer's and its look-ahead's), one core each
@@ -146,6 +151,7 @@ class PredictorParams:
         for r in self.miss_recalls:
             check_float("--miss-recalls", r, 0, 1, lo_open=True)
         check_float("miss_share", self.miss_share, 0, 1, lo_open=True)
+        check_float("--hot-fraction", self.hot_fraction, 0, 1, hi_open=True)
         for s in self.larger_miss_shares:
             check_float("larger_miss_shares", s, self.miss_share, 1, lo_open=True)
         check_float("cached_share", self.cached_share, 0, 1, lo_open=True)
@@ -163,7 +169,7 @@ class LayoutParams:
     order: str = "coact"  # coact | frequency | identity (ordering.py)
     dtype: str = "f16"  # FFN bundle storage
     resident_dtype: str | None = None  # attention, embeddings, head; None: as dtype, or f16 when dtype is quantized
-    hot_fraction: float = 0.1  # share of each layer's neurons pinned resident (the most frequent)
+    hot_fraction: float = PredictorParams.hot_fraction  # share of each layer's neurons pinned resident (the most frequent)
     thresholds: str = "ppl"  # which profile thresholds define "active": ppl | cett
     zstd_level: int | None = None  # None: FFN chunks raw (streaming needs raw chunks)
 
@@ -207,6 +213,7 @@ class PrepareParams:
     larger_miss_shares: tuple[float, ...] = PredictorParams.larger_miss_shares  # validated again (PredictorParams)
     per_layer_cuts: bool = True  # each layer its own miss cut, probed and validated (layout/miss_mix.py)
     rank_spread: float = PredictorParams.rank_spread  # per-layer ranks by active share (PredictorParams)
+    split_cache: bool = PredictorParams.split_cache  # the cache split among layers by demand (PredictorParams)
     order: str = LayoutParams.order
     hot_fraction: float = LayoutParams.hot_fraction
     dtype: str = LayoutParams.dtype

@@ -59,7 +59,8 @@ def _stamp(params: PrepareParams, step: str, texts: dict) -> dict:
     p = dataclasses.asdict(params)
     keep = {"profile": ("profile_tokens", "cett_tokens", "heldout_tokens", "ppl_p", "cett"),
             "predictors": ("profile_tokens", "heldout_tokens", "ppl_p", "cett", "predictor_tokens", "rank", "epochs",
-                           "miss_recalls", "cached_share", "larger_miss_shares", "per_layer_cuts", "rank_spread"),
+                           "miss_recalls", "cached_share", "larger_miss_shares", "per_layer_cuts", "rank_spread",
+                           "split_cache", "hot_fraction"),
             "layout": tuple(p)}[step]
     return json.loads(json.dumps({**{k: p[k] for k in keep}, "texts": texts}))  # as prepare.json reads back
 
@@ -168,6 +169,7 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
                                          larger_miss_shares=params.larger_miss_shares,
                                          probe_budget=PredictorParams.probe_budget if params.per_layer_cuts else 0.0,
                                          mix_bound_pct=params.gate_rise_pct, rank_spread=params.rank_spread,
+                                         split_cache=params.split_cache, hot_fraction=params.hot_fraction,
                                          batch=plan.batch, spill_bytes=plan.spill_bytes,
                                          train_jobs=plan.train_jobs),
                          record.source_hash, quiet)

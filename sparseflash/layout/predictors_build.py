@@ -30,6 +30,7 @@ from sparseflash.errors import ArtefactError, SparseflashError
 from sparseflash.layout import miss_mix, predictor_training
 from sparseflash.layout.activations import NeuronTap
 from sparseflash.layout.artefacts import write_dir_atomically
+from sparseflash.layout.cache_demand import cache_split
 from sparseflash.layout.calibration import LayerPass
 from sparseflash.layout.masks import count_true, pack, packed_width, unpack
 from sparseflash.layout.miss_cut import MissRun, miss_stream
@@ -175,7 +176,7 @@ def build_predictors(source: CheckpointSource, profile: dict, profile_dir: str |
     train = windows(train_ids, p.ctx, p.tokens)
     val = windows(val_ids, p.ctx, p.val_tokens)
     return write_dir_atomically(out_dir, lambda tmp: _build(source, thresholds, train, val, tmp, p, source_hash,
-                                                            profile, quiet))
+                                                            profile, quiet, profile_dir))
 
 
 class _Record:
@@ -222,9 +223,10 @@ class _Record:
         return None if self.mag is None else torch.from_numpy(self.mag)
 
 
-def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
+def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet, profile_dir):
     c = source.config
     t0 = time.perf_counter()
+    demand, split = cache_split(profile_dir, p, c, quiet)  # candidates are validated with a run's split caches
     candidates = rank_candidates(c.hidden_size, c.intermediate_size, c.ffn_param_count(), p)
     ranks = list(p.rank) if isinstance(p.rank, (tuple, list)) else [p.rank or candidates[0]] * c.num_layers
     rank_choice = None  # rank 0: chosen at the first layer (_choose_rank)
@@ -243,13 +245,13 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
                **{miss_stream(r, s): val for r in p.miss_recalls for s in p.larger_miss_shares}}
     n_tune = max(1, int(train.numel() * p.tune_share))  # as _split takes it
     probed = miss_mix.probe_windows(val.shape[0], c.num_layers, p.probe_budget if p.miss_recalls else 0.0)
-    probes = miss_mix.Probes("predicted_threshold", probed, c.num_layers, p.ctx, p.miss_share) if len(probed) else None
+    probes = miss_mix.Probes("predicted_threshold", probed, c.num_layers, p.ctx, split(p.miss_share)) if len(probed) else None
     if probes:  # per-layer miss cuts: layer l's probe branches off the threshold stream at layer l
         streams[miss_mix.PROBE] = miss_mix.probe_seqs(val, probed, c.num_layers)
     probe_cut = int(np.argmin(p.miss_recalls)) if p.miss_recalls else 0  # the probes apply the steepest cut
-    miss_runs = {r: MissRun(p.ctx, c.num_layers, p.miss_share) for r in p.miss_recalls}
-    larger_runs = {(r, s): MissRun(p.ctx, c.num_layers, s) for r in p.miss_recalls for s in p.larger_miss_shares}
-    every_read = MissRun(p.ctx, c.num_layers, p.miss_share)  # the threshold stream, counted the same way
+    miss_runs = {r: MissRun(p.ctx, c.num_layers, split(p.miss_share)) for r in p.miss_recalls}
+    larger_runs = {(r, s): MissRun(p.ctx, c.num_layers, split(s)) for r in p.miss_recalls for s in p.larger_miss_shares}
+    every_read = MissRun(p.ctx, c.num_layers, split(p.miss_share))  # the threshold stream, counted the same way
     with LayerPass(source, streams, p.batch, "predictors", quiet, p.spill_bytes, out) as lp:
         if probes:
             lp.bar.total -= miss_mix.Probes.untouched_tokens(len(probed), c.num_layers, p.ctx)
@@ -344,7 +346,7 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
     del prev
     shutil.rmtree(out / "record", ignore_errors=True)
     miss_mix.validate_mixes(source, val, plans, lambda l: StoredPredictors(parts / f"layer_{l:04d}.safetensors")[f"layer.{l}"],
-                   p, quiet, out, dense_windows)  # a second pass: each mix over the whole held-out text
+                   p, quiet, out, dense_windows, split)  # a second pass: each mix over the whole held-out text
     strategy = "topk" if ppl["predicted_topk"] <= ppl["predicted_threshold"] else "threshold"
     ppl["predicted"] = ppl[f"predicted_{strategy}"]
 
@@ -378,6 +380,9 @@ def _build(source, thresholds, train, val, out, p, source_hash, profile, quiet):
         "cached_share": p.cached_share,
         "miss_probe": probe,  # per-layer miss cuts (layout/miss_mix.py): the probes and the validated mixes
         "miss_mixes": [{"share": share, **plan} for share, plan in plans],
+        # the cache split a run makes (layout/schema_cache.py) and, per validated share, each layer's cache
+        "cache_demand": None if demand is None else demand.to_json(),
+        "cache_split": {f"{s:g}": list(np.broadcast_to(split(s), (c.num_layers,))) for s in (p.miss_share, *p.larger_miss_shares)},
         "threshold_reads": dict(zip(("computed_per_token", "read_per_token"), every_read.per_token())),
         "strategy": strategy,
         "predicted_over_true": (1 - mean[f"sparsity_{strategy}"]) / max(1 - mean["true_sparsity"], 1e-12),

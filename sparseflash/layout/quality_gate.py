@@ -112,7 +112,7 @@ def gate_line(gate: dict) -> str:
         line += (f"; cost-aware: a neuron not in memory is read only above {which} {kept[0]} of the active "
                  f"contribution" + (f", one in memory is computed down to the cut keeping {gate['cached_share']:g}"
                                     if "cached_share" in gate else "")
-                 + f" ({kept[1]:+.2f}% with {gate['miss_share']:.0%} of each layer in memory; "
+                 + f" ({kept[1]:+.2f}% with {gate['miss_share']:.0%} of the FFN neurons in memory; "
                  "applied where a run's cache is at least that large)")
     elif gate.get("miss_recalls") and gate["strategy"] == "threshold":
         line += "; cost-aware: no miss cut within the bound"
@@ -120,7 +120,7 @@ def gate_line(gate: dict) -> str:
         kept = kept_cut(entry)
         if kept is not None:
             which = "per-layer cuts keeping" if entry.get("miss_layer_recalls") else "the cut keeping"
-            line += f"; with {entry['share']:.0%} of each layer in memory: {which} {kept[0]} ({kept[1]:+.2f}%)"
+            line += f"; with {entry['share']:.0%} of the FFN neurons in memory: {which} {kept[0]} ({kept[1]:+.2f}%)"
     if gate["too_dense"]:
         line += (f"; model too dense to gain: PPL-{gate['ppl_p']:g}% sparsity {gate['ppl_p_sparsity']:.1%} "
                  f"< {gate['min_sparsity']:.0%}")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .format_spec import DTYPES, QUANT_TYPES, STORAGE_DTYPES, FfnLayer, TensorEntry
+from .schema_cache import CacheDemand, read_demand
 from .schema_check import REBUILD, SchemaError, _Check  # noqa: F401  (SchemaError, REBUILD: part of this API)
 from .schema_gate import read_gate
 
@@ -150,6 +151,8 @@ class PredictorsHeader:
     # prepare's quality gate (layout/quality_gate.py): its "strategy" (topk | threshold | all) is the
     # runtime's default in place of ``strategy``; the rest is what it measured (shown by run and inspect)
     gate: dict | None = None
+    # per layer, misses per token against cache size (layout/schema_cache.py): how a run splits its cache
+    cache_demand: CacheDemand | None = None
 
     @property
     def default_strategy(self) -> str:
@@ -173,6 +176,8 @@ class PredictorsHeader:
                "lookahead": [spec(p) for p in self.lookahead], "report": self.report}
         if self.gate is not None:
             out["gate"] = self.gate
+        if self.cache_demand is not None:
+            out["cache_demand"] = self.cache_demand.to_json()
         return out
 
 
@@ -258,8 +263,8 @@ def read_header(path: object, doc: dict) -> ModelHeader:
 
 
 def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
-    c.object(doc, "header.predictors", ("strategy", "layers", "lookahead", "report", "gate"),
-             optional=("report", "gate"))
+    c.object(doc, "header.predictors", ("strategy", "layers", "lookahead", "report", "gate", "cache_demand"),
+             optional=("report", "gate", "cache_demand"))
     strategy = c.str(doc["strategy"], "header.predictors.strategy", STRATEGIES)
     layers_n, n = model["num_layers"], model["intermediate_size"]
 
@@ -298,7 +303,10 @@ def _read_predictors(c: _Check, doc, model: dict) -> PredictorsHeader:
     gate = doc.get("gate")
     if gate is not None:
         read_gate(c, gate, STRATEGIES)
-    return PredictorsHeader(strategy, own, ahead, report, gate)
+    demand = doc.get("cache_demand")
+    if demand is not None:
+        demand = read_demand(c, demand, layers_n)
+    return PredictorsHeader(strategy, own, ahead, report, gate, demand)
 
 
 # ---- the tensors a header implies ----------------------------------------------------------

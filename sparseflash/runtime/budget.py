@@ -2,8 +2,9 @@
 the cache index, I/O buffers and the neuron cache slots (docs/runtime.md, "Memory budget").
 
 Pure arithmetic over the layout's FFN regions (each layer may differ: its own neuron count, hot
-region and bundle size); nothing here allocates. Every layer gets the same number of extra cache
-slots, the most the budget allows.
+region and bundle size); nothing here allocates. The cache takes the most slots the budget allows
+for the same number in every layer; with the layout's cache demand (layout/schema_cache.py) those
+bytes are split among layers by demand instead (``MemoryPlan.layer_slots``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from sparseflash.errors import SparseflashError
 from sparseflash.layout.format import FfnLayer
+from sparseflash.layout.schema_cache import CacheDemand, split_slots
 from sparseflash.runtime.policy import Budget
 
 INDEX_BYTES_PER_NEURON = 8 + 4 + 1  # slot_of (int64), down-column norm (runtime/fetcher.py), values checked (streamer.py)
@@ -52,6 +54,14 @@ class MemoryPlan:
     plugins: int = 0  # compression plugins held beside the resident tensors (model/plugin.py)
     staging: int = 0  # strategy all: the staging region shared by all layers (two halves), bytes
     staging_rows: int = 0  # bundles of the largest layer per staging half
+    # per layer, cache slots beyond the hot region: slots_per_layer each, or, split by demand, the bytes of
+    # that many in every layer spread by demand (never more)
+    layer_slots: tuple[int, ...] = ()
+    split: bool = False  # whether layer_slots is a split by demand
+
+    def slots_of(self, layer: int) -> int:
+        """Cache slots of ``layer`` beyond its hot region."""
+        return self.layer_slots[layer]
 
     @property
     def total(self) -> int:
@@ -60,9 +70,12 @@ class MemoryPlan:
 
 
 def plan_memory(regions: Sequence[FfnLayer], resident: int, predictors: int, io_buffers: int, budget: Budget,
-                min_slots: int, plugins: int = 0, stage_all: bool = False) -> MemoryPlan:
+                min_slots: int, plugins: int = 0, stage_all: bool = False,
+                demand: CacheDemand | None = None) -> MemoryPlan:
     """Split ``budget`` (bytes) over the parts; raises BudgetError below the minimum. ``plugins``:
-    bytes of the compression plugins a run holds, fixed like the resident tensors.
+    bytes of the compression plugins a run holds, fixed like the resident tensors. ``demand``: split
+    the cache's bytes among layers by it (layout/schema_cache.split_slots; not with a staging region),
+    each layer at least the minimum.
 
     A ``ffn_share`` budget makes hot region + cache bundles that share of all FFN bundle bytes
     (rounded down to whole slots); the fixed parts and the slots' index bytes come on top.
@@ -103,10 +116,15 @@ def plan_memory(regions: Sequence[FfnLayer], resident: int, predictors: int, io_
                           f"hot region {hot}, I/O buffers {io_buffers}, {floor} cache slots/layer)")
     misses = max(r.n_neurons - r.n_hot for r in regions)  # the largest layer's neurons beyond its hot region
     rows = _staging_rows(extra_of, misses, floor) if stage_all and extra_of(0) < max_extra else 0
-    extra = extra_of(rows)
-    return MemoryPlan(resident, predictors, hot, extra * bundle_row, index + extra * len(regions) * INDEX_BYTES_PER_SLOT,
-                      io_buffers, int(extra), minimum, bytes_of(rows), plugins, staging_region_bytes(regions, rows),
-                      rows)
+    extra = int(extra_of(rows))
+    layer_slots = (extra,) * len(regions)
+    if demand is not None and not rows:
+        costs = [r.bundle_bytes + INDEX_BYTES_PER_SLOT for r in regions]
+        layer_slots = tuple(split_slots(demand, [r.n_neurons for r in regions], [r.n_hot for r in regions], costs,
+                                        extra * slot_row, [floor] * len(regions)))
+    return MemoryPlan(resident, predictors, hot, sum(x * r.bundle_bytes for x, r in zip(layer_slots, regions)),
+                      index + sum(layer_slots) * INDEX_BYTES_PER_SLOT, io_buffers, extra, minimum, bytes_of(rows),
+                      plugins, staging_region_bytes(regions, rows), rows, layer_slots, demand is not None and not rows)
 
 
 def staging_region_bytes(regions: Sequence[FfnLayer], rows: int) -> int:

@@ -59,9 +59,11 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
         rows = staging_rows(regions, policy.io_buffer_bytes) if on_gpu else 0
         staging = staging_nbytes(rows, max(r.bundle_bytes for r in regions)) if on_gpu else 0
         stage_all = policy.staging and predictors.strategy == "all" and not on_gpu
+        meta = lm.header.predictors  # the cache split by demand, where the layout records one and predictors run
+        demand = meta.cache_demand if meta and policy.split_cache and predictors.strategy != "all" else None
         memory = plan_memory(regions, resident_bytes(lm.weights), predictors.nbytes,
                              reader.buffer_total_bytes + staging, policy.budget, policy.min_slots, plugin_bytes,
-                             stage_all=stage_all)
+                             stage_all=stage_all, demand=demand)
         storage = regions[0].dtype
         if backend == "cpu":
             kernel.warmup((storage,))  # compile (or load) before the first token, not during it
@@ -74,9 +76,10 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
 
                 step.warmup((KERNEL_DTYPE[storage],))  # the fused host step (runtime/fused.py)
         nativecache.warmup()  # the caches' native bookkeeping (runtime/nativecache.py), likewise
-        caches = [NeuronCache(r.n_neurons, r.n_hot + memory.slots_per_layer, r.bundle_len, STORAGE_NP[r.dtype],
-                              policy.window, policy.eviction, host_slots=not on_gpu) for r in regions]
-        predictors = predictors.for_caches([c.capacity / c.neurons for c in caches])  # the miss cut each cache takes
+        caches = [NeuronCache(r.n_neurons, r.n_hot + memory.slots_of(l), r.bundle_len, STORAGE_NP[r.dtype],
+                              policy.window, policy.eviction, host_slots=not on_gpu) for l, r in enumerate(regions)]
+        # the miss cuts validated for the whole cache's share (prepare validated them with this split)
+        predictors = predictors.for_caches(sum(c.capacity for c in caches) / sum(c.neurons for c in caches))
         # per-neuron biases are gathered by slot on the host
         b_up = [None if w.b_up is None else w.b_up.float().numpy() for w in lm.weights.layers]
         b_gate = [None if w.b_gate is None else w.b_gate.float().numpy() for w in lm.weights.layers]

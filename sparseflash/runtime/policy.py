@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from sparseflash.errors import SparseflashError
+from sparseflash.layout.schema_cache import MIN_SLOTS
 
 EVICTION_POLICIES = ("lru", "lfu", "predicted", "forecast", "frequency", "window")
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -88,7 +89,10 @@ class Policy:
     # cost-aware selection validated by prepare: where the layout records a miss cut per layer (its quality
     # gate measured it within the bound with nothing cached), a neuron not in memory is read only above it
     miss_cut: bool = True
-    min_slots: int = 16  # smallest neuron cache per layer that the engine accepts
+    min_slots: int = MIN_SLOTS  # smallest neuron cache per layer that the engine accepts
+    # split the cache among layers by the layout's cache demand (layout/schema_cache.py), where it has one;
+    # False: every layer the same slots (prepare validated the miss cuts with the split)
+    split_cache: bool = True
     # strategy all on the host with a cache smaller than the model: a staging region of two halves shared
     # by all layers takes the next layer's misses while a layer computes (runtime/staging.py)
     staging: bool = True

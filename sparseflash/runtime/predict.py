@@ -134,14 +134,15 @@ class Predictors:
         move = lambda d: {l: p.to(device) for l, p in d.items()}  # noqa: E731
         return Predictors(self.strategy, move(self.own), move(self.lookahead), self.miss_share)
 
-    def for_caches(self, shares: list[float]) -> Predictors:
-        """The predictors as a run with these caches applies them: layer l's (own and look-ahead) miss cut
-        is the one validated with the largest cache share at most ``shares[l]`` (its cache's slots over
-        its neurons, hot region included), or none where no validated cache is that small; the result's
-        ``miss_share`` is 0, since the choice is made."""
+    def for_caches(self, share: float) -> Predictors:
+        """The predictors as a run whose caches hold ``share`` of all neurons (slots over neurons, hot
+        regions included) applies them: each layer's (own and look-ahead) miss cut is the one validated
+        with the largest cache share at most ``share`` (prepare validated each share with the caches split
+        among layers as the run splits them), or none where no validated cache is that small; the
+        result's ``miss_share`` is 0, since the choice is made."""
         def fit(l: int, p: LayerPredictor) -> LayerPredictor:
             validated = [(self.miss_share, p.miss_cut), *p.larger_miss_cuts]
-            fits = [(s, c) for s, c in validated if c is not None and s <= shares[l]]
+            fits = [(s, c) for s, c in validated if c is not None and s <= share + 1e-9]
             return dataclasses.replace(p, miss_cut=max(fits)[1] if fits else None)
 
         return Predictors(self.strategy, {l: fit(l, p) for l, p in self.own.items()},

@@ -122,7 +122,7 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
         "budget_bytes": engine.memory.budget,
         "plugin_bytes": engine.memory.plugins,
         "memory_plan": {k: getattr(engine.memory, k) for k in
-                        ("resident", "plugins", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "minimum",
+                        ("resident", "plugins", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "layer_slots", "minimum",
                          "staging", "staging_rows")},
         "direct_io": engine.fetcher.reader.direct,
         "device": {"ffn": engine.policy.device, "resident": model.transformer.device.type},

@@ -85,7 +85,7 @@ def cmd_prepare(args) -> int:
                            cett_tokens=args.cett_tokens, rank=args.rank, epochs=args.epochs, order=args.order,
                            hot_fraction=args.hot_fraction, dtype=args.dtype, resident_dtype=args.resident_dtype,
                            gate_rise_pct=args.gate_rise, per_layer_cuts=not args.no_per_layer_cuts,
-                           rank_spread=args.rank_spread)
+                           rank_spread=args.rank_spread, split_cache=not args.even_cache)
     memory = None
     if args.memory is not None:
         memory = parse_bytes(args.memory)
@@ -132,6 +132,9 @@ def register(sub) -> None:
                         "(percent), else prepare falls back (other strategy, then exact streaming)")
     q.add_argument("--no-per-layer-cuts", action="store_true",
                    help="one miss cut for every layer (default: each layer's own where a validated mix reads less)")
+    q.add_argument("--even-cache", action="store_true",
+                   help="no cache demand in the layout: a run gives every layer the same cache (default: each layer "
+                        "its share by demand, measured on the calibration text, and the miss cuts validated so)")
     q.add_argument("--memory", default=None, metavar="SIZE",
                    help="peak memory allowed (e.g. 12GiB): hidden states spill to temporary files to stay under it, "
                         "or prepare refuses before it starts (the expected peak is printed either way)")

@@ -65,7 +65,7 @@ def _run_streamed(args, sampling) -> int:
     model = open_streamed(path, args.budget, window=args.window, io=args.io, io_threads=args.io_threads,
                           eviction=args.eviction, strategy=args.strategy, lookahead=not args.no_lookahead,
                           lookahead_raise=args.lookahead_raise, miss_cut=not args.no_miss_cut, device=args.device,
-                          verify=not args.no_verify, plugins=plugins)
+                          verify=not args.no_verify, plugins=plugins, split_cache=not args.even_cache)
     try:
         prompt = model.tokenizer.encode(args.prompt)
         plugin = choose_plugin(args.compress, model.plugins, len(prompt), looked_in)
@@ -169,6 +169,8 @@ def register(sub) -> None:
     r.add_argument("--no-miss-cut", action="store_true",
                    help="read every predicted neuron that is not in memory and compute those in memory as predicted "
                         "(ignore the layout's validated miss and cached cuts)")
+    r.add_argument("--even-cache", action="store_true",
+                   help="every layer the same cache slots (default: the layout's split by each layer's demand)")
     r.add_argument("--no-verify", action="store_true",
                    help="do not check bundles against their digests as they are read, nor resident tensors at load "
                         "(a few %% faster; bytes changed on disk would then run to wrong tokens)")
