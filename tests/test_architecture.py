@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparseflash"
 CONTAINER = {"sparseflash.layout.format", "sparseflash.layout.format_spec", "sparseflash.layout.format_index",
              "sparseflash.layout.format_reader", "sparseflash.layout.format_writer",
              "sparseflash.layout.format_extents"}
-CONTRACT = CONTAINER | {"sparseflash.layout.schema", "sparseflash.layout.schema_check", "sparseflash.layout.schema_gate"}
+CONTRACT = CONTAINER | {"sparseflash.layout.schema", "sparseflash.layout.schema_check", "sparseflash.layout.schema_gate",
+                        "sparseflash.layout.schema_cache"}
 NEUTRAL = {"sparseflash", "sparseflash.errors", "sparseflash.units", "sparseflash.paths"}
 
 

@@ -57,6 +57,11 @@ def test_prepare_writes_everything_once(prepared):
     with LayoutFile.open(path, verify=True) as f:
         layer = f.layers[0]
         assert layer.n_hot == 102 and f.header["predictors"] is not None
+        demand = f.header["predictors"]["cache_demand"]  # the cache split a run makes (layout/schema_cache.py)
+        assert len(demand["misses"]) == len(f.layers) and len(demand["misses"][0]) == len(demand["shares"])
+    report = json.loads((out / "predictors" / "predictors.json").read_text())
+    split = report["cache_split"]["0.25"]  # the validation's cache shares: 25% of all neurons, by demand
+    assert abs(sum(split) / len(split) - 0.25) < 0.01 and max(split) > min(split)
 
 
 def test_layout_round_trip_gives_checkpoint_weights(prepared):

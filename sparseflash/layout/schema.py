@@ -12,7 +12,7 @@ writer (layout/build.py) and the runtime (runtime/layout_model.py, runtime/predi
   predictors, reports and the runtime;
 - dtype helpers (storage tag <-> float32) and the predictor forward the stored tensors mean.
 
-Spec: docs/layout-format.md, "Model layouts". Imports nothing from sparseflash but format_spec and schema_check.
+Spec: docs/layout-format.md, "Model layouts". Imports nothing from sparseflash but its siblings format_spec, schema_check, schema_gate and schema_cache.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def register(sub) -> None:
                    help="read every predicted neuron that is not in memory and compute those in memory as predicted "
                         "(ignore the layout's validated miss and cached cuts)")
     r.add_argument("--even-cache", action="store_true",
-                   help="every layer the same cache slots (default: the layout's split by each layer's demand)")
+                   help="every layer the same cache slots (default: the layout's split by each layer's demand; its miss "
+                        "cuts were validated with the split, so the quality of an even cache is not)")
     r.add_argument("--no-verify", action="store_true",
                    help="do not check bundles against their digests as they are read, nor resident tensors at load "
                         "(a few %% faster; bytes changed on disk would then run to wrong tokens)")
