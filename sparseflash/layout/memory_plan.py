@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from sparseflash.errors import SparseflashError
+from sparseflash.layout.cache_demand import DEMAND_TOKENS
 from sparseflash.layout.format_extents import COST_CHUNK_BYTES
 from sparseflash.layout.layout_weights import ROW_BLOCK_BYTES
 from sparseflash.layout.miss_mix import probe_windows
@@ -143,7 +144,10 @@ def plan_prepare(source: CheckpointSource, params, baseline: int = 0, spill_byte
                        # tune slice's magnitudes (float16) for the miss cuts
                        "inputs + masks": (preds_tokens + val) * (2 * d * 2 + n // 8 + n)
                        + int(preds_tokens * PredictorParams.tune_share) * n * 2,
-                       "batch, training or scoring": phase},
+                       "batch, training or scoring": phase,
+                       # the cache-demand replay before the pass (layout/cache_demand.py): a layer's masks, bool and
+                       # packed, and the zstd reader's window; counted through the pass (the heap keeps ~4 MiB)
+                       "cache demand": (DEMAND_TOKENS * n * 2 + DEMAND_TOKENS * n // 8 + (8 << 20)) if p.split_cache else 0},
         "per-layer cuts": {"layer": layer, "head block": head, "batch activations": per_batch,
                            "hidden states": mixes * _states(val, d, spill_bytes)},
         # the per-layer files joined into one once the pass has let go of its memory: loaded + serialized
