@@ -11,8 +11,8 @@ per token (the reader's count), perplexity and its rise over dense,
 top-1 agreement with dense, and Belady's optimum on the variant's own predicted trace (simulated:
 no eviction can fetch fewer neurons for those predictions). The oracle (true active sets + Belady in
 the same cache as the default run, the same slots in each layer, simulated) is the floor every row is
-divided by; the oracle with every layer the same cache is shown too (the floor before the split, and
-the larger of the two where the split helps the oracle less than the run). Next to it, the online
+divided by; the oracle with every layer the same cache is shown too (the floor before the split).
+Next to it, the online
 floor: the same true active sets through the runtime's own eviction rules (the default policy and
 window, simulated; a runtime that does not know the future cannot evict as Belady does), which is
 what a perfect predictor would fetch.

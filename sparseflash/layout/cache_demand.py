@@ -45,7 +45,7 @@ def replay_misses(active: np.ndarray, capacity: int, window: int = WINDOW, decay
         over = int(np.count_nonzero(miss)) - (capacity - int(np.count_nonzero(held)))
         if over > 0:
             cand = np.nonzero(held & ~need)[0]
-            # outside the window first; then lowest rate; then oldest (ages below 2^40 keep the order exact)
+            # outside the window first; then lowest rate; the age (under 1e-3 a token apart) breaks near-ties
             key = (last[cand] >= t - window) * 1e12 + rate[cand] * 1e6 + (last[cand] - t) * 1e-6
             if over >= len(cand):
                 victims = cand
