@@ -134,7 +134,11 @@ def test_a_layout_records_the_demand_and_a_run_splits_its_cache(tmp_path, capsys
     assert main(["run", "-m", str(path), "--budget", "40%ffn", "-n", "2", "--even-cache", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     slots = out["memory_plan"]["layer_slots"]
-    assert slots[0] == slots[1]
+    assert slots[0] == slots[1] and out["memory_plan"]["split"] is False
+    assert main(["run", "-m", str(path), "--budget", "40%ffn", "-n", "2"]) == 0
+    said = capsys.readouterr()
+    split = [sizes[True][l] - lm.file.layers[l].n_hot for l in range(2)]
+    assert f"cache slots by layer {split[0]}/{split[1]}, split by demand" in said.out + said.err
 
 
 @pytest.mark.parametrize("edit, text", [

@@ -122,8 +122,8 @@ def summarize(stats: list[TokenStats], model: StreamedModel) -> dict:
         "budget_bytes": engine.memory.budget,
         "plugin_bytes": engine.memory.plugins,
         "memory_plan": {k: getattr(engine.memory, k) for k in
-                        ("resident", "plugins", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "layer_slots", "minimum",
-                         "staging", "staging_rows")},
+                        ("resident", "plugins", "predictors", "hot", "cache", "index", "io_buffers", "slots_per_layer", "layer_slots", "split",
+                         "minimum", "staging", "staging_rows")},
         "direct_io": engine.fetcher.reader.direct,
         "device": {"ffn": engine.policy.device, "resident": model.transformer.device.type},
         "strategy": engine.strategy,
@@ -160,8 +160,16 @@ def summary_line(summary: dict) -> str:
             f"{summary['decode_dense_share']:.1%} of dense ({summary['dense_ffn_bytes_per_token'] / 1024:.0f} KiB), "
             f"{summary['requests']} requests, read {summary['achieved_gbps']:.2f} GB/s (device model "
             f"{summary['device_model_gbps']:.2f} {_depth_note(summary)}), hit rate {summary['hit_rate']:.1%}, I/O wait "
-            f"{summary['io_wait_s'] * 1e3:.0f} ms, budget {fmt_bytes(summary['budget_bytes'])}, "
+            f"{summary['io_wait_s'] * 1e3:.0f} ms, budget {fmt_bytes(summary['budget_bytes'])}{_split_note(summary)}, "
             f"peak RSS {fmt_bytes(summary['peak_rss_bytes'])}, strategy {summary['strategy']}{_gate_note(summary)}]")
+
+
+def _split_note(summary: dict) -> str:
+    """The cache's slots by layer, where the layout's cache demand split them (docs/runtime.md)."""
+    plan = summary.get("memory_plan") or {}
+    if not plan.get("split"):
+        return ""
+    return f" (cache slots by layer {'/'.join(str(x) for x in plan['layer_slots'])}, split by demand)"
 
 
 def _depth_note(summary: dict) -> str:
