@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparseflash.layout.cache_demand import replay
 from sparseflash.layout.format_extents import extent_bytes, plan_extents
 from sparseflash.runtime.cache import FREQUENCY_DECAY
 
@@ -34,6 +35,12 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
     if policy not in ("lru", "lfu", "belady", "frequency"):
         raise ValueError(f"cannot simulate eviction policy {policy!r} (a trace holds no predictor scores)")
     needed = [np.asarray(p, dtype=np.int64)[np.asarray(p) >= n_hot] for p in trace]
+    if policy == "frequency":  # the cache-demand replay's rule (layout/cache_demand.py), on a mask of the trace
+        width = max((int(p.max()) + 1 for p in needed if len(p)), default=1)
+        active = np.zeros((len(needed), width), dtype=bool)
+        for t, p in enumerate(needed):
+            active[t, p] = True
+        return replay(active, capacity, window, FREQUENCY_DECAY)
     next_use = None
     if policy == "belady":
         next_use = []
@@ -45,7 +52,6 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
         next_use.reverse()
     cached: dict[int, int] = {}  # position -> last use (lru) or next use (belady)
     uses: dict[int, int] = {}
-    rate: dict[int, tuple[float, int]] = {}  # frequency: position -> (decayed uses, as of token)
     out = []
     for t, need in enumerate(needed):
         need_set = set(need.tolist())
@@ -54,8 +60,6 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
             if p in cached:
                 cached[p] = next_use[t][p] if next_use else t
                 uses[p] = uses.get(p, 0) + 1
-            f, since = rate.get(p, (0.0, t))
-            rate[p] = (f * FREQUENCY_DECAY ** (t - since) + 1.0, t)
         free = capacity - len(cached)
         overflow = len(miss) - free
         if overflow > 0:
@@ -63,8 +67,7 @@ def simulate_layer(trace: list[np.ndarray], n_hot: int, capacity: int, policy: s
             if policy == "belady":
                 candidates.sort(key=lambda p: -cached[p])
             else:  # outside the window first, then (forced) the window's, each ranked by the policy
-                count = {"lru": lambda p: 0, "lfu": lambda p: uses.get(p, 0),  # noqa: E731
-                         "frequency": lambda p, t=t: rate[p][0] * FREQUENCY_DECAY ** (t - rate[p][1])}[policy]
+                count = {"lru": lambda p: 0, "lfu": lambda p: uses.get(p, 0)}[policy]  # noqa: E731
                 candidates.sort(key=lambda p: (cached[p] >= t - window, count(p), cached[p]))
             for p in candidates[:overflow]:
                 del cached[p]

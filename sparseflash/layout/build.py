@@ -79,8 +79,7 @@ def build_layout(model: DenseModel | CheckpointSource, profile_dir: str | os.Pat
         report = {k: full.get(k) for k in ("mean", "lookahead_mean", "ppl", "size_share")}
         if full.get("cache_demand") is not None:  # how a run splits its cache (the candidates were validated so)
             try:
-                demand = CacheDemand(tuple(full["cache_demand"]["shares"]),
-                                     tuple(tuple(r) for r in full["cache_demand"]["misses"]))
+                demand = CacheDemand.from_json(full["cache_demand"])
             except (KeyError, TypeError, ValueError) as e:
                 raise ArtefactError(f"{predictors_dir}: bad cache_demand in {REPORT_FILE} ({e}); re-run "
                                     "`sparseflash predictors`") from None

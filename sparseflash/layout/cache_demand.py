@@ -27,42 +27,46 @@ WINDOW = 4  # the runtime's defaults (runtime/policy.Policy.window, runtime/cach
 DECAY = 0.98
 
 
-def replay_misses(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float = DECAY,
-                  warmup: int = WARMUP) -> float:
-    """Misses per token of ``active`` (tokens, neurons) bool through a cache of ``capacity`` neurons
-    (see the module docstring); tokens before ``warmup`` fill the cache but are not counted."""
+def replay(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float = DECAY) -> list[np.ndarray]:
+    """Per token, the positions of ``active`` (tokens, neurons) bool that a cache of ``capacity``
+    neurons must read (sorted), under the rule in the module docstring; also eval/simulate.py's
+    ``frequency`` policy."""
     tokens, neurons = active.shape
-    if capacity >= neurons:  # everything fits: only first uses miss
-        first = np.argmax(active, axis=0)[active.any(axis=0)]
-        return float(np.count_nonzero(first >= warmup)) / max(tokens - warmup, 1)
     held = np.zeros(neurons, dtype=bool)
     last = np.full(neurons, -(1 << 40), dtype=np.int64)
     rate = np.zeros(neurons)
-    count = 0
+    out = []
     for t in range(tokens):
         need = active[t]
         miss = need & ~held
-        over = int(np.count_nonzero(miss)) - (capacity - int(np.count_nonzero(held)))
+        missed = np.nonzero(miss)[0]
+        over = len(missed) - (capacity - int(np.count_nonzero(held)))
         if over > 0:
             cand = np.nonzero(held & ~need)[0]
             # outside the window first; then lowest rate; the age (under 1e-3 a token apart) breaks near-ties
             key = (last[cand] >= t - window) * 1e12 + rate[cand] * 1e6 + (last[cand] - t) * 1e-6
-            if over >= len(cand):
-                victims = cand
-            else:
-                victims = cand[np.argpartition(key, over - 1)[:over]]
-            held[victims] = False
-        n_miss = int(np.count_nonzero(miss))
-        held |= miss
+            held[cand if over >= len(cand) else cand[np.argpartition(key, over - 1)[:over]]] = False
+        held[missed] = True
         excess = int(np.count_nonzero(held)) - capacity
         if excess > 0:  # more active neurons than slots: the step reads them in turns, the last ones not kept
-            held[np.nonzero(miss)[0][n_miss - excess:]] = False
-        if t >= warmup:
-            count += n_miss
+            held[missed[len(missed) - excess:]] = False
+        out.append(missed)
         rate *= decay
         rate[need] += 1.0
         last[need] = t
-    return count / max(tokens - warmup, 1)
+    return out
+
+
+def replay_misses(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float = DECAY,
+                  warmup: int = WARMUP) -> float:
+    """Misses per token of ``active`` (tokens, neurons) bool through a cache of ``capacity`` neurons
+    (``replay``); tokens before ``warmup`` fill the cache but are not counted."""
+    tokens, neurons = active.shape
+    if capacity >= neurons:  # everything fits: only first uses miss
+        first = np.argmax(active, axis=0)[active.any(axis=0)]
+        return float(np.count_nonzero(first >= warmup)) / max(tokens - warmup, 1)
+    misses = replay(active, capacity, window, decay)[warmup:]
+    return sum(len(m) for m in misses) / max(tokens - warmup, 1)
 
 
 def layer_demand(active: np.ndarray, shares=DEMAND_SHARES) -> tuple[float, ...]:

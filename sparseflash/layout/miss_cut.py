@@ -28,7 +28,7 @@ class MissRun:
     of those computed (``lost``)."""
 
     def __init__(self, ctx: int, layers: int, share):
-        self.ctx, self.share = ctx, share
+        self.ctx = ctx
         self.shares = np.broadcast_to(np.asarray(share, dtype=np.float64), (layers,))
         self.computed = np.zeros(layers)
         self.read = np.zeros(layers)

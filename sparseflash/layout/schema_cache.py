@@ -58,6 +58,11 @@ class CacheDemand:
     def to_json(self) -> dict:
         return {"shares": list(self.shares), "misses": [list(r) for r in self.misses]}
 
+    @classmethod
+    def from_json(cls, doc: dict) -> CacheDemand:
+        """The record as ``to_json`` writes it; KeyError, TypeError or ValueError when it is not one."""
+        return cls(tuple(doc["shares"]), tuple(tuple(r) for r in doc["misses"]))
+
 
 def read_demand(c: _Check, doc, layers: int) -> CacheDemand:
     """``header.predictors.cache_demand``, checked (one error line for a lying header)."""
