@@ -13,7 +13,7 @@ With ``--devices cpu,cuda`` (on a machine with a GPU) every budget runs on both,
 dense row is the in-memory CPU run.
 
 ``--variant NAME=ARGS`` runs every budget again with extra ``sparseflash run`` arguments, side by
-side (e.g. ``--variant 'strict=--lookahead-raise 2' --variant 'none=--no-lookahead'``).
+side (e.g. ``--variant 'strict=--lookahead-raise 2' --variant 'ahead=--lookahead'``).
 
 ``--repeat R`` (default 3) runs every configuration R times, in interleaved rounds (dense, each
 budget, dense, ...), and reports each configuration's median decode tokens/s (the other figures are

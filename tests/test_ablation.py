@@ -25,7 +25,8 @@ def test_ablation_rows_sit_above_their_belady_floor(tmp_path):
         assert row["bytes_per_token"] > 0 and row["ppl"] > 0
         assert abs(row["fetched_vs_oracle"] * b["oracle"]["neurons_fetched_per_token"]
                    - row["neurons_fetched_per_token"]) < 1e-6
-    every, cut, _, _, _, even, offsets = b["variants"].values()
+    every, cut, _, _, former_rule, _, even, offsets = b["variants"].values()
+    assert cut["policy"]["lookahead"] is False and former_rule["policy"]["probation"] is False
     assert cut["neurons_fetched_per_token"] < every["neurons_fetched_per_token"]  # the miss cut bites
     assert offsets["neurons_fetched_per_token"] < every["neurons_fetched_per_token"]  # so does the miss penalty
     assert "| oracle (true active + Belady, simulated) |" in ablation_markdown(r)

@@ -37,18 +37,33 @@ def test_the_replay_evicts_by_recent_use_rate_outside_the_window():
     evict 0): misses at tokens 0, 3 and 4. With a window of one token, neuron 1 (used at token 3) is
     protected and 0 (last used at token 2) goes: token 5 misses too."""
     m = _trace({0}, {0}, {0}, {1}, {2}, {0})
-    assert cache_demand.replay_misses(m, 2, window=0, decay=0.9, warmup=0) == pytest.approx(3 / 6)
-    assert cache_demand.replay_misses(m, 2, window=1, decay=0.9, warmup=0) == pytest.approx(4 / 6)
-    assert cache_demand.replay_misses(m, 3, window=1, decay=0.9, warmup=0) == pytest.approx(3 / 6)  # all fit
-    assert cache_demand.replay_misses(m, 2, window=0, decay=0.9, warmup=4) == pytest.approx(1 / 2)  # tokens 4-5 counted
+    plain = dict(decay=0.9, probation_uses=0.0)  # nothing on probation
+    assert cache_demand.replay_misses(m, 2, window=0, warmup=0, **plain) == pytest.approx(3 / 6)
+    assert cache_demand.replay_misses(m, 2, window=1, warmup=0, **plain) == pytest.approx(4 / 6)
+    assert cache_demand.replay_misses(m, 3, window=1, warmup=0, **plain) == pytest.approx(3 / 6)  # all fit
+    assert cache_demand.replay_misses(m, 2, window=0, warmup=4, **plain) == pytest.approx(1 / 2)  # tokens 4-5 counted
     # more active neurons than slots: each is read, and the cache keeps what fits
     assert cache_demand.replay_misses(_trace({0, 1, 2}, {0, 1, 2}), 2, window=0, warmup=0) == pytest.approx(4 / 2)
 
 
+def test_the_replay_puts_rarely_used_neurons_on_probation():
+    """The trace above with a window of one token and probation below 2 decayed uses: neuron 0 is read at
+    token 0 on probation (no uses before) and leaves it at token 1 (used again); neuron 1, read at token 3
+    with no uses before, is on probation, so the window does not protect it: at token 4 it goes, not 0
+    (which the window no longer holds), and token 5 hits 0: misses at tokens 0, 3 and 4, where the plain
+    rule misses token 5 too."""
+    m = _trace({0}, {0}, {0}, {1}, {2}, {0})
+    assert [t.tolist() for t in cache_demand.replay(m, 2, window=1, decay=0.9, probation_uses=2.0)] == \
+        [[0], [], [], [1], [2], []]
+    assert [t.tolist() for t in cache_demand.replay(m, 2, window=1, decay=0.9, probation_uses=0.0)] == \
+        [[0], [], [], [1], [2], [0]]
+
+
 def test_the_replay_follows_the_runtime_defaults():
-    from sparseflash.runtime.cache import FREQUENCY_DECAY
+    from sparseflash.runtime.cache import FREQUENCY_DECAY, PROBATION_USES
 
     assert cache_demand.WINDOW == Policy.window and cache_demand.DECAY == FREQUENCY_DECAY
+    assert cache_demand.PROBATION_USES == PROBATION_USES
     assert MIN_SLOTS == Policy.min_slots
 
 

@@ -63,10 +63,16 @@ def test_two_trainings_side_by_side_are_planned_twice_and_lowered_to_one_first()
         assert two.stages["predictors"][phase] == 2 * training
         assert two.train_jobs == 2 and one.train_jobs == 1 and two.to_dict()["train_jobs"] == 2
         assert two.peak_stage == "predictors"
-        # a limit the two-job plan at one window a batch misses by a byte: the batch is lowered to one
-        # window (larger ones do not fit), then the training; nothing is spilled
-        lowered = fit_plan(source, SMALL, two.peak - 1, baseline=BASE)
-        assert lowered.train_jobs == 1 and lowered.batch == 1 and lowered.spill_bytes is None
+        # a limit the two-job plan at one window a batch misses by a byte: the training is lowered to one,
+        # with the largest batch that then fits (no larger one does, nor two trainings at it); nothing is spilled
+        limit = two.peak - 1
+        lowered = fit_plan(source, SMALL, limit, baseline=BASE)
+        assert lowered.train_jobs == 1 and lowered.spill_bytes is None and lowered.peak <= limit
+        assert "one predictor training at a time" in lowered.lowered
+        assert plan_prepare(source, SMALL, baseline=BASE, batch=lowered.batch, train_jobs=2).peak > limit
+        for b in (8, 4, 2, 1):
+            if b > lowered.batch:
+                assert plan_prepare(source, SMALL, baseline=BASE, batch=b, train_jobs=1).peak > limit
 
 
 def test_prepare_refuses_a_memory_limit_it_cannot_meet_before_reading_weights(tmp_path, capsys):

@@ -56,26 +56,28 @@ SPLIT = dict(demand=CacheDemand((0.1, 1.0), ((40.0, 0.0), (2.0, 0.0))))
 @pytest.mark.parametrize("family, budget, policy", [("nemotron", "30%ffn", {}), ("llama-relu", "45%ffn", {}),
                                                     ("nemotron", "30%ffn", COST_AWARE),
                                                     ("llama-relu", "45%ffn", COST_AWARE),
-                                                    ("nemotron", "30%ffn", SPLIT)])
+                                                    ("nemotron", "30%ffn", SPLIT),
+                                                    ("nemotron", "30%ffn", {"lookahead": False})])
 def test_streamed_engine_equals_dense_masked_to_the_same_neurons(tmp_path, family, budget, policy):
-    """f32 layout, top-k predictors with look-ahead, a cache far below the layer (with and without
+    """f32 layout, top-k predictors with look-ahead (and without), a cache far below the layer (with and without
     cost-aware selection, and split among layers by demand): the streamed logits equal a dense forward
     whose FFNs keep only the neurons the engine computed."""
-    policy = dict(policy)
+    policy = {"lookahead": True, **policy}  # with look-ahead (run --lookahead), but where the case turns it off
     demand = policy.pop("demand", None)
     dense, path = tiny_layout(tmp_path, family, dtype="f32", preds=_predictors(2), strategy="topk", n_hot=8,
                               demand=demand)
     ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(2))
     model = open_streamed(path, budget, io_buffer_bytes=4096, **policy)
     try:
-        assert model.engine.predictors.lookahead and model.engine.policy.lookahead
+        assert bool(model.engine.predictors.lookahead) == model.engine.policy.lookahead == policy["lookahead"]
         model.engine.trace = [[] for _ in range(2)]
         cache = KVCache(model.layout.config, ids.shape[1])
         out = torch.cat([model.transformer(ids[:, i : i + 1], cache=cache, start=i) for i in range(ids.shape[1])], 1)
         trace = model.engine.trace
         assert sum(s.bytes_read for s in model.engine.stats) > 0
         # look-ahead reads happened (with the split, layer 1 keeps the minimum 16 slots: room for none)
-        assert demand or sum(s.prefetched for s in model.engine.stats) > 0
+        assert demand or not policy["lookahead"] or sum(s.prefetched for s in model.engine.stats) > 0
+        assert policy["lookahead"] or sum(s.prefetched for s in model.engine.stats) == 0  # off: none
         assert model.engine.memory.slots_per_layer < 160 - 8
         capacities = [c.capacity for c in model.engine.caches]
         assert (capacities[0] > capacities[1]) if demand else capacities[0] == capacities[1]

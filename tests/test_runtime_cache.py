@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparseflash.runtime.cache import FREQUENCY_DECAY, NeuronCache
+from sparseflash.runtime.cache import FREQUENCY_DECAY, PROBATION_KEY, PROBATION_USES, NeuronCache
 
 NEURONS, CAPACITY = 40, 12
 
@@ -20,7 +20,8 @@ ops = st.lists(st.one_of(
 
 class ReferenceCache:
     """What the cache should hold, from the policies' definitions alone (no slots, no shared code):
-    per held neuron its last use, use count and predictor score."""
+    per held neuron its last use, use count, predictor score and (policy frequency) whether it is on
+    probation: read with fewer decayed uses than PROBATION_USES and not used by a later token since."""
 
     def __init__(self, window: int, policy: str, pinned: set[int]):
         self.window, self.policy, self.step = window, policy, 0
@@ -31,21 +32,39 @@ class ReferenceCache:
     def use(self, p):
         self.used_at.setdefault(p, []).append(self.step)
 
+    def count(self, p):
+        return sum(FREQUENCY_DECAY ** (self.step - u) for u in self.used_at.get(p, []))
+
+    def read(self, p):
+        """``p`` was read into the cache by the current token."""
+        on = self.policy == "frequency" and self.count(p) < PROBATION_USES
+        self.held[p] = {"last": self.step, "uses": 1, "score": 0.0, "probation": on}
+        self.use(p)
+
+    def hit(self, p):
+        h = self.held[p]
+        if h["last"] < self.step:  # used again by a later token: off probation
+            h["probation"] = False
+        h["last"] = self.step
+        h["uses"] += 1
+        self.use(p)
+
     def key(self, p):
         h = self.held[p]
         if self.policy == "frequency":  # recent use rate + the predicted probability now (rounded: float noise)
-            rate = (1 - FREQUENCY_DECAY) * sum(FREQUENCY_DECAY ** (self.step - u) for u in self.used_at.get(p, []))
-            return (round(rate + 1 / (1 + np.exp(-h["score"])), 6), h["last"])
+            rate = (1 - FREQUENCY_DECAY) * self.count(p)
+            return (round(rate + 1 / (1 + np.exp(-h["score"])) - PROBATION_KEY * h.get("probation", False), 6),
+                    h["last"])
         return {"lfu": (h["uses"], h["last"]), "predicted": (h["score"], h["last"])}.get(self.policy, (h["last"],))
 
     def evictable(self, protect=()):
         return [p for p, h in self.held.items() if p not in self.pinned and p not in protect
-                and h["last"] < self.step - self.window]  # window K: the current token and the K before it
+                and (h["last"] < self.step - self.window or h.get("probation"))]  # window K: this token, K before
 
     def inside(self, protect=()):
         """Neurons in the window (not pinned, not ``protect``): evicted only when the step needs their slots."""
         return [p for p, h in self.held.items() if p not in self.pinned and p not in protect
-                and h["last"] >= self.step - self.window]
+                and h["last"] >= self.step - self.window and not h.get("probation")]
 
     def tick(self):
         self.step += 1
@@ -94,9 +113,7 @@ def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned, n
                 h["score"] = float(scores[p])
             hits = [int(p) for p in positions if int(p) in ref.held]
             for p in hits:
-                ref.held[p]["last"] = ref.step
-                ref.held[p]["uses"] += 1
-                ref.use(p)
+                ref.hit(p)
             cache.touch(cache.lookup(np.array(hits, dtype=np.int64)))
             missing = positions[cache.lookup(positions) < 0]
             assert sorted(missing.tolist()) == sorted(set(arg) - set(hits))
@@ -121,8 +138,7 @@ def test_cache_evicts_what_the_policy_says(operations, window, policy, pinned, n
             cache.commit(new, missing)
             cache.touch(new)
             for p in missing.tolist():
-                ref.held[p] = {"last": ref.step, "uses": 1, "score": 0.0}
-                ref.use(p)
+                ref.read(p)
             for p in positions:  # everything needed is now cached and holds its own bytes
                 assert cache.slots[cache.slot_of[p], 0] == p
         cache.check()
@@ -223,7 +239,8 @@ def test_evictable_count_counts_what_evictable_ranks(steps, policy, window):
         cache.check()
 
 
-TWIN_ARRAYS = ("slot_of", "position_of", "last_use", "uses", "pinned", "score", "_free", "_freq", "_freq_step")
+TWIN_ARRAYS = ("slot_of", "position_of", "last_use", "uses", "pinned", "score", "_free", "_freq", "_freq_step",
+               "probation")
 
 
 @settings(max_examples=200, deadline=None)

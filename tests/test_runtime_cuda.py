@@ -139,7 +139,7 @@ def test_predicted_gpu_engine_with_deferred_copies_equals_cpu_engine(tmp_path, m
     preds = _predictors(c.hidden_size, c.intermediate_size, c.num_layers)
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", n_hot=4, preds=preds, strategy="topk")
     ids = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(1))
-    kw = dict(io_buffer_bytes=4096, window=1)
+    kw = dict(io_buffer_bytes=4096, window=1, lookahead=True)
     cpu = open_streamed(path, "30%ffn", **kw)
     try:
         ref = _run(cpu, ids, prompt=4)

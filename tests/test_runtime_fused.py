@@ -20,6 +20,7 @@ from sparseflash.runtime.session import open_streamed
 
 def _decode(path, ids, fused: bool, budget, miss_cut=None, cached_cut=None, **policy):
     """Per token: logits, predicted sets and the statistics, decoding ``ids`` one token at a time."""
+    policy.setdefault("lookahead", True)  # the fused look-ahead too
     model = open_streamed(path, budget, io_buffer_bytes=4096, io_threads=2, **policy)
     try:
         engine = model.engine
@@ -64,16 +65,17 @@ def test_fused_and_step_by_step_paths_agree(tmp_path, family, dtype, budget, pol
         base = _decode(path, ids, True, budget, miss_cut, None, **policy)
         assert sum(s[0] for s in fused[2]) > sum(s[0] for s in base[2])
         assert fused[2][0][2] == base[2][0][2]  # the same cache at the first token: the same misses
-        # later the caches differ (other neurons touched, so other victims): the misses stay within 1%
-        assert sum(s[2] for s in fused[2]) <= 1.01 * sum(s[2] for s in base[2])
+        # later the caches differ (other neurons touched, so other victims; a touched neuron also leaves the
+        # frequency eviction's probation): on these random predictors the misses stay within 5%
+        assert sum(s[2] for s in fused[2]) <= 1.05 * sum(s[2] for s in base[2])
 
 
 def test_fused_step_with_misses_beyond_the_cache_goes_through_batches(tmp_path):
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=_predictors(2), strategy="threshold", n_hot=8)
-    probe = open_streamed(path, 1 << 40, io_buffer_bytes=4096, io_threads=2)
+    probe = open_streamed(path, 1 << 40, io_buffer_bytes=4096, io_threads=2, lookahead=True)  # as _decode runs
     minimum = probe.engine.memory.minimum
     probe.close()
-    small = open_streamed(path, minimum, io_buffer_bytes=4096, io_threads=2)
+    small = open_streamed(path, minimum, io_buffer_bytes=4096, io_threads=2, lookahead=True)
     slots = small.engine.caches[0].capacity  # hot region + the fewest slots a layer may have
     small.close()
     ids = torch.randint(0, 4096, (1, 6), generator=torch.Generator().manual_seed(5))

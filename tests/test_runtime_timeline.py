@@ -29,7 +29,7 @@ def random_predictors(layers: int, n: int = 160, d: int = 64, topk: int = 24) ->
 @pytest.mark.parametrize("strategy", ["all", "topk", "threshold"])  # threshold: the fused host step
 def test_layer_times_add_up_to_the_token_time(tmp_path, strategy):
     dense, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(2), strategy="topk")
-    model = open_streamed(path, "30%ffn", strategy=strategy, io_buffer_bytes=4096)
+    model = open_streamed(path, "30%ffn", strategy=strategy, io_buffer_bytes=4096, lookahead=True)
     ids = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(0))
     cache = KVCache(model.layout.config, 12)
     outside = []

@@ -63,6 +63,17 @@ def test_frequency_keeps_the_often_used_neuron_in_cache_and_simulator(policy):
     assert [m.tolist() for m in misses] == FREQ_EXPECTED[policy]
 
 
+def test_a_rarely_used_neuron_read_once_is_not_protected_by_the_window():
+    """FREQ_TRACE with a window of one token: neuron 1, read at t3 with no uses before, is on probation,
+    so at t4 it goes (though t3, in the window, used it) rather than 0 (used three times, outside the
+    window): t5 hits 0, in the runtime's cache and in the simulator (the same rule)."""
+    expected = [[0], [], [], [1], [2], []]
+    assert _cache_misses(FREQ_TRACE, 1, "frequency") == expected
+    misses = simulate_layer([np.array(p) for p in FREQ_TRACE], n_hot=0, capacity=2, policy="frequency", window=1)
+    assert [m.tolist() for m in misses] == expected
+    assert _cache_misses(FREQ_TRACE, 1, "lfu") == [[0], [], [], [1], [2], [0]]  # no probation: the window holds 1
+
+
 def test_window_k_protects_the_k_tokens_before_the_current_one():
     # tokens 1..3 use {0, 1}, {2}, {3}; at token 4 with window 2, tokens 2 and 3 are in the window
     cache = NeuronCache(neurons=8, capacity=8, bundle_len=1, dtype=np.float32, window=2, policy="lru")

@@ -2,10 +2,11 @@
 
 Teacher-forced on the same held-out tokens, at each FFN budget, the streamed engine runs once per
 variant (``VARIANTS``): every prediction read, then the miss cut that prepare's quality gate
-validated (cost-aware selection), then look-ahead prefetch (first as sure as the layer's own reads,
-then with its cuts raised: ``Policy.lookahead_raise``, the default); and, for comparison, the default
-run with the former default eviction (``predicted``), with every layer the same cache (the former split:
-the default splits the cache among layers by the layout's cache demand), and fixed logit offsets.
+validated (cost-aware selection: the default run), then look-ahead prefetch (``--lookahead``: first
+as sure as the layer's own reads, then with its cuts raised by ``Policy.lookahead_raise``); and, for
+comparison, the default run with the frequency eviction's former rule (no probation), with the former
+default eviction (``predicted``), with every layer the same cache (the former split: the default splits
+the cache among layers by the layout's cache demand), and fixed logit offsets.
 Per variant: neurons fetched per token (demand reads + look-ahead reads, used or not), bytes read
 per token (the reader's count), perplexity and its rise over dense,
 top-1 agreement with dense, and Belady's optimum on the variant's own predicted trace (simulated:
@@ -29,21 +30,24 @@ from sparseflash.runtime.policy import DEFAULT_EVICTION, Policy
 
 _EV = DEFAULT_EVICTION
 _RAISE = Policy.lookahead_raise
-# name -> Policy fields; each row adds one change to the row before, but the last two, which change
-# the default run's eviction, or replace the miss cut by fixed logit offsets, for comparison
+# name -> Policy fields; each row adds one change to the row before, but the last four, which change the
+# default run's eviction (the former rule, the former policy), its cache split, or replace the miss cut by
+# fixed logit offsets, for comparison
 VARIANTS = {
     f"window 4 + {_EV}, every prediction read": dict(lookahead=False, eviction=_EV, miss_cut=False,
                                                      cached_bonus=0.0, miss_penalty=0.0),
-    "+ validated miss cut (prepare's gate)": dict(lookahead=False, eviction=_EV, miss_cut=True,
-                                                  cached_bonus=0.0, miss_penalty=0.0),
-    "+ look-ahead prefetch, as sure as the layer's own reads (the former default)": dict(
+    "+ validated miss cut (prepare's gate): the default run": dict(lookahead=False, eviction=_EV, miss_cut=True,
+                                                                   cached_bonus=0.0, miss_penalty=0.0),
+    "+ look-ahead prefetch, as sure as the layer's own reads (--lookahead --lookahead-raise 0)": dict(
         lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0, lookahead_raise=0.0),
-    f"+ look-ahead cuts {_RAISE:g} logit{'' if _RAISE == 1 else 's'} higher (the default run)": dict(
-        lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
-    "the default run, predicted eviction (the former default)": dict(lookahead=True, eviction="predicted",
-                                                                     miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
+    f"+ look-ahead cuts {_RAISE:g} logit{'' if _RAISE == 1 else 's'} higher (--lookahead; the default until "
+    "2026-12-05)": dict(lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
+    f"the default run, {_EV} eviction without probation (the former rule)": dict(
+        lookahead=False, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0, probation=False),
+    "the default run, predicted eviction (the default until 2026-12-04)": dict(
+        lookahead=False, eviction="predicted", miss_cut=True, cached_bonus=0.0, miss_penalty=0.0),
     "the default run, every layer the same cache (the former split)": dict(
-        lookahead=True, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0, split_cache=False),
+        lookahead=False, eviction=_EV, miss_cut=True, cached_bonus=0.0, miss_penalty=0.0, split_cache=False),
     "fixed offsets instead (cached +1, missing -3 logits)": dict(lookahead=False, eviction=_EV,
                                                                  miss_cut=False, cached_bonus=1.0, miss_penalty=3.0),
 }

@@ -2,9 +2,11 @@
 from the profile's active masks of the calibration text through the runtime's default eviction.
 
 The replay is the runtime's cache without its predictor term (a mask holds no scores): per token the
-active neurons not held are read; when the cache is full, held neurons outside the window (used by one
-of the ``WINDOW`` tokens before) go first, lowest recent use rate first (uses decayed by ``DECAY`` a
-token), then the oldest; the window's go last, ranked the same way. Every neuron competes, the hot
+active neurons not held are read; a neuron read while its decayed use count was under
+``PROBATION_USES`` is on probation until a later token uses it again. When the cache is full, held
+neurons on probation go first, then those outside the window (used by one of the ``WINDOW`` tokens
+before), each group lowest recent use rate first (uses decayed by ``DECAY`` a token), then the oldest;
+the window's go last, ranked the same way. Every neuron competes, the hot
 ones too (a run pins them; they are the most frequent, so the replay keeps them as well), and a cache
 size is a share of the layer's neurons. Misses are counted after ``WARMUP`` tokens (a run's cache is
 warm for most of its tokens).
@@ -23,16 +25,19 @@ from sparseflash.layout.schema_cache import DEMAND_SHARES, MIN_SLOTS, CacheDeman
 
 DEMAND_TOKENS = 1024  # calibration tokens replayed per layer
 WARMUP = 128
-WINDOW = 4  # the runtime's defaults (runtime/policy.Policy.window, runtime/cache.FREQUENCY_DECAY; a test pins them)
-DECAY = 0.98
+WINDOW = 4  # the runtime's defaults (runtime/policy.Policy.window, runtime/cache.FREQUENCY_DECAY and
+DECAY = 0.99  # PROBATION_USES; a test pins them)
+PROBATION_USES = 2.0
 
 
-def replay(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float = DECAY) -> list[np.ndarray]:
+def replay(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float = DECAY,
+           probation_uses: float = PROBATION_USES) -> list[np.ndarray]:
     """Per token, the positions of ``active`` (tokens, neurons) bool that a cache of ``capacity``
     neurons must read (sorted), under the rule in the module docstring; also eval/simulate.py's
-    ``frequency`` policy."""
+    ``frequency`` policy; ``probation_uses`` 0 puts no neuron on probation."""
     tokens, neurons = active.shape
     held = np.zeros(neurons, dtype=bool)
+    probation = np.zeros(neurons, dtype=bool)
     last = np.full(neurons, -(1 << 40), dtype=np.int64)
     rate = np.zeros(neurons)
     out = []
@@ -40,16 +45,21 @@ def replay(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float
         need = active[t]
         miss = need & ~held
         missed = np.nonzero(miss)[0]
+        probation[need] = False  # the hits (a neuron read now is put on probation below)
         over = len(missed) - (capacity - int(np.count_nonzero(held)))
         if over > 0:
             cand = np.nonzero(held & ~need)[0]
-            # outside the window first; then lowest rate; the age (under 1e-3 a token apart) breaks near-ties
-            key = (last[cand] >= t - window) * 1e12 + rate[cand] * 1e6 + (last[cand] - t) * 1e-6
+            # on probation first, then outside the window; then lowest rate (a decayed count, under 1e3); the age
+            # (under 1e-3 a token apart) breaks near-ties
+            on = probation[cand]
+            key = ((last[cand] >= t - window) & ~on) * 1e12 - on * 1e10 + rate[cand] * 1e6 + (last[cand] - t) * 1e-6
             held[cand if over >= len(cand) else cand[np.argpartition(key, over - 1)[:over]]] = False
         held[missed] = True
+        probation[missed] = rate[missed] * decay < probation_uses  # the count decayed to now, as the runtime's
         excess = int(np.count_nonzero(held)) - capacity
         if excess > 0:  # more active neurons than slots: the step reads them in turns, the last ones not kept
             held[missed[len(missed) - excess:]] = False
+            probation[missed[len(missed) - excess:]] = False
         out.append(missed)
         rate *= decay
         rate[need] += 1.0
@@ -58,14 +68,14 @@ def replay(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float
 
 
 def replay_misses(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float = DECAY,
-                  warmup: int = WARMUP) -> float:
+                  warmup: int = WARMUP, probation_uses: float = PROBATION_USES) -> float:
     """Misses per token of ``active`` (tokens, neurons) bool through a cache of ``capacity`` neurons
     (``replay``); tokens before ``warmup`` fill the cache but are not counted."""
     tokens, neurons = active.shape
     if capacity >= neurons:  # everything fits: only first uses miss
         first = np.argmax(active, axis=0)[active.any(axis=0)]
         return float(np.count_nonzero(first >= warmup)) / max(tokens - warmup, 1)
-    misses = replay(active, capacity, window, decay)[warmup:]
+    misses = replay(active, capacity, window, decay, probation_uses)[warmup:]
     return sum(len(m) for m in misses) / max(tokens - warmup, 1)
 
 

@@ -13,7 +13,7 @@ from sparseflash.errors import SparseflashError
 from sparseflash.model.weights import ModelWeights
 from sparseflash.runtime import nativecache
 from sparseflash.runtime.budget import STAGING_BUFFERS, BudgetError, plan_memory, staging_nbytes, staging_rows
-from sparseflash.runtime.cache import NeuronCache
+from sparseflash.runtime.cache import PROBATION_USES, NeuronCache
 from sparseflash.runtime.compute import SparseCompute
 from sparseflash.runtime.engine import StreamingFFN
 from sparseflash.runtime.fetcher import DeviceFetcher, HostFetcher
@@ -77,7 +77,8 @@ def build_engine(lm: LayoutModel, policy: Policy, device: DeviceModel, backend: 
                 step.warmup((KERNEL_DTYPE[storage],))  # the fused host step (runtime/fused.py)
         nativecache.warmup()  # the caches' native bookkeeping (runtime/nativecache.py), likewise
         caches = [NeuronCache(r.n_neurons, r.n_hot + memory.slots_of(l), r.bundle_len, STORAGE_NP[r.dtype],
-                              policy.window, policy.eviction, host_slots=not on_gpu) for l, r in enumerate(regions)]
+                              policy.window, policy.eviction, host_slots=not on_gpu,
+                              probation_uses=PROBATION_USES if policy.probation else 0.0) for l, r in enumerate(regions)]
         # the miss cuts validated for the whole cache's share (prepare validated them with this split)
         predictors = predictors.for_caches(sum(c.capacity for c in caches) / sum(c.neurons for c in caches))
         # per-neuron biases are gathered by slot on the host

@@ -19,8 +19,11 @@ Beyond the window the policy is
 - ``frequency`` (the default): lowest sum of two probabilities first, then oldest: the current token's
   predicted probability sigmoid(logit) (as ``predicted``) plus the neuron's recent use rate, its use
   count decayed by ``FREQUENCY_DECAY`` per token (kept per neuron, in memory or not) times
-  (1 - decay), so a neuron that fired often over the last ~50 tokens stays, though this token does
-  not predict it (docs/fetchless.md, "Eviction");
+  (1 - decay), so a neuron that fired often over the last ~100 tokens stays, though this token does
+  not predict it (docs/fetchless.md, "Eviction"). A neuron read while its decayed use count was
+  under ``PROBATION_USES`` enters *on probation*: until a later token uses it again it is evicted
+  before every other neuron (its key lowered by ``PROBATION_KEY``), the window's protection
+  included, so a rarely used neuron read once does not push out one that is used often;
 - ``window``: LLM in a Flash's plain sliding window: at each new token every neuron outside the
   window is dropped (slots are freed eagerly, not kept until the space is needed).
 """
@@ -31,15 +34,19 @@ import numpy as np
 
 from sparseflash.runtime import nativecache
 from sparseflash.runtime.aligned import aligned_zeros
+from sparseflash.runtime.nativecache import (
+    PROBATION_KEY,  # subtracted from a probation neuron's key: it goes first
+)
 
 NEVER = np.iinfo(np.int64).min // 2
 FORECAST_DECAY = 0.5  # policy "forecast": weight of the past in the average of predicted probabilities
-FREQUENCY_DECAY = 0.98  # policy "frequency": per-token decay of each neuron's use count
+FREQUENCY_DECAY = 0.99  # policy "frequency": per-token decay of each neuron's use count
+PROBATION_USES = 2.0  # policy "frequency": read with fewer decayed uses than this, a neuron enters on probation
 
 
 class NeuronCache:
     def __init__(self, neurons: int, capacity: int, bundle_len: int, dtype, window: int = 4, policy: str = "lru",
-                 host_slots: bool = True, native: bool = True):
+                 host_slots: bool = True, native: bool = True, probation_uses: float = PROBATION_USES):
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1 slot, got {capacity}")
         self.neurons, self.capacity = neurons, capacity
@@ -51,6 +58,8 @@ class NeuronCache:
         self.uses = np.zeros(capacity, dtype=np.int64)
         self.pinned = np.zeros(capacity, dtype=bool)
         self.score = np.zeros(capacity, dtype=np.float32)  # predictor score (policy "predicted")
+        self.probation = np.zeros(capacity, dtype=bool)  # policy "frequency": read rarely used, not used since
+        self.probation_uses = probation_uses  # 0: no neuron goes on probation
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # stack: the top gives the lowest free slot
         self._n_free = capacity  # self._free[:self._n_free] are free
         self.window, self.policy = window, policy
@@ -115,8 +124,10 @@ class NeuronCache:
         if self.native:
             nativecache._touch(np.asarray(slots, dtype=np.int64), self.step, self.last_use, self.uses,
                                self.policy == "frequency", self.position_of, self._freq, self._freq_step,
-                               FREQUENCY_DECAY)
+                               FREQUENCY_DECAY, self.probation)
             return
+        slots = np.asarray(slots, dtype=np.int64)
+        self.probation[slots[self.last_use[slots] < self.step]] = False  # used again by a later token
         self.last_use[slots] = self.step
         self.uses[slots] += 1
         if self.policy == "frequency":
@@ -126,7 +137,7 @@ class NeuronCache:
 
     def _frequency(self, positions: np.ndarray) -> np.ndarray:
         """Decayed use counts of ``positions`` now (policy "frequency")."""
-        return self._freq[positions] * FREQUENCY_DECAY ** (self.step - self._freq_step[positions])
+        return self._freq[positions] * nativecache.decay_pows(FREQUENCY_DECAY, self.step - self._freq_step[positions])
 
     def free_count(self) -> int:
         return self._n_free
@@ -142,12 +153,14 @@ class NeuronCache:
         return ok
 
     def _evictable_mask(self, protect: np.ndarray | None) -> np.ndarray:
-        return self._held_mask(protect) & (self.last_use < self.step - self.window)  # not in the window
+        # not in the window, or on probation
+        return self._held_mask(protect) & ((self.last_use < self.step - self.window) | self.probation)
 
     def evictable_count(self, protect: np.ndarray | None = None) -> int:
         """How many slots ``evictable(protect)`` would return (without ranking them)."""
         if self.native and (protect is None or not len(protect)):
-            return int(nativecache._evictable_count(self.position_of, self.pinned, self.last_use, self.step, self.window))
+            return int(nativecache._evictable_count(self.position_of, self.pinned, self.last_use, self.step, self.window,
+                                                    self.probation))
         return int(np.count_nonzero(self._evictable_mask(protect)))
 
     def room(self, protect: np.ndarray | None = None) -> int:
@@ -162,7 +175,7 @@ class NeuronCache:
         cand = cand[self._rank(cand)]
         if not forced:
             return cand
-        inside = np.nonzero(self._held_mask(protect) & (self.last_use >= self.step - self.window))[0]
+        inside = np.nonzero(self._held_mask(protect) & (self.last_use >= self.step - self.window) & ~self.probation)[0]
         return np.concatenate([cand, inside[self._rank(inside)]])
 
     def _rank(self, cand: np.ndarray) -> np.ndarray:
@@ -171,7 +184,8 @@ class NeuronCache:
             order = np.lexsort((self.last_use[cand], self.uses[cand]))
         elif self.policy == "frequency":
             rate = self._frequency(self.position_of[cand]) * (1 - FREQUENCY_DECAY)  # uses per token, recently
-            order = np.lexsort((self.last_use[cand], rate + _sigmoid(self.score[cand])))
+            key = rate + _sigmoid(self.score[cand]) - PROBATION_KEY * self.probation[cand]
+            order = np.lexsort((self.last_use[cand], key))
         elif self.policy in ("predicted", "forecast"):
             order = np.lexsort((self.last_use[cand], self.score[cand]))
         else:
@@ -191,6 +205,7 @@ class NeuronCache:
         self.last_use[slots] = NEVER
         self.uses[slots] = 0
         self.score[slots] = 0.0
+        self.probation[slots] = False
         self._push_free(slots)
 
     def reserve(self, count: int, protect: np.ndarray | None = None) -> np.ndarray:
@@ -201,7 +216,7 @@ class NeuronCache:
             n_free, lacking = nativecache._reserve(
                 count, protect, nativecache.POLICY_CODE[self.policy], self.window, self.step, FREQUENCY_DECAY,
                 self.slot_of, self.position_of, self.last_use, self.uses, self.pinned, self.score, self._freq,
-                self._freq_step, self._free, self._n_free, NEVER)
+                self._freq_step, self._free, self._n_free, NEVER, self.probation)
             if lacking:
                 raise MemoryError(f"cache needs {short} more slots but only {short - lacking} are evictable")
             taken = self._free[n_free : n_free + count][::-1].copy()
@@ -230,9 +245,11 @@ class NeuronCache:
         """Record that ``slots`` now hold ``positions`` (their bytes were written)."""
         slots = np.asarray(slots, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
+        on_probation = self.policy == "frequency" and not pinned and self.probation_uses > 0
         if self.native and len(slots) == len(positions):
             if not nativecache._commit(slots, positions, pinned, self.step, self.slot_of, self.position_of,
-                                       self.pinned, self.last_use, self.uses):
+                                       self.pinned, self.last_use, self.uses, on_probation, self.probation,
+                                       self._freq, self._freq_step, FREQUENCY_DECAY, self.probation_uses):
                 raise ValueError("a position is already cached")
             return
         if np.any(self.slot_of[positions] >= 0):
@@ -242,6 +259,7 @@ class NeuronCache:
         self.pinned[slots] = pinned
         self.last_use[slots] = self.step
         self.uses[slots] = 0
+        self.probation[slots] = (self._frequency(positions) < self.probation_uses) if on_probation else False
 
     def check(self) -> None:
         """Assert the index is consistent (used by tests)."""

@@ -5,10 +5,9 @@ run the sparse kernel over cached slots. Attention, embeddings and norms stay re
 teacher forcing run unchanged on top of it. It is handed its parts, built by runtime/build.py:
 the caches, the predictors, a fetcher (fills slots: runtime/fetcher.py), a compute step (runs the
 kernel over slots: runtime/compute.py); planning is runtime/planner.py. ``__call__`` is the one
-per-layer loop, and shows the I/O/compute overlap: layer l+1's look-ahead read runs on the I/O
-threads while layer l reads its misses and computes. On the host, a one-token step of the threshold
-strategy does steps 2-5 with one native call for the cached neurons (runtime/fused.py).
-"""
+per-layer loop, and shows the I/O/compute overlap: layer l+1's look-ahead read (``--lookahead``) runs on
+the I/O threads while layer l reads its misses and computes. A one-token host step of the threshold
+strategy does steps 2-5 with one native call for the cached neurons (runtime/fused.py)."""
 
 from __future__ import annotations
 
@@ -332,10 +331,10 @@ class StreamingFFN:
         s.ffn_s += time.perf_counter() - t
 
     def _compute_in_batches(self, l: int, x: torch.Tensor, plan: LayerPlan, y: torch.Tensor, s: TokenStats,
-                            staged: Fetch | None = None) -> None:
-        """The hits first (then the ``staged`` rows), then the misses in batches that reuse every unpinned
-        slot, oldest first. On the host, batches are half the unpinned slots and the next batch is read
-        while the current one computes; every bundle is still read once per step."""
+                            staged: Fetch | None = None, hits_computed: bool = False) -> None:
+        """The hits first (then the ``staged`` rows; ``hits_computed``: runtime/fused.py did them, they are still
+        protected as here), then the misses in batches that reuse every unpinned slot, oldest first. On the
+        host, batches are half the unpinned slots and the next batch is read while the current one computes."""
         cache = self.caches[l]
         unpinned = int((~cache.pinned).sum())
         pipelined = not self.on_gpu and unpinned >= 2
@@ -344,7 +343,8 @@ class StreamingFFN:
         fetch = None
         if pipelined and self._room_for(l, len(parts[0]), plan.hit_slots):  # the first read overlaps the hits
             fetch = self._start_batch(l, parts[0], plan.hit_slots)
-        self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
+        if not hits_computed:
+            self._guarded(fetch, self._compute, l, x, plan.hit_slots, y, s)
         if staged is not None:
             self._guarded(fetch, self._compute_staged, l, x, staged, y, s)
         if pipelined and fetch is None:  # it needs the hits' slots: start it once they are computed

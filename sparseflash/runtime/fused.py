@@ -89,7 +89,7 @@ class FusedStep:
             s.ffn_s += time.perf_counter() - t
         else:  # more than the cache holds beside the hits (already computed): batches
             ahead()
-            engine._compute_in_batches(l, xt, LayerPlan(hit_slots[:0], missing, room), yt, s)
+            engine._compute_in_batches(l, xt, LayerPlan(hit_slots, missing, room), yt, s, hits_computed=True)
         return yt
 
     @staticmethod

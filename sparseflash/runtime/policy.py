@@ -75,7 +75,10 @@ class Policy:
     io: str = "direct"  # direct (O_DIRECT) | buffered (page cache dropped after each read)
     io_threads: int = 4
     io_buffer_bytes: int = 1 << 20  # per thread; counted in the budget
-    lookahead: bool = True  # prefetch layer l+1's predicted bundles while layer l computes
+    # prefetch layer l+1's look-ahead-predicted bundles while layer l computes (``run --lookahead``); off by
+    # default since 2026-12-05: it read 5-17% more neurons and decoded no faster here (docs/fetchless.md);
+    # strategy all reads the next layer ahead whatever this says (all of it is needed)
+    lookahead: bool = False
     strategy: str | None = None  # predictor strategy override: topk | threshold | all
     margin: float = 0.0  # predictor safety margin: top-k grows by (1 + margin), the cut drops by margin
     # the look-ahead read's cuts sit this many logits above the layer's own: layer l+1 is read ahead only
@@ -89,6 +92,9 @@ class Policy:
     # cost-aware selection validated by prepare: where the layout records a miss cut per layer (its quality
     # gate measured it within the bound with nothing cached), a neuron not in memory is read only above it
     miss_cut: bool = True
+    # eviction frequency's probation (runtime/cache.py): a neuron read with few recent uses goes first until
+    # a later token uses it again; False: the rule before 2026-12-05 (for the ablation)
+    probation: bool = True
     min_slots: int = MIN_SLOTS  # smallest neuron cache per layer that the engine accepts
     # split the cache among layers by the layout's cache demand (layout/schema_cache.py), where it has one;
     # False: every layer the same slots (prepare validated the miss cuts with the split)

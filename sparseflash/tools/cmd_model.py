@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -63,7 +64,7 @@ def _run_streamed(args, sampling) -> int:
     checkpoint = None if _is_layout(args.model) else (args.model or default_model_dir())
     plugins, looked_in = run_plugin_files(args.compress, args.plugin, [path, checkpoint])
     model = open_streamed(path, args.budget, window=args.window, io=args.io, io_threads=args.io_threads,
-                          eviction=args.eviction, strategy=args.strategy, lookahead=not args.no_lookahead,
+                          eviction=args.eviction, strategy=args.strategy, lookahead=args.lookahead,
                           lookahead_raise=args.lookahead_raise, miss_cut=not args.no_miss_cut, device=args.device,
                           verify=not args.no_verify, plugins=plugins, split_cache=not args.even_cache)
     try:
@@ -161,7 +162,9 @@ def register(sub) -> None:
     r.add_argument("--io", choices=["direct", "buffered"], default=Policy.io)
     r.add_argument("--io-threads", type=int, default=None,
                    help="reads in flight (default: chosen, with their size, from the disk's measured model)")
-    r.add_argument("--no-lookahead", action="store_true", help="do not prefetch the next layer's bundles")
+    r.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=Policy.lookahead,
+                   help="prefetch the next layer's predicted bundles while a layer computes (look-ahead predictors; "
+                        "reads more neurons, hides read latency; off by default)")
     r.add_argument("--lookahead-raise", type=float, default=Policy.lookahead_raise, metavar="LOGITS",
                    help="the look-ahead read's cuts sit this many logits above the layer's own: the next layer is "
                         f"read ahead only where the look-ahead is surer (default {Policy.lookahead_raise:g}; 0: as sure "
