@@ -188,3 +188,25 @@ def test_the_validation_cache_takes_each_layer_its_share():
     computed = (pred.logits(x) > pred.cut).view(2, 8, 16)
     assert runs["split"].read[1] == computed.any(dim=1).sum()  # each neuron read once per window, then held
     assert runs["split"].read[0] == runs["even"].read[0] and runs["split"].read[1] < runs["even"].read[1]
+
+
+def test_look_ahead_is_off_by_default_and_run_lookahead_holds_and_uses_its_predictors(tmp_path, capsys):
+    """`run` reads nothing ahead unless asked (`--lookahead`): then the look-ahead predictors are held (in
+    the memory plan) and reads start one layer early; `--no-lookahead` is the default."""
+    from sparseflash.tools.cli import main
+
+    _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=_predictors(2), strategy="topk")
+    plans = {}
+    for flags in ([], ["--lookahead"], ["--no-lookahead"]):
+        capsys.readouterr()
+        assert main(["run", "-m", str(path), "--budget", "40%ffn", "-n", "3", "--json", *flags]) == 0
+        plans[tuple(flags)] = json.loads(capsys.readouterr().out)["memory_plan"]["predictors"]
+    assert plans[()] == plans[("--no-lookahead",)] < plans[("--lookahead",)]
+    for on in (False, True):
+        model = open_streamed(path, "40%ffn", lookahead=on)
+        try:
+            model.transformer(torch.tensor([[5, 6, 7, 8]]))
+            assert bool(model.engine.predictors.lookahead) is on
+            assert (sum(s.prefetched for s in model.engine.stats) > 0) is on
+        finally:
+            model.close()

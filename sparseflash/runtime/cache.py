@@ -34,9 +34,7 @@ import numpy as np
 
 from sparseflash.runtime import nativecache
 from sparseflash.runtime.aligned import aligned_zeros
-from sparseflash.runtime.nativecache import (
-    PROBATION_KEY,  # subtracted from a probation neuron's key: it goes first
-)
+from sparseflash.runtime.nativecache import PROBATION_KEY
 
 NEVER = np.iinfo(np.int64).min // 2
 FORECAST_DECAY = 0.5  # policy "forecast": weight of the past in the average of predicted probabilities
