@@ -191,7 +191,7 @@ def test_a_layers_own_read_is_queued_before_the_next_layers_look_ahead(tmp_path)
     from test_runtime_timeline import random_predictors
 
     _, path = tiny_layout(tmp_path, "nemotron", dtype="f16", preds=random_predictors(3), strategy="topk")
-    model = open_streamed(path, "30%ffn", io_buffer_bytes=4096)
+    model = open_streamed(path, "30%ffn", io_buffer_bytes=4096, lookahead=True)
     engine = model.engine
     order, layer_now = [], []
     layer = engine._layer
