@@ -62,12 +62,13 @@ def test_fused_and_step_by_step_paths_agree(tmp_path, family, dtype, budget, pol
     assert sum(s[3] for s in fused[2]) > 0  # and look-ahead reads started
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
     if cached_cut is not None:  # the lower cut computes more cached neurons, and reads no more
-        base = _decode(path, ids, True, budget, miss_cut, None, **policy)
-        assert sum(s[0] for s in fused[2]) > sum(s[0] for s in base[2])
-        assert fused[2][0][2] == base[2][0][2]  # the same cache at the first token: the same misses
-        # later the caches differ (other neurons touched, so other victims; a touched neuron also leaves the
-        # frequency eviction's probation): on these random predictors the misses stay within 5%
-        assert sum(s[2] for s in fused[2]) <= 1.05 * sum(s[2] for s in base[2])
+        # (without probation: a neuron the lower cut computes leaves probation, which moves victims on these
+        # random predictors by more than the cut itself does)
+        lower, base = (_decode(path, ids, True, budget, miss_cut, c, probation=False, **policy) for c in (cached_cut, None))
+        assert sum(s[0] for s in lower[2]) > sum(s[0] for s in base[2])
+        assert lower[2][0][2] == base[2][0][2]  # the same cache at the first token: the same misses
+        # later the caches differ (other neurons touched, so other victims): the misses stay within 1%
+        assert sum(s[2] for s in lower[2]) <= 1.01 * sum(s[2] for s in base[2])
 
 
 def test_fused_step_with_misses_beyond_the_cache_goes_through_batches(tmp_path):

@@ -21,13 +21,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparseflash.layout.masks import read_masks, unpack
-from sparseflash.layout.schema_cache import DEMAND_SHARES, MIN_SLOTS, CacheDemand, split_shares
+from sparseflash.layout.schema_cache import (
+    DEMAND_SHARES,
+    EVICTION_DECAY,
+    EVICTION_WINDOW,
+    MIN_SLOTS,
+    PROBATION_USES,
+    CacheDemand,
+    split_shares,
+)
 
 DEMAND_TOKENS = 1024  # calibration tokens replayed per layer
 WARMUP = 128
-WINDOW = 4  # the runtime's defaults (runtime/policy.Policy.window, runtime/cache.FREQUENCY_DECAY and
-DECAY = 0.99  # PROBATION_USES; a test pins them)
-PROBATION_USES = 2.0
+WINDOW, DECAY = EVICTION_WINDOW, EVICTION_DECAY  # the runtime's defaults (schema_cache)
 
 
 def replay(active: np.ndarray, capacity: int, window: int = WINDOW, decay: float = DECAY,

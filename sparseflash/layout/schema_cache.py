@@ -25,6 +25,12 @@ from .schema_check import _Check
 DEMAND_SHARES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)
 MIN_SLOTS = 16  # the smallest cache a layer gets beyond its hot region (the runtime's Policy.min_slots)
 STEPS_PER_LAYER = 32  # the split hands out slots in steps of about total / (32 x layers)
+# the runtime's default eviction, which the record replays (layout/cache_demand.py; runtime/cache.py and
+# runtime/policy.py take their defaults from here): the window protects the 4 tokens before the current
+# one; use counts decay by 0.99 a token; a neuron read with fewer decayed uses than 2 is on probation
+EVICTION_WINDOW = 4
+EVICTION_DECAY = 0.99
+PROBATION_USES = 2.0
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from sparseflash.layout.schema_cache import EVICTION_DECAY, PROBATION_USES
 from sparseflash.runtime import nativecache
 from sparseflash.runtime.aligned import aligned_zeros
 from sparseflash.runtime.nativecache import PROBATION_KEY
 
 NEVER = np.iinfo(np.int64).min // 2
 FORECAST_DECAY = 0.5  # policy "forecast": weight of the past in the average of predicted probabilities
-FREQUENCY_DECAY = 0.99  # policy "frequency": per-token decay of each neuron's use count
-PROBATION_USES = 2.0  # policy "frequency": read with fewer decayed uses than this, a neuron enters on probation
+# policy "frequency": per-token decay of each neuron's use count; read with fewer decayed uses than
+# PROBATION_USES, a neuron enters on probation (the values the layout's cache demand was replayed with)
+FREQUENCY_DECAY = EVICTION_DECAY
 
 
 class NeuronCache:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from sparseflash.errors import SparseflashError
-from sparseflash.layout.schema_cache import MIN_SLOTS
+from sparseflash.layout.schema_cache import EVICTION_WINDOW, MIN_SLOTS
 
 EVICTION_POLICIES = ("lru", "lfu", "predicted", "forecast", "frequency", "window")
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -70,7 +70,7 @@ class Policy:
     defaults from here."""
 
     budget: Budget
-    window: int = 4  # neurons used in the last `window` tokens are protected from eviction
+    window: int = EVICTION_WINDOW  # neurons used in the last `window` tokens are protected from eviction (4)
     eviction: str = "frequency"  # beyond the window: lru | lfu | predicted | forecast | frequency | window (docs/runtime.md)
     io: str = "direct"  # direct (O_DIRECT) | buffered (page cache dropped after each read)
     io_threads: int = 4
