@@ -171,6 +171,7 @@ LYING_HEADERS = {  # case: (edit, text the one-line error must contain)
     "gate without the chosen rise": (_gate(rise_pct={"threshold": 2.5}), "gate.rise_pct.topk"),
     "gate rise not a number": (_gate(rise_pct={"topk": "small"}), "gate.rise_pct.topk"),
     "gate dense ppl zero": (_gate(ppl_dense=0), "gate.ppl_dense"),
+    "gate held-out hash not a string": (_gate(heldout_hash=7), "gate.heldout_hash"),
     "miss cut not a number": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": "x"}] * 2),
                               "layers[0].miss_cut"),
     "cached cut above the cut": (_set("predictors.layers", [{"topk": 8, "cut": 1.0, "rank": 4, "miss_cut": 2.5,

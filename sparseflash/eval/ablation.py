@@ -110,9 +110,13 @@ def fetch_ablation(path: str, ids: list[int], tokens: int = 1024, ctx: int = 256
     return out
 
 
+def _after(r: dict) -> str:
+    return f" (after the first {r['skipped_tokens']})" if r.get("skipped_tokens") else ""
+
+
 def ablation_markdown(r: dict) -> str:
     """The ablation as markdown: one table per budget."""
-    lines = [f"Fetch ablation: {r['layout']}, {r['tokens']} held-out tokens teacher-forced, dense ppl "
+    lines = [f"Fetch ablation: {r['layout']}, {r['tokens']} held-out tokens{_after(r)} teacher-forced, dense ppl "
              f"{r['ppl_dense']:.3f}, dense FFN {r['dense_bytes'] / 1024:.0f} KiB/token"]
     for budget, b in r["budgets"].items():
         o = b["oracle"]

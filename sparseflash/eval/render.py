@@ -15,7 +15,8 @@ def _gbps(m: dict) -> str:
 
 def io_markdown(r: dict) -> str:
     """eval/io_report.py's report as markdown: the modes per layout, then the eviction comparison."""
-    lines = [f"FFN I/O per token, teacher-forced on {r['tokens']} held-out tokens, budget {r['budget']} "
+    after = f" (after the first {r['skipped_tokens']})" if r.get("skipped_tokens") else ""
+    lines = [f"FFN I/O per token, teacher-forced on {r['tokens']} held-out tokens{after}, budget {r['budget']} "
              f"({fmt_bytes(r['budget_bytes'])})", "",
              "| layout | mode | bytes/token | % of dense | requests/token | bytes/request | hit rate | "
              "I/O ms/token | GB/s (model) | ppl | top-1 agreement |",

@@ -176,7 +176,8 @@ def _prepare_steps(source, corpus, heldout, out: Path, params: PrepareParams, re
         record.done("predictors", invalidates=("layout",))
     if not record.fresh("layout", out / "model.sflash"):
         gate = decide_gate(json.loads((out / "predictors" / "predictors.json").read_text()),
-                           load_profile(out / "profile"), params.gate_rise_pct, params.dense_sparsity)
+                           load_profile(out / "profile"), params.gate_rise_pct, params.dense_sparsity,
+                           heldout_hash=record.texts["heldout"])
         log(f"[prepare] {gate_line(gate)}")
         log(f"[prepare 3/3] writing the {params.order}-ordered layout ...")
         build_layout(source, out / "profile", out / "model.sflash", out / "predictors",

@@ -25,10 +25,12 @@ def _rise(ppl: float, dense: float) -> float:
     return 100.0 * (ppl / dense - 1.0)
 
 
-def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min_sparsity: float) -> dict:
+def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min_sparsity: float,
+                heldout_hash: str | None = None) -> dict:
     """The gate's decision (JSON-ready): ``strategy`` (topk | threshold | all), the bound, the
     measured perplexities and rises, the predicted share of neurons, ``fallback`` (True when the
-    predictors' own choice was not kept), ``too_dense`` and the numbers it rests on."""
+    predictors' own choice was not kept), ``too_dense`` and the numbers it rests on; ``heldout_hash``
+    (paths.file_hash of the held-out text it validated on) lets io-report leave those tokens out."""
     ppl = predictors_report["ppl"]
     dense = float(ppl["dense"])
     mean = predictors_report.get("mean", {})
@@ -83,6 +85,7 @@ def decide_gate(predictors_report: dict, profile: dict, max_rise_pct: float, min
         "rise_pct": {s: _rise(v, dense) for s, v in measured.items()},
         "predicted_share": {s: 1.0 - float(mean[f"sparsity_{s}"]) for s in measured if f"sparsity_{s}" in mean},
         "heldout_tokens": int(predictors_report.get("val_tokens", 0)),
+        **({"heldout_hash": heldout_hash} if heldout_hash else {}),
         "ppl_p": float(profile.get("ppl_p", 0.0)),
         "ppl_p_sparsity": sparsity,
         "min_sparsity": float(min_sparsity),

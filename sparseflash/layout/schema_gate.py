@@ -8,7 +8,7 @@ from .schema_check import REBUILD, _Check
 GATE_KEYS = ("strategy", "own_strategy", "fallback", "max_rise_pct", "ppl_dense", "ppl", "rise_pct",
              "predicted_share", "heldout_tokens", "ppl_p", "ppl_p_sparsity", "min_sparsity", "too_dense")
 # cost-aware selection (optional: newer)
-GATE_MISS_KEYS = ("miss_recalls", "miss_rise_pct", "miss_recall", "miss_share", "cached_share", "miss_larger",
+GATE_MISS_KEYS = ("heldout_hash", "miss_recalls", "miss_rise_pct", "miss_recall", "miss_share", "cached_share", "miss_larger",
                   "miss_layer_recalls", "miss_layer_rise_pct")
 LARGER_KEYS = ("share", "miss_rise_pct", "miss_recall", "miss_layer_recalls", "miss_layer_rise_pct")
 
@@ -38,6 +38,8 @@ def read_gate(c: _Check, gate, strategies: tuple[str, ...]) -> None:
     if c.number(gate["ppl_dense"], f"{where}.ppl_dense") <= 0:
         c.fail(f"{where}.ppl_dense", "must be positive", gate["ppl_dense"])
     c.int(gate["heldout_tokens"], f"{where}.heldout_tokens")
+    if "heldout_hash" in gate:
+        c.str(gate["heldout_hash"], f"{where}.heldout_hash")
     for key in ("ppl", "rise_pct", "predicted_share"):
         table = c.object(gate[key], f"{where}.{key}")
         for s, v in table.items():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def cmd_io_report(args) -> int:
+    from sparseflash.eval.heldout import eval_ids
     from sparseflash.eval.io_report import io_report, save_report
     from sparseflash.eval.render import io_markdown
-    from sparseflash.model.text import corpus_ids
     from sparseflash.paths import input_file, output_dir
     from sparseflash.runtime.layout_model import open_layout
     from sparseflash.runtime.policy import Budget
@@ -19,18 +20,22 @@ def cmd_io_report(args) -> int:
     if args.out:
         output_dir(args.out, "report folder")
     lm = open_layout(args.model[0])
-    ids = corpus_ids(args.corpus, lm.tokenizer, args.tokens)
+    gate = lm.header.predictors.gate if lm.header.predictors is not None else None
+    ids, skipped, note = eval_ids(args.corpus, lm.tokenizer, args.tokens, args.ctx, args.skip, gate)
     lm.close()
+    if note:
+        print(note, file=sys.stderr)
     if args.ablation:  # which change buys what (eval/ablation.py), instead of the modes
         from sparseflash.eval.ablation import ablation_markdown, fetch_ablation
 
         budgets = tuple(b.strip() for b in args.ablation.split(","))
         for b in budgets:
             Budget.check_text(b)
-        r = fetch_ablation(args.model[0], ids, args.tokens, args.ctx, budgets, quiet=args.json)
+        r = {**fetch_ablation(args.model[0], ids, args.tokens, args.ctx, budgets, quiet=args.json), "skipped_tokens": skipped}
         print(json.dumps(r) if args.json else ablation_markdown(r))
         return 0
     r = io_report(args.model, ids, args.tokens, args.ctx, args.budget, quiet=args.json, evictions=not args.no_eviction)
+    r["skipped_tokens"] = skipped
     if args.out:
         save_report(r, args.out)
     print(json.dumps(r) if args.json else io_markdown(r))
@@ -61,6 +66,9 @@ def register(sub) -> None:
     p.add_argument("--corpus", required=True, help="held-out text")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--skip", type=int, default=None, metavar="N",
+                   help="start after the first N tokens of the text (default: after those the layout's quality gate "
+                        "chose its cuts on, when --corpus is its held-out text; else 0)")
     p.add_argument("--budget", default="50%ffn",
                    help="bytes (2GiB), share of the model (40%%) or share of the FFN bytes for hot region + cache (25%%ffn)")
     p.add_argument("-o", "--out", default=None, help="directory for io_report.json/.md and io_vs_budget.png")
