@@ -247,6 +247,7 @@ def test_per_layer_probes_equal_in_memory_forwards_masked_at_one_layer(prepared,
     want = [100 * (ppl(l) / base - 1) for l in range(c.num_layers)]
     assert got["rise_pct"] == pytest.approx(want, rel=1e-5, abs=2e-3)
     if probe_cut < 0:
-        assert got["rise_pct"] == pytest.approx([0.0] * c.num_layers, abs=1e-6) and max(map(abs, got["lost"])) < 1e-9
+        # the probe and base streams are batched differently, so their sums round differently: ~1e-5 % here
+        assert got["rise_pct"] == pytest.approx([0.0] * c.num_layers, abs=1e-4) and max(map(abs, got["lost"])) < 1e-9
     else:
         assert min(got["rise_pct"]) > 0 and min(got["lost"]) > 0
