@@ -9,7 +9,7 @@ The text is the io-report's (``--skip`` as there: by default the tokens after th
 quality gate validated on). Per budget, the default run (no look-ahead) is streamed once, teacher-forced,
 and its selected positions per layer and token recorded (the run's trace), next to the true active sets
 of a dense forward (the oracle's trace). Each layer's trace is then replayed, with that layer's slots of
-the run, through the runtime's frequency rule (``layout/cache_demand.replay``: the rule the cache demand
+the run, through the runtime's frequency rule (``layout/cache_demand.replay_misses``: the replay the cache demand
 and the simulator use) and through Belady; and the rule is replayed again at every (window, decay,
 probation threshold) of the grid. The replay ignores that the selection depends on the cache (a run
 with another rule would select a little differently), so it ranks settings, it does not replace a run.
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from sparseflash.eval.heldout import eval_ids  # noqa: E402
 from sparseflash.eval.io_report import _dense_pass, streamed_pass  # noqa: E402
 from sparseflash.eval.simulate import simulate_layer  # noqa: E402
-from sparseflash.layout.cache_demand import replay  # noqa: E402
+from sparseflash.layout.cache_demand import replay_misses  # noqa: E402
 from sparseflash.layout.schema_cache import EVICTION_DECAY, EVICTION_WINDOW, PROBATION_USES  # noqa: E402
 from sparseflash.model.perplexity import windows  # noqa: E402
 from sparseflash.runtime.diskprobe import device_model_for  # noqa: E402
@@ -52,9 +52,8 @@ def mask(trace: list[np.ndarray], n_hot: int, neurons: int) -> np.ndarray:
 
 
 def rule(active: np.ndarray, slots: int, window: int, decay: float, probation: float) -> float:
-    """Fetched a token through the frequency rule, after the warm-up."""
-    misses = replay(active, slots, window, decay, probation)[WARMUP:]
-    return sum(len(m) for m in misses) / max(len(misses), 1)
+    """Fetched a token through the frequency rule, after the warm-up (the cache demand's own replay)."""
+    return replay_misses(active, slots, window, decay, WARMUP, probation)
 
 
 def belady(trace: list[np.ndarray], n_hot: int, slots: int) -> float:
@@ -84,8 +83,9 @@ def sweep(path: str, corpus: str, tokens: int, ctx: int, skip: int | None, budge
         for l, slots in enumerate(memory.layer_slots):
             run = mask(trace[l], n_hot[l], neurons)
             true = mask(oracle[l], n_hot[l], neurons)
-            grid = sorted((rule(run, slots, *s), *s) for s in itertools.product(*GRID.values()))
-            layers.append({"slots": int(slots), "run_rule": rule(run, slots, *default),
+            by_setting = {s: rule(run, slots, *s) for s in itertools.product(*GRID.values())}  # holds the default
+            grid = sorted((f, *s) for s, f in by_setting.items())
+            layers.append({"slots": int(slots), "run_rule": by_setting[default],
                            "run_belady": belady(trace[l], n_hot[l], slots),
                            "true_rule": rule(true, slots, *default), "true_belady": belady(oracle[l], n_hot[l], slots),
                            "best": [dict(zip(("fetched", *GRID), g)) for g in grid[:3]]})
